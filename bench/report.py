@@ -1,0 +1,451 @@
+"""Reporting: machine / version metadata, console and markdown tables, JSON and the PNG plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------
+# Metadata
+
+_THREAD_ENV = (
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMBA_NUM_THREADS",
+    "NUMBA_THREADING_LAYER",
+    "NUMBA_CACHE_DIR",
+    "NUMBA_DISABLE_JIT",
+    "NUMBA_ENABLE_CUDASIM",
+)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    wanted = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile")
+                    return [x for x in wanted if x in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _numpy_blas() -> str:
+    try:
+        cfg = np.show_config(mode="dicts")
+        blas = cfg["Build Dependencies"]["blas"]
+        return f"{blas.get('name')} {blas.get('version')}"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def _git_commit(repo: Path) -> dict:
+    def git(*a):
+        return subprocess.run(
+            ["git", "-C", str(repo), *a], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return {"commit": commit or None, "dirty": dirty}
+    except Exception:  # noqa: BLE001
+        return {"commit": None, "dirty": None}
+
+
+def numba_threading_layer() -> str | None:
+    try:
+        return numba.threading_layer()
+    except Exception:  # noqa: BLE001 - only known after a parallel function ran
+        return None
+
+
+def thread_info() -> dict:
+    return {
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+        "numba_num_threads": numba.get_num_threads(),
+        "numba_threading_layer": numba_threading_layer(),
+    }
+
+
+def collect_metadata(device: str, fastrnn_version: str, fastrnn_file: str | None) -> dict:
+    now = _dt.datetime.now().astimezone()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    meta = {
+        "date": now.isoformat(timespec="seconds"),
+        "device": device,
+        "machine": {
+            "cpu_model": cpu_model(),
+            "processor": platform.processor(),
+            "arch": platform.machine(),
+            "cpu_flags": _cpu_flags(),
+            "logical_cores": os.cpu_count(),
+            "usable_cores": affinity,
+            "platform": platform.platform(),
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numba": numba.__version__,
+            "numpy": np.__version__,
+            "scipy": _pkg_version("scipy"),
+            "llvmlite": _pkg_version("llvmlite"),
+            "fastrnn": fastrnn_version,
+        },
+        "fastrnn_path": fastrnn_file,
+        "git": _git_commit(Path(__file__).resolve().parent.parent),
+        "threads": thread_info(),
+        "thread_env": {k: os.environ.get(k) for k in _THREAD_ENV if k in os.environ},
+        "blas": {
+            "numpy": _numpy_blas(),
+            "torch_mkldnn": torch.backends.mkldnn.is_available(),
+            "torch_mkl": torch.backends.mkl.is_available(),
+        },
+        "argv": sys.argv,
+    }
+    if device == "cuda":
+        idx = torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        meta["gpu"] = {
+            "name": torch.cuda.get_device_name(idx),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(idx))),
+            "memory_gib": round(props.total_memory / 2**30, 1),
+            "torch_cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "cudnn_enabled": torch.backends.cudnn.enabled,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "numba_cuda": _pkg_version("numba-cuda"),
+        }
+    return meta
+
+
+def header_lines(meta: dict, settings: dict) -> list[str]:
+    m, v, t = meta["machine"], meta["versions"], meta["threads"]
+    lines = [
+        f"date      : {meta['date']}",
+        f"machine   : {m['cpu_model']} ({m['arch']}, {m['logical_cores']} logical cores, "
+        f"{m['usable_cores']} usable; {' '.join(m['cpu_flags']) or 'no SIMD flags found'})",
+    ]
+    if "gpu" in meta:
+        g = meta["gpu"]
+        lines.append(
+            f"gpu       : {g['name']} (sm {g['capability']}, {g['memory_gib']} GiB), "
+            f"CUDA {g['torch_cuda']}, cuDNN {g['cudnn']}"
+        )
+    lines += [
+        f"versions  : python {v['python']}, torch {v['torch']}, numba {v['numba']}, "
+        f"numpy {v['numpy']}, fastrnn {v['fastrnn']}",
+        f"threads   : torch {t['torch_num_threads']} (interop {t['torch_num_interop_threads']}), "
+        f"numba {t['numba_num_threads']} (layer {t['numba_threading_layer'] or 'n/a'})"
+        + (f"; env {meta['thread_env']}" if meta["thread_env"] else ""),
+        f"settings  : {settings_line(settings)}",
+    ]
+    return lines
+
+
+def settings_line(s: dict) -> str:
+    parts = [f"dtype {s['dtype']}", f"layers {s['layers']}"]
+    if s["bidirectional"]:
+        parts.append("bidirectional")
+    if s["proj_size"]:
+        parts.append(f"proj_size {s['proj_size']} (LSTM only)")
+    if s["packed"]:
+        parts.append("packed (lengths uniform in [T/2, T], unsorted)")
+    t = s["timing"]
+    reps = (
+        f"{t['reps']} reps"
+        if t["reps"] is not None
+        else f"adaptive reps ({t['min_reps']}-{t['max_reps']}, target {t['target_s']} s/impl)"
+    )
+    parts.append(
+        f"median of {reps}, {t['schedule']}, warm-up {t['warmup']}, timer {t['timer']}"
+    )
+    parts.append(f"parity rtol {s['rtol']}" if s["parity"] else "parity skipped")
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt_ms(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    ms = seconds * 1e3
+    if ms < 1:
+        return f"{ms:.3f}"
+    if ms < 10:
+        return f"{ms:.2f}"
+    if ms < 100:
+        return f"{ms:.1f}"
+    return f"{ms:.0f}"
+
+
+def _fmt_ratio(r: float | None) -> str:
+    if r is None or not math.isfinite(r):
+        return "nan"
+    return f"{r:.2f}x"
+
+
+def _speedup_cell(case: dict, key: str) -> str:
+    if case["status"] == "parity_failed":
+        return "parity failed"
+    if case["status"] == "error":
+        return "error"
+    return _fmt_ratio(case.get(key))
+
+
+def _parity_cell(case: dict) -> str:
+    p = case.get("parity")
+    if p is None:
+        return "error" if case["status"] == "error" else "skipped"
+    if p["error"]:
+        return "FAILED (error)"
+    d = p["max_abs_diff"]
+    val = f"{d:.1e}" if d is not None and math.isfinite(d) else "nan"
+    return val if p["ok"] else f"FAILED {val}"
+
+
+def _time_cell(case: dict, mode: str, impl: str, spread: str) -> str:
+    m = case.get(mode)
+    if not m:
+        return "-"
+    st = m[impl]
+    med = _fmt_ms(st["median_s"])
+    if spread == "pct":
+        rel = st["iqr_s"] / (2 * st["median_s"]) if st["median_s"] > 0 else float("nan")
+        return f"{med} ±{rel * 100:.0f}%"
+    if spread == "range":
+        return f"{med} ({_fmt_ms(st['p25_s'])}–{_fmt_ms(st['p75_s'])})"
+    return med
+
+
+def _gflops_cell(case: dict) -> str:
+    g = case.get("gflops", {}).get("fastrnn_fwdbwd")
+    if g is None or not math.isfinite(g) or case["status"] == "error":
+        return "-"
+    return f"{g:.1f}"
+
+
+COLUMNS = (
+    "cell",
+    "T",
+    "B",
+    "I",
+    "H",
+    "torch fwd ms",
+    "fastrnn fwd ms",
+    "fwd speed-up",
+    "torch fwd+bwd ms",
+    "fastrnn fwd+bwd ms",
+    "fwd+bwd speed-up",
+    "fastrnn fwd+bwd GFLOP/s",
+    "parity max|Δ|",
+)
+
+
+def table_rows(cases: list[dict], spread: str) -> list[list[str]]:
+    rows = []
+    for c in cases:
+        s = c["config"]["size"]
+        rows.append(
+            [
+                c["config"]["cell"],
+                str(s["T"]),
+                str(s["B"]),
+                str(s["I"]),
+                str(s["H"]),
+                _time_cell(c, "fwd", "torch", spread),
+                _time_cell(c, "fwd", "fastrnn", spread),
+                _speedup_cell(c, "speedup_fwd"),
+                _time_cell(c, "fwdbwd", "torch", spread),
+                _time_cell(c, "fwdbwd", "fastrnn", spread),
+                _speedup_cell(c, "speedup_fwdbwd"),
+                _gflops_cell(c),
+                _parity_cell(c),
+            ]
+        )
+    return rows
+
+
+def console_table(cases: list[dict]) -> str:
+    rows = table_rows(cases, spread="pct")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(COLUMNS)]
+    left = {0}
+
+    def line(cells):
+        return "  ".join(
+            c.ljust(w) if i in left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def markdown_table(cases: list[dict]) -> str:
+    rows = table_rows(cases, spread="range")
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def notes(cases: list[dict], threads_start: dict, threads_end: dict) -> list[str]:
+    lines = []
+    for c in cases:
+        if c["status"] == "error":
+            lines.append(f"{c['label']}: ERROR {c['error']}")
+        p = c.get("parity")
+        if p and not p["ok"]:
+            if p["error"]:
+                lines.append(f"{c['label']}: parity FAILED, fastrnn raised {p['error']}")
+            else:
+                bad = ", ".join(
+                    f"{k} (max|Δ| {p['tensors'][k]['max_abs_diff']:.2e} > tol "
+                    f"{p['tensors'][k]['tol']:.1e}{', ' + p['tensors'][k]['note'] if p['tensors'][k].get('note') else ''})"  # noqa: E501
+                    for k in p["failures"]
+                )
+                lines.append(f"{c['label']}: parity FAILED in {bad}")
+        for w in c.get("warnings", []):
+            lines.append(f"{c['label']}: warning: {w}")
+    if threads_start["torch_num_threads"] != threads_end["torch_num_threads"]:
+        lines.append(
+            f"torch.get_num_threads() changed during the run: "
+            f"{threads_start['torch_num_threads']} -> {threads_end['torch_num_threads']} "
+            "(see numba issue 9387: Numba's OpenMP layer can reset it); per-case values in JSON"
+        )
+    return lines
+
+
+def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: list[str]) -> str:
+    out = [f"# fastrnn benchmark: {meta['device']}, {meta['date'][:10]}", ""]
+    out += [f"- {ln.split(':', 1)[0].strip()}: {ln.split(':', 1)[1].strip()}" for ln in
+            header_lines(meta, settings)]
+    out += [
+        "",
+        "Times are medians in ms, (p25–p75) in parentheses; speed-up = torch median / fastrnn "
+        "median (> 1: fastrnn is faster). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
+        "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median.",
+        "",
+        markdown_table(cases),
+    ]
+    if note_lines:
+        out += ["", "Notes:", ""] + [f"- {ln}" for ln in note_lines]
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def _json_safe(obj):
+    """Replace NaN / inf by None (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.write_text(json.dumps(_json_safe(payload), indent=1, allow_nan=False) + "\n")
+
+
+def write_plot(path: Path, cases: list[dict], title: str) -> str | None:
+    """Bar chart of fwd and fwd+bwd speed-up per case; returns None or why it was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or the 'bench' extra)"
+
+    labels = [c["label"] for c in cases]
+    fwd = [c.get("speedup_fwd") for c in cases]
+    fb = [c.get("speedup_fwdbwd") for c in cases]
+    vals = [v for v in fwd + fb if v is not None and math.isfinite(v) and v > 0]
+    x = np.arange(len(cases))
+    w = 0.38
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4.5))
+    nz = [v if v is not None and math.isfinite(v) else 0.0 for v in fwd]
+    nb = [v if v is not None and math.isfinite(v) else 0.0 for v in fb]
+    b1 = ax.bar(x - w / 2, nz, w, label="forward (no grad)", color="#4C72B0")
+    b2 = ax.bar(x + w / 2, nb, w, label="forward+backward", color="#DD8452")
+    log = bool(vals) and (max(vals) / min(vals) > 20)
+    if log:
+        ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    for bars, series in ((b1, fwd), (b2, fb)):
+        for rect, v in zip(bars, series, strict=True):
+            if v is not None and math.isfinite(v) and v > 0:
+                ax.annotate(
+                    f"{v:.2f}",
+                    (rect.get_x() + rect.get_width() / 2, v),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    for i, c in enumerate(cases):
+        if c["status"] in ("parity_failed", "error"):
+            text = "parity failed" if c["status"] == "parity_failed" else "error"
+            ax.annotate(
+                text,
+                (i, 1.0),
+                ha="center",
+                va="bottom",
+                color="red",
+                fontsize=8,
+                rotation=90,
+            )
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("speed-up vs torch (torch time / fastrnn time)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,55 @@
+"""fastrnn: fused LSTM, GRU and Elman-RNN kernels (Numba) as drop-in replacements of torch.nn.
+
+    import fastrnn
+    model = fastrnn.convert(model)          # every nn.LSTM/GRU/RNN (and cell) inside, swapped
+    lstm = fastrnn.LSTM(64, 128, num_layers=2, batch_first=True)   # or construct directly
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+
+def _ensure_kernels_package() -> None:
+    """Make `fastrnn.kernels` importable from a source checkout that isn't pip-installed.
+
+    An installed fastrnn (wheel or editable) maps the top-level `kernels/` folder to
+    `fastrnn.kernels`; a checkout used through PYTHONPATH gets the same mapping here.
+    """
+    if "fastrnn.kernels" in sys.modules:
+        return
+    try:
+        if importlib.util.find_spec("fastrnn.kernels") is not None:
+            return
+    except ModuleNotFoundError:
+        pass
+    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    spec = importlib.util.spec_from_file_location(
+        "fastrnn.kernels", os.path.join(source, "__init__.py"), submodule_search_locations=[source]
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError("fastrnn.kernels is missing: reinstall fastrnn")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fastrnn.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_ensure_kernels_package()
+
+from . import functional  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert  # noqa: E402
+
+__all__ = [
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
+    "convert",
+    "functional",
+    "__version__",
+]

@@ -1,0 +1,317 @@
+"""Functional API: multi-layer, (bi)directional, dense or packed LSTM / GRU / RNN on fastrnn's
+CPU kernels, with the same arguments and results as torch's `_VF.lstm / gru / rnn_tanh / rnn_relu`.
+
+Shapes (T steps, B batch, I input, H hidden, P = proj_size or H, L layers, D = 2 if bidirectional):
+    dense input (T, B, I), or (B, T, I) with batch_first; packed input: data (N, I) with
+    batch_sizes (T,) (PackedSequence's, sorted by length);
+    hx: (L * D, B, P) [LSTM: plus c (L * D, B, H)], row l * D + d for layer l, direction d;
+    weights: torch's flat list, per layer-direction [W_ih, W_hh, (b_ih, b_hh), (W_hr)];
+    output (T, B, D * P) (or batch_first / packed (N, D * P)), h_n like hx.
+Dropout (training only) is `F.dropout` on every layer's output but the last, as torch does, so the
+same RNG state gives the same masks as torch.nn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction
+
+# One layer-direction: (x (N, I), batch_sizes, reverse, states, weights) -> (y, new states)
+LayerRunner = Callable[
+    [Tensor, np.ndarray, bool, tuple[Tensor, ...], Sequence[Tensor | None]],
+    tuple[Tensor, tuple[Tensor, ...]],
+]
+
+
+def _time_major_rows(
+    input: Tensor, batch_sizes: Tensor | None, batch_first: bool
+) -> tuple[Tensor, np.ndarray]:
+    """Input -> (rows (N, I) in packed time-major order, batch_sizes as an int64 numpy array)."""
+    if batch_sizes is not None:
+        return input.contiguous(), batch_sizes.detach().cpu().numpy().astype(np.int64)
+    if batch_first:
+        input = input.transpose(0, 1)
+    steps, batch = input.shape[0], input.shape[1]
+    if steps == 0:
+        raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+    rows = input.contiguous().reshape(steps * batch, input.shape[2])
+    return rows, np.full(steps, batch, dtype=np.int64)
+
+
+def _layer_weights(
+    weights: Sequence[Tensor], has_biases: bool, layer_dir: int, has_proj: bool
+) -> list[Tensor | None]:
+    """[W_ih, W_hh, b_ih, b_hh, W_hr] of one layer-direction (None where absent)."""
+    per = 2 + 2 * int(has_biases) + int(has_proj)
+    chunk = list(weights[layer_dir * per : (layer_dir + 1) * per])
+    W_ih, W_hh = chunk[0], chunk[1]
+    b_ih, b_hh = (chunk[2], chunk[3]) if has_biases else (None, None)
+    W_hr = chunk[-1] if has_proj else None
+    return [W_ih, W_hh, b_ih, b_hh, W_hr]
+
+
+def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
+    for state in states:
+        if state.dtype != input.dtype:
+            raise RuntimeError(
+                "Input and hidden tensors are not the same dtype, found input tensor with "
+                f"{_type_name(input)} and hidden tensor with {_type_name(state)}"
+            )
+        if state.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {state.device}"
+            )
+
+
+def _type_name(t: Tensor) -> str:
+    return {torch.float32: "Float", torch.float64: "Double"}.get(t.dtype, str(t.dtype))
+
+
+def _stacked(
+    run_layer: LayerRunner,
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    states: tuple[Tensor, ...],
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    has_proj: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[Tensor, ...]:
+    """Run every layer and direction; returns (output, *final states)."""
+    _check_state_dtype(input, states)
+    directions = 2 if bidirectional else 1
+    layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)
+    finals: list[list[Tensor]] = [[] for _ in states]
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            y, new_states = run_layer(
+                layer_input,
+                sizes,
+                direction == 1,
+                tuple(s[index] for s in states),
+                _layer_weights(weights, has_biases, index, has_proj),
+            )
+            outputs.append(y)
+            for final, new in zip(finals, new_states, strict=True):
+                final.append(new)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    output = layer_input
+    if batch_sizes is None:
+        steps = sizes.shape[0]
+        output = output.view(steps, -1, output.shape[1])
+        if batch_first:
+            output = output.transpose(0, 1)
+    return (output, *(torch.stack(final) for final in finals))
+
+
+def _run_lstm_layer(x, sizes, reverse, states, w):
+    h0, c0 = states
+    W_ih, W_hh, b_ih, b_hh, W_hr = w
+    y, h_n, c_n = LSTMLayerFunction.apply(x, sizes, reverse, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    return y, (h_n, c_n)
+
+
+def _run_gru_layer(x, sizes, reverse, states, w):
+    W_ih, W_hh, b_ih, b_hh, _ = w
+    y, h_n = GRULayerFunction.apply(x, sizes, reverse, states[0], W_ih, W_hh, b_ih, b_hh)
+    return y, (h_n,)
+
+
+def _rnn_layer_runner(relu: bool) -> LayerRunner:
+    def run(x, sizes, reverse, states, w):
+        W_ih, W_hh, b_ih, b_hh, _ = w
+        y, h_n = RNNLayerFunction.apply(x, sizes, reverse, relu, states[0], W_ih, W_hh, b_ih, b_hh)
+        return y, (h_n,)
+
+    return run
+
+
+def lstm(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Multi-layer LSTM (gates i, f, g, o); a projection is used when the weights include W_hr.
+
+    Returns output, h_n (L * D, B, P), c_n (L * D, B, H). See the module docstring for layouts.
+    """
+    directions = 2 if bidirectional else 1
+    per_layer_dir = len(weights) // (num_layers * directions)
+    has_proj = per_layer_dir == 2 + 2 * int(has_biases) + 1
+    output, h_n, c_n = _stacked(
+        _run_lstm_layer,
+        input,
+        batch_sizes,
+        (hx[0], hx[1]),
+        weights,
+        has_biases,
+        has_proj,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        batch_first,
+    )
+    return output, h_n, c_n
+
+
+def gru(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
+    output, h_n = _stacked(
+        _run_gru_layer,
+        input,
+        batch_sizes,
+        (hx,),
+        weights,
+        has_biases,
+        False,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        batch_first,
+    )
+    return output, h_n
+
+
+def rnn(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
+    nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:
+    """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
+    output, h_n = _stacked(
+        _rnn_layer_runner(nonlinearity == "relu"),
+        input,
+        batch_sizes,
+        (hx,),
+        weights,
+        has_biases,
+        False,
+        num_layers,
+        dropout,
+        train,
+        bidirectional,
+        batch_first,
+    )
+    return output, h_n
+
+
+def _check_cell_args(
+    input: Tensor, states: Sequence[Tensor], W_ih: Tensor, hidden_sizes: Sequence[int]
+) -> None:
+    """torch's checks of `_VF.*_cell`, with its messages, in its order."""
+    input_size = W_ih.shape[1]
+    if input.size(1) != input_size:
+        raise RuntimeError(
+            f"input has inconsistent input_size: got {input.size(1)} expected {input_size}"
+        )
+    for index, (state, hidden) in enumerate(zip(states, hidden_sizes, strict=True)):
+        if input.size(0) != state.size(0):
+            raise RuntimeError(
+                f"Input batch size {input.size(0)} doesn't match hidden{index} batch size "
+                f"{state.size(0)}"
+            )
+        if state.size(1) != hidden:
+            raise RuntimeError(
+                f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
+                f"expected {hidden}"
+            )
+    for tensor in (input, *states):
+        if tensor.dtype != W_ih.dtype:
+            raise RuntimeError(
+                "mat1 and mat2 must have the same dtype, but got "
+                f"{_type_name(tensor)} and {_type_name(W_ih)}"
+            )
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: tuple[Tensor, Tensor],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step: input (B, I), hx ((B, H), (B, H)) -> (h', c'), each (B, H)."""
+    hidden = W_hh.shape[1]
+    _check_cell_args(input, hx, W_ih, (hidden, hidden))
+    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
+    y, h_n, c_n = LSTMLayerFunction.apply(
+        input, sizes, False, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh, None
+    )
+    return h_n, c_n
+
+
+def gru_cell(
+    input: Tensor,
+    hx: Tensor,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
+    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
+    _, h_n = GRULayerFunction.apply(input, sizes, False, hx, W_ih, W_hh, b_ih, b_hh)
+    return h_n
+
+
+def rnn_cell(
+    input: Tensor,
+    hx: Tensor,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    nonlinearity: str = "tanh",
+) -> Tensor:
+    """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
+    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
+    _, h_n = RNNLayerFunction.apply(
+        input, sizes, False, nonlinearity == "relu", hx, W_ih, W_hh, b_ih, b_hh
+    )
+    return h_n

@@ -1,0 +1,395 @@
+"""Drop-in replacements of torch.nn.LSTM / GRU / RNN and their cells.
+
+Each class subclasses the torch class and replaces only `forward`, so construction, parameter
+names, initialisation (the same RNG draws), `state_dict`, `repr`, `flatten_parameters` and
+pickling are torch's own, and `isinstance(m, torch.nn.LSTM)` holds. `forward` does torch's
+argument handling (unbatched input, PackedSequence, hx=None, the same errors) and runs
+`fastrnn.functional` on the CPU kernels. Inputs without a kernel (another device, float16,
+bfloat16, autocast) run torch's own implementation through `super().forward`, with a warning
+issued once per reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_warned: set[str] = set()
+
+# The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
+_TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
+_TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
+
+
+def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
+    """Why fastrnn has no kernel for this call (None if it has one)."""
+    if input.device.type != "cpu":
+        return f"fastrnn has no kernel for device '{input.device.type}' yet"
+    if input.dtype not in _KERNEL_DTYPES:
+        return f"fastrnn has no CPU kernel for {input.dtype}"
+    if torch.is_autocast_enabled("cpu"):
+        return "fastrnn does not run under CPU autocast"
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
+            return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device.type}'"
+    return None
+
+
+def _warn_fallback(cls_name: str, reason: str) -> None:
+    key = f"{cls_name}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"{key}; running torch's own {cls_name} implementation instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence) -> bool:
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, Tensor):
+        return False  # let the argument checks report it
+    reason = _unsupported_reason(data, list(module._flat_weights))  # type: ignore[arg-type]
+    if reason is None:
+        return False
+    _warn_fallback(type(module).__name__, reason)
+    return True
+
+
+class _SequenceForward:
+    """torch's forward-argument handling for the three sequence modules, on fastrnn kernels.
+
+    Subclasses set `_name` (used in torch's error messages) and implement `_run`, which gets
+    time-major or batch-first dense input / packed data, the states as a tuple of
+    (L * D, B, *) tensors and the batch sizes (None for dense input).
+    """
+
+    _name = ""
+
+    def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _run(self, input, states, batch_sizes):
+        raise NotImplementedError
+
+    def _states_tuple(self, hx) -> tuple[Tensor, ...]:
+        return (hx,)
+
+    def _states_result(self, states: tuple[Tensor, ...]):
+        return states[0]
+
+    def _check_state_dims(self, states: tuple[Tensor, ...], batched: bool) -> None:
+        expected = 3 if batched else 2
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if states[0].dim() != expected:
+            raise RuntimeError(
+                f"For {kind} input, hx should also be {expected}-D but got "
+                f"{states[0].dim()}-D tensor"
+            )
+
+    def _check(self, input, states, batch_sizes) -> None:
+        self.check_forward_args(input, self._states_result(states), batch_sizes)
+
+    def _sequence_forward(self, input, hx):
+        self._update_flat_weights()
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is None:
+                states = self._zero_states(int(batch_sizes[0]), data)
+            else:
+                states = self._states_tuple(self.permute_hidden(hx, sorted_indices))
+            self._check(data, states, batch_sizes)
+            output, final = self._run(data, states, batch_sizes)
+            packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return packed, self.permute_hidden(self._states_result(final), unsorted_indices)
+
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"{self._name}: Expected input to be 2D or 3D, got {input.dim()}D"
+                f"{'' if self._name == 'LSTM' else ' tensor' if self._name == 'RNN' else ''}"
+                " instead"
+            )
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+        if hx is None:
+            states = self._zero_states(input.size(batch_dim), input)
+        else:
+            states = self._states_tuple(hx)
+            self._check_state_dims(states, batched)
+            if not batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+        self._check(input, states, None)
+        output, final = self._run(input, states, None)
+        if not batched:
+            output = output.squeeze(batch_dim)
+            final = tuple(s.squeeze(1) for s in final)
+        return output, self._states_result(final)
+
+
+class LSTM(_SequenceForward, _TorchLSTM):
+    """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results."""
+
+    _name = "LSTM"
+
+    def _zero_states(self, batch, like):
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(
+            self.num_layers * directions, batch, real_hidden, dtype=like.dtype, device=like.device
+        )
+        c = torch.zeros(
+            self.num_layers * directions,
+            batch,
+            self.hidden_size,
+            dtype=like.dtype,
+            device=like.device,
+        )
+        return (h, c)
+
+    def _states_tuple(self, hx):
+        return (hx[0], hx[1])
+
+    def _states_result(self, states):
+        return (states[0], states[1])
+
+    def _check_state_dims(self, states, batched):
+        expected = 3 if batched else 2
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if states[0].dim() != expected or states[1].dim() != expected:
+            raise RuntimeError(
+                f"For {kind} input, hx and cx should also be {expected}-D but got "
+                f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
+            )
+
+    def _run(self, input, states, batch_sizes):
+        output, h_n, c_n = functional.lstm(
+            input,
+            states,
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+            batch_sizes,
+        )
+        return output, (h_n, c_n)
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if _fallback_needed(self, input):
+            return super().forward(input, hx)
+        return self._sequence_forward(input, hx)
+
+
+class GRU(_SequenceForward, _TorchGRU):
+    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels."""
+
+    _name = "GRU"
+
+    def _zero_states(self, batch, like):
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, batch, self.hidden_size)
+        return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
+
+    def _run(self, input, states, batch_sizes):
+        output, h_n = functional.gru(
+            input,
+            states[0],
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+            batch_sizes,
+        )
+        return output, (h_n,)
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if _fallback_needed(self, input):
+            return super().forward(input, hx)
+        return self._sequence_forward(input, hx)
+
+
+class RNN(_SequenceForward, _TorchRNN):
+    """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels."""
+
+    _name = "RNN"
+
+    _zero_states = GRU._zero_states
+
+    def _run(self, input, states, batch_sizes):
+        output, h_n = functional.rnn(
+            input,
+            states[0],
+            self._flat_weights,
+            self.bias,
+            self.num_layers,
+            self.dropout,
+            self.training,
+            self.bidirectional,
+            self.batch_first,
+            batch_sizes,
+            self.nonlinearity,
+        )
+        return output, (h_n,)
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if _fallback_needed(self, input):
+            return super().forward(input, hx)
+        return self._sequence_forward(input, hx)
+
+
+class _CellForward:
+    """torch's argument handling of the cells (1-D unbatched or 2-D input, hx=None)."""
+
+    _name = ""
+    _state_count = 1
+
+    def _cell_forward(self, input, hx, step):
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
+            )
+        states = None if hx is None else (tuple(hx) if self._state_count == 2 else (hx,))
+        if states is not None:
+            for index, state in enumerate(states):
+                if state.dim() not in (1, 2):
+                    what = f"hx[{index}]" if self._state_count == 2 else "hidden"
+                    raise ValueError(
+                        f"{self._name}: Expected {what} to be 1D or 2D, got {state.dim()}D instead"
+                    )
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if states is None:
+            zeros = torch.zeros(
+                input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
+            )
+            states = (zeros,) * self._state_count
+        elif not batched:
+            states = tuple(s.unsqueeze(0) for s in states)
+        result = step(input, states)
+        if not batched:
+            result = tuple(r.squeeze(0) for r in result)
+        return result if self._state_count == 2 else result[0]
+
+    def _cell_fallback_needed(self, input) -> bool:
+        if not isinstance(input, Tensor):
+            return False
+        weights = [p for p in self.parameters(recurse=False)]
+        reason = _unsupported_reason(input, weights)
+        if reason is None:
+            return False
+        _warn_fallback(type(self).__name__, reason)
+        return True
+
+
+class LSTMCell(_CellForward, _TorchLSTMCell):
+    """`torch.nn.LSTMCell` on fastrnn's kernels: (h, c) = cell(x, (h, c))."""
+
+    _name = "LSTMCell"
+    _state_count = 2
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if self._cell_fallback_needed(input):
+            return super().forward(input, hx)
+
+        def step(x, states):
+            return functional.lstm_cell(
+                x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            )
+
+        return self._cell_forward(input, hx, step)
+
+
+class GRUCell(_CellForward, _TorchGRUCell):
+    """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
+
+    _name = "GRUCell"
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if self._cell_fallback_needed(input):
+            return super().forward(input, hx)
+
+        def step(x, states):
+            h = functional.gru_cell(
+                x, states[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+            )
+            return (h,)
+
+        return self._cell_forward(input, hx, step)
+
+
+class RNNCell(_CellForward, _TorchRNNCell):
+    """`torch.nn.RNNCell` (tanh or relu) on fastrnn's kernels: h = cell(x, h)."""
+
+    _name = "RNNCell"
+
+    def forward(self, input, hx=None):  # noqa: D102
+        if self._cell_fallback_needed(input):
+            return super().forward(input, hx)
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+
+        def step(x, states):
+            h = functional.rnn_cell(
+                x,
+                states[0],
+                self.weight_ih,
+                self.weight_hh,
+                self.bias_ih,
+                self.bias_hh,
+                self.nonlinearity,
+            )
+            return (h,)
+
+        return self._cell_forward(input, hx, step)
+
+
+_REPLACEMENTS: dict[type, type] = {
+    _TorchLSTM: LSTM,
+    _TorchGRU: GRU,
+    _TorchRNN: RNN,
+    _TorchLSTMCell: LSTMCell,
+    _TorchGRUCell: GRUCell,
+    _TorchRNNCell: RNNCell,
+}
+
+
+def _converted(module: nn.Module) -> nn.Module:
+    target = _REPLACEMENTS.get(type(module))
+    if target is None:
+        return module
+    new = target.__new__(target)
+    # Share the state (parameters, buffers, hooks, flags) rather than copy it: the Parameter
+    # objects stay the same, so optimizers built on the old module keep working.
+    new.__dict__.update(module.__dict__)
+    return new
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """Swap every torch.nn.LSTM / GRU / RNN / LSTMCell / GRUCell / RNNCell in `module` (the module
+    itself included) for the fastrnn class, sharing the same Parameter objects.
+
+    Only exact torch classes are swapped; user subclasses (which may override forward) are left
+    alone. Submodules are replaced in place; the (possibly new) top-level module is returned.
+    """
+    for name, child in list(module.named_children()):
+        new_child = convert(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return _converted(module)

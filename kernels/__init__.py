@@ -1,0 +1,1 @@
+"""fastrnn's kernels: pure Numba, no torch. Installed as ``fastrnn.kernels``."""

@@ -1,0 +1,501 @@
+"""Parity of fastrnn.LSTM/GRU/RNN and the cells with torch.nn, with identical weights.
+
+Every comparison covers the output, the final states, and the gradients of the input,
+h0, c0 and every named parameter (see ``conftest.run_fwd_bwd``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    MODES,
+    assert_close,
+    assert_results_close,
+    compare_modules,
+    make_mode_pair,
+    run_fwd_bwd,
+)
+
+F32, F64 = torch.float32, torch.float64
+ALL_MODES = list(MODES)
+
+
+def make_inputs(
+    mode,
+    *,
+    T=5,
+    B=3,
+    I=4,
+    H=5,
+    layers=1,
+    bidirectional=False,
+    proj=0,
+    batch_first=False,
+    unbatched=False,
+    hx=False,
+    dtype=F32,
+    seed=0,
+):
+    """Random input (and optionally h0 / (h0, c0)) of the right shapes."""
+    gen = torch.Generator().manual_seed(seed + 100)
+    D = 2 if bidirectional else 1
+    if unbatched:
+        x_shape = (T, I)
+    else:
+        x_shape = (B, T, I) if batch_first else (T, B, I)
+    x = torch.randn(x_shape, generator=gen, dtype=F64).to(dtype)
+    state = None
+    if hx:
+        batch = () if unbatched else (B,)
+        h_out = proj if proj else H
+        h0 = 0.5 * torch.randn((layers * D, *batch, h_out), generator=gen, dtype=F64).to(dtype)
+        if mode == "LSTM":
+            c0 = 0.5 * torch.randn((layers * D, *batch, H), generator=gen, dtype=F64).to(dtype)
+            state = (h0, c0)
+        else:
+            state = h0
+    return x, state
+
+
+def _id(mode, layers, bidirectional, batch_first, bias, proj, dtype, inp, hx, T, B):
+    parts = [mode, f"L{layers}", "bi" if bidirectional else "uni"]
+    if batch_first:
+        parts.append("bf")
+    if not bias:
+        parts.append("nobias")
+    if proj:
+        parts.append(f"proj{proj}")
+    parts.append(inp)
+    parts.append("hx" if hx else "nohx")
+    parts.append("f64" if dtype == F64 else "f32")
+    parts.append(f"T{T}B{B}")
+    return "-".join(parts)
+
+
+def cfg(
+    mode,
+    layers=1,
+    bidirectional=False,
+    batch_first=False,
+    bias=True,
+    proj=0,
+    dtype=F32,
+    inp="batched",
+    hx=False,
+    T=5,
+    B=3,
+    I=4,
+    H=5,
+):
+    args = dict(
+        mode=mode,
+        layers=layers,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+        bias=bias,
+        proj=proj,
+        dtype=dtype,
+        inp=inp,
+        hx=hx,
+        T=T,
+        B=B,
+        I=I,
+        H=H,
+    )
+    return pytest.param(
+        args, id=_id(mode, layers, bidirectional, batch_first, bias, proj, dtype, inp, hx, T, B)
+    )
+
+
+# A covering sweep (not a cartesian product): every option appears with every cell type,
+# and options are combined with each other in several ways.
+SWEEP = []
+for m in ALL_MODES:
+    SWEEP += [
+        cfg(m),
+        cfg(m, layers=2, bidirectional=True, batch_first=True, hx=True),
+        cfg(m, layers=3, bias=False, dtype=F64, hx=True, I=3, H=6),
+        cfg(m, layers=2, bidirectional=True, bias=False, batch_first=True, dtype=F64),
+        cfg(m, layers=2, bidirectional=True, inp="unbatched", hx=True),
+        cfg(m, layers=1, batch_first=True, inp="unbatched", dtype=F64),
+        cfg(m, layers=2, inp="unbatched", bias=False, hx=False, T=1),
+        cfg(m, layers=2, bidirectional=True, T=1, hx=True),
+        cfg(m, layers=1, bidirectional=True, B=1, T=7, I=5, H=2),
+        cfg(m, layers=3, bidirectional=True, batch_first=True, B=4, T=2, hx=True, dtype=F64),
+        cfg(m, layers=1, H=1, I=1, B=2, hx=True),
+    ]
+SWEEP += [
+    cfg("LSTM", proj=3),
+    cfg("LSTM", proj=3, layers=2, bidirectional=True, hx=True),
+    cfg(
+        "LSTM",
+        proj=2,
+        layers=2,
+        bidirectional=True,
+        batch_first=True,
+        bias=False,
+        hx=True,
+        dtype=F64,
+    ),
+    cfg("LSTM", proj=3, layers=2, inp="unbatched", hx=True),
+    cfg("LSTM", proj=1, layers=3, dtype=F64, batch_first=True),
+    cfg("LSTM", proj=4, H=5, I=6, layers=2, bidirectional=True, inp="unbatched", dtype=F64),
+    cfg("LSTM", proj=1, H=2, T=1, B=1, hx=True),
+]
+
+
+@pytest.mark.parametrize("c", SWEEP)
+def test_module_parity(c):
+    ref, fast = make_mode_pair(
+        c["mode"],
+        c["I"],
+        c["H"],
+        num_layers=c["layers"],
+        bias=c["bias"],
+        batch_first=c["batch_first"],
+        bidirectional=c["bidirectional"],
+        dtype=c["dtype"],
+        **({"proj_size": c["proj"]} if c["proj"] else {}),
+    )
+    x, hx = make_inputs(
+        c["mode"],
+        T=c["T"],
+        B=c["B"],
+        I=c["I"],
+        H=c["H"],
+        layers=c["layers"],
+        bidirectional=c["bidirectional"],
+        proj=c["proj"],
+        batch_first=c["batch_first"],
+        unbatched=c["inp"] == "unbatched",
+        hx=c["hx"],
+        dtype=c["dtype"],
+    )
+    fast_res, _ = compare_modules(ref, fast, x, hx)
+    # shape sanity on top of the comparison with torch
+    D = 2 if c["bidirectional"] else 1
+    h_out = c["proj"] or c["H"]
+    assert fast_res["y"].shape[-1] == D * h_out
+
+
+# ---------------------------------------------------------------------------------------------
+# PackedSequence input
+# ---------------------------------------------------------------------------------------------
+def pk(
+    mode,
+    lengths,
+    enforce_sorted,
+    layers=1,
+    bidirectional=False,
+    batch_first=False,
+    hx=False,
+    dtype=F32,
+    proj=0,
+    bias=True,
+    T=None,
+):
+    T = T if T is not None else max(lengths)
+    parts = [mode, f"L{layers}", "bi" if bidirectional else "uni"]
+    if batch_first:
+        parts.append("bf")
+    if proj:
+        parts.append(f"proj{proj}")
+    if not bias:
+        parts.append("nobias")
+    parts += [
+        "sorted" if enforce_sorted else "unsorted",
+        "len" + "_".join(map(str, lengths)),
+        "hx" if hx else "nohx",
+        "f64" if dtype == F64 else "f32",
+    ]
+    return pytest.param(
+        dict(
+            mode=mode,
+            lengths=lengths,
+            enforce_sorted=enforce_sorted,
+            layers=layers,
+            bidirectional=bidirectional,
+            batch_first=batch_first,
+            hx=hx,
+            dtype=dtype,
+            proj=proj,
+            bias=bias,
+            T=T,
+        ),
+        id="-".join(parts),
+    )
+
+
+PACKED = []
+for m in ALL_MODES:
+    PACKED += [
+        pk(m, [5, 3, 1], True),
+        pk(m, [2, 5, 1, 4], False, layers=2, bidirectional=True, batch_first=True, hx=True),
+        pk(m, [3, 3, 3], True, layers=2, bidirectional=True, dtype=F64, hx=True),
+        pk(m, [1, 1, 1], False, bidirectional=True, hx=True),
+        pk(m, [4], True, layers=2, bidirectional=True, hx=True),  # batch of one
+        pk(m, [1], True, layers=2, bidirectional=True, T=3),  # batch of one, length 1 < T
+        pk(m, [1, 6, 3], False, layers=3, bias=False, dtype=F64, hx=True),
+    ]
+PACKED += [
+    pk("LSTM", [2, 5, 1, 4], False, layers=2, bidirectional=True, hx=True, proj=3, dtype=F64),
+    pk("LSTM", [5, 4, 2], True, layers=2, bidirectional=True, batch_first=True, proj=2),
+    pk("LSTM", [3, 6], False, proj=1, hx=True, T=7),  # padded longer than the longest sequence
+]
+
+
+@pytest.mark.parametrize("c", PACKED)
+def test_packed_parity(c):
+    I, H = 4, 5
+    ref, fast = make_mode_pair(
+        c["mode"],
+        I,
+        H,
+        num_layers=c["layers"],
+        bias=c["bias"],
+        batch_first=c["batch_first"],
+        bidirectional=c["bidirectional"],
+        dtype=c["dtype"],
+        **({"proj_size": c["proj"]} if c["proj"] else {}),
+    )
+    x, hx = make_inputs(
+        c["mode"],
+        T=c["T"],
+        B=len(c["lengths"]),
+        I=I,
+        H=H,
+        layers=c["layers"],
+        bidirectional=c["bidirectional"],
+        proj=c["proj"],
+        batch_first=c["batch_first"],
+        hx=c["hx"],
+        dtype=c["dtype"],
+    )
+    fast_res, _ = compare_modules(
+        ref, fast, x, hx, lengths=c["lengths"], enforce_sorted=c["enforce_sorted"]
+    )
+    # gradient of padding positions must be exactly zero
+    gx = fast_res["grad_x"]
+    for b, n in enumerate(c["lengths"]):
+        pad = gx[b, n:] if c["batch_first"] else gx[n:, b]
+        assert torch.count_nonzero(pad) == 0, f"non-zero gradient on padding of sequence {b}"
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout, train / eval, no_grad
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mode,layers,bidirectional,packed,dtype",
+    [
+        pytest.param("LSTM", 3, True, False, F32, id="LSTM-L3-bi"),
+        pytest.param("GRU", 2, False, False, F32, id="GRU-L2-uni"),
+        pytest.param("RNN_TANH", 3, False, False, F64, id="RNN_TANH-L3-uni-f64"),
+        pytest.param("RNN_RELU", 2, True, False, F32, id="RNN_RELU-L2-bi"),
+        pytest.param("LSTM", 2, True, True, F32, id="LSTM-L2-bi-packed"),
+        pytest.param("GRU", 3, True, True, F64, id="GRU-L3-bi-packed-f64"),
+    ],
+)
+def test_dropout_training_reproducible(mode, layers, bidirectional, packed, dtype):
+    """Same manual_seed right before forward -> bit-for-bit the same dropout masks as torch."""
+    ref, fast = make_mode_pair(
+        mode, 4, 5, num_layers=layers, bidirectional=bidirectional, dropout=0.5, dtype=dtype
+    )
+    assert ref.training and fast.training
+    x, hx = make_inputs(mode, layers=layers, bidirectional=bidirectional, hx=True, dtype=dtype)
+    kw = dict(lengths=[5, 2, 4], enforce_sorted=False) if packed else {}
+    fast_res, ref_res = compare_modules(ref, fast, x, hx, dropout_seed=7, **kw)
+    # the test is only meaningful if dropout actually changed something
+    ref.eval()
+    eval_res = run_fwd_bwd(ref, x, hx, backward=False, **kw)
+    assert not torch.allclose(eval_res["y"], ref_res["y"]), "dropout had no effect"
+    # and a different seed gives a different mask in fastrnn too
+    fast_res2 = run_fwd_bwd(fast, x, hx, dropout_seed=8, backward=False, **kw)
+    assert not torch.allclose(fast_res2["y"], fast_res["y"]), "fastrnn ignores the RNG state"
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_dropout_eval_mode_is_deterministic(mode):
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=3, bidirectional=True, dropout=0.7)
+    ref.eval()
+    fast.eval()
+    x, hx = make_inputs(mode, layers=3, bidirectional=True, hx=True)
+    # different RNG states: eval mode must not use them
+    fast_a = run_fwd_bwd(fast, x, hx, dropout_seed=1)
+    ref_b = run_fwd_bwd(ref, x, hx, dropout_seed=2)
+    assert_results_close(fast_a, ref_b)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_train_and_eval_without_dropout(mode):
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2)
+    x, hx = make_inputs(mode, layers=2, hx=True)
+    train_res, _ = compare_modules(ref, fast, x, hx)
+    ref.eval()
+    fast.eval()
+    assert not fast.training
+    eval_res, _ = compare_modules(ref, fast, x, hx)
+    assert_results_close(eval_res, train_res)
+    ref.train()
+    fast.train()
+    compare_modules(ref, fast, x, hx)
+
+
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [
+        pytest.param("LSTM", F32, id="LSTM-f32"),
+        pytest.param("GRU", F64, id="GRU-f64"),
+        pytest.param("RNN_TANH", F32, id="RNN_TANH-f32"),
+        pytest.param("RNN_RELU", F64, id="RNN_RELU-f64"),
+    ],
+)
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference"])
+def test_forward_without_grad(mode, dtype, ctx):
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True, dtype=dtype)
+    x, hx = make_inputs(mode, layers=2, bidirectional=True, hx=True, dtype=dtype)
+    with ctx():
+        ref_res = run_fwd_bwd(ref, x, hx, backward=False)
+        fast_res = run_fwd_bwd(fast, x, hx, backward=False)
+    assert_results_close(fast_res, ref_res)
+    assert not fast_res["y"].requires_grad
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_input_without_grad_params_with_grad(mode):
+    """Typical first layer: the input does not require grad, the weights do."""
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(mode, layers=2, bidirectional=True)
+    fast_res, _ = compare_modules(ref, fast, x, hx, x_requires_grad=False)
+    assert fast_res["grad_x"] is None
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_frozen_parameters(mode):
+    """Weights with requires_grad=False: only the input / state gradients are produced."""
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    for p in [*ref.parameters(), *fast.parameters()]:
+        p.requires_grad_(False)
+    x, hx = make_inputs(mode, layers=2, bidirectional=True, hx=True)
+    fast_res, _ = compare_modules(ref, fast, x, hx)
+    assert fast_res["grad_weight_ih_l0"] is None
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_noncontiguous_inputs(mode):
+    """Strided (transposed) input and states give the same results as torch."""
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(mode, B=3, layers=2, bidirectional=True, hx=True, batch_first=True)
+    x_nc = x.transpose(0, 1)  # (T, B, I) view of a (B, T, I) tensor
+
+    def noncontig(t):
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+    hx_nc = tuple(noncontig(h) for h in hx) if isinstance(hx, tuple) else noncontig(hx)
+    # run_fwd_bwd clones with preserve_format, so the strides survive
+    for t in (x_nc, *(hx_nc if isinstance(hx_nc, tuple) else (hx_nc,))):
+        assert not t.is_contiguous()
+        assert not t.clone().is_contiguous()
+    compare_modules(ref, fast, x_nc, hx_nc)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_repeated_calls_accumulate_grads(mode):
+    """Two forward/backward passes without zero_grad accumulate into .grad like torch."""
+    ref, fast = make_mode_pair(mode, 3, 4, num_layers=2)
+    x1, _ = make_inputs(mode, I=3, H=4, layers=2, seed=1)
+    x2, _ = make_inputs(mode, I=3, H=4, layers=2, seed=2, T=3)
+    for module in (ref, fast):
+        module.zero_grad(set_to_none=True)
+        for x in (x1, x2):
+            y, _ = module(x)
+            (y * y).sum().backward()
+    for (name, p_ref), (_, p_fast) in zip(
+        ref.named_parameters(), fast.named_parameters(), strict=True
+    ):
+        assert_close(p_fast.grad, p_ref.grad, "grad_" + name)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_empty_batch(mode):
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 0, 4)
+    y_ref, h_ref = ref(x)
+    y_fast, h_fast = fast(x)
+    assert_close(y_fast, y_ref, "y")
+    for a, b in zip(
+        h_fast if isinstance(h_fast, tuple) else (h_fast,),
+        h_ref if isinstance(h_ref, tuple) else (h_ref,),
+        strict=True,
+    ):
+        assert_close(a, b, "h")
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_large_magnitude_inputs(mode):
+    """Saturating gates (|x| ~ 30) must still match torch (no overflow/NaN in fast exp/tanh)."""
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True, dtype=F64)
+    x, hx = make_inputs(mode, layers=2, bidirectional=True, hx=True, dtype=F64)
+    x = x * 30
+    compare_modules(ref, fast, x, hx)
+    ref32, fast32 = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    compare_modules(
+        ref32,
+        fast32,
+        x.float(),
+        tuple(h.float() for h in hx) if isinstance(hx, tuple) else hx.float(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# cells
+# ---------------------------------------------------------------------------------------------
+CELL_CASES = []
+for _cell in ("LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"):
+    CELL_CASES += [
+        pytest.param(_cell, True, False, True, F32, id=f"{_cell}-bias-batched-hx-f32"),
+        pytest.param(_cell, False, False, False, F32, id=f"{_cell}-nobias-batched-nohx-f32"),
+        pytest.param(_cell, True, True, False, F64, id=f"{_cell}-bias-unbatched-nohx-f64"),
+        pytest.param(_cell, False, True, True, F32, id=f"{_cell}-nobias-unbatched-hx-f32"),
+        pytest.param(_cell, True, False, True, F64, id=f"{_cell}-bias-batched-hx-f64"),
+    ]
+
+
+@pytest.mark.parametrize("cell,bias,unbatched,hx_given,dtype", CELL_CASES)
+def test_cell_parity(cell, bias, unbatched, hx_given, dtype):
+    I, H, B = 4, 5, 3
+    ref, fast = make_mode_pair(cell, I, H, bias=bias, dtype=dtype)
+    gen = torch.Generator().manual_seed(5)
+    batch = () if unbatched else (B,)
+    x = torch.randn((*batch, I), generator=gen, dtype=F64).to(dtype)
+    hx = None
+    if hx_given:
+        h0 = torch.randn((*batch, H), generator=gen, dtype=F64).to(dtype)
+        if cell == "LSTMCell":
+            hx = (h0, torch.randn((*batch, H), generator=gen, dtype=F64).to(dtype))
+        else:
+            hx = h0
+    fast_res, _ = compare_modules(ref, fast, x, hx)
+    assert fast_res["h"].shape == (*batch, H)
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
+def test_cell_unrolled_sequence(cell):
+    """A cell applied step by step (the typical use) matches torch including all grads."""
+    ref, fast = make_mode_pair(cell, 3, 4)
+    gen = torch.Generator().manual_seed(9)
+    xs = torch.randn(6, 2, 3, generator=gen)
+    results = []
+    for module in (ref, fast):
+        module.zero_grad(set_to_none=True)
+        x = xs.clone().requires_grad_(True)
+        state = None
+        outs = []
+        for t in range(x.shape[0]):
+            state = module(x[t], state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        loss = (torch.stack(outs) * torch.linspace(-1, 1, 8).reshape(2, 4)).sum()
+        loss.backward()
+        results.append([torch.stack(outs), x.grad] + [p.grad for p in module.parameters()])
+    for i, (a, b) in enumerate(zip(results[1], results[0], strict=True)):
+        assert_close(a, b, f"item {i}")
