@@ -193,9 +193,7 @@ class InputSource:
             lo = (s.T + 1) // 2
             self.lengths = torch.randint(lo, s.T + 1, (s.B,), generator=gen)
             # pack_padded_sequence wants lengths on the CPU.
-            self.packed_template = pack_padded_sequence(
-                self.x, self.lengths, enforce_sorted=False
-            )
+            self.packed_template = pack_padded_sequence(self.x, self.lengths, enforce_sorted=False)
 
     @property
     def tokens(self) -> int:

@@ -24,7 +24,7 @@ import torch
 from bench import cases as C
 from bench import report as R
 from bench.parity import check_parity
-from bench.timing import RepPolicy, make_timer, measure
+from bench.timing import OtherLoad, RepPolicy, make_timer, measure
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -38,33 +38,47 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Parity + timing of fastrnn's LSTM/GRU/RNN against torch.nn on the same "
         "inputs and weights. Speed-up = torch median / fastrnn median (>1: fastrnn is faster).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Exit status: 0 all cases passed parity, 1 a case failed parity or raised, "
+        "2 usage or environment error.",
     )
     g = p.add_argument_group("cases")
-    g.add_argument("--cells", default="lstm,gru,rnn", help="comma-separated: lstm,gru,rnn")
+    g.add_argument(
+        "--cells",
+        default="lstm,gru,rnn",
+        help="comma-separated subset of lstm,gru,rnn (default: all)",
+    )
     g.add_argument(
         "--sizes",
         default="small",
         help="preset 'small' = (100,1,64,128);(100,16,128,256), 'standard' = the four standard "
-        "sizes (+ (100,64,512,512) on cuda), or explicit 'T,B,I,H;T,B,I,H' (mixable with presets)",
+        "sizes (+ (100,64,512,512) on cuda), or explicit 'T,B,I,H;T,B,I,H' (mixable with "
+        "presets); default: small",
     )
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    g.add_argument("--layers", type=int, default=1, help="num_layers")
-    g.add_argument("--bidirectional", action="store_true")
-    g.add_argument("--proj-size", type=int, default=0, help="LSTM proj_size (LSTM cases only)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(float32)")
+    g.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="(cpu); cuda times with CUDA events",
+    )
+    g.add_argument("--layers", type=int, default=1, help="num_layers (1)")
+    g.add_argument("--bidirectional", action="store_true", help="bidirectional modules")
+    g.add_argument("--proj-size", type=int, default=0, help="LSTM proj_size (LSTM cases only; 0)")
     g.add_argument(
         "--packed",
         action="store_true",
         help="PackedSequence input: lengths uniform in [T/2, T], unsorted (enforce_sorted=False)",
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="weights and inputs (0)")
 
     g = p.add_argument_group("timing")
     g.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads + numba.set_num_threads"
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads + numba.set_num_threads (default: leave as is)",
     )
-    g.add_argument("--reps", type=int, default=None, help="fixed repetitions (default adaptive)")
+    g.add_argument("--reps", type=int, default=None, help="fixed repetitions (default: adaptive)")
     g.add_argument(
         "--target-time",
         type=float,
@@ -73,13 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {FULL['target_time']}, --quick {QUICK['target_time']})",
     )
     g.add_argument(
-        "--min-reps", type=int, default=None, help=f"default {FULL['min_reps']}, --quick 3"
+        "--min-reps",
+        type=int,
+        default=None,
+        help=f"adaptive reps: minimum (default {FULL['min_reps']}, --quick {QUICK['min_reps']})",
     )
     g.add_argument(
         "--max-reps",
         type=int,
         default=None,
-        help=f"default {FULL['max_reps']}, --quick {QUICK['max_reps']}",
+        help=f"adaptive reps: maximum (default {FULL['max_reps']}, --quick {QUICK['max_reps']})",
     )
     g.add_argument(
         "--warmup", type=int, default=None, help="untimed warm-up calls per implementation (2)"
@@ -101,9 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = p.add_argument_group("output")
-    g.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for JSON/md/PNG")
     g.add_argument(
-        "--name", default=None, help="file stem (default <device>-<date>[-<non-default options>])"
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="directory for JSON/md/PNG (default: bench/results)",
+    )
+    g.add_argument(
+        "--name", default=None, help="file stem (default: <device>-<date>[-<non-default options>])"
     )
     g.add_argument("--no-save", action="store_true", help="print only, write no files")
     g.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -186,6 +208,20 @@ def _fwdbwd_runner(module, source: C.InputSource):
     return run, reset
 
 
+def _runners(mode: str, ref, fast, source: C.InputSource) -> dict:
+    """torch and fastrnn callables for one mode; inputs are built here, outside timing."""
+    if mode == "fwd":  # inference: eval mode, no autograd graph
+        ref.eval()
+        fast.eval()
+        return {
+            "torch": _fwd_runner(ref, source.make(requires_grad=False)[0]),
+            "fastrnn": _fwd_runner(fast, source.make(requires_grad=False)[0]),
+        }
+    ref.train()  # forward+backward: training mode
+    fast.train()
+    return {"torch": _fwdbwd_runner(ref, source), "fastrnn": _fwdbwd_runner(fast, source)}
+
+
 def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) -> dict:
     res: dict = {
         "label": cfg.label,
@@ -201,6 +237,7 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
         "warnings": [],
     }
     t_start = time.perf_counter()
+    load = OtherLoad()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -226,38 +263,22 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
                 res["status"] = "parity_failed"
 
         if res["status"] != "error":
-            try:
-                ref.eval()
-                fast.eval()
-                fwd = measure(
-                    {
-                        "torch": _fwd_runner(ref, source.make(requires_grad=False)[0]),
-                        "fastrnn": _fwd_runner(fast, source.make(requires_grad=False)[0]),
-                    },
-                    timer,
-                    policy,
-                    interleave,
-                )
-                ref.train()
-                fast.train()
-                fb = measure(
-                    {"torch": _fwdbwd_runner(ref, source), "fastrnn": _fwdbwd_runner(fast, source)},
-                    timer,
-                    policy,
-                    interleave,
-                )
-            except Exception as exc:  # noqa: BLE001
-                res.update(status="error", error=f"timing: {type(exc).__name__}: {exc}")
-            else:
-                res["fwd"], res["fwdbwd"] = fwd.to_dict(), fb.to_dict()
-                for mode, m in (("fwd", fwd), ("fwdbwd", fb)):
-                    for impl in ("torch", "fastrnn"):
-                        med = m.stats[impl].median
-                        res["gflops"][f"{impl}_{mode}"] = res["flops"][mode] / med / 1e9
-                    ratio = m.stats["torch"].median / m.stats["fastrnn"].median
-                    res[f"ratio_{mode}"] = ratio  # raw ratio, kept even when parity failed
-                    if res["status"] == "ok":
-                        res[f"speedup_{mode}"] = ratio
+            for mode in ("fwd", "fwdbwd"):
+                try:
+                    m = measure(_runners(mode, ref, fast, source), timer, policy, interleave)
+                except Exception as exc:  # noqa: BLE001
+                    res.update(status="error", error=f"timing {mode}: {type(exc).__name__}: {exc}")
+                    break
+                res[mode] = m.to_dict()
+                for impl in ("torch", "fastrnn"):
+                    res["gflops"][f"{impl}_{mode}"] = (
+                        res["flops"][mode] / m.stats[impl].median / 1e9
+                    )
+                ratio = m.stats["torch"].median / m.stats["fastrnn"].median
+                res[f"ratio_{mode}"] = ratio  # raw ratio, kept even when parity failed
+            if res["status"] == "ok":
+                res["speedup_fwd"] = res.get("ratio_fwd")
+                res["speedup_fwdbwd"] = res.get("ratio_fwdbwd")
     seen = []
     for w in caught:
         msg = f"{w.category.__name__}: {w.message}"
@@ -267,6 +288,7 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
     res["torch_threads_after"] = torch.get_num_threads()
     res["numba_threads_after"] = numba.get_num_threads()
     res["wall_s"] = time.perf_counter() - t_start
+    res["other_cpu_load"] = load.stop()
     del ref, fast, source
     gc.collect()
     return res
@@ -386,6 +408,7 @@ def main(argv=None) -> int:
         for size in sizes
     ]
     results = []
+    run_load = OtherLoad()
     t0 = time.perf_counter()
     for cfg in _progress(case_cfgs, enabled=not args.no_progress):
         results.append(
@@ -401,6 +424,7 @@ def main(argv=None) -> int:
             )
         )
     wall = time.perf_counter() - t0
+    meta["other_cpu_load_during_run"] = run_load.stop()
     threads_end = R.thread_info()
     meta["threads_end"] = threads_end
     if meta["threads"]["numba_threading_layer"] is None:
@@ -438,7 +462,12 @@ def main(argv=None) -> int:
         written = [json_path, md_path]
         if not args.no_plot:
             png_path = args.out / f"{stem}.png"
-            title = f"fastrnn vs torch, {args.device}, {meta['machine']['cpu_model']}, {date}"
+            t = meta["threads"]
+            title = (
+                f"fastrnn vs torch: {args.device} ({meta['machine']['cpu_model']}), "
+                f"{R.settings_short(settings)}, threads torch {t['torch_num_threads']} / "
+                f"numba {t['numba_num_threads']}, {date}"
+            )
             why = R.write_plot(png_path, results, title)
             if why is None:
                 written.append(png_path)

@@ -139,6 +139,7 @@ def collect_metadata(device: str, fastrnn_version: str, fastrnn_file: str | None
             "torch_mkldnn": torch.backends.mkldnn.is_available(),
             "torch_mkl": torch.backends.mkl.is_available(),
         },
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "argv": sys.argv,
     }
     if device == "cuda":
@@ -182,6 +183,19 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
     return lines
 
 
+def settings_short(s: dict) -> str:
+    parts = [s["dtype"]]
+    if s["layers"] != 1:
+        parts.append(f"{s['layers']} layers")
+    if s["bidirectional"]:
+        parts.append("bidirectional")
+    if s["proj_size"]:
+        parts.append(f"proj_size {s['proj_size']}")
+    if s["packed"]:
+        parts.append("packed")
+    return ", ".join(parts)
+
+
 def settings_line(s: dict) -> str:
     parts = [f"dtype {s['dtype']}", f"layers {s['layers']}"]
     if s["bidirectional"]:
@@ -196,9 +210,7 @@ def settings_line(s: dict) -> str:
         if t["reps"] is not None
         else f"adaptive reps ({t['min_reps']}-{t['max_reps']}, target {t['target_s']} s/impl)"
     )
-    parts.append(
-        f"median of {reps}, {t['schedule']}, warm-up {t['warmup']}, timer {t['timer']}"
-    )
+    parts.append(f"median of {reps}, {t['schedule']}, warm-up {t['warmup']}, timer {t['timer']}")
     parts.append(f"parity rtol {s['rtol']}" if s["parity"] else "parity skipped")
     return "; ".join(parts)
 
@@ -325,29 +337,53 @@ def console_table(cases: list[dict]) -> str:
 
 def markdown_table(cases: list[dict]) -> str:
     rows = table_rows(cases, spread="range")
-    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    header = [h.replace("|", "\\|") for h in COLUMNS]  # the pipes in "max|Δ|"
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
 
 
-def notes(cases: list[dict], threads_start: dict, threads_end: dict) -> list[str]:
+def _parity_failure_text(p: dict) -> str:
+    parts = []
+    for k in p["failures"]:
+        t = p["tensors"][k]
+        d = t["max_abs_diff"]
+        text = f"{k} (max|Δ| {d:.2e} > tol {t['tol']:.1e}" if d is not None else f"{k} ("
+        if t.get("note"):
+            text += (", " if d is not None else "") + t["note"]
+        parts.append(text + ")")
+    return ", ".join(parts)
+
+
+def notes(
+    cases: list[dict], threads_start: dict, threads_end: dict, busy_threshold: float = 0.1
+) -> list[str]:
     lines = []
     for c in cases:
+        p = c.get("parity")
         if c["status"] == "error":
             lines.append(f"{c['label']}: ERROR {c['error']}")
-        p = c.get("parity")
-        if p and not p["ok"]:
-            if p["error"]:
-                lines.append(f"{c['label']}: parity FAILED, fastrnn raised {p['error']}")
-            else:
-                bad = ", ".join(
-                    f"{k} (max|Δ| {p['tensors'][k]['max_abs_diff']:.2e} > tol "
-                    f"{p['tensors'][k]['tol']:.1e}{', ' + p['tensors'][k]['note'] if p['tensors'][k].get('note') else ''})"  # noqa: E501
-                    for k in p["failures"]
-                )
-                lines.append(f"{c['label']}: parity FAILED in {bad}")
+        elif p and not p["ok"]:
+            lines.append(f"{c['label']}: parity FAILED in {_parity_failure_text(p)}")
         for w in c.get("warnings", []):
             lines.append(f"{c['label']}: warning: {w}")
+    busy = [
+        (c["label"], c["other_cpu_load"])
+        for c in cases
+        if c.get("other_cpu_load") is not None and c["other_cpu_load"] > busy_threshold
+    ]
+    if busy:
+        worst = max(v for _, v in busy)
+        which = (
+            "all cases"
+            if len(busy) == len(cases) and len(cases) > 1
+            else ", ".join(label for label, _ in busy)
+        )
+        lines.append(
+            f"other processes used up to {worst:.0%} of the CPUs while timing {which}: "
+            "those timings are unreliable (per-case 'other_cpu_load' in JSON); re-run on an idle "
+            "machine (with --threads 1 a busy machine hurts torch's OpenMP loops less)"
+        )
     if threads_start["torch_num_threads"] != threads_end["torch_num_threads"]:
         lines.append(
             f"torch.get_num_threads() changed during the run: "
@@ -359,8 +395,10 @@ def notes(cases: list[dict], threads_start: dict, threads_end: dict) -> list[str
 
 def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: list[str]) -> str:
     out = [f"# fastrnn benchmark: {meta['device']}, {meta['date'][:10]}", ""]
-    out += [f"- {ln.split(':', 1)[0].strip()}: {ln.split(':', 1)[1].strip()}" for ln in
-            header_lines(meta, settings)]
+    out += [
+        f"- {ln.split(':', 1)[0].strip()}: {ln.split(':', 1)[1].strip()}"
+        for ln in header_lines(meta, settings)
+    ]
     out += [
         "",
         "Times are medians in ms, (p25–p75) in parentheses; speed-up = torch median / fastrnn "
@@ -410,8 +448,8 @@ def write_plot(path: Path, cases: list[dict], title: str) -> str | None:
     x = np.arange(len(cases))
     w = 0.38
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(cases) + 2), 4.5))
-    nz = [v if v is not None and math.isfinite(v) else 0.0 for v in fwd]
-    nb = [v if v is not None and math.isfinite(v) else 0.0 for v in fb]
+    nz = [v if v is not None and math.isfinite(v) else float("nan") for v in fwd]
+    nb = [v if v is not None and math.isfinite(v) else float("nan") for v in fb]
     b1 = ax.bar(x - w / 2, nz, w, label="forward (no grad)", color="#4C72B0")
     b2 = ax.bar(x + w / 2, nb, w, label="forward+backward", color="#DD8452")
     log = bool(vals) and (max(vals) / min(vals) > 20)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,3 +177,41 @@ def measure(
         reps=reps,
         schedule="interleaved" if interleave else "blocked",
     )
+
+
+class OtherLoad:
+    """Fraction of the machine's CPU time used by *other* processes between start and stop.
+
+    Reads the busy jiffies of ``/proc/stat`` (steal included) and subtracts this process's own
+    CPU time (``os.times``); ``None`` where ``/proc/stat`` is unavailable. A benchmark on a shared
+    machine is only trustworthy when this stays near 0.
+    """
+
+    def __init__(self):
+        self._hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._snapshot()
+
+    @staticmethod
+    def _busy_jiffies() -> int | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields[:8]) - idle
+
+    def _snapshot(self):
+        t = os.times()
+        return self._busy_jiffies(), t.user + t.system, time.perf_counter()
+
+    def stop(self, min_wall_s: float = 0.5) -> float | None:
+        """The fraction, or None when unknown or when the interval is too short for jiffies."""
+        busy1, own1, wall1 = self._snapshot()
+        busy0, own0, wall0 = self._start
+        if busy0 is None or busy1 is None or wall1 - wall0 < min_wall_s:
+            return None
+        ncpu = os.cpu_count() or 1
+        other = (busy1 - busy0) / self._hz - (own1 - own0)
+        return min(1.0, max(0.0, other / ((wall1 - wall0) * ncpu)))
