@@ -1,8 +1,8 @@
 """fastrnn: fused LSTM, GRU and Elman-RNN kernels (Numba) as drop-in replacements of torch.nn.
 
-    import fastrnn
-    model = fastrnn.convert(model)          # every nn.LSTM/GRU/RNN (and cell) inside, swapped
-    lstm = fastrnn.LSTM(64, 128, num_layers=2, batch_first=True)   # or construct directly
+import fastrnn
+model = fastrnn.convert(model)          # every nn.LSTM/GRU/RNN (and cell) inside, swapped
+lstm = fastrnn.LSTM(64, 128, num_layers=2, batch_first=True)   # or construct directly
 """
 
 from __future__ import annotations

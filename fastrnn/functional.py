@@ -57,11 +57,12 @@ def _layer_weights(
 
 
 def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
+    """torch's error for a state whose dtype differs from the input's (and the weights')."""
     for state in states:
         if state.dtype != input.dtype:
             raise RuntimeError(
-                "Input and hidden tensors are not the same dtype, found input tensor with "
-                f"{_type_name(input)} and hidden tensor with {_type_name(state)}"
+                "mat1 and mat2 must have the same dtype, but got "
+                f"{_type_name(state)} and {_type_name(input)}"
             )
         if state.device != input.device:
             raise RuntimeError(
@@ -71,7 +72,8 @@ def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
 
 
 def _type_name(t: Tensor) -> str:
-    return {torch.float32: "Float", torch.float64: "Double"}.get(t.dtype, str(t.dtype))
+    names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half"}
+    return names.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 
 def _stacked(
@@ -157,6 +159,8 @@ def lstm(
 
     Returns output, h_n (L * D, B, P), c_n (L * D, B, H). See the module docstring for layouts.
     """
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
     directions = 2 if bidirectional else 1
     per_layer_dir = len(weights) // (num_layers * directions)
     has_proj = per_layer_dir == 2 + 2 * int(has_biases) + 1
@@ -275,6 +279,13 @@ def lstm_cell(
     b_hh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step: input (B, I), hx ((B, H), (B, H)) -> (h', c'), each (B, H)."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(
+            "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+            f"not {type(hx).__name__}"
+        )
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]

@@ -128,7 +128,8 @@ class _SequenceForward:
             states = self._states_tuple(hx)
             self._check_state_dims(states, batched)
             if not batched:
-                states = tuple(s.unsqueeze(1) for s in states)
+                # torch keeps only the first two (LSTM) / the one state here.
+                states = tuple(s.unsqueeze(1) for s in states[: len(self._zero_states(1, input))])
         self._check(input, states, None)
         output, final = self._run(input, states, None)
         if not batched:
@@ -158,7 +159,24 @@ class LSTM(_SequenceForward, _TorchLSTM):
         return (h, c)
 
     def _states_tuple(self, hx):
-        return (hx[0], hx[1])
+        # All of them: functional.lstm rejects a number other than two, as torch does.
+        return tuple(hx)
+
+    def _check(self, input, states, batch_sizes):
+        weight = self._flat_weights[0]
+        if batch_sizes is not None:
+            # torch's packed LSTM path skips the argument checks; its first matmul reports these.
+            if input.dtype != weight.dtype:
+                raise RuntimeError(
+                    "mat1 and mat2 must have the same dtype, but got "
+                    f"{functional._type_name(input)} and {functional._type_name(weight)}"
+                )
+            if input.dim() == 2 and input.size(1) != weight.size(1):
+                raise RuntimeError(
+                    "mat1 and mat2 shapes cannot be multiplied "
+                    f"({input.size(0)}x{input.size(1)} and {weight.size(1)}x{weight.size(0)})"
+                )
+        super()._check(input, states, batch_sizes)
 
     def _states_result(self, states):
         return (states[0], states[1])
@@ -264,9 +282,9 @@ class _CellForward:
             raise ValueError(
                 f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
             )
-        states = None if hx is None else (tuple(hx) if self._state_count == 2 else (hx,))
-        if states is not None:
-            for index, state in enumerate(states):
+        if hx is not None:
+            # Iterating hx as torch does: a tensor where a tuple belongs yields its rows.
+            for index, state in enumerate(hx if self._state_count == 2 else (hx,)):
                 if state.dim() not in (1, 2):
                     what = f"hx[{index}]" if self._state_count == 2 else "hidden"
                     raise ValueError(
@@ -275,13 +293,17 @@ class _CellForward:
         batched = input.dim() == 2
         if not batched:
             input = input.unsqueeze(0)
-        if states is None:
+        if hx is None:
             zeros = torch.zeros(
                 input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
             )
-            states = (zeros,) * self._state_count
-        elif not batched:
-            states = tuple(s.unsqueeze(0) for s in states)
+            states = (zeros, zeros) if self._state_count == 2 else zeros
+        elif batched:
+            states = hx
+        elif self._state_count == 2:
+            states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        else:
+            states = hx.unsqueeze(0)
         result = step(input, states)
         if not batched:
             result = tuple(r.squeeze(0) for r in result)
@@ -327,7 +349,7 @@ class GRUCell(_CellForward, _TorchGRUCell):
 
         def step(x, states):
             h = functional.gru_cell(
-                x, states[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+                x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
             )
             return (h,)
 
@@ -342,13 +364,13 @@ class RNNCell(_CellForward, _TorchRNNCell):
     def forward(self, input, hx=None):  # noqa: D102
         if self._cell_fallback_needed(input):
             return super().forward(input, hx)
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
 
         def step(x, states):
+            if self.nonlinearity not in ("tanh", "relu"):
+                raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
             h = functional.rnn_cell(
                 x,
-                states[0],
+                states,
                 self.weight_ih,
                 self.weight_hh,
                 self.bias_ih,

@@ -142,4 +142,3 @@ def _overload_tanh(x):
     if isinstance(x, types.Float):
         return lambda x: _tanh_f64(x)
     return None
-

@@ -499,3 +499,47 @@ def test_cell_unrolled_sequence(cell):
         results.append([torch.stack(outs), x.grad] + [p.grad for p in module.parameters()])
     for i, (a, b) in enumerate(zip(results[1], results[0], strict=True)):
         assert_close(a, b, f"item {i}")
+
+
+@pytest.mark.parametrize(
+    "mode,used",
+    [
+        pytest.param("LSTM", "y", id="LSTM-only-y"),
+        pytest.param("LSTM", "h", id="LSTM-only-h_n"),
+        pytest.param("LSTM", "c", id="LSTM-only-c_n"),
+        pytest.param("GRU", "h", id="GRU-only-h_n"),
+        pytest.param("RNN_TANH", "y_last", id="RNN_TANH-only-y-last-step"),
+        pytest.param("RNN_RELU", "h", id="RNN_RELU-only-h_n"),
+    ],
+)
+def test_loss_on_part_of_the_outputs(mode, used):
+    """Unused outputs get no (None/zero) incoming gradient: results must still match."""
+    ref, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(mode, layers=2, bidirectional=True, hx=True)
+    grads = []
+    for module in (ref, fast):
+        module.zero_grad(set_to_none=True)
+        xl = x.clone().requires_grad_(True)
+        hl = tuple(h.clone().requires_grad_(True) for h in (hx if isinstance(hx, tuple) else (hx,)))
+        y, states = module(xl, hl if mode == "LSTM" else hl[0])
+        states = states if isinstance(states, tuple) else (states,)
+        target = {"y": y, "y_last": y[-1], "h": states[0], "c": states[-1]}[used]
+        (target * torch.linspace(-2, 2, target.numel()).reshape(target.shape)).sum().backward()
+        grads.append([xl.grad, *[h.grad for h in hl], *[p.grad for p in module.parameters()]])
+    for i, (a, b) in enumerate(zip(grads[1], grads[0], strict=True)):
+        if b is None:
+            assert a is None or torch.count_nonzero(a) == 0, f"grad {i}"
+        else:
+            assert a is not None, f"grad {i} is None"
+            assert_close(a, b, f"grad {i}")
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_bitwise_deterministic(mode):
+    """The same call twice gives bit-identical outputs and gradients."""
+    _, fast = make_mode_pair(mode, 4, 5, num_layers=2, bidirectional=True)
+    x, hx = make_inputs(mode, B=4, layers=2, bidirectional=True, hx=True)
+    a = run_fwd_bwd(fast, x, hx, lengths=[5, 1, 3, 4], enforce_sorted=False)
+    b = run_fwd_bwd(fast, x, hx, lengths=[5, 1, 3, 4], enforce_sorted=False)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

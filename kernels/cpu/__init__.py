@@ -1,1 +1,1 @@
-"""CPU kernels (Numba ``@njit``): forward and backward over a whole sequence, one layer-direction."""
+"""CPU kernels (Numba ``@njit``): the recurrence of one layer-direction, forward and backward."""

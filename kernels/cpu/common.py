@@ -6,6 +6,11 @@ case of): rows are time-major, step t holds `batch_sizes[t]` rows starting at `o
 of the batch. A dense (T, B, F) tensor is the same memory with every batch size equal to B.
 
 A layer-direction runs its steps in "processing order": t = 0..T-1, or T-1..0 when `reverse`.
+The recurrence of a row depends only on that row, so a batch splits into contiguous row chunks,
+one per thread, each running the whole sequence (one parallel region per call, none per step).
+Per-step products go to BLAS single-threaded (see `runtime`); the big GEMMs over all steps (input
+projection, weight and input gradients) are left to the caller.
+
 A row's previous hidden state is the one from the previous processed step if that step had the
 row, otherwise the initial state h0 (for reverse direction a row joins at its last time step).
 """
@@ -16,6 +21,9 @@ import numpy as np
 from numba import njit
 
 _JIT = {"cache": True, "error_model": "numpy", "nogil": True}
+
+# Rows a thread needs before splitting the batch pays for the parallel region.
+MIN_ROWS_PER_CHUNK = 4
 
 
 @njit(**_JIT)
@@ -44,39 +52,33 @@ def previous_step_rows(t, batch_sizes, reverse):
 
 
 @njit(**_JIT)
-def gather_previous_hidden(y, h0, batch_sizes, offsets, reverse, out):
-    """out[row of step t] = the hidden state that step t consumed for that row.
-
-    y (N, P) outputs of the layer-direction, h0 (B, P) initial state, out (N, P).
-    """
-    num_steps = batch_sizes.shape[0]
-    for t in range(num_steps):
-        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-        off = offsets[t]
-        for r in range(batch_sizes[t]):
-            if r < prev_rows:
-                out[off + r, :] = y[offsets[prev] + r, :]
-            else:
-                out[off + r, :] = h0[r, :]
+def chunk_count(batch, threads):
+    """How many row chunks (one per thread) the recurrence of a batch is split into."""
+    return max(1, min(threads, batch // MIN_ROWS_PER_CHUNK))
 
 
 @njit(**_JIT)
-def input_projection(x, W_ih, out):
-    """out (N, G*H) = x (N, I) @ W_ih (G*H, I)^T, one GEMM over every step; biases come later."""
-    if x.shape[0] == 0:
-        return
-    if x.shape[1] == 0:
-        out[:] = 0
-        return
-    np.dot(x, W_ih.T, out)
+def chunk_rows(chunk, n_chunks, batch):
+    """First and one-past-last row of a chunk: contiguous, near-equal shares of the batch."""
+    return (chunk * batch) // n_chunks, ((chunk + 1) * batch) // n_chunks
 
 
 @njit(**_JIT)
-def accumulate_matmul_tn(a, b, out):
-    """out += a^T @ b for a (N, M), b (N, K), out (M, K): a weight gradient over all rows."""
-    if a.shape[0] == 0:
-        return
-    out += np.dot(a.T, b)
+def active_rows(first, last, step_rows):
+    """How many of the rows first..last-1 exist at a step that has `step_rows` rows."""
+    return max(0, min(last, step_rows) - first)
+
+
+@njit(**_JIT)
+def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
+    """out[rows first..first+count-1 of step t] = the hidden state each row consumed there:
+    that row of the previous processed step if it had one, else h0's row."""
+    off = offsets[t]
+    for r in range(first, first + count):
+        if r < prev_rows:
+            out[off + r, :] = y[offsets[prev] + r, :]
+        else:
+            out[off + r, :] = h0[r, :]
 
 
 @njit(**_JIT)
@@ -88,11 +90,3 @@ def matmul_into(a, b, out):
         out[:] = 0
         return
     np.dot(a, b, out)
-
-
-@njit(**_JIT)
-def column_sums(a, out):
-    """out (M,) += a (N, M).sum(0): a bias gradient."""
-    for n in range(a.shape[0]):
-        for j in range(a.shape[1]):
-            out[j] += a[n, j]

@@ -1,0 +1,60 @@
+"""Keep the BLAS that Numba's `np.dot` calls single-threaded while fastrnn's kernels run.
+
+Numba's `np.dot` calls scipy's BLAS (OpenBLAS in scipy's wheels). fastrnn already splits the
+batch across threads itself, one BLAS call per thread and step, so a multi-threaded BLAS would
+only serialise those calls, and its idle workers would spin against the caller's thread pool
+(torch's OpenMP pool spins too; on 2 cores the two pools slowed each other down 12-14x).
+The limit is set only for the duration of a kernel call and then restored, so a user's own
+numpy/scipy code keeps its settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+_lock = threading.Lock()
+_controllers: list | None = None
+_active = 0  # kernel calls in flight (several Python threads may run kernels at once)
+_saved: list[int] = []
+
+
+def _blas_controllers() -> list:
+    """threadpoolctl controllers of the loaded BLAS libraries (scipy's, which Numba calls)."""
+    global _controllers
+    if _controllers is None:
+        try:
+            import scipy.linalg.cython_blas  # noqa: F401  (load the library Numba uses)
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _controllers = []
+        else:
+            _controllers = [
+                c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"
+            ]
+    return _controllers
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run the body with BLAS limited to one thread; the first caller in sets the limit, the
+    last one out restores what was there."""
+    global _active, _saved
+    controllers = _blas_controllers()
+    with _lock:
+        if _active == 0:
+            _saved = [c.get_num_threads() for c in controllers]
+            for c, n in zip(controllers, _saved, strict=True):
+                if n != 1:
+                    c.set_num_threads(1)
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
+            if _active == 0:
+                for c, n in zip(controllers, _saved, strict=True):
+                    if n != 1:
+                        c.set_num_threads(n)

@@ -1,0 +1,166 @@
+"""torch.autograd.gradcheck in float64 on tiny sizes (DESIGN.md, Numerics).
+
+Gradients are checked w.r.t. the input, h0 (c0) and every weight. The module's own
+Parameters are passed to gradcheck as inputs: gradcheck perturbs its inputs *in place*
+(through ``.data``, which does not bump the version counter), so the module sees the
+perturbed weights on every call. This checks the math of every weight gradient, and also
+that fastrnn keeps no stale copy of the weights between calls (DESIGN.md: "Don't keep
+packed/transposed weight copies across calls").
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_mode_pair, make_pair
+from torch.nn.utils.rnn import pack_padded_sequence
+
+F64 = torch.float64
+
+
+def _rand(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=g, dtype=F64)).requires_grad_(True)
+
+
+def _module_fn(module, n_state, lengths=None, enforce_sorted=True):
+    """f(x, *states, *params) -> flat tuple of outputs, calling ``module`` directly."""
+
+    def fn(x, *rest):
+        states = rest[:n_state]
+        if lengths is not None:
+            x = pack_padded_sequence(
+                x, lengths, batch_first=module.batch_first, enforce_sorted=enforce_sorted
+            )
+        if n_state == 0:
+            out = module(x)
+        elif n_state == 1:
+            out = module(x, states[0])
+        else:
+            out = module(x, tuple(states))
+        if isinstance(module, torch.nn.RNNCellBase):
+            return out if isinstance(out, tuple) else (out,)
+        y, h = out
+        y = y.data if lengths is not None else y
+        return (y, *(h if isinstance(h, tuple) else (h,)))
+
+    return fn
+
+
+def _check(module, x, states, lengths=None, enforce_sorted=True):
+    params = list(module.parameters())
+    assert all(p.dtype == F64 and p.requires_grad for p in params)
+    fn = _module_fn(module, len(states), lengths, enforce_sorted)
+    inputs = (x, *states, *params)
+    before = [p.detach().clone() for p in params]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    for p, b in zip(params, before, strict=True):
+        assert torch.equal(p.detach(), b)
+
+
+def _states(mode, layers, D, B, H, proj=0, seed=1, unbatched=False):
+    batch = () if unbatched else (B,)
+    h0 = _rand(layers * D, *batch, proj or H, seed=seed, scale=0.5)
+    if mode == "LSTM":
+        return (h0, _rand(layers * D, *batch, H, seed=seed + 1, scale=0.5))
+    return (h0,)
+
+
+@pytest.mark.parametrize(
+    "mode,layers,bidirectional,proj,batch_first",
+    [
+        pytest.param("LSTM", 1, False, 0, False, id="LSTM"),
+        pytest.param("LSTM", 1, False, 2, False, id="LSTM-proj"),
+        pytest.param("GRU", 1, False, 0, True, id="GRU-bf"),
+        pytest.param("RNN_TANH", 1, False, 0, False, id="RNN_TANH"),
+        pytest.param("RNN_RELU", 1, False, 0, False, id="RNN_RELU"),
+        pytest.param("LSTM", 2, True, 0, False, id="LSTM-L2-bi"),
+        pytest.param("LSTM", 2, True, 1, True, id="LSTM-L2-bi-proj-bf"),
+        pytest.param("GRU", 2, True, 0, False, id="GRU-L2-bi"),
+        pytest.param("RNN_TANH", 2, True, 0, True, id="RNN_TANH-L2-bi-bf"),
+        pytest.param("RNN_RELU", 2, True, 0, False, id="RNN_RELU-L2-bi"),
+    ],
+)
+def test_gradcheck_module(mode, layers, bidirectional, proj, batch_first):
+    I, H, T, B = 3, 3, 3, 2
+    D = 2 if bidirectional else 1
+    _, fast = make_mode_pair(
+        mode,
+        I,
+        H,
+        num_layers=layers,
+        bidirectional=bidirectional,
+        batch_first=batch_first,
+        dtype=F64,
+        **({"proj_size": proj} if proj else {}),
+    )
+    x = _rand(*((B, T, I) if batch_first else (T, B, I)))
+    _check(fast, x, _states(mode, layers, D, B, H, proj))
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_gradcheck_unbatched_no_bias(mode):
+    _, fast = make_mode_pair(mode, 2, 3, num_layers=2, bias=False, dtype=F64)
+    _check(fast, _rand(3, 2), _states(mode, 2, 1, 1, 3, unbatched=True))
+
+
+@pytest.mark.parametrize(
+    "mode,lengths,enforce_sorted,bidirectional,proj",
+    [
+        pytest.param("LSTM", [3, 1], True, False, 0, id="LSTM-sorted"),
+        pytest.param("LSTM", [1, 3, 2], False, True, 2, id="LSTM-unsorted-bi-proj"),
+        pytest.param("GRU", [2, 3, 1], False, True, 0, id="GRU-unsorted-bi"),
+        pytest.param("RNN_TANH", [3, 2], True, True, 0, id="RNN_TANH-sorted-bi"),
+        pytest.param("RNN_RELU", [2, 3], False, False, 0, id="RNN_RELU-unsorted"),
+    ],
+)
+def test_gradcheck_packed(mode, lengths, enforce_sorted, bidirectional, proj):
+    I, H, T = 2, 3, 3
+    B = len(lengths)
+    D = 2 if bidirectional else 1
+    _, fast = make_mode_pair(
+        mode,
+        I,
+        H,
+        bidirectional=bidirectional,
+        dtype=F64,
+        **({"proj_size": proj} if proj else {}),
+    )
+    x = _rand(T, B, I)
+    _check(fast, x, _states(mode, 1, D, B, H, proj), lengths=lengths, enforce_sorted=enforce_sorted)
+
+
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
+def test_gradcheck_cell(cell, hx_given):
+    I, H, B = 3, 4, 2
+    _, fast = make_mode_pair(cell, I, H, dtype=F64)
+    x = _rand(B, I)
+    states = ()
+    if hx_given:
+        states = (_rand(B, H, seed=1, scale=0.5),)
+        if cell == "LSTMCell":
+            states = (*states, _rand(B, H, seed=2, scale=0.5))
+    _check(fast, x, states)
+
+
+def test_gradcheck_module_via_functional_call():
+    """Weights given through torch.func.functional_call (as in meta-learning code)."""
+    ref, fast = make_pair("LSTM", 2, 3, num_layers=2, bidirectional=True, dtype=F64)
+    names = [n for n, _ in fast.named_parameters()]
+    params = [
+        _rand(*p.shape, seed=10 + i, scale=0.5) for i, (_, p) in enumerate(fast.named_parameters())
+    ]
+    x = _rand(3, 2, 2)
+
+    def fn(module):
+        def f(x, *ps):
+            y, (h, c) = torch.func.functional_call(module, dict(zip(names, ps, strict=True)), (x,))
+            return y, h, c
+
+        return f
+
+    # the swapped-in weights are really used (and give torch's result)
+    for a, b in zip(fn(fast)(x, *params), fn(ref)(x, *params), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(fn(fast), (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
