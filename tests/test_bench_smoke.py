@@ -1,0 +1,20 @@
+"""`python -m bench` runs end to end (parity + timing) on a tiny size; speed is not judged here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_run(tmp_path):
+    cmd = [sys.executable, "-m", "bench", "--quick", "--sizes", "6,2,3,4", "--no-plot"]
+    cmd += ["--no-progress", "--out", str(tmp_path), "--name", "smoke"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "smoke.json").read_text())
+    assert "parity failed" not in done.stdout
+    assert len(record["cases"]) == 3
