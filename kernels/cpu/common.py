@@ -90,3 +90,22 @@ def matmul_into(a, b, out):
         out[:] = 0
         return
     np.dot(a, b, out)
+
+
+# Below this many rows, out = a @ W^T goes straight to BLAS; from it on, BLAS gets the transposed
+# product W @ a^T, a shape its small-M sgemm handles 1.4-1.8x faster (measured single-threaded:
+# 16 x 256 @ 256 x 1024: 38 vs 68 GFLOP/s; 64 x 512 @ 512 x 2048: 61 vs 89 GFLOP/s), and the
+# (N, M) result is transposed back, which costs little next to the product.
+TRANSPOSED_PRODUCT_MIN_ROWS = 8
+
+
+@njit(**_JIT)
+def matmul_weights_t(a, W, scratch, out):
+    """out (M, N) = a (M, K) @ W (N, K)^T; scratch: a C-contiguous buffer of at least N * M."""
+    rows = a.shape[0]
+    if rows < TRANSPOSED_PRODUCT_MIN_ROWS or a.shape[1] == 0:
+        matmul_into(a, W.T, out)
+        return
+    product = scratch[: W.shape[0] * rows].reshape((W.shape[0], rows))
+    np.dot(W, a.T, product)
+    out[:] = product.T

@@ -25,6 +25,7 @@ from .common import (
     chunk_rows,
     copy_previous_hidden,
     matmul_into,
+    matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_time,
@@ -46,6 +47,7 @@ def gru_forward(batch_sizes, reverse, W_hh, b_hh, h0, projected, y, h_n, gate_ca
     n_chunks = chunk_count(batch, threads)
     for chunk in prange(n_chunks):
         first, last = chunk_rows(chunk, n_chunks, batch)
+        scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps):
             t = step_time(k, num_steps, reverse)
             rows = active_rows(first, last, batch_sizes[t])
@@ -53,7 +55,7 @@ def gru_forward(batch_sizes, reverse, W_hh, b_hh, h0, projected, y, h_n, gate_ca
                 continue
             off = offsets[t]
             end = first + rows
-            matmul_into(h_n[first:end], W_hh.T, recurrent[first:end])
+            matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[first:end])
             for r in range(first, end):
                 xp = projected[off + r]
                 rec = recurrent[r]
