@@ -49,6 +49,11 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _np_transposed(W: Tensor) -> np.ndarray:
+    """A contiguous copy of W^T, made per call (never cached: weights may change in place)."""
+    return W.detach().t().contiguous().numpy()
+
+
 def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
     """(N, G*H) = x (N, I) @ W_ih^T (+ bias), one GEMM over every step."""
     x, W_ih = x.detach(), W_ih.detach()
@@ -120,13 +125,13 @@ class LSTMLayerFunction(torch.autograd.Function):
         dh_total = torch.empty((rows if projected else 0, proj), dtype=x.dtype)
         h_raw = torch.empty((rows if projected else 0, hidden), dtype=x.dtype)
         dh0, dc0 = _states_like(h0, c0)
-        W_hr_np = _np(W_hr) if projected else np.empty((0, hidden), dtype=_np(h0).dtype)
+        W_hr_t = _np_transposed(W_hr) if projected else np.empty((0, proj), dtype=_np(h0).dtype)
         with single_threaded_blas():
             lstm_backward(
                 ctx.batch_sizes,
                 ctx.reverse,
-                _np(W_hh),
-                W_hr_np,
+                _np_transposed(W_hh),
+                W_hr_t,
                 _np(h0),
                 _np(c0),
                 _np(y),
@@ -194,7 +199,7 @@ class GRULayerFunction(torch.autograd.Function):
             gru_backward(
                 ctx.batch_sizes,
                 ctx.reverse,
-                _np(W_hh),
+                _np_transposed(W_hh),
                 _np(h0),
                 _np(y),
                 ctx.gate_cache.numpy(),
@@ -253,7 +258,7 @@ class RNNLayerFunction(torch.autograd.Function):
                 ctx.batch_sizes,
                 ctx.reverse,
                 ctx.relu,
-                _np(W_hh),
+                _np_transposed(W_hh),
                 _np(h0),
                 _np(y),
                 _np(dy),

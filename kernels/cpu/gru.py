@@ -24,7 +24,6 @@ from .common import (
     chunk_count,
     chunk_rows,
     copy_previous_hidden,
-    matmul_into,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
@@ -78,7 +77,7 @@ def gru_forward(batch_sizes, reverse, W_hh, b_hh, h0, projected, y, h_n, gate_ca
 def gru_backward(
     batch_sizes,
     reverse,
-    W_hh,
+    W_hh_t,
     h0,
     y,
     gate_cache,
@@ -91,6 +90,9 @@ def gru_backward(
     threads,
 ):
     """Backward of `gru_forward`, per step; the caller does the GEMMs over all rows.
+
+    Takes W_hh transposed and contiguous, W_hh_t (H, 3H): the per-step product is then
+    W @ rows^T, BLAS's fast shape.
 
     In: dy (N, H), dh_n (B, H). Out: d_input (N, 3H) and d_recurrent (N, 3H), the gradients of
     the gate pre-activations on the input and on the recurrent side (equal but for the n block,
@@ -108,6 +110,7 @@ def gru_backward(
     n_chunks = chunk_count(batch, threads)
     for chunk in prange(n_chunks):
         first, last = chunk_rows(chunk, n_chunks, batch)
+        scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps - 1, -1, -1):
             t = step_time(k, num_steps, reverse)
             rows = active_rows(first, last, batch_sizes[t])
@@ -140,5 +143,7 @@ def gru_backward(
                     dr_[hidden + j] = dz
                     dr_[2 * hidden + j] = dn * reset
                     dh_row[j] = dh * update
-            matmul_into(d_recurrent[off + first : off + end], W_hh, through_weights[first:end])
+            matmul_weights_t(
+                d_recurrent[off + first : off + end], W_hh_t, scratch, through_weights[first:end]
+            )
             dh0[first:end] += through_weights[first:end]

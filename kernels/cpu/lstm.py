@@ -22,7 +22,6 @@ from .common import (
     chunk_count,
     chunk_rows,
     copy_previous_hidden,
-    matmul_into,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
@@ -77,7 +76,7 @@ def lstm_forward(
                     out[j] = o * tanh(c)
                 cell_cache[off + r] = c_row
             if has_proj:
-                matmul_into(h_raw[first:end], W_hr.T, h_n[first:end])
+                matmul_weights_t(h_raw[first:end], W_hr, scratch, h_n[first:end])
             y[off + first : off + end] = h_n[first:end]
 
 
@@ -85,8 +84,8 @@ def lstm_forward(
 def lstm_backward(
     batch_sizes,
     reverse,
-    W_hh,
-    W_hr,
+    W_hh_t,
+    W_hr_t,
     h0,
     c0,
     y,
@@ -105,6 +104,9 @@ def lstm_backward(
 ):
     """Backward of `lstm_forward`, per step; the caller does the GEMMs over all rows.
 
+    Takes the weights transposed and contiguous, W_hh_t (P, 4H) and W_hr_t (H, P) (or (0, P)
+    without projection): the per-step products are then W @ rows^T, BLAS's fast shape.
+
     In: dy (N, P), dh_n (B, P), dc_n (B, H). Out: d_gates (N, 4H), the gradients of the gate
     pre-activations; h_prev (N, P), the hidden state each row consumed; with a projection also
     dh_total (N, P), dL/dh of each row, and h_raw (N, H) = o * tanh(c) (else both are (0, *));
@@ -115,7 +117,7 @@ def lstm_backward(
     num_steps = batch_sizes.shape[0]
     batch = h0.shape[0]
     hidden = c0.shape[1]
-    has_proj = W_hr.shape[0] > 0
+    has_proj = W_hr_t.shape[0] > 0
     one = np.ones(1, dtype=y.dtype)[0]
     offsets = step_offsets(batch_sizes)
     dh0[:] = dh_n
@@ -124,6 +126,7 @@ def lstm_backward(
     n_chunks = chunk_count(batch, threads)
     for chunk in prange(n_chunks):
         first, last = chunk_rows(chunk, n_chunks, batch)
+        scratch = np.empty(max(W_hh_t.shape[0], W_hr_t.shape[0]) * (last - first), dtype=y.dtype)
         for k in range(num_steps - 1, -1, -1):
             t = step_time(k, num_steps, reverse)
             rows = active_rows(first, last, batch_sizes[t])
@@ -137,7 +140,7 @@ def lstm_backward(
             dh0[first:end] += dy[off + first : off + end]
             if has_proj:
                 dh_total[off + first : off + end] = dh0[first:end]
-                matmul_into(dh0[first:end], W_hr, dh_raw[first:end])
+                matmul_weights_t(dh0[first:end], W_hr_t, scratch, dh_raw[first:end])
             else:
                 dh_raw[first:end] = dh0[first:end]
             for r in range(first, end):
@@ -164,4 +167,4 @@ def lstm_backward(
                     raw = h_raw[off + r]
                     for j in range(hidden):
                         raw[j] = gates[3 * hidden + j] * tanh(c_row[j])
-            matmul_into(d_gates[off + first : off + end], W_hh, dh0[first:end])
+            matmul_weights_t(d_gates[off + first : off + end], W_hh_t, scratch, dh0[first:end])

@@ -19,7 +19,6 @@ from .common import (
     chunk_count,
     chunk_rows,
     copy_previous_hidden,
-    matmul_into,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
@@ -70,8 +69,11 @@ def rnn_forward(batch_sizes, reverse, relu, W_hh, h0, y, h_n, threads):
 
 
 @njit(**_JIT)
-def rnn_backward(batch_sizes, reverse, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
+def rnn_backward(batch_sizes, reverse, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
     """Backward of `rnn_forward`, per step; the caller does the GEMMs over all rows.
+
+    Takes W_hh transposed and contiguous, W_hh_t (H, H): the per-step product is then
+    W @ rows^T, BLAS's fast shape.
 
     In: dy (N, H), dh_n (B, H). Out: d_pre (N, H), the gradient of the pre-activation;
     h_prev (N, H), the state each row consumed; dh0 (B, H).
@@ -87,6 +89,7 @@ def rnn_backward(batch_sizes, reverse, relu, W_hh, h0, y, dy, dh_n, d_pre, h_pre
     n_chunks = chunk_count(batch, threads)
     for chunk in prange(n_chunks):
         first, last = chunk_rows(chunk, n_chunks, batch)
+        scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps - 1, -1, -1):
             t = step_time(k, num_steps, reverse)
             rows = active_rows(first, last, batch_sizes[t])
@@ -108,4 +111,4 @@ def rnn_backward(batch_sizes, reverse, relu, W_hh, h0, y, dy, dh_n, d_pre, h_pre
                     for j in range(hidden):
                         h = h_out[j]
                         dp[j] = (dh_row[j] + dyr[j]) * (one - h * h)
-            matmul_into(d_pre[off + first : off + end], W_hh, dh0[first:end])
+            matmul_weights_t(d_pre[off + first : off + end], W_hh_t, scratch, dh0[first:end])
