@@ -70,6 +70,14 @@ def active_rows(first, last, step_rows):
 
 
 @njit(**_JIT)
+def step_span(k, batch_sizes, offsets, reverse, first, last):
+    """For the k-th processed step: (time index, row offset of the step, end row of the chunk
+    first..last-1 at that step); end == first when none of the chunk's rows exist there."""
+    t = step_time(k, batch_sizes.shape[0], reverse)
+    return t, offsets[t], first + active_rows(first, last, batch_sizes[t])
+
+
+@njit(**_JIT)
 def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
     """out[rows first..first+count-1 of step t] = the hidden state each row consumed there:
     that row of the previous processed step if it had one, else h0's row."""

@@ -18,14 +18,13 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
-    active_rows,
     chunk_count,
     chunk_rows,
     copy_previous_hidden,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
-    step_time,
+    step_span,
 )
 
 _JIT = {"cache": True, "error_model": "numpy", "nogil": True, "parallel": True}
@@ -50,12 +49,9 @@ def lstm_forward(
         first, last = chunk_rows(chunk, n_chunks, batch)
         scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps):
-            t = step_time(k, num_steps, reverse)
-            rows = active_rows(first, last, batch_sizes[t])
-            if rows == 0:
+            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+            if end == first:
                 continue
-            off = offsets[t]
-            end = first + rows
             matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[first:end])
             for r in range(first, end):
                 gates = gate_cache[off + r]
@@ -128,12 +124,10 @@ def lstm_backward(
         first, last = chunk_rows(chunk, n_chunks, batch)
         scratch = np.empty(max(W_hh_t.shape[0], W_hr_t.shape[0]) * (last - first), dtype=y.dtype)
         for k in range(num_steps - 1, -1, -1):
-            t = step_time(k, num_steps, reverse)
-            rows = active_rows(first, last, batch_sizes[t])
-            if rows == 0:
+            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+            if end == first:
                 continue
-            off = offsets[t]
-            end = first + rows
+            rows = end - first
             prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, rows, h_prev)
             # dh0 holds dL/dh of each row's latest state; add this step's output gradient.

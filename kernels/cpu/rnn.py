@@ -15,14 +15,13 @@ from numba import njit, prange
 
 from ..math import tanh
 from .common import (
-    active_rows,
     chunk_count,
     chunk_rows,
     copy_previous_hidden,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
-    step_time,
+    step_span,
 )
 
 _JIT = {"cache": True, "error_model": "numpy", "nogil": True, "parallel": True}
@@ -43,12 +42,9 @@ def rnn_forward(batch_sizes, reverse, relu, W_hh, h0, y, h_n, threads):
         first, last = chunk_rows(chunk, n_chunks, batch)
         scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps):
-            t = step_time(k, num_steps, reverse)
-            rows = active_rows(first, last, batch_sizes[t])
-            if rows == 0:
+            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+            if end == first:
                 continue
-            off = offsets[t]
-            end = first + rows
             matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[first:end])
             for r in range(first, end):
                 out = y[off + r]
@@ -91,12 +87,10 @@ def rnn_backward(batch_sizes, reverse, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_p
         first, last = chunk_rows(chunk, n_chunks, batch)
         scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
         for k in range(num_steps - 1, -1, -1):
-            t = step_time(k, num_steps, reverse)
-            rows = active_rows(first, last, batch_sizes[t])
-            if rows == 0:
+            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+            if end == first:
                 continue
-            off = offsets[t]
-            end = first + rows
+            rows = end - first
             prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, rows, h_prev)
             for r in range(first, end):
