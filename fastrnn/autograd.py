@@ -1,13 +1,17 @@
-"""torch.autograd.Functions around the CPU kernels: one layer, one direction, whole sequence.
+"""torch.autograd.Functions around the CPU kernels: one layer (all its directions), whole sequence.
 
 Each Function takes the layer input in the packed time-major layout (x (N, I), rows of step t
 back to back; `batch_sizes` (T,) int64 numpy array, non-increasing; dense input is the special
-case N = T * B), the initial state(s) (B, P), and the layer-direction's weights exactly as torch
-stores them (no copies kept across calls).
+case N = T * B), the initial state(s) (D, B, P) and the layer's weights stacked over its D
+directions (D = 1, or 2 for a bidirectional layer, whose direction 1 runs in reverse): W_ih
+(D, G*H, I), W_hh (D, G*H, P), b_ih / b_hh (D, G*H) or None, W_hr (D, P, H) or None. Stacking is
+a copy made per call (never cached: weights may change in place between calls); the output is
+(N, D*P), the directions' features side by side as torch orders them.
 
 Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx) run in torch, on
 torch's own thread pool, like the rest of a training step; the kernels run the recurrence (per-step
-products and the fused gate math) on zero-copy numpy views, with the batch split across threads.
+products and the fused gate math) on zero-copy numpy views, directions and row chunks of the batch
+spread over the threads.
 
 Double backward is not supported: it raises a RuntimeError instead of returning a wrong value.
 """
@@ -50,29 +54,54 @@ def _np(t: Tensor) -> np.ndarray:
 
 
 def _np_transposed(W: Tensor) -> np.ndarray:
-    """A contiguous copy of W^T, made per call (never cached: weights may change in place)."""
-    return W.detach().t().contiguous().numpy()
+    """(D, A, B) -> contiguous copy of each direction's transpose (D, B, A)."""
+    return W.detach().transpose(1, 2).contiguous().numpy()
 
 
 def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """(N, G*H) = x (N, I) @ W_ih^T (+ bias), one GEMM over every step."""
+    """(D, N, G*H) = x (N, I) @ W_ih[d]^T (+ bias[d]), one GEMM per direction over every step."""
     x, W_ih = x.detach(), W_ih.detach()
-    if bias is None:
-        return x @ W_ih.t()
-    return torch.addmm(bias.detach(), x, W_ih.t())
+    out = torch.empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]), dtype=x.dtype)
+    for d in range(W_ih.shape[0]):
+        if bias is None:
+            torch.mm(x, W_ih[d].t(), out=out[d])
+        else:
+            torch.addmm(bias[d], x, W_ih[d].t(), out=out[d])
+    return out
 
 
 def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     return None if b_ih is None else b_ih.detach() + b_hh.detach()
 
 
+def _features_side_by_side(y: Tensor) -> Tensor:
+    """(D, N, P) -> (N, D * P) (a view for D = 1)."""
+    return y.permute(1, 0, 2).reshape(y.shape[1], y.shape[0] * y.shape[2])
+
+
+def _per_direction(dy: Tensor, directions: int) -> Tensor:
+    """(N, D * P) -> contiguous (D, N, P)."""
+    return (
+        dy.reshape(dy.shape[0], directions, dy.shape[1] // directions).permute(1, 0, 2).contiguous()
+    )
+
+
+def _input_grad(d_pre: Tensor, W_ih: Tensor) -> Tensor:
+    """dx (N, I) = sum over directions of d_pre[d] (N, G*H) @ W_ih[d] (G*H, I)."""
+    dx = d_pre[0] @ W_ih[0].detach()
+    for d in range(1, d_pre.shape[0]):
+        dx.addmm_(d_pre[d], W_ih[d].detach())
+    return dx
+
+
 def _weight_grads(ctx, d_pre: Tensor, x: Tensor, h_prev: Tensor, W_ih: Tensor):
-    """dx, dW_ih, dW_hh and the bias gradient from the pre-activation gradients (N, G*H)."""
+    """dx, dW_ih, dW_hh and the bias gradient from the pre-activation gradients (D, N, G*H)."""
     need = ctx.needs_input_grad
-    dx = d_pre @ W_ih.detach() if need[0] else None
-    dW_ih = d_pre.t() @ x.detach() if need[ctx.W_ih_index] else None
-    dW_hh = d_pre.t() @ h_prev if need[ctx.W_ih_index + 1] else None
-    dbias = d_pre.sum(0) if ctx.has_bias else None
+    dx = _input_grad(d_pre, W_ih) if need[0] else None
+    d_pre_t = d_pre.transpose(1, 2)
+    dW_ih = torch.matmul(d_pre_t, x.detach()) if need[ctx.W_ih_index] else None
+    dW_hh = torch.bmm(d_pre_t, h_prev) if need[ctx.W_ih_index + 1] else None
+    dbias = d_pre.sum(1) if ctx.has_bias else None
     return dx, dW_ih, dW_hh, dbias
 
 
@@ -81,20 +110,23 @@ def _states_like(*tensors: Tensor) -> list[Tensor]:
 
 
 class LSTMLayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (B, P), c0 (B, H), W_ih, W_hh, b_ih, b_hh, W_hr) -> y (N, P), h_n, c_n."""
+    """(x (N, I), h0 (D, B, P), c0 (D, B, H), W_ih, W_hh, b_ih, b_hh, W_hr) -> y (N, D * P),
+    h_n (D, B, P), c_n (D, B, H)."""
 
     @staticmethod
-    def forward(ctx, x, batch_sizes, reverse, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
-        hidden = W_hh.shape[0] // 4
+    def forward(ctx, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
+        directions, rows, hidden = W_hh.shape[0], x.shape[0], c0.shape[2]
         gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
-        y = torch.empty((x.shape[0], h0.shape[1]), dtype=x.dtype)
+        y = torch.empty((directions, rows, h0.shape[2]), dtype=x.dtype)
         h_n, c_n = _states_like(h0, c0)
-        cell_cache = torch.empty((x.shape[0], hidden), dtype=x.dtype)
-        W_hr_np = _np(W_hr) if W_hr is not None else np.empty((0, hidden), dtype=_np(h0).dtype)
+        cell_cache = torch.empty((directions, rows, hidden), dtype=x.dtype)
+        if W_hr is not None:
+            W_hr_np = _np(W_hr)
+        else:
+            W_hr_np = np.empty((directions, 0, hidden), dtype=_np(h0).dtype)
         with single_threaded_blas():
             lstm_forward(
                 batch_sizes,
-                reverse,
                 _np(W_hh),
                 W_hr_np,
                 _np(h0),
@@ -109,27 +141,30 @@ class LSTMLayerFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
-            ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
-        return y, h_n, c_n
+            ctx.batch_sizes = batch_sizes
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
+        return _features_side_by_side(y), h_n, c_n
 
     @staticmethod
     @_first_order_only
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         x, h0, c0, W_ih, W_hh, W_hr, y = ctx.saved_tensors
-        rows, hidden, proj = x.shape[0], c0.shape[1], h0.shape[1]
+        directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
         projected = W_hr is not None
-        d_gates = torch.empty((rows, 4 * hidden), dtype=x.dtype)
-        h_prev = torch.empty((rows, proj), dtype=x.dtype)
-        dh_total = torch.empty((rows if projected else 0, proj), dtype=x.dtype)
-        h_raw = torch.empty((rows if projected else 0, hidden), dtype=x.dtype)
+        d_gates = torch.empty((directions, rows, 4 * hidden), dtype=x.dtype)
+        h_prev = torch.empty((directions, rows, proj), dtype=x.dtype)
+        extra_rows = rows if projected else 0
+        dh_total = torch.empty((directions, extra_rows, proj), dtype=x.dtype)
+        h_raw = torch.empty((directions, extra_rows, hidden), dtype=x.dtype)
         dh0, dc0 = _states_like(h0, c0)
-        W_hr_t = _np_transposed(W_hr) if projected else np.empty((0, proj), dtype=_np(h0).dtype)
+        if projected:
+            W_hr_t = _np_transposed(W_hr)
+        else:
+            W_hr_t = np.empty((directions, 0, proj), dtype=_np(h0).dtype)
         with single_threaded_blas():
             lstm_backward(
                 ctx.batch_sizes,
-                ctx.reverse,
                 _np_transposed(W_hh),
                 W_hr_t,
                 _np(h0),
@@ -137,7 +172,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 _np(y),
                 ctx.gate_cache.numpy(),
                 ctx.cell_cache.numpy(),
-                _np(dy),
+                _per_direction(dy, directions).numpy(),
                 _np(dh_n),
                 _np(dc_n),
                 d_gates.numpy(),
@@ -149,26 +184,28 @@ class LSTMLayerFunction(torch.autograd.Function):
                 numba.get_num_threads(),
             )
         dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_gates, x, h_prev, W_ih)
-        dW_hr = dh_total.t() @ h_raw if projected and ctx.needs_input_grad[9] else None
+        dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
         db_hh = dbias.clone() if dbias is not None else None
-        return dx, None, None, dh0, dc0, dW_ih, dW_hh, dbias, db_hh, dW_hr
+        return dx, None, dh0, dc0, dW_ih, dW_hh, dbias, db_hh, dW_hr
 
 
 class GRULayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, H), h_n (B, H)."""
+    """(x (N, I), h0 (D, B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, D * H), h_n (D, B, H)."""
 
     @staticmethod
-    def forward(ctx, x, batch_sizes, reverse, h0, W_ih, W_hh, b_ih, b_hh):
-        hidden = W_hh.shape[1]
+    def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+        directions, hidden = W_hh.shape[0], W_hh.shape[2]
         projected = _input_projection(x, W_ih, b_ih)
-        b_hh_np = _np(b_hh) if b_hh is not None else np.zeros(3 * hidden, dtype=_np(h0).dtype)
-        y = torch.empty((x.shape[0], hidden), dtype=x.dtype)
+        if b_hh is not None:
+            b_hh_np = _np(b_hh)
+        else:
+            b_hh_np = np.zeros((directions, 3 * hidden), dtype=_np(h0).dtype)
+        y = torch.empty((directions, x.shape[0], hidden), dtype=x.dtype)
         (h_n,) = _states_like(h0)
-        gate_cache = torch.empty((x.shape[0], 4 * hidden), dtype=x.dtype)
+        gate_cache = torch.empty((directions, x.shape[0], 4 * hidden), dtype=x.dtype)
         with single_threaded_blas():
             gru_forward(
                 batch_sizes,
-                reverse,
                 _np(W_hh),
                 b_hh_np,
                 _np(h0),
@@ -181,29 +218,28 @@ class GRULayerFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.gate_cache = gate_cache
-            ctx.batch_sizes, ctx.reverse = batch_sizes, reverse
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
-        return y, h_n
+            ctx.batch_sizes = batch_sizes
+            ctx.has_bias = b_ih is not None
+        return _features_side_by_side(y), h_n
 
     @staticmethod
     @_first_order_only
     @once_differentiable
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
-        rows, hidden = x.shape[0], h0.shape[1]
-        d_input = torch.empty((rows, 3 * hidden), dtype=x.dtype)
-        d_recurrent = torch.empty((rows, 3 * hidden), dtype=x.dtype)
-        h_prev = torch.empty((rows, hidden), dtype=x.dtype)
+        directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+        d_input = torch.empty((directions, rows, 3 * hidden), dtype=x.dtype)
+        d_recurrent = torch.empty((directions, rows, 3 * hidden), dtype=x.dtype)
+        h_prev = torch.empty((directions, rows, hidden), dtype=x.dtype)
         (dh0,) = _states_like(h0)
         with single_threaded_blas():
             gru_backward(
                 ctx.batch_sizes,
-                ctx.reverse,
                 _np_transposed(W_hh),
                 _np(h0),
                 _np(y),
                 ctx.gate_cache.numpy(),
-                _np(dy),
+                _per_direction(dy, directions).numpy(),
                 _np(dh_n),
                 h_prev.numpy(),
                 d_input.numpy(),
@@ -212,25 +248,25 @@ class GRULayerFunction(torch.autograd.Function):
                 numba.get_num_threads(),
             )
         need = ctx.needs_input_grad
-        dx = d_input @ W_ih.detach() if need[0] else None
-        dW_ih = d_input.t() @ x.detach() if need[4] else None
-        dW_hh = d_recurrent.t() @ h_prev if need[5] else None
-        db_ih = d_input.sum(0) if ctx.has_bias else None
-        db_hh = d_recurrent.sum(0) if ctx.has_bias else None
-        return dx, None, None, dh0, dW_ih, dW_hh, db_ih, db_hh
+        dx = _input_grad(d_input, W_ih) if need[0] else None
+        dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[3] else None
+        dW_hh = torch.bmm(d_recurrent.transpose(1, 2), h_prev) if need[4] else None
+        db_ih = d_input.sum(1) if ctx.has_bias else None
+        db_hh = d_recurrent.sum(1) if ctx.has_bias else None
+        return dx, None, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
 class RNNLayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, H), h_n (B, H); tanh or relu."""
+    """(x (N, I), h0 (D, B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, D * H), h_n (D, B, H);
+    tanh or relu."""
 
     @staticmethod
-    def forward(ctx, x, batch_sizes, reverse, relu, h0, W_ih, W_hh, b_ih, b_hh):
+    def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
         y = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         (h_n,) = _states_like(h0)
         with single_threaded_blas():
             rnn_forward(
                 batch_sizes,
-                reverse,
                 relu,
                 _np(W_hh),
                 _np(h0),
@@ -240,28 +276,27 @@ class RNNLayerFunction(torch.autograd.Function):
             )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
-            ctx.batch_sizes, ctx.reverse, ctx.relu = batch_sizes, reverse, relu
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
-        return y, h_n
+            ctx.batch_sizes, ctx.relu = batch_sizes, relu
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
+        return _features_side_by_side(y), h_n
 
     @staticmethod
     @_first_order_only
     @once_differentiable
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
-        rows, hidden = x.shape[0], h0.shape[1]
-        d_pre = torch.empty((rows, hidden), dtype=x.dtype)
-        h_prev = torch.empty((rows, hidden), dtype=x.dtype)
+        directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+        d_pre = torch.empty((directions, rows, hidden), dtype=x.dtype)
+        h_prev = torch.empty((directions, rows, hidden), dtype=x.dtype)
         (dh0,) = _states_like(h0)
         with single_threaded_blas():
             rnn_backward(
                 ctx.batch_sizes,
-                ctx.reverse,
                 ctx.relu,
                 _np_transposed(W_hh),
                 _np(h0),
                 _np(y),
-                _np(dy),
+                _per_direction(dy, directions).numpy(),
                 _np(dh_n),
                 d_pre.numpy(),
                 h_prev.numpy(),
@@ -270,4 +305,4 @@ class RNNLayerFunction(torch.autograd.Function):
             )
         dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_pre, x, h_prev, W_ih)
         db_hh = dbias.clone() if dbias is not None else None
-        return dx, None, None, None, dh0, dW_ih, dW_hh, dbias, db_hh
+        return dx, None, None, dh0, dW_ih, dW_hh, dbias, db_hh

@@ -22,9 +22,10 @@ from torch import Tensor
 
 from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction
 
-# One layer-direction: (x (N, I), batch_sizes, reverse, states, weights) -> (y, new states)
+# One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
+# directions) -> (y (N, D * P), new states (D, B, *))
 LayerRunner = Callable[
-    [Tensor, np.ndarray, bool, tuple[Tensor, ...], Sequence[Tensor | None]],
+    [Tensor, np.ndarray, tuple[Tensor, ...], Sequence[Tensor | None]],
     tuple[Tensor, tuple[Tensor, ...]],
 ]
 
@@ -96,20 +97,18 @@ def _stacked(
     layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)
     finals: list[list[Tensor]] = [[] for _ in states]
     for layer in range(num_layers):
-        outputs = []
-        for direction in range(directions):
-            index = layer * directions + direction
-            y, new_states = run_layer(
-                layer_input,
-                sizes,
-                direction == 1,
-                tuple(s[index] for s in states),
-                _layer_weights(weights, has_biases, index, has_proj),
-            )
-            outputs.append(y)
-            for final, new in zip(finals, new_states, strict=True):
-                final.append(new)
-        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        first = layer * directions
+        per_direction = [
+            _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
+        ]
+        layer_input, new_states = run_layer(
+            layer_input,
+            sizes,
+            tuple(s[first : first + directions] for s in states),
+            [_stack_directions([w[i] for w in per_direction]) for i in range(5)],
+        )
+        for final, new in zip(finals, new_states, strict=True):
+            final.append(new)
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     output = layer_input
@@ -118,26 +117,35 @@ def _stacked(
         output = output.view(steps, -1, output.shape[1])
         if batch_first:
             output = output.transpose(0, 1)
-    return (output, *(torch.stack(final) for final in finals))
+    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
 
 
-def _run_lstm_layer(x, sizes, reverse, states, w):
+def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
+    """One weight of every direction of a layer -> (D, ...) (a view for D = 1)."""
+    if tensors[0] is None:
+        return None
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    return torch.stack(tensors)  # type: ignore[arg-type]
+
+
+def _run_lstm_layer(x, sizes, states, w):
     h0, c0 = states
     W_ih, W_hh, b_ih, b_hh, W_hr = w
-    y, h_n, c_n = LSTMLayerFunction.apply(x, sizes, reverse, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    y, h_n, c_n = LSTMLayerFunction.apply(x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
     return y, (h_n, c_n)
 
 
-def _run_gru_layer(x, sizes, reverse, states, w):
+def _run_gru_layer(x, sizes, states, w):
     W_ih, W_hh, b_ih, b_hh, _ = w
-    y, h_n = GRULayerFunction.apply(x, sizes, reverse, states[0], W_ih, W_hh, b_ih, b_hh)
+    y, h_n = GRULayerFunction.apply(x, sizes, states[0], W_ih, W_hh, b_ih, b_hh)
     return y, (h_n,)
 
 
 def _rnn_layer_runner(relu: bool) -> LayerRunner:
-    def run(x, sizes, reverse, states, w):
+    def run(x, sizes, states, w):
         W_ih, W_hh, b_ih, b_hh, _ = w
-        y, h_n = RNNLayerFunction.apply(x, sizes, reverse, relu, states[0], W_ih, W_hh, b_ih, b_hh)
+        y, h_n = RNNLayerFunction.apply(x, sizes, relu, states[0], W_ih, W_hh, b_ih, b_hh)
         return y, (h_n,)
 
     return run
@@ -289,10 +297,19 @@ def lstm_cell(
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    y, h_n, c_n = LSTMLayerFunction.apply(
-        input, sizes, False, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh, None
+    one = _stack_directions
+    _, h_n, c_n = LSTMLayerFunction.apply(
+        input,
+        sizes,
+        hx[0].unsqueeze(0),
+        hx[1].unsqueeze(0),
+        one([W_ih]),
+        one([W_hh]),
+        one([b_ih]),
+        one([b_hh]),
+        None,
     )
-    return h_n, c_n
+    return h_n[0], c_n[0]
 
 
 def gru_cell(
@@ -306,8 +323,11 @@ def gru_cell(
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = GRULayerFunction.apply(input, sizes, False, hx, W_ih, W_hh, b_ih, b_hh)
-    return h_n
+    one = _stack_directions
+    _, h_n = GRULayerFunction.apply(
+        input, sizes, hx.unsqueeze(0), one([W_ih]), one([W_hh]), one([b_ih]), one([b_hh])
+    )
+    return h_n[0]
 
 
 def rnn_cell(
@@ -322,7 +342,15 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
+    one = _stack_directions
     _, h_n = RNNLayerFunction.apply(
-        input, sizes, False, nonlinearity == "relu", hx, W_ih, W_hh, b_ih, b_hh
+        input,
+        sizes,
+        nonlinearity == "relu",
+        hx.unsqueeze(0),
+        one([W_ih]),
+        one([W_hh]),
+        one([b_ih]),
+        one([b_hh]),
     )
-    return h_n
+    return h_n[0]

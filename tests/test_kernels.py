@@ -1,5 +1,5 @@
-"""Kernels (through their autograd Functions) against the plain-torch reference, layer by layer,
-in the packed layout with awkward batch sizes, both directions, float32 and float64."""
+"""Kernels (through their autograd Functions) against the plain-torch reference, one layer with
+one or two directions, in the packed layout with awkward batch sizes, float32 and float64."""
 
 from __future__ import annotations
 
@@ -17,23 +17,17 @@ BATCH_SIZES = {
     "one-row": [1, 1, 1],
 }
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+DIRECTIONS = pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bi"])
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+LAYOUTS = pytest.mark.parametrize("layout", list(BATCH_SIZES))
 
 
-def _inputs(kind, sizes, input_size, state_sizes, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(sum(sizes), input_size, generator=g, dtype=dtype, requires_grad=True)
-    states = [
-        (0.5 * torch.randn(sizes[0], s, generator=g, dtype=dtype)).requires_grad_()
-        for s in state_sizes
-    ]
-    return x, states, g
-
-
-def _weights(g, shapes, dtype):
-    return [(0.4 * torch.randn(*s, generator=g, dtype=dtype)).requires_grad_() for s in shapes]
+def _leaf(g, shape, dtype, scale=0.4):
+    return (scale * torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_()
 
 
 def _compare(fast_out, ref_out, leaves, dtype):
+    """Outputs and the gradients of every leaf, for one random cotangent on every output."""
     g = torch.Generator().manual_seed(1)
     cotangents = [torch.randn(o.shape, generator=g, dtype=dtype) for o in ref_out]
     results = []
@@ -49,80 +43,107 @@ def _compare(fast_out, ref_out, leaves, dtype):
         assert err <= TOL[dtype], err
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("layout", list(BATCH_SIZES))
+def _reference_layer(run_direction, directions):
+    """Run the reference per direction (d = 1 reversed) and lay results out like the kernels."""
+    outs = [run_direction(d, d == 1) for d in range(directions)]
+    y = torch.cat([o[0] for o in outs], dim=1)
+    states = [torch.stack([o[k] for o in outs]) for k in range(1, len(outs[0]))]
+    return (y, *states)
+
+
+@DTYPES
+@DIRECTIONS
+@LAYOUTS
 @pytest.mark.parametrize("proj", [0, 2], ids=["noproj", "proj"])
-def test_lstm_layer(layout, reverse, dtype, proj):
+def test_lstm_layer(layout, directions, dtype, proj):
     sizes = BATCH_SIZES[layout]
-    hidden, inp = 5, 3
+    hidden, inp, D = 5, 3, directions
     P = proj or hidden
-    x, (h0, c0), g = _inputs(layout, sizes, inp, (P, hidden), dtype)
-    W_ih, W_hh, b_ih, b_hh = _weights(
-        g, [(4 * hidden, inp), (4 * hidden, P), (4 * hidden,), (4 * hidden,)], dtype
-    )
-    W_hr = _weights(g, [(P, hidden)], dtype)[0] if proj else None
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
+    h0, c0 = _leaf(g, (D, sizes[0], P), dtype, 0.5), _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
+    W_ih, W_hh = _leaf(g, (D, 4 * hidden, inp), dtype), _leaf(g, (D, 4 * hidden, P), dtype)
+    b_ih, b_hh = _leaf(g, (D, 4 * hidden), dtype), _leaf(g, (D, 4 * hidden), dtype)
+    W_hr = _leaf(g, (D, P, hidden), dtype) if proj else None
     bs = np.array(sizes, dtype=np.int64)
-    args = (W_ih, W_hh, b_ih, b_hh, W_hr)
-    fast = LSTMLayerFunction.apply(x, bs, reverse, h0, c0, *args)
-    ref = reference.lstm_layer(x, torch.tensor(sizes), reverse, *args, h0, c0)
+    fast = LSTMLayerFunction.apply(x, bs, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+
+    def run(d, reverse):
+        w_hr = W_hr[d] if proj else None
+        return reference.lstm_layer(
+            x, torch.tensor(sizes), reverse, W_ih[d], W_hh[d], b_ih[d], b_hh[d], w_hr, h0[d], c0[d]
+        )
+
     leaves = [x, h0, c0, W_ih, W_hh, b_ih, b_hh] + ([W_hr] if proj else [])
-    _compare(fast, ref, leaves, dtype)
+    _compare(fast, _reference_layer(run, D), leaves, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("layout", list(BATCH_SIZES))
+@DTYPES
+@DIRECTIONS
+@LAYOUTS
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gru_layer(layout, reverse, dtype, bias):
+def test_gru_layer(layout, directions, dtype, bias):
     sizes = BATCH_SIZES[layout]
-    hidden, inp = 4, 3
-    x, (h0,), g = _inputs(layout, sizes, inp, (hidden,), dtype)
-    W_ih, W_hh, b_ih, b_hh = _weights(
-        g, [(3 * hidden, inp), (3 * hidden, hidden), (3 * hidden,), (3 * hidden,)], dtype
-    )
-    if not bias:
-        b_ih = b_hh = None
+    hidden, inp, D = 4, 3, directions
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
+    h0 = _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
+    W_ih, W_hh = _leaf(g, (D, 3 * hidden, inp), dtype), _leaf(g, (D, 3 * hidden, hidden), dtype)
+    b_ih, b_hh = _leaf(g, (D, 3 * hidden), dtype), _leaf(g, (D, 3 * hidden), dtype)
+    biases = (b_ih, b_hh) if bias else (None, None)
     bs = np.array(sizes, dtype=np.int64)
-    fast = GRULayerFunction.apply(x, bs, reverse, h0, W_ih, W_hh, b_ih, b_hh)
-    ref = reference.gru_layer(x, torch.tensor(sizes), reverse, W_ih, W_hh, b_ih, b_hh, h0)
+    fast = GRULayerFunction.apply(x, bs, h0, W_ih, W_hh, *biases)
+
+    def run(d, reverse):
+        b = (b_ih[d], b_hh[d]) if bias else (None, None)
+        return reference.gru_layer(x, torch.tensor(sizes), reverse, W_ih[d], W_hh[d], *b, h0[d])
+
     leaves = [x, h0, W_ih, W_hh] + ([b_ih, b_hh] if bias else [])
-    _compare(fast, ref, leaves, dtype)
+    _compare(fast, _reference_layer(run, D), leaves, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("layout", list(BATCH_SIZES))
+@DTYPES
+@DIRECTIONS
+@LAYOUTS
 @pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-def test_rnn_layer(layout, reverse, dtype, relu):
+def test_rnn_layer(layout, directions, dtype, relu):
     sizes = BATCH_SIZES[layout]
-    hidden, inp = 4, 3
-    x, (h0,), g = _inputs(layout, sizes, inp, (hidden,), dtype)
-    W_ih, W_hh, b_ih, b_hh = _weights(
-        g, [(hidden, inp), (hidden, hidden), (hidden,), (hidden,)], dtype
-    )
+    hidden, inp, D = 4, 3, directions
+    g = torch.Generator().manual_seed(0)
+    x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
+    h0 = _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
+    W_ih, W_hh = _leaf(g, (D, hidden, inp), dtype), _leaf(g, (D, hidden, hidden), dtype)
+    b_ih, b_hh = _leaf(g, (D, hidden), dtype), _leaf(g, (D, hidden), dtype)
     bs = np.array(sizes, dtype=np.int64)
-    fast = RNNLayerFunction.apply(x, bs, reverse, relu, h0, W_ih, W_hh, b_ih, b_hh)
-    ref = reference.rnn_layer(x, torch.tensor(sizes), reverse, relu, W_ih, W_hh, b_ih, b_hh, h0)
-    _compare(fast, ref, [x, h0, W_ih, W_hh, b_ih, b_hh], dtype)
+    fast = RNNLayerFunction.apply(x, bs, relu, h0, W_ih, W_hh, b_ih, b_hh)
+
+    def run(d, reverse):
+        return reference.rnn_layer(
+            x, torch.tensor(sizes), reverse, relu, W_ih[d], W_hh[d], b_ih[d], b_hh[d], h0[d]
+        )
+
+    _compare(fast, _reference_layer(run, D), [x, h0, W_ih, W_hh, b_ih, b_hh], dtype)
 
 
-def test_rows_split_across_threads_match_one_thread():
-    """A batch big enough to be split into row chunks gives the same result on 1 thread."""
+@pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bi"])
+def test_work_split_across_threads_matches_one_thread(directions):
+    """Directions and row chunks spread over threads give the results of a single thread."""
     import numba
 
     torch.manual_seed(0)
     sizes = [16, 16, 12, 9, 9, 3]
+    D = directions
     x = torch.randn(sum(sizes), 6)
-    h0, c0 = torch.randn(16, 8), torch.randn(16, 8)
-    W = [torch.randn(32, 6) * 0.3, torch.randn(32, 8) * 0.3, torch.randn(32), torch.randn(32)]
+    h0, c0 = torch.randn(D, 16, 8), torch.randn(D, 16, 8)
+    W = [torch.randn(D, 32, 6) * 0.3, torch.randn(D, 32, 8) * 0.3]
+    W += [torch.randn(D, 32), torch.randn(D, 32)]
     bs = np.array(sizes, dtype=np.int64)
     before = numba.get_num_threads()
     try:
         outs = []
         for threads in (1, before):
             numba.set_num_threads(threads)
-            outs.append(LSTMLayerFunction.apply(x, bs, False, h0, c0, *W, None))
+            outs.append(LSTMLayerFunction.apply(x, bs, h0, c0, *W, None))
     finally:
         numba.set_num_threads(before)
     for a, b in zip(*outs, strict=True):

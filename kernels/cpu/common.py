@@ -58,6 +58,15 @@ def chunk_count(batch, threads):
 
 
 @njit(**_JIT)
+def direction_tasks(directions, batch, threads):
+    """(tasks, row chunks per direction): the threads are shared out between the directions of
+    a layer first (each then runs its whole batch, the most efficient BLAS shape), and only
+    then between row chunks of a direction."""
+    n_chunks = chunk_count(batch, max(1, threads // directions))
+    return directions * n_chunks, n_chunks
+
+
+@njit(**_JIT)
 def chunk_rows(chunk, n_chunks, batch):
     """First and one-past-last row of a chunk: contiguous, near-equal shares of the batch."""
     return (chunk * batch) // n_chunks, ((chunk + 1) * batch) // n_chunks

@@ -7,10 +7,12 @@ Gate order r, z, n (torch's):
     h' = (1 - z) * n + z * h
 The GEMMs over all steps (input projection, weight and input gradients) are the caller's.
 
+Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
+in reverse), so both directions of a layer run in one call, side by side on the threads.
 Shapes (packed time-major rows, see `common`; N = sum(batch_sizes), B = batch_sizes[0]):
-    projected (N, 3H) = x @ W_ih^T + b_ih; W_hh (3H, H); b_hh (3H,) (zeros without bias);
-    h0 (B, H); y (N, H); h_n (B, H);
-    gate_cache (N, 4H): r, z, n and W_hn h + b_hn of every row (backward needs the last for dr).
+    projected (D, N, 3H) = x @ W_ih^T + b_ih; W_hh (D, 3H, H); b_hh (D, 3H) (zeros without bias);
+    h0 (D, B, H); y (D, N, H); h_n (D, B, H);
+    gate_cache (D, N, 4H): r, z, n and W_hn h + b_hn of every row (backward needs the last).
 """
 
 from __future__ import annotations
@@ -20,124 +22,169 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
-    chunk_count,
     chunk_rows,
     copy_previous_hidden,
+    direction_tasks,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
 )
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True, "parallel": True}
+_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
+_PARALLEL = {**_JIT, "parallel": True}
 
 
 @njit(**_JIT)
-def gru_forward(batch_sizes, reverse, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads):
-    """Run the recurrence, filling y, h_n and gate_cache."""
-    num_steps = batch_sizes.shape[0]
-    batch = h0.shape[0]
-    hidden = h0.shape[1]
+def _forward_rows(
+    batch_sizes, offsets, reverse, W_hh, b_hh, projected, y, h_n, gate_cache, first, last
+):
+    """One direction, rows first..last-1, every step (arrays without the direction axis)."""
+    hidden = h_n.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
+    recurrent = np.empty((last - first, 3 * hidden), dtype=y.dtype)
+    scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
+    for k in range(batch_sizes.shape[0]):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
+        for r in range(first, end):
+            xp = projected[off + r]
+            rec = recurrent[r - first]
+            cache = gate_cache[off + r]
+            h_row = h_n[r]
+            for j in range(hidden):
+                reset = sigmoid(xp[j] + rec[j] + b_hh[j])
+                update = sigmoid(xp[hidden + j] + rec[hidden + j] + b_hh[hidden + j])
+                hn = rec[2 * hidden + j] + b_hh[2 * hidden + j]
+                n = tanh(xp[2 * hidden + j] + reset * hn)
+                cache[j] = reset
+                cache[hidden + j] = update
+                cache[2 * hidden + j] = n
+                cache[3 * hidden + j] = hn
+                h_row[j] = (one - update) * n + update * h_row[j]
+            y[off + r] = h_row
+
+
+@njit(**_PARALLEL)
+def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads):
+    """Run the recurrence, filling y, h_n and gate_cache."""
     offsets = step_offsets(batch_sizes)
     h_n[:] = h0
-    recurrent = np.empty((batch, 3 * hidden), dtype=y.dtype)
-    n_chunks = chunk_count(batch, threads)
-    for chunk in prange(n_chunks):
-        first, last = chunk_rows(chunk, n_chunks, batch)
-        scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
-        for k in range(num_steps):
-            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-            if end == first:
-                continue
-            matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[first:end])
-            for r in range(first, end):
-                xp = projected[off + r]
-                rec = recurrent[r]
-                cache = gate_cache[off + r]
-                h_row = h_n[r]
-                for j in range(hidden):
-                    reset = sigmoid(xp[j] + rec[j] + b_hh[j])
-                    update = sigmoid(xp[hidden + j] + rec[hidden + j] + b_hh[hidden + j])
-                    hn = rec[2 * hidden + j] + b_hh[2 * hidden + j]
-                    n = tanh(xp[2 * hidden + j] + reset * hn)
-                    cache[j] = reset
-                    cache[hidden + j] = update
-                    cache[2 * hidden + j] = n
-                    cache[3 * hidden + j] = hn
-                    h_row[j] = (one - update) * n + update * h_row[j]
-                y[off + r] = h_row
+    batch = h0.shape[1]
+    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    for task in prange(n_tasks):
+        d = task // n_chunks
+        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        _forward_rows(
+            batch_sizes,
+            offsets,
+            d == 1,
+            W_hh[d],
+            b_hh[d],
+            projected[d],
+            y[d],
+            h_n[d],
+            gate_cache[d],
+            first,
+            last,
+        )
 
 
 @njit(**_JIT)
-def gru_backward(
+def _backward_rows(
     batch_sizes,
+    offsets,
     reverse,
     W_hh_t,
     h0,
     y,
     gate_cache,
     dy,
-    dh_n,
     h_prev,
     d_input,
     d_recurrent,
     dh0,
-    threads,
+    first,
+    last,
+):
+    """One direction, rows first..last-1, every step in reverse (no direction axis)."""
+    hidden = h0.shape[1]
+    one = np.ones(1, dtype=y.dtype)[0]
+    through_weights = np.empty((last - first, hidden), dtype=y.dtype)
+    scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
+    for k in range(batch_sizes.shape[0] - 1, -1, -1):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        count = end - first
+        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
+        copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
+        for r in range(first, end):
+            cache = gate_cache[off + r]
+            hp = h_prev[off + r]
+            dyr = dy[off + r]
+            di = d_input[off + r]
+            dr_ = d_recurrent[off + r]
+            dh_row = dh0[r]
+            for j in range(hidden):
+                reset = cache[j]
+                update = cache[hidden + j]
+                n = cache[2 * hidden + j]
+                hn = cache[3 * hidden + j]
+                dh = dh_row[j] + dyr[j]
+                dn = dh * (one - update) * (one - n * n)
+                dz = dh * (hp[j] - n) * update * (one - update)
+                drs = dn * hn * reset * (one - reset)
+                di[j] = drs
+                di[hidden + j] = dz
+                di[2 * hidden + j] = dn
+                dr_[j] = drs
+                dr_[hidden + j] = dz
+                dr_[2 * hidden + j] = dn * reset
+                dh_row[j] = dh * update
+        matmul_weights_t(
+            d_recurrent[off + first : off + end], W_hh_t, scratch, through_weights[:count]
+        )
+        dh0[first:end] += through_weights[:count]
+
+
+@njit(**_PARALLEL)
+def gru_backward(
+    batch_sizes, W_hh_t, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0, threads
 ):
     """Backward of `gru_forward`, per step; the caller does the GEMMs over all rows.
 
-    Takes W_hh transposed and contiguous, W_hh_t (H, 3H): the per-step product is then
+    Takes W_hh transposed and contiguous, W_hh_t (D, H, 3H): the per-step product is then
     W @ rows^T, BLAS's fast shape.
 
-    In: dy (N, H), dh_n (B, H). Out: d_input (N, 3H) and d_recurrent (N, 3H), the gradients of
-    the gate pre-activations on the input and on the recurrent side (equal but for the n block,
-    scaled by r on the recurrent side); h_prev (N, H), the state each row consumed; dh0 (B, H).
-    So dW_ih = d_input^T x, db_ih = sum(d_input), dW_hh = d_recurrent^T h_prev,
-    db_hh = sum(d_recurrent), dx = d_input W_ih.
+    In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H) and d_recurrent (D, N, 3H), the
+    gradients of the gate pre-activations on the input and on the recurrent side (equal but for
+    the n block, scaled by r on the recurrent side); h_prev (D, N, H), the state each row
+    consumed; dh0 (D, B, H). So, per direction, dW_ih = d_input^T x, db_ih = sum(d_input),
+    dW_hh = d_recurrent^T h_prev, db_hh = sum(d_recurrent), dx = d_input W_ih.
     """
-    num_steps = batch_sizes.shape[0]
-    batch = h0.shape[0]
-    hidden = h0.shape[1]
-    one = np.ones(1, dtype=y.dtype)[0]
     offsets = step_offsets(batch_sizes)
     dh0[:] = dh_n
-    through_weights = np.empty((batch, hidden), dtype=y.dtype)
-    n_chunks = chunk_count(batch, threads)
-    for chunk in prange(n_chunks):
-        first, last = chunk_rows(chunk, n_chunks, batch)
-        scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
-        for k in range(num_steps - 1, -1, -1):
-            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-            if end == first:
-                continue
-            rows = end - first
-            prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, rows, h_prev)
-            for r in range(first, end):
-                cache = gate_cache[off + r]
-                hp = h_prev[off + r]
-                dyr = dy[off + r]
-                di = d_input[off + r]
-                dr_ = d_recurrent[off + r]
-                dh_row = dh0[r]
-                for j in range(hidden):
-                    reset = cache[j]
-                    update = cache[hidden + j]
-                    n = cache[2 * hidden + j]
-                    hn = cache[3 * hidden + j]
-                    dh = dh_row[j] + dyr[j]
-                    dn = dh * (one - update) * (one - n * n)
-                    dz = dh * (hp[j] - n) * update * (one - update)
-                    drs = dn * hn * reset * (one - reset)
-                    di[j] = drs
-                    di[hidden + j] = dz
-                    di[2 * hidden + j] = dn
-                    dr_[j] = drs
-                    dr_[hidden + j] = dz
-                    dr_[2 * hidden + j] = dn * reset
-                    dh_row[j] = dh * update
-            matmul_weights_t(
-                d_recurrent[off + first : off + end], W_hh_t, scratch, through_weights[first:end]
-            )
-            dh0[first:end] += through_weights[first:end]
+    batch = h0.shape[1]
+    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    for task in prange(n_tasks):
+        d = task // n_chunks
+        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        _backward_rows(
+            batch_sizes,
+            offsets,
+            d == 1,
+            W_hh_t[d],
+            h0[d],
+            y[d],
+            gate_cache[d],
+            dy[d],
+            h_prev[d],
+            d_input[d],
+            d_recurrent[d],
+            dh0[d],
+            first,
+            last,
+        )

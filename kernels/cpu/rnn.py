@@ -3,9 +3,11 @@
     h' = act(W_ih x + b_ih + W_hh h + b_hh),  act = tanh (relu=False) or relu (relu=True)
 The GEMMs over all steps (input projection, weight and input gradients) are the caller's.
 
+Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
+in reverse), so both directions of a layer run in one call, side by side on the threads.
 Shapes (packed time-major rows, see `common`; N = sum(batch_sizes), B = batch_sizes[0]):
-    W_hh (H, H); h0 (B, H); h_n (B, H);
-    y (N, H): in: x @ W_ih^T + b_ih + b_hh; out: the hidden states (all backward needs).
+    W_hh (D, H, H); h0 (D, B, H); h_n (D, B, H);
+    y (D, N, H): in: x @ W_ih^T + b_ih + b_hh; out: the hidden states (all backward needs).
 """
 
 from __future__ import annotations
@@ -15,94 +17,123 @@ from numba import njit, prange
 
 from ..math import tanh
 from .common import (
-    chunk_count,
     chunk_rows,
     copy_previous_hidden,
+    direction_tasks,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
 )
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True, "parallel": True}
+_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
+_PARALLEL = {**_JIT, "parallel": True}
 
 
 @njit(**_JIT)
-def rnn_forward(batch_sizes, reverse, relu, W_hh, h0, y, h_n, threads):
-    """Run the recurrence in place on y, filling h_n."""
-    num_steps = batch_sizes.shape[0]
-    batch = h0.shape[0]
-    hidden = h0.shape[1]
+def _forward_rows(batch_sizes, offsets, reverse, relu, W_hh, y, h_n, first, last):
+    """One direction, rows first..last-1, every step (arrays without the direction axis)."""
+    hidden = h_n.shape[1]
     zero = np.zeros(1, dtype=y.dtype)[0]
+    recurrent = np.empty((last - first, hidden), dtype=y.dtype)
+    scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
+    for k in range(batch_sizes.shape[0]):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
+        for r in range(first, end):
+            out = y[off + r]
+            rec = recurrent[r - first]
+            h_row = h_n[r]
+            if relu:
+                for j in range(hidden):
+                    pre = out[j] + rec[j]
+                    # max() would turn NaN into 0; torch's relu keeps it.
+                    h = pre if (pre > zero or pre != pre) else zero
+                    out[j] = h
+                    h_row[j] = h
+            else:
+                for j in range(hidden):
+                    h = tanh(out[j] + rec[j])
+                    out[j] = h
+                    h_row[j] = h
+
+
+@njit(**_PARALLEL)
+def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
+    """Run the recurrence in place on y, filling h_n."""
     offsets = step_offsets(batch_sizes)
     h_n[:] = h0
-    recurrent = np.empty((batch, hidden), dtype=y.dtype)
-    n_chunks = chunk_count(batch, threads)
-    for chunk in prange(n_chunks):
-        first, last = chunk_rows(chunk, n_chunks, batch)
-        scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
-        for k in range(num_steps):
-            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-            if end == first:
-                continue
-            matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[first:end])
-            for r in range(first, end):
-                out = y[off + r]
-                rec = recurrent[r]
-                h_row = h_n[r]
-                if relu:
-                    for j in range(hidden):
-                        pre = out[j] + rec[j]
-                        # max() would turn NaN into 0; torch's relu keeps it.
-                        h = pre if (pre > zero or pre != pre) else zero
-                        out[j] = h
-                        h_row[j] = h
-                else:
-                    for j in range(hidden):
-                        h = tanh(out[j] + rec[j])
-                        out[j] = h
-                        h_row[j] = h
+    batch = h0.shape[1]
+    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    for task in prange(n_tasks):
+        d = task // n_chunks
+        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        _forward_rows(batch_sizes, offsets, d == 1, relu, W_hh[d], y[d], h_n[d], first, last)
 
 
 @njit(**_JIT)
-def rnn_backward(batch_sizes, reverse, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
-    """Backward of `rnn_forward`, per step; the caller does the GEMMs over all rows.
-
-    Takes W_hh transposed and contiguous, W_hh_t (H, H): the per-step product is then
-    W @ rows^T, BLAS's fast shape.
-
-    In: dy (N, H), dh_n (B, H). Out: d_pre (N, H), the gradient of the pre-activation;
-    h_prev (N, H), the state each row consumed; dh0 (B, H).
-    So dW_ih = d_pre^T x, dW_hh = d_pre^T h_prev, db = sum(d_pre), dx = d_pre W_ih.
-    """
-    num_steps = batch_sizes.shape[0]
-    batch = h0.shape[0]
+def _backward_rows(
+    batch_sizes, offsets, reverse, relu, W_hh_t, h0, y, dy, d_pre, h_prev, dh0, first, last
+):
+    """One direction, rows first..last-1, every step in reverse (no direction axis)."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     zero = np.zeros(1, dtype=y.dtype)[0]
+    scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
+    for k in range(batch_sizes.shape[0] - 1, -1, -1):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
+        copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
+        for r in range(first, end):
+            h_out = y[off + r]
+            dyr = dy[off + r]
+            dp = d_pre[off + r]
+            dh_row = dh0[r]
+            if relu:
+                for j in range(hidden):
+                    dp[j] = (dh_row[j] + dyr[j]) if h_out[j] > zero else zero
+            else:
+                for j in range(hidden):
+                    h = h_out[j]
+                    dp[j] = (dh_row[j] + dyr[j]) * (one - h * h)
+        matmul_weights_t(d_pre[off + first : off + end], W_hh_t, scratch, dh0[first:end])
+
+
+@njit(**_PARALLEL)
+def rnn_backward(batch_sizes, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
+    """Backward of `rnn_forward`, per step; the caller does the GEMMs over all rows.
+
+    Takes W_hh transposed and contiguous, W_hh_t (D, H, H): the per-step product is then
+    W @ rows^T, BLAS's fast shape.
+
+    In: dy (D, N, H), dh_n (D, B, H). Out: d_pre (D, N, H), the gradient of the
+    pre-activation; h_prev (D, N, H), the state each row consumed; dh0 (D, B, H).
+    So, per direction, dW_ih = d_pre^T x, dW_hh = d_pre^T h_prev, db = sum(d_pre),
+    dx = d_pre W_ih.
+    """
     offsets = step_offsets(batch_sizes)
     dh0[:] = dh_n
-    n_chunks = chunk_count(batch, threads)
-    for chunk in prange(n_chunks):
-        first, last = chunk_rows(chunk, n_chunks, batch)
-        scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
-        for k in range(num_steps - 1, -1, -1):
-            t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-            if end == first:
-                continue
-            rows = end - first
-            prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, rows, h_prev)
-            for r in range(first, end):
-                h_out = y[off + r]
-                dyr = dy[off + r]
-                dp = d_pre[off + r]
-                dh_row = dh0[r]
-                if relu:
-                    for j in range(hidden):
-                        dp[j] = (dh_row[j] + dyr[j]) if h_out[j] > zero else zero
-                else:
-                    for j in range(hidden):
-                        h = h_out[j]
-                        dp[j] = (dh_row[j] + dyr[j]) * (one - h * h)
-            matmul_weights_t(d_pre[off + first : off + end], W_hh_t, scratch, dh0[first:end])
+    batch = h0.shape[1]
+    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    for task in prange(n_tasks):
+        d = task // n_chunks
+        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        _backward_rows(
+            batch_sizes,
+            offsets,
+            d == 1,
+            relu,
+            W_hh_t[d],
+            h0[d],
+            y[d],
+            dy[d],
+            d_pre[d],
+            h_prev[d],
+            dh0[d],
+            first,
+            last,
+        )
