@@ -10,9 +10,7 @@ numpy/scipy code keeps its settings.
 
 from __future__ import annotations
 
-import contextlib
 import threading
-from collections.abc import Iterator
 
 _lock = threading.Lock()
 _controllers: list | None = None
@@ -36,25 +34,38 @@ def _blas_controllers() -> list:
     return _controllers
 
 
-@contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
-    """Run the body with BLAS limited to one thread; the first caller in sets the limit, the
-    last one out restores what was there."""
-    global _active, _saved
-    controllers = _blas_controllers()
-    with _lock:
-        if _active == 0:
-            _saved = [c.get_num_threads() for c in controllers]
-            for c, n in zip(controllers, _saved, strict=True):
-                if n != 1:
-                    c.set_num_threads(1)
-        _active += 1
-    try:
-        yield
-    finally:
+class _SingleThreadedBlas:
+    """Context manager: BLAS limited to one thread in the body; the first caller in sets the
+    limit, the last one out restores what was there. A plain class, not a generator-based
+    contextmanager: it runs twice per layer call, and small calls feel every microsecond."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        global _active, _saved
+        controllers = _blas_controllers()
+        with _lock:
+            if _active == 0:
+                _saved = [c.get_num_threads() for c in controllers]
+                for c, n in zip(controllers, _saved, strict=True):
+                    if n != 1:
+                        c.set_num_threads(1)
+            _active += 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        global _active
+        controllers = _blas_controllers()
         with _lock:
             _active -= 1
             if _active == 0:
                 for c, n in zip(controllers, _saved, strict=True):
                     if n != 1:
                         c.set_num_threads(n)
+
+
+_SINGLE_THREADED_BLAS = _SingleThreadedBlas()
+
+
+def single_threaded_blas() -> _SingleThreadedBlas:
+    """`with single_threaded_blas(): ...` runs the body with BLAS limited to one thread."""
+    return _SINGLE_THREADED_BLAS
