@@ -76,7 +76,7 @@ def _word_lm_losses(rnn_type: str) -> tuple[list[float], type]:
         losses.append(
             nn.functional.cross_entropy(output.view(-1, 50), data[1:9].reshape(-1)).item()
         )
-    return losses
+    return losses, type(model.rnn)
 
 
 @pytest.mark.parametrize("rnn_type", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
