@@ -24,6 +24,7 @@ import torch
 from bench import cases as C
 from bench import report as R
 from bench.parity import check_parity
+from bench.roofline import sgemm_peak_gflops
 from bench.timing import OtherLoad, RepPolicy, make_timer, measure
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -387,6 +388,10 @@ def main(argv=None) -> int:
 
     meta = R.collect_metadata(args.device, fast_version, fast_file)
     threads_start = meta["threads"]
+    if args.device == "cpu":
+        meta["sgemm_peak_gflops"] = sgemm_peak_gflops(
+            torch.get_num_threads(), n=1024 if args.quick else 2048
+        )
     print("fastrnn benchmark (torch.nn vs fastrnn)")
     for line in R.header_lines(meta, settings):
         print(line)
@@ -430,7 +435,7 @@ def main(argv=None) -> int:
     if meta["threads"]["numba_threading_layer"] is None:
         meta["threads"]["numba_threading_layer"] = threads_end["numba_threading_layer"]
 
-    print(R.console_table(results))
+    print(R.console_table(results, meta.get("sgemm_peak_gflops")))
     note_lines = R.notes(results, threads_start, threads_end)
     if note_lines:
         print("\nNotes:")

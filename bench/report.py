@@ -180,6 +180,11 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
         + (f"; env {meta['thread_env']}" if meta["thread_env"] else ""),
         f"settings  : {settings_line(settings)}",
     ]
+    if meta.get("sgemm_peak_gflops"):
+        lines.append(
+            f"roofline  : numpy sgemm {meta['sgemm_peak_gflops']:.0f} GFLOP/s with "
+            f"{t['torch_num_threads']} threads (the '% sgemm peak' column)"
+        )
     return lines
 
 
@@ -278,6 +283,13 @@ def _gflops_cell(case: dict) -> str:
     return f"{g:.1f}"
 
 
+def _peak_cell(case: dict, peak: float | None) -> str:
+    g = case.get("gflops", {}).get("fastrnn_fwdbwd")
+    if not peak or g is None or not math.isfinite(g) or case["status"] == "error":
+        return "-"
+    return f"{100 * g / peak:.0f}%"
+
+
 COLUMNS = (
     "cell",
     "T",
@@ -291,11 +303,12 @@ COLUMNS = (
     "fastrnn fwd+bwd ms",
     "fwd+bwd speed-up",
     "fastrnn fwd+bwd GFLOP/s",
+    "% sgemm peak",
     "parity max|Δ|",
 )
 
 
-def table_rows(cases: list[dict], spread: str) -> list[list[str]]:
+def table_rows(cases: list[dict], spread: str, peak: float | None = None) -> list[list[str]]:
     rows = []
     for c in cases:
         s = c["config"]["size"]
@@ -313,14 +326,15 @@ def table_rows(cases: list[dict], spread: str) -> list[list[str]]:
                 _time_cell(c, "fwdbwd", "fastrnn", spread),
                 _speedup_cell(c, "speedup_fwdbwd"),
                 _gflops_cell(c),
+                _peak_cell(c, peak),
                 _parity_cell(c),
             ]
         )
     return rows
 
 
-def console_table(cases: list[dict]) -> str:
-    rows = table_rows(cases, spread="pct")
+def console_table(cases: list[dict], peak: float | None = None) -> str:
+    rows = table_rows(cases, spread="pct", peak=peak)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(COLUMNS)]
     left = {0}
 
@@ -335,8 +349,8 @@ def console_table(cases: list[dict]) -> str:
     return "\n".join(out)
 
 
-def markdown_table(cases: list[dict]) -> str:
-    rows = table_rows(cases, spread="range")
+def markdown_table(cases: list[dict], peak: float | None = None) -> str:
+    rows = table_rows(cases, spread="range", peak=peak)
     header = [h.replace("|", "\\|") for h in COLUMNS]  # the pipes in "max|Δ|"
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -403,9 +417,10 @@ def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: l
         "",
         "Times are medians in ms, (p25–p75) in parentheses; speed-up = torch median / fastrnn "
         "median (> 1: fastrnn is faster). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
-        "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median.",
+        "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median; % sgemm peak: that "
+        "against the machine's measured sgemm throughput.",
         "",
-        markdown_table(cases),
+        markdown_table(cases, meta.get("sgemm_peak_gflops")),
     ]
     if note_lines:
         out += ["", "Notes:", ""] + [f"- {ln}" for ln in note_lines]
