@@ -48,6 +48,11 @@ def _first_order_only(backward):
     return wrapper
 
 
+def _threads() -> int:
+    """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
+
+
 def _np(t: Tensor) -> np.ndarray:
     """Zero-copy numpy view of a tensor's data (copied first only if not contiguous)."""
     return t.detach().contiguous().numpy()
@@ -136,7 +141,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 c_n.numpy(),
                 gate_cache.numpy(),
                 cell_cache.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
@@ -181,7 +186,7 @@ class LSTMLayerFunction(torch.autograd.Function):
                 h_raw.numpy(),
                 dh0.numpy(),
                 dc0.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_gates, x, h_prev, W_ih)
         dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
@@ -213,7 +218,7 @@ class GRULayerFunction(torch.autograd.Function):
                 y.numpy(),
                 h_n.numpy(),
                 gate_cache.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
@@ -245,7 +250,7 @@ class GRULayerFunction(torch.autograd.Function):
                 d_input.numpy(),
                 d_recurrent.numpy(),
                 dh0.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         need = ctx.needs_input_grad
         dx = _input_grad(d_input, W_ih) if need[0] else None
@@ -272,7 +277,7 @@ class RNNLayerFunction(torch.autograd.Function):
                 _np(h0),
                 y.numpy(),
                 h_n.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
@@ -301,7 +306,7 @@ class RNNLayerFunction(torch.autograd.Function):
                 d_pre.numpy(),
                 h_prev.numpy(),
                 dh0.numpy(),
-                numba.get_num_threads(),
+                _threads(),
             )
         dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_pre, x, h_prev, W_ih)
         db_hh = dbias.clone() if dbias is not None else None
