@@ -148,3 +148,18 @@ def test_work_split_across_threads_matches_one_thread(directions):
         numba.set_num_threads(before)
     for a, b in zip(*outs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_kernels_run_on_numbas_openmp_layer():
+    """Numba's `omp` layer shares torch's libgomp pool; fastrnn asks for it first."""
+    import os
+
+    import numba
+
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip("threading layer chosen by the environment")
+    assert numba.config.THREADING_LAYER_PRIORITY[0] == "omp"
+    h0 = torch.zeros(1, 8, 4)
+    W = [torch.randn(1, 4, 3), torch.randn(1, 4, 4), None, None]
+    RNNLayerFunction.apply(torch.randn(16, 3), np.full(2, 8, dtype=np.int64), False, h0, *W)
+    assert numba.threading_layer() == "omp"

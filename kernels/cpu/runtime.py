@@ -10,7 +10,29 @@ numpy/scipy code keeps its settings.
 
 from __future__ import annotations
 
+import os
 import threading
+
+import numba
+
+
+def prefer_openmp_threading_layer() -> None:
+    """Ask Numba for its OpenMP threading layer first (unless the user chose one).
+
+    torch runs on GNU OpenMP; Numba's `omp` layer then shares torch's libgomp thread pool, so the
+    kernels' parallel region and torch's ops around it don't fight over the cores. Numba's own
+    default order tries TBB first when it is installed, which would bring a second pool. Has no
+    effect once Numba has started a threading layer.
+    """
+    if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
+        return
+    priority = list(numba.config.THREADING_LAYER_PRIORITY)
+    if "omp" in priority:
+        priority.remove("omp")
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", *priority]
+
+
+prefer_openmp_threading_layer()
 
 _lock = threading.Lock()
 _controllers: list | None = None
