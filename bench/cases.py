@@ -35,14 +35,18 @@ STANDARD_SIZES = (
 # PyTorch's benchmarks/fastrnns default size; part of the standard set on a GPU (DESIGN.md).
 FASTRNNS_GPU_SIZE = Size(100, 64, 512, 512)
 
+# Batch x hidden grid (T = 50, I = H) for the speed-up / roofline-vs-size plot.
+GRID_SIZES = tuple(Size(50, b, h, h) for h in (128, 256, 512) for b in (1, 4, 16, 64))
+
 SIZE_PRESETS = {
     "small": STANDARD_SIZES[:2],
     "standard": STANDARD_SIZES,
+    "grid": GRID_SIZES,
 }
 
 
 def parse_sizes(spec: str, device: str = "cpu") -> list[Size]:
-    """Parse ``--sizes``: a preset name (``small``, ``standard``) or ``T,B,I,H;T,B,I,H``.
+    """Parse ``--sizes``: a preset name (``small``, ``standard``, ``grid``) or ``T,B,I,H;...``.
 
     Presets and explicit sizes can be mixed (``small;10,2,8,16``). On a GPU the ``standard``
     preset also contains PyTorch's fastrnns default size (100, 64, 512, 512).

@@ -478,6 +478,9 @@ def main(argv=None) -> int:
                 written.append(png_path)
             else:
                 print(f"note: plot skipped: {why}")
+            grid_path = args.out / f"{stem}-grid.png"
+            if R.write_grid_plot(grid_path, results, meta.get("sgemm_peak_gflops"), title) is None:
+                written.append(grid_path)
         print("wrote " + ", ".join(str(p) for p in written))
 
     bad = [r["label"] for r in results if r["status"] != "ok"]

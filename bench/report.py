@@ -502,3 +502,47 @@ def write_plot(path: Path, cases: list[dict], title: str) -> str | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return None
+
+
+def write_grid_plot(path: Path, cases: list[dict], peak: float | None, title: str) -> str | None:
+    """Speed-up (fwd+bwd) and % of sgemm peak against batch, one line per (cell, hidden size);
+    drawn when the run covers at least two batch sizes for some (cell, H, I, T)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    series: dict[tuple, list[tuple[int, float, float]]] = {}
+    for c in cases:
+        s = c["config"]["size"]
+        speedup = c.get("speedup_fwdbwd")
+        if speedup is None or not math.isfinite(speedup):
+            continue
+        g = c.get("gflops", {}).get("fastrnn_fwdbwd")
+        pct = 100 * g / peak if peak and g is not None else float("nan")
+        key = (c["config"]["cell"], s["H"], s["I"], s["T"])
+        series.setdefault(key, []).append((s["B"], speedup, pct))
+    series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
+    if not series:
+        return "fewer than two batch sizes per (cell, hidden size)"
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for (cell, hidden, _, _), points in sorted(series.items()):
+        batches = [p[0] for p in points]
+        label = f"{cell} H{hidden}"
+        ax1.plot(batches, [p[1] for p in points], marker="o", label=label)
+        ax2.plot(batches, [p[2] for p in points], marker="o", label=label)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch")
+        ax.grid(True, alpha=0.3)
+    ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax1.set_ylabel("fwd+bwd speed-up vs torch")
+    ax2.set_ylabel("fastrnn fwd+bwd, % of measured sgemm peak")
+    ax1.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -98,30 +98,26 @@ def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
             out[off + r, :] = h0[r, :]
 
 
-@njit(**_JIT)
-def matmul_into(a, b, out):
-    """out = a (N, M) @ b (M, K), with empty operands handled (BLAS rejects zero sizes)."""
-    if a.shape[0] == 0:
-        return
-    if a.shape[1] == 0:
-        out[:] = 0
-        return
-    np.dot(a, b, out)
-
-
-# Below this many rows, out = a @ W^T goes straight to BLAS; from it on, BLAS gets the transposed
-# product W @ a^T, a shape its small-M sgemm handles 1.4-1.8x faster (measured single-threaded:
-# 16 x 256 @ 256 x 1024: 38 vs 68 GFLOP/s; 64 x 512 @ 512 x 2048: 61 vs 89 GFLOP/s), and the
-# (N, M) result is transposed back, which costs little next to the product.
-TRANSPOSED_PRODUCT_MIN_ROWS = 8
+# How BLAS is asked for the per-step product out (M, N) = rows (M, K) @ W (N, K)^T. OpenBLAS's
+# sgemm is slow for small M; measured single-threaded (K = 256, N = 1024): M = 2: sgemm 93 us,
+# one sgemv per row 23 us; M = 4: 97 vs 47 us; M = 8: sgemm 118 us, W @ rows^T 83 us, sgemv 94 us.
+# So up to GEMV_MAX_ROWS rows: one matrix-vector product per row; above: the transposed product
+# W @ rows^T (1.4-1.8x faster than rows @ W^T at M >= 8), transposed back into `out`.
+GEMV_MAX_ROWS = 5
 
 
 @njit(**_JIT)
 def matmul_weights_t(a, W, scratch, out):
     """out (M, N) = a (M, K) @ W (N, K)^T; scratch: a C-contiguous buffer of at least N * M."""
     rows = a.shape[0]
-    if rows < TRANSPOSED_PRODUCT_MIN_ROWS or a.shape[1] == 0:
-        matmul_into(a, W.T, out)
+    if rows == 0:
+        return
+    if a.shape[1] == 0:
+        out[:] = 0
+        return
+    if rows <= GEMV_MAX_ROWS:
+        for r in range(rows):
+            np.dot(W, a[r], out[r])
         return
     product = scratch[: W.shape[0] * rows].reshape((W.shape[0], rows))
     np.dot(W, a.T, product)
