@@ -23,7 +23,7 @@ from numba import njit
 _JIT = {"cache": True, "error_model": "numpy", "nogil": True}
 
 # Rows a thread needs before splitting the batch pays for the parallel region.
-MIN_ROWS_PER_CHUNK = 4
+MIN_ROWS_PER_CHUNK = 1
 
 
 @njit(**_JIT)
