@@ -74,6 +74,8 @@ class _SequenceForward:
     """
 
     _name = ""
+    _state_count = 1
+    _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
 
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         raise NotImplementedError
@@ -115,8 +117,7 @@ class _SequenceForward:
         if input.dim() not in (2, 3):
             raise ValueError(
                 f"{self._name}: Expected input to be 2D or 3D, got {input.dim()}D"
-                f"{'' if self._name == 'LSTM' else ' tensor' if self._name == 'RNN' else ''}"
-                " instead"
+                f"{self._dims_error_noun} instead"
             )
         batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
@@ -129,7 +130,7 @@ class _SequenceForward:
             self._check_state_dims(states, batched)
             if not batched:
                 # torch keeps only the first two (LSTM) / the one state here.
-                states = tuple(s.unsqueeze(1) for s in states[: len(self._zero_states(1, input))])
+                states = tuple(s.unsqueeze(1) for s in states[: self._state_count])
         self._check(input, states, None)
         output, final = self._run(input, states, None)
         if not batched:
@@ -142,6 +143,7 @@ class LSTM(_SequenceForward, _TorchLSTM):
     """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results."""
 
     _name = "LSTM"
+    _state_count = 2
 
     def _zero_states(self, batch, like):
         directions = 2 if self.bidirectional else 1
@@ -246,6 +248,7 @@ class RNN(_SequenceForward, _TorchRNN):
     """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels."""
 
     _name = "RNN"
+    _dims_error_noun = " tensor"
 
     _zero_states = GRU._zero_states
 
