@@ -478,7 +478,7 @@ def main(argv=None) -> int:
                 written.append(png_path)
             else:
                 print(f"note: plot skipped: {why}")
-            grid_path = args.out / f"{stem}-grid.png"
+            grid_path = args.out / f"{stem}-vs-batch.png"
             if R.write_grid_plot(grid_path, results, meta.get("sgemm_peak_gflops"), title) is None:
                 written.append(grid_path)
         print("wrote " + ", ".join(str(p) for p in written))
