@@ -48,6 +48,41 @@ def _first_order_only(backward):
     return wrapper
 
 
+def _check_layer(
+    x: Tensor,
+    batch_sizes: np.ndarray,
+    states: tuple[Tensor, ...],
+    state_sizes: tuple[int, ...],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    gates: int,
+) -> None:
+    """Shapes the kernels index without bounds checks: a mismatch raises here instead of reading
+    out of bounds (e.g. after a weight was replaced by one of another shape)."""
+    directions, rows_hidden = W_hh.shape[0], W_hh.shape[1]
+    hidden = rows_hidden // gates
+    batch = int(batch_sizes[0]) if batch_sizes.size else 0
+    if batch_sizes.size == 0 or int(batch_sizes.sum()) != x.shape[0]:
+        raise RuntimeError(
+            f"fastrnn: batch_sizes add up to {int(batch_sizes.sum())}, input has {x.shape[0]} rows"
+        )
+    if (batch_sizes < 0).any() or (np.diff(batch_sizes) > 0).any():
+        raise RuntimeError("fastrnn: batch_sizes must be non-negative and non-increasing")
+    expected = {
+        "weight_ih": (directions, rows_hidden, x.shape[1]),
+        "weight_hh": (directions, gates * hidden, state_sizes[0]),
+    }
+    actual = {"weight_ih": tuple(W_ih.shape), "weight_hh": tuple(W_hh.shape)}
+    for index, (state, size) in enumerate(zip(states, state_sizes, strict=True)):
+        expected[f"hx[{index}]"] = (directions, batch, size)
+        actual[f"hx[{index}]"] = tuple(state.shape)
+    for name, shape in expected.items():
+        if actual[name] != shape:
+            raise RuntimeError(
+                f"fastrnn: {name} has shape {list(actual[name])}, expected {list(shape)}"
+            )
+
+
 def _threads() -> int:
     """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool."""
     return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
@@ -120,7 +155,12 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
-        directions, rows, hidden = W_hh.shape[0], x.shape[0], c0.shape[2]
+        hidden = W_hh.shape[1] // 4
+        proj = W_hr.shape[1] if W_hr is not None else hidden
+        _check_layer(x, batch_sizes, (h0, c0), (proj, hidden), W_ih, W_hh, 4)
+        if W_hr is not None and tuple(W_hr.shape) != (W_hh.shape[0], proj, hidden):
+            raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
+        directions, rows = W_hh.shape[0], x.shape[0]
         gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         y = torch.empty((directions, rows, h0.shape[2]), dtype=x.dtype)
         h_n, c_n = _states_like(h0, c0)
@@ -199,6 +239,7 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+        _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
         projected = _input_projection(x, W_ih, b_ih)
         if b_hh is not None:
@@ -267,6 +308,7 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
+        _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         (h_n,) = _states_like(h0)
         with single_threaded_blas():

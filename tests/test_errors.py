@@ -370,3 +370,24 @@ def test_double_backward_raises_or_is_correct(cls_name, kwargs, unbatched_x, how
                 f"(torch's is non-zero: |.|max={b.abs().max().item():.3g})"
             )
             assert_close(a, b, f"second-order grad {i}")
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [
+        pytest.param(("weight_hh_l0", (12, 3)), id="GRU-weight_hh-wrong-width"),
+        pytest.param(("weight_ih_l0", (12, 5)), id="GRU-weight_ih-wrong-width"),
+    ],
+)
+def test_weight_replaced_by_wrong_shape_raises_not_crashes(replace):
+    """The kernels index without bounds checks; a wrong-shaped weight must raise, not read
+    out of bounds (torch raises from its matmul in the same situation)."""
+    import fastrnn
+
+    name, shape = replace
+    module = fastrnn.GRU(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setattr(module, name, torch.nn.Parameter(torch.randn(*shape)))
+    with pytest.raises(RuntimeError):
+        module(torch.randn(5, 2, 4))
