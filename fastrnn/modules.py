@@ -101,6 +101,13 @@ class _SequenceForward:
     def _check(self, input, states, batch_sizes) -> None:
         self.check_forward_args(input, self._states_result(states), batch_sizes)
 
+    def forward(self, input, hx=None):
+        """torch's forward semantics on fastrnn's kernels (torch's own code where there's no
+        kernel; `super()` is the torch class next in the MRO)."""
+        if _fallback_needed(self, input):
+            return super().forward(input, hx)  # type: ignore[misc]
+        return self._sequence_forward(input, hx)
+
     def _sequence_forward(self, input, hx):
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
@@ -207,11 +214,6 @@ class LSTM(_SequenceForward, _TorchLSTM):
         )
         return output, (h_n, c_n)
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if _fallback_needed(self, input):
-            return super().forward(input, hx)
-        return self._sequence_forward(input, hx)
-
 
 class GRU(_SequenceForward, _TorchGRU):
     """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels."""
@@ -238,11 +240,6 @@ class GRU(_SequenceForward, _TorchGRU):
         )
         return output, (h_n,)
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if _fallback_needed(self, input):
-            return super().forward(input, hx)
-        return self._sequence_forward(input, hx)
-
 
 class RNN(_SequenceForward, _TorchRNN):
     """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels."""
@@ -268,11 +265,6 @@ class RNN(_SequenceForward, _TorchRNN):
         )
         return output, (h_n,)
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if _fallback_needed(self, input):
-            return super().forward(input, hx)
-        return self._sequence_forward(input, hx)
-
 
 class _CellForward:
     """torch's argument handling of the cells (1-D unbatched or 2-D input, hx=None)."""
@@ -280,7 +272,18 @@ class _CellForward:
     _name = ""
     _state_count = 1
 
-    def _cell_forward(self, input, hx, step):
+    def forward(self, input, hx=None):
+        """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
+        kernel; `super()` is the torch class next in the MRO)."""
+        if self._cell_fallback_needed(input):
+            return super().forward(input, hx)  # type: ignore[misc]
+        return self._cell_forward(input, hx)
+
+    def _step(self, x, states) -> tuple[Tensor, ...]:
+        """One step on the kernels: x (B, I), states -> the new state(s) as a tuple."""
+        raise NotImplementedError
+
+    def _cell_forward(self, input, hx):
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
@@ -307,7 +310,7 @@ class _CellForward:
             states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         else:
             states = hx.unsqueeze(0)
-        result = step(input, states)
+        result = self._step(input, states)
         if not batched:
             result = tuple(r.squeeze(0) for r in result)
         return result if self._state_count == 2 else result[0]
@@ -329,16 +332,10 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
     _name = "LSTMCell"
     _state_count = 2
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if self._cell_fallback_needed(input):
-            return super().forward(input, hx)
-
-        def step(x, states):
-            return functional.lstm_cell(
-                x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-            )
-
-        return self._cell_forward(input, hx, step)
+    def _step(self, x, states):
+        return functional.lstm_cell(
+            x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
 
 
 class GRUCell(_CellForward, _TorchGRUCell):
@@ -346,17 +343,11 @@ class GRUCell(_CellForward, _TorchGRUCell):
 
     _name = "GRUCell"
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if self._cell_fallback_needed(input):
-            return super().forward(input, hx)
-
-        def step(x, states):
-            h = functional.gru_cell(
-                x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-            )
-            return (h,)
-
-        return self._cell_forward(input, hx, step)
+    def _step(self, x, states):
+        h = functional.gru_cell(
+            x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        )
+        return (h,)
 
 
 class RNNCell(_CellForward, _TorchRNNCell):
@@ -364,25 +355,19 @@ class RNNCell(_CellForward, _TorchRNNCell):
 
     _name = "RNNCell"
 
-    def forward(self, input, hx=None):  # noqa: D102
-        if self._cell_fallback_needed(input):
-            return super().forward(input, hx)
-
-        def step(x, states):
-            if self.nonlinearity not in ("tanh", "relu"):
-                raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-            h = functional.rnn_cell(
-                x,
-                states,
-                self.weight_ih,
-                self.weight_hh,
-                self.bias_ih,
-                self.bias_hh,
-                self.nonlinearity,
-            )
-            return (h,)
-
-        return self._cell_forward(input, hx, step)
+    def _step(self, x, states):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        h = functional.rnn_cell(
+            x,
+            states,
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            self.nonlinearity,
+        )
+        return (h,)
 
 
 _REPLACEMENTS: dict[type, type] = {
