@@ -134,15 +134,19 @@ def _input_grad(d_pre: Tensor, W_ih: Tensor) -> Tensor:
     return dx
 
 
-def _weight_grads(ctx, d_pre: Tensor, x: Tensor, h_prev: Tensor, W_ih: Tensor):
-    """dx, dW_ih, dW_hh and the bias gradient from the pre-activation gradients (D, N, G*H)."""
+def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: Tensor, W_ih):
+    """dx, dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients (D, N, G*H) on the input
+    side and on the recurrent side (the same tensor for LSTM and RNN, whose two biases are
+    summed; GRU's differ in the n block)."""
     need = ctx.needs_input_grad
-    dx = _input_grad(d_pre, W_ih) if need[0] else None
-    d_pre_t = d_pre.transpose(1, 2)
-    dW_ih = torch.matmul(d_pre_t, x.detach()) if need[ctx.W_ih_index] else None
-    dW_hh = torch.bmm(d_pre_t, h_prev) if need[ctx.W_ih_index + 1] else None
-    dbias = d_pre.sum(1) if ctx.has_bias else None
-    return dx, dW_ih, dW_hh, dbias
+    dx = _input_grad(d_input, W_ih) if need[0] else None
+    dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[ctx.W_ih_index] else None
+    dW_hh = torch.bmm(d_recurrent.transpose(1, 2), h_prev) if need[ctx.W_ih_index + 1] else None
+    if not ctx.has_bias:
+        return dx, dW_ih, dW_hh, None, None
+    db_ih = d_input.sum(1)
+    db_hh = db_ih.clone() if d_recurrent is d_input else d_recurrent.sum(1)
+    return dx, dW_ih, dW_hh, db_ih, db_hh
 
 
 def _states_like(*tensors: Tensor) -> list[Tensor]:
@@ -228,10 +232,9 @@ class LSTMLayerFunction(torch.autograd.Function):
                 dc0.numpy(),
                 _threads(),
             )
-        dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_gates, x, h_prev, W_ih)
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_gates, d_gates, x, h_prev, W_ih)
         dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
-        db_hh = dbias.clone() if dbias is not None else None
-        return dx, None, dh0, dc0, dW_ih, dW_hh, dbias, db_hh, dW_hr
+        return dx, None, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr
 
 
 class GRULayerFunction(torch.autograd.Function):
@@ -265,7 +268,7 @@ class GRULayerFunction(torch.autograd.Function):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.gate_cache = gate_cache
             ctx.batch_sizes = batch_sizes
-            ctx.has_bias = b_ih is not None
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
         return _features_side_by_side(y), h_n
 
     @staticmethod
@@ -293,12 +296,7 @@ class GRULayerFunction(torch.autograd.Function):
                 dh0.numpy(),
                 _threads(),
             )
-        need = ctx.needs_input_grad
-        dx = _input_grad(d_input, W_ih) if need[0] else None
-        dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[3] else None
-        dW_hh = torch.bmm(d_recurrent.transpose(1, 2), h_prev) if need[4] else None
-        db_ih = d_input.sum(1) if ctx.has_bias else None
-        db_hh = d_recurrent.sum(1) if ctx.has_bias else None
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih)
         return dx, None, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -350,6 +348,5 @@ class RNNLayerFunction(torch.autograd.Function):
                 dh0.numpy(),
                 _threads(),
             )
-        dx, dW_ih, dW_hh, dbias = _weight_grads(ctx, d_pre, x, h_prev, W_ih)
-        db_hh = dbias.clone() if dbias is not None else None
-        return dx, None, None, dh0, dW_ih, dW_hh, dbias, db_hh
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih)
+        return dx, None, None, dh0, dW_ih, dW_hh, db_ih, db_hh

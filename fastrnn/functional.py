@@ -129,6 +129,11 @@ def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
     return torch.stack(tensors)  # type: ignore[arg-type]
 
 
+def _one_direction(*tensors: Tensor | None) -> list[Tensor | None]:
+    """A cell's weights as a one-direction layer's: each (1, ...) (views), None kept."""
+    return [_stack_directions([t]) for t in tensors]
+
+
 def _run_lstm_layer(x, sizes, states, w):
     h0, c0 = states
     W_ih, W_hh, b_ih, b_hh, W_hr = w
@@ -297,16 +302,12 @@ def lstm_cell(
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    one = _stack_directions
     _, h_n, c_n = LSTMLayerFunction.apply(
         input,
         sizes,
         hx[0].unsqueeze(0),
         hx[1].unsqueeze(0),
-        one([W_ih]),
-        one([W_hh]),
-        one([b_ih]),
-        one([b_hh]),
+        *_one_direction(W_ih, W_hh, b_ih, b_hh),
         None,
     )
     return h_n[0], c_n[0]
@@ -323,9 +324,8 @@ def gru_cell(
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    one = _stack_directions
     _, h_n = GRULayerFunction.apply(
-        input, sizes, hx.unsqueeze(0), one([W_ih]), one([W_hh]), one([b_ih]), one([b_hh])
+        input, sizes, hx.unsqueeze(0), *_one_direction(W_ih, W_hh, b_ih, b_hh)
     )
     return h_n[0]
 
@@ -342,15 +342,11 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    one = _stack_directions
     _, h_n = RNNLayerFunction.apply(
         input,
         sizes,
         nonlinearity == "relu",
         hx.unsqueeze(0),
-        one([W_ih]),
-        one([W_hh]),
-        one([b_ih]),
-        one([b_hh]),
+        *_one_direction(W_ih, W_hh, b_ih, b_hh),
     )
     return h_n[0]
