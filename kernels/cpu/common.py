@@ -7,7 +7,8 @@ of the batch. A dense (T, B, F) tensor is the same memory with every batch size 
 
 A layer-direction runs its steps in "processing order": t = 0..T-1, or T-1..0 when `reverse`.
 The recurrence of a row depends only on that row, so a batch splits into contiguous row chunks,
-one per thread, each running the whole sequence (one parallel region per call, none per step).
+one per thread, each running the whole sequence (one parallel region per call, none per step);
+the tasks of a call are (direction, row chunk) pairs (`direction_tasks`, `task_rows`).
 Per-step products go to BLAS single-threaded (see `runtime`); the big GEMMs over all steps (input
 projection, weight and input gradients) are left to the caller.
 
@@ -20,10 +21,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
-
-# Rows a thread needs before splitting the batch pays for the parallel region.
-MIN_ROWS_PER_CHUNK = 1
+# Options of every CPU kernel: on-disk cache, no zero-division checks (they keep gate loops
+# scalar), GIL released. Entry points that spread work over threads add parallel=True.
+JIT_OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
+PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
+_JIT = JIT_OPTIONS
 
 
 @njit(**_JIT)
@@ -52,24 +54,20 @@ def previous_step_rows(t, batch_sizes, reverse):
 
 
 @njit(**_JIT)
-def chunk_count(batch, threads):
-    """How many row chunks (one per thread) the recurrence of a batch is split into."""
-    return max(1, min(threads, batch // MIN_ROWS_PER_CHUNK))
-
-
-@njit(**_JIT)
 def direction_tasks(directions, batch, threads):
     """(tasks, row chunks per direction): the threads are shared out between the directions of
     a layer first (each then runs its whole batch, the most efficient BLAS shape), and only
-    then between row chunks of a direction."""
-    n_chunks = chunk_count(batch, max(1, threads // directions))
+    then between row chunks of a direction, down to one row per chunk (measured: even two rows
+    are worth splitting; see `matmul_weights_t`)."""
+    n_chunks = max(1, min(max(1, threads // directions), batch))
     return directions * n_chunks, n_chunks
 
 
 @njit(**_JIT)
-def chunk_rows(chunk, n_chunks, batch):
-    """First and one-past-last row of a chunk: contiguous, near-equal shares of the batch."""
-    return (chunk * batch) // n_chunks, ((chunk + 1) * batch) // n_chunks
+def task_rows(task, n_chunks, batch):
+    """(direction, first row, one-past-last row) of a task: contiguous, near-equal shares."""
+    chunk = task % n_chunks
+    return task // n_chunks, (chunk * batch) // n_chunks, ((chunk + 1) * batch) // n_chunks
 
 
 @njit(**_JIT)

@@ -22,17 +22,19 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
-    chunk_rows,
+    JIT_OPTIONS,
+    PARALLEL_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
+    task_rows,
 )
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
-_PARALLEL = {**_JIT, "parallel": True}
+_JIT = JIT_OPTIONS
+_PARALLEL = PARALLEL_JIT_OPTIONS
 
 
 @njit(**_JIT)
@@ -75,8 +77,7 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -170,8 +171,7 @@ def gru_backward(
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _backward_rows(
             batch_sizes,
             offsets,

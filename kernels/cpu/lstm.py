@@ -20,17 +20,19 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
-    chunk_rows,
+    JIT_OPTIONS,
+    PARALLEL_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
+    task_rows,
 )
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
-_PARALLEL = {**_JIT, "parallel": True}
+_JIT = JIT_OPTIONS
+_PARALLEL = PARALLEL_JIT_OPTIONS
 
 
 @njit(**_JIT)
@@ -82,8 +84,7 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -208,8 +209,7 @@ def lstm_backward(
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _backward_rows(
             batch_sizes,
             offsets,

@@ -17,17 +17,19 @@ from numba import njit, prange
 
 from ..math import tanh
 from .common import (
-    chunk_rows,
+    JIT_OPTIONS,
+    PARALLEL_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
+    task_rows,
 )
 
-_JIT = {"cache": True, "error_model": "numpy", "nogil": True}
-_PARALLEL = {**_JIT, "parallel": True}
+_JIT = JIT_OPTIONS
+_PARALLEL = PARALLEL_JIT_OPTIONS
 
 
 @njit(**_JIT)
@@ -68,8 +70,7 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _forward_rows(batch_sizes, offsets, d == 1, relu, W_hh[d], y[d], h_n[d], first, last)
 
 
@@ -120,8 +121,7 @@ def rnn_backward(batch_sizes, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0,
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
-        d = task // n_chunks
-        first, last = chunk_rows(task % n_chunks, n_chunks, batch)
+        d, first, last = task_rows(task, n_chunks, batch)
         _backward_rows(
             batch_sizes,
             offsets,
