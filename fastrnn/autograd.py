@@ -1,4 +1,4 @@
-"""torch.autograd.Functions around the CPU kernels: one layer (all its directions), whole sequence.
+"""torch.autograd.Functions around the kernels: one layer (all its directions), whole sequence.
 
 Each Function takes the layer input in the packed time-major layout (x (N, I), rows of step t
 back to back; `batch_sizes` (T,) int64 numpy array, non-increasing; dense input is the special
@@ -8,10 +8,10 @@ directions (D = 1, or 2 for a bidirectional layer, whose direction 1 runs in rev
 a copy made per call (never cached: weights may change in place between calls); the output is
 (N, D*P), the directions' features side by side as torch orders them.
 
-Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx) run in torch, on
-torch's own thread pool, like the rest of a training step; the kernels run the recurrence (per-step
-products and the fused gate math) on zero-copy numpy views, directions and row chunks of the batch
-spread over the threads.
+Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx) run in torch
+(on torch's thread pool, or cuBLAS), like the rest of a training step; the recurrence (per-step
+products and the fused gate math) runs in fastrnn's kernels for the tensors' device:
+`recurrence_cpu` (Numba CPU) or `recurrence_cuda` (numba-cuda), which take the same arguments.
 
 Double backward is not supported: it raises a RuntimeError instead of returning a wrong value.
 """
@@ -19,17 +19,28 @@ Double backward is not supported: it raises a RuntimeError instead of returning 
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .kernels.cpu.gru import gru_backward, gru_forward
-from .kernels.cpu.lstm import lstm_backward, lstm_forward
-from .kernels.cpu.rnn import rnn_backward, rnn_forward
-from .kernels.cpu.runtime import single_threaded_blas
+from . import recurrence_cpu
+
+# Test hook: True sends CPU tensors through the GPU path (`recurrence_cuda`, under Numba's CUDA
+# simulator), so the GPU code runs end to end on a machine without a GPU.
+CUDA_KERNELS_ON_CPU = False
+
+
+def _recurrence(x: Tensor) -> ModuleType:
+    """The kernels for x's device: `recurrence_cpu` or `recurrence_cuda` (same functions)."""
+    if x.is_cuda or CUDA_KERNELS_ON_CPU:
+        from . import recurrence_cuda  # needs numba-cuda, so imported only when used
+
+        return recurrence_cuda
+    return recurrence_cpu
+
 
 _DOUBLE_BACKWARD = (
     "fastrnn: double backward (differentiating a gradient, create_graph=True) is not supported"
@@ -83,25 +94,10 @@ def _check_layer(
             )
 
 
-def _threads() -> int:
-    """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool."""
-    return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
-
-
-def _np(t: Tensor) -> np.ndarray:
-    """Zero-copy numpy view of a tensor's data (copied first only if not contiguous)."""
-    return t.detach().contiguous().numpy()
-
-
-def _np_transposed(W: Tensor) -> np.ndarray:
-    """(D, A, B) -> contiguous copy of each direction's transpose (D, B, A)."""
-    return W.detach().transpose(1, 2).contiguous().numpy()
-
-
 def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
     """(D, N, G*H) = x (N, I) @ W_ih[d]^T (+ bias[d]), one GEMM per direction over every step."""
     x, W_ih = x.detach(), W_ih.detach()
-    out = torch.empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]), dtype=x.dtype)
+    out = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
     for d in range(W_ih.shape[0]):
         if bias is None:
             torch.mm(x, W_ih[d].t(), out=out[d])
@@ -150,7 +146,7 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: 
 
 
 def _states_like(*tensors: Tensor) -> list[Tensor]:
-    return [torch.empty(t.shape, dtype=t.dtype) for t in tensors]
+    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in tensors]
 
 
 class LSTMLayerFunction(torch.autograd.Function):
@@ -166,27 +162,12 @@ class LSTMLayerFunction(torch.autograd.Function):
             raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
         directions, rows = W_hh.shape[0], x.shape[0]
         gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
-        y = torch.empty((directions, rows, h0.shape[2]), dtype=x.dtype)
+        y = x.new_empty((directions, rows, h0.shape[2]))
         h_n, c_n = _states_like(h0, c0)
-        cell_cache = torch.empty((directions, rows, hidden), dtype=x.dtype)
-        if W_hr is not None:
-            W_hr_np = _np(W_hr)
-        else:
-            W_hr_np = np.empty((directions, 0, hidden), dtype=_np(h0).dtype)
-        with single_threaded_blas():
-            lstm_forward(
-                batch_sizes,
-                _np(W_hh),
-                W_hr_np,
-                _np(h0),
-                _np(c0),
-                y.numpy(),
-                h_n.numpy(),
-                c_n.numpy(),
-                gate_cache.numpy(),
-                cell_cache.numpy(),
-                _threads(),
-            )
+        cell_cache = x.new_empty((directions, rows, hidden))
+        _recurrence(x).lstm_forward(
+            batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
+        )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
@@ -201,37 +182,31 @@ class LSTMLayerFunction(torch.autograd.Function):
         x, h0, c0, W_ih, W_hh, W_hr, y = ctx.saved_tensors
         directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
         projected = W_hr is not None
-        d_gates = torch.empty((directions, rows, 4 * hidden), dtype=x.dtype)
-        h_prev = torch.empty((directions, rows, proj), dtype=x.dtype)
+        d_gates = x.new_empty((directions, rows, 4 * hidden))
+        h_prev = x.new_empty((directions, rows, proj))
         extra_rows = rows if projected else 0
-        dh_total = torch.empty((directions, extra_rows, proj), dtype=x.dtype)
-        h_raw = torch.empty((directions, extra_rows, hidden), dtype=x.dtype)
+        dh_total = x.new_empty((directions, extra_rows, proj))
+        h_raw = x.new_empty((directions, extra_rows, hidden))
         dh0, dc0 = _states_like(h0, c0)
-        if projected:
-            W_hr_t = _np_transposed(W_hr)
-        else:
-            W_hr_t = np.empty((directions, 0, proj), dtype=_np(h0).dtype)
-        with single_threaded_blas():
-            lstm_backward(
-                ctx.batch_sizes,
-                _np_transposed(W_hh),
-                W_hr_t,
-                _np(h0),
-                _np(c0),
-                _np(y),
-                ctx.gate_cache.numpy(),
-                ctx.cell_cache.numpy(),
-                _per_direction(dy, directions).numpy(),
-                _np(dh_n),
-                _np(dc_n),
-                d_gates.numpy(),
-                h_prev.numpy(),
-                dh_total.numpy(),
-                h_raw.numpy(),
-                dh0.numpy(),
-                dc0.numpy(),
-                _threads(),
-            )
+        _recurrence(x).lstm_backward(
+            ctx.batch_sizes,
+            W_hh,
+            W_hr,
+            h0,
+            c0,
+            y,
+            ctx.gate_cache,
+            ctx.cell_cache,
+            _per_direction(dy, directions),
+            dh_n,
+            dc_n,
+            d_gates,
+            h_prev,
+            dh_total,
+            h_raw,
+            dh0,
+            dc0,
+        )
         dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_gates, d_gates, x, h_prev, W_ih)
         dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
         return dx, None, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr
@@ -245,25 +220,13 @@ class GRULayerFunction(torch.autograd.Function):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
         projected = _input_projection(x, W_ih, b_ih)
-        if b_hh is not None:
-            b_hh_np = _np(b_hh)
-        else:
-            b_hh_np = np.zeros((directions, 3 * hidden), dtype=_np(h0).dtype)
-        y = torch.empty((directions, x.shape[0], hidden), dtype=x.dtype)
+        y = x.new_empty((directions, x.shape[0], hidden))
         (h_n,) = _states_like(h0)
-        gate_cache = torch.empty((directions, x.shape[0], 4 * hidden), dtype=x.dtype)
-        with single_threaded_blas():
-            gru_forward(
-                batch_sizes,
-                _np(W_hh),
-                b_hh_np,
-                _np(h0),
-                projected.numpy(),
-                y.numpy(),
-                h_n.numpy(),
-                gate_cache.numpy(),
-                _threads(),
-            )
+        gate_cache = x.new_empty((directions, x.shape[0], 4 * hidden))
+        _recurrence(x).gru_forward(
+            batch_sizes, W_hh, None if b_hh is None else b_hh.detach(), h0, projected, y, h_n,
+            gate_cache,
+        )  # fmt: skip
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.gate_cache = gate_cache
@@ -277,25 +240,23 @@ class GRULayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        d_input = torch.empty((directions, rows, 3 * hidden), dtype=x.dtype)
-        d_recurrent = torch.empty((directions, rows, 3 * hidden), dtype=x.dtype)
-        h_prev = torch.empty((directions, rows, hidden), dtype=x.dtype)
+        d_input = x.new_empty((directions, rows, 3 * hidden))
+        d_recurrent = x.new_empty((directions, rows, 3 * hidden))
+        h_prev = x.new_empty((directions, rows, hidden))
         (dh0,) = _states_like(h0)
-        with single_threaded_blas():
-            gru_backward(
-                ctx.batch_sizes,
-                _np_transposed(W_hh),
-                _np(h0),
-                _np(y),
-                ctx.gate_cache.numpy(),
-                _per_direction(dy, directions).numpy(),
-                _np(dh_n),
-                h_prev.numpy(),
-                d_input.numpy(),
-                d_recurrent.numpy(),
-                dh0.numpy(),
-                _threads(),
-            )
+        _recurrence(x).gru_backward(
+            ctx.batch_sizes,
+            W_hh,
+            h0,
+            y,
+            ctx.gate_cache,
+            _per_direction(dy, directions),
+            dh_n,
+            h_prev,
+            d_input,
+            d_recurrent,
+            dh0,
+        )
         dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih)
         return dx, None, dh0, dW_ih, dW_hh, db_ih, db_hh
 
@@ -309,16 +270,7 @@ class RNNLayerFunction(torch.autograd.Function):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         (h_n,) = _states_like(h0)
-        with single_threaded_blas():
-            rnn_forward(
-                batch_sizes,
-                relu,
-                _np(W_hh),
-                _np(h0),
-                y.numpy(),
-                h_n.numpy(),
-                _threads(),
-            )
+        _recurrence(x).rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.batch_sizes, ctx.relu = batch_sizes, relu
@@ -331,22 +283,20 @@ class RNNLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        d_pre = torch.empty((directions, rows, hidden), dtype=x.dtype)
-        h_prev = torch.empty((directions, rows, hidden), dtype=x.dtype)
+        d_pre = x.new_empty((directions, rows, hidden))
+        h_prev = x.new_empty((directions, rows, hidden))
         (dh0,) = _states_like(h0)
-        with single_threaded_blas():
-            rnn_backward(
-                ctx.batch_sizes,
-                ctx.relu,
-                _np_transposed(W_hh),
-                _np(h0),
-                _np(y),
-                _per_direction(dy, directions).numpy(),
-                _np(dh_n),
-                d_pre.numpy(),
-                h_prev.numpy(),
-                dh0.numpy(),
-                _threads(),
-            )
+        _recurrence(x).rnn_backward(
+            ctx.batch_sizes,
+            ctx.relu,
+            W_hh,
+            h0,
+            y,
+            _per_direction(dy, directions),
+            dh_n,
+            d_pre,
+            h_prev,
+            dh0,
+        )
         dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih)
         return dx, None, None, dh0, dW_ih, dW_hh, db_ih, db_hh

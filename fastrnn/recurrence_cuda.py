@@ -1,0 +1,493 @@
+"""The recurrence of one layer (all its directions) on a GPU: fastrnn's numba-cuda kernels on
+torch tensors, with the same contract as `recurrence_cpu` (see `autograd` for the shapes).
+
+Two strategies (`kernels/cuda/stepwise.py`, `kernels/cuda/persistent.py`):
+- "persistent": one cooperative launch for the whole sequence, W_hh held in shared memory.
+  float32 without a projection, when the hidden size fits (`persistent_plan`).
+- "stepwise": per step, the recurrent product by cuBLAS (torch.mm) and one fused pointwise kernel
+  for all directions. Any dtype the kernels support and proj_size.
+`set_cuda_strategy("auto" | "persistent" | "stepwise")` (or FASTRNN_CUDA_STRATEGY) picks one;
+"auto" takes the persistent kernel wherever it applies.
+
+Interop: tensors go to the kernels zero-copy through `__cuda_array_interface__` (without the
+implicit stream synchronisation), and the kernels run on torch's current stream, so nothing in
+forward or backward synchronises with the host.
+
+Tests run this module without a GPU: under Numba's simulator (NUMBA_ENABLE_CUDASIM=1) CPU
+tensors are handed to the simulated kernels as numpy arrays, and torch's CPU ops stand in for
+cuBLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+STRATEGIES = ("auto", "persistent", "stepwise")
+# Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
+_SHARED_BYTES = 48 * 1024
+
+_strategy = os.environ.get("FASTRNN_CUDA_STRATEGY", "auto")
+_last_strategy: str | None = None
+
+
+def set_cuda_strategy(name: str) -> None:
+    """Force the GPU kernel strategy: "persistent", "stepwise", or "auto" (the default)."""
+    global _strategy
+    if name not in STRATEGIES:
+        raise ValueError(f"fastrnn: cuda strategy must be one of {STRATEGIES}, got {name!r}")
+    _strategy = name
+
+
+def get_cuda_strategy() -> str:
+    """The strategy setting ("auto", "persistent" or "stepwise")."""
+    return _strategy
+
+
+def last_cuda_strategy() -> str | None:
+    """The strategy the most recent GPU layer forward ran ("persistent" / "stepwise")."""
+    return _last_strategy
+
+
+@functools.cache
+def _cuda_modules():
+    """numba.cuda and fastrnn's CUDA kernel modules (imported on first use: numba-cuda is an
+    optional dependency)."""
+    from numba import config, cuda
+
+    from .kernels.cuda import common, persistent, stepwise
+
+    return cuda, bool(config.ENABLE_CUDASIM), common, persistent, stepwise
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the GPU kernels can run on CUDA tensors here, else why not."""
+    try:
+        cuda, simulated, *_ = _cuda_modules()
+    except ImportError as error:
+        return f"numba-cuda is not installed ({error}; pip install 'fastrnn[cuda]')"
+    if simulated:
+        return "NUMBA_ENABLE_CUDASIM is set, so Numba can't launch on a real GPU"
+    try:
+        if not cuda.is_available():
+            return "Numba finds no usable CUDA driver/GPU"
+    except Exception as error:  # a broken driver install raises here rather than returning False
+        return f"Numba's CUDA initialisation failed: {error}"
+    return None
+
+
+def _simulated_device_array(values: np.ndarray):
+    """The simulator's device array over a numpy array, sharing its memory. (Passing the numpy
+    array itself would make the simulator copy it in and out per launch, and two arguments that
+    are the same tensor, like LSTM's gate_cache as input and output, would become two copies.)"""
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    return FakeCUDAArray(values)
+
+
+class _Launch:
+    """What every launch of one call shares: the stream, the dtype's `one`, device arrays."""
+
+    def __init__(self, like: Tensor):
+        cuda = _cuda_modules()[0]
+        self.device = like.device
+        self.on_gpu = like.is_cuda
+        self.one = np.ones(1, dtype=np.float32 if like.dtype == torch.float32 else np.float64)[0]
+        if self.on_gpu:
+            self.context = cuda.gpus[like.device.index or 0]
+            self.stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
+        else:
+            self.context = None
+            self.stream = 0
+        self.dtype = like.dtype
+
+    def array(self, t: Tensor | None, ndim: int = 3):
+        """Zero-copy kernel argument for a tensor (outputs are allocated contiguous, so only an
+        input is ever copied here); None becomes a one-element dummy with `ndim` dimensions."""
+        if t is None:
+            t = torch.zeros((1,) * ndim, dtype=self.dtype, device=self.device)
+        t = t.detach().contiguous()
+        if self.on_gpu:
+            return _cuda_modules()[0].as_cuda_array(t, sync=False)
+        return _simulated_device_array(t.numpy())
+
+    def index_array(self, values: np.ndarray):
+        if self.on_gpu:
+            return self.array(torch.from_numpy(values).to(self.device, non_blocking=True))
+        return _simulated_device_array(values)
+
+    def run(self, kernel, blocks, threads, shared, *args):
+        if self.context is None:
+            kernel[blocks, threads, self.stream, shared](*args)
+        else:
+            with self.context:
+                kernel[blocks, threads, self.stream, shared](*args)
+
+
+def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, first row) of every direction's k-th processed step, each (D, T) int64."""
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
+    rows = np.stack([batch_sizes, batch_sizes[::-1]][:directions])
+    firsts = np.stack([offsets, offsets[::-1]][:directions])
+    return rows, firsts
+
+
+def persistent_plan(
+    hidden: int, width: int, gates: int, directions: int, blocks_available: int
+) -> tuple[int, int] | None:
+    """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
+    doesn't fit: each block keeps gates * units * width float32 in shared memory, and every
+    block of the grid must be resident at once (`blocks_available`)."""
+    per_direction = blocks_available // directions
+    if per_direction < 1:
+        return None
+    units = math.ceil(hidden / per_direction)
+    if gates * units * width * 4 > _SHARED_BYTES:
+        return None
+    return units, math.ceil(hidden / units)
+
+
+def _blocks_available(launch: _Launch) -> int:
+    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with at most
+    48 KiB of shared memory always fits an SM). The simulator runs one block at a time."""
+    if not launch.on_gpu:
+        return 1
+    with launch.context:
+        return _cuda_modules()[0].get_current_device().MULTIPROCESSOR_COUNT
+
+
+def _choose(launch: _Launch, hidden, width, gates, directions, dtype, projected):
+    """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
+    plan = None
+    if dtype == torch.float32 and not projected:
+        if launch.on_gpu:
+            plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
+        else:  # simulator: one block per launch, one launch per direction
+            plan = persistent_plan(hidden, width, gates, 1, 1)
+    if _strategy == "persistent" and plan is None:
+        raise RuntimeError(
+            "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32, no "
+            f"proj_size, and {gates} x hidden x hidden float32 weights split over the GPU's "
+            "blocks within 48 KiB each); use set_cuda_strategy('auto') or 'stepwise'"
+        )
+    if _strategy == "stepwise" or plan is None:
+        return "stepwise", None
+    return "persistent", plan
+
+
+def _grid(total: int, threads: int) -> int:
+    return max(1, math.ceil(total / threads))
+
+
+def recurrence_forward(
+    cell: int,
+    relu: bool,
+    batch_sizes: np.ndarray,
+    W_hh: Tensor,
+    W_hr: Tensor | None,
+    b_hh: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    inputs: Tensor,
+    gate_cache: Tensor,
+    cell_cache: Tensor | None,
+    y: Tensor,
+    h_n: Tensor,
+    c_n: Tensor | None,
+) -> str:
+    """Run the forward recurrence of any cell (layouts in `kernels/cuda/cells.py`); returns the
+    strategy that ran."""
+    global _last_strategy
+    cuda, _, common, persistent, stepwise = _cuda_modules()
+    launch = _Launch(h0)
+    gates = common.GATES[cell]
+    directions, batch = h0.shape[0], h0.shape[1]
+    hidden = W_hh.shape[1] // gates
+    strategy, plan = _choose(
+        launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
+    )
+    _last_strategy = strategy
+    rows, firsts = _steps(batch_sizes, directions)
+    sizes = launch.index_array(batch_sizes.astype(np.int64))
+    offsets = launch.index_array(firsts[0].copy())
+    threads = common.THREADS_PER_BLOCK
+    if strategy == "persistent":
+        units, blocks = plan
+        shared = gates * units * W_hh.shape[2] * 4
+        args = [
+            sizes,
+            offsets,
+            launch.array(W_hh),
+            launch.array(b_hh, ndim=2),
+            launch.array(h0),
+            launch.array(c0),
+            launch.array(inputs),
+            launch.array(gate_cache),
+            launch.array(cell_cache),
+            launch.array(c_n),
+            launch.array(y),
+            launch.array(h_n),
+            launch.one,
+        ]
+        kernel = persistent.persistent_forward
+        if launch.on_gpu:
+            launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
+        else:
+            for d in range(directions):
+                launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        return strategy
+
+    projected = W_hr is not None
+    h_n.copy_(h0)
+    if c_n is not None:
+        c_n.copy_(c0)
+    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=h0.dtype, device=h0.device)
+    h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    args = [
+        hidden,
+        sizes,
+        offsets,
+        projected,
+        launch.array(rec),
+        launch.array(inputs),
+        launch.array(gate_cache),
+        launch.array(cell_cache),
+        launch.array(c_n),
+        launch.array(b_hh, ndim=2),
+        launch.array(h_n),
+        launch.array(h_raw),
+        launch.array(y),
+        launch.one,
+    ]
+    blocks = _grid(directions * batch * hidden, threads)
+    for k in range(len(batch_sizes)):
+        for d in range(directions):
+            count = int(rows[d, k])
+            torch.mm(h_n[d, :count], W_hh[d].t(), out=rec[d, :count])
+        launch.run(stepwise.step_forward, blocks, threads, 0, cell, relu, k, *args)
+        if projected:
+            for d in range(directions):
+                count, first = int(rows[d, k]), int(firsts[d, k])
+                torch.mm(h_raw[d, :count], W_hr[d].t(), out=h_n[d, :count])
+                y[d, first : first + count].copy_(h_n[d, :count])
+    return strategy
+
+
+def recurrence_backward(
+    cell: int,
+    relu: bool,
+    batch_sizes: np.ndarray,
+    W_hh: Tensor,
+    W_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    y: Tensor,
+    gate_cache: Tensor,
+    cell_cache: Tensor | None,
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor | None,
+    d_input: Tensor,
+    d_recurrent: Tensor,
+    dh_total: Tensor | None,
+    dh0: Tensor,
+    dc0: Tensor | None,
+) -> None:
+    """Backward of `recurrence_forward`: the gate pre-activation gradients d_input (and for GRU
+    d_recurrent; the same tensor otherwise), dh0, dc0, and with a projection dh_total (D, N, P),
+    dL/dh of every row."""
+    cuda, _, common, persistent, stepwise = _cuda_modules()
+    launch = _Launch(h0)
+    gates = common.GATES[cell]
+    directions, batch = h0.shape[0], h0.shape[1]
+    hidden = W_hh.shape[1] // gates
+    strategy, plan = _choose(
+        launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
+    )
+    rows, firsts = _steps(batch_sizes, directions)
+    sizes = launch.index_array(batch_sizes.astype(np.int64))
+    offsets = launch.index_array(firsts[0].copy())
+    threads = common.THREADS_PER_BLOCK
+    if dc0 is not None:
+        dc0.copy_(dc_n)
+    dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    if strategy == "persistent":
+        units, blocks = plan
+        shared = gates * units * hidden * 4
+        args = [
+            sizes,
+            offsets,
+            launch.array(W_hh),
+            launch.array(h0),
+            launch.array(c0),
+            launch.array(dy),
+            launch.array(dh_n),
+            launch.array(y),
+            launch.array(gate_cache),
+            launch.array(cell_cache),
+            launch.array(dc0),
+            launch.array(d_input),
+            launch.array(d_recurrent),
+            launch.array(dh_direct),
+            launch.array(dh0),
+            launch.one,
+        ]
+        kernel = persistent.persistent_backward
+        if launch.on_gpu:
+            launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
+        else:
+            for d in range(directions):
+                launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        return
+
+    projected = W_hr is not None
+    width = h0.shape[2]
+    dh_rec = torch.empty((directions, batch, width), dtype=h0.dtype, device=h0.device)
+    dh_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    cell_args = [
+        hidden,
+        sizes,
+        offsets,
+        projected,
+        launch.array(dy),
+        launch.array(dh_n),
+        launch.array(dh_rec),
+        launch.array(dh_raw),
+        launch.array(h0),
+        launch.array(c0),
+        launch.array(y),
+        launch.array(gate_cache),
+        launch.array(cell_cache),
+        launch.array(dc0),
+        launch.array(d_input),
+        launch.array(d_recurrent),
+        launch.array(dh_direct),
+        launch.array(dh0),
+        launch.one,
+    ]
+    if projected:
+        hidden_args = [
+            sizes,
+            offsets,
+            launch.array(dy),
+            launch.array(dh_n),
+            launch.array(dh_rec),
+            launch.array(dh_total),
+            launch.array(dh0),
+        ]
+    cell_blocks = _grid(directions * batch * hidden, threads)
+    hidden_blocks = _grid(directions * batch * width, threads)
+    # k = -1 hands the gradients carried out of the first processed step to dh0.
+    for k in range(len(batch_sizes) - 1, -2, -1):
+        if projected:
+            launch.run(stepwise.hidden_grad_step, hidden_blocks, threads, 0, k, *hidden_args)
+            if k < 0:
+                break
+            for d in range(directions):
+                count, first = int(rows[d, k]), int(firsts[d, k])
+                torch.mm(dh_total[d, first : first + count], W_hr[d], out=dh_raw[d, :count])
+        launch.run(stepwise.step_backward, cell_blocks, threads, 0, cell, relu, k, *cell_args)
+        if k < 0:
+            break
+        for d in range(directions):
+            count, first = int(rows[d, k]), int(firsts[d, k])
+            grads = d_recurrent[d, first : first + count]
+            # dL/dh_prev = d_recurrent @ W_hh + the part that skips W_hh (GRU's z * dh).
+            torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
+
+
+def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
+    """h_prev (D, N, P): the hidden state each packed row consumed (the previous processed
+    step's output of that row, or h0), gathered on the device for dW_hh = d^T h_prev."""
+    directions, rows_total = y.shape[0], y.shape[1]
+    rows, firsts = _steps(batch_sizes, directions)
+    index = np.empty((directions, rows_total), dtype=np.int64)
+    for d in range(directions):
+        for k in range(len(batch_sizes)):
+            count, first = rows[d, k], firsts[d, k]
+            previous = rows[d, k - 1] if k > 0 else 0
+            source = np.arange(count) + rows_total  # h0 rows follow y's rows
+            if previous:
+                source[: min(count, previous)] = firsts[d, k - 1] + np.arange(min(count, previous))
+            index[d, first : first + count] = source
+    index_t = torch.from_numpy(index).to(y.device, non_blocking=True)
+    both = torch.cat([y, h0], dim=1)
+    return torch.stack([both[d].index_select(0, index_t[d]) for d in range(directions)])
+
+
+# The per-cell entry points, with the same arguments as `recurrence_cpu`'s.
+_LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
+
+
+def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
+    recurrence_forward(
+        _LSTM, False, batch_sizes, W_hh, W_hr, None, h0, c0, gate_cache, gate_cache,
+        cell_cache, y, h_n, c_n,
+    )  # fmt: skip
+
+
+def lstm_backward(
+    batch_sizes,
+    W_hh,
+    W_hr,
+    h0,
+    c0,
+    y,
+    gate_cache,
+    cell_cache,
+    dy,
+    dh_n,
+    dc_n,
+    d_gates,
+    h_prev,
+    dh_total,
+    h_raw,
+    dh0,
+    dc0,
+) -> None:
+    projected = W_hr is not None
+    recurrence_backward(
+        _LSTM, False, batch_sizes, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n,
+        dc_n, d_gates, d_gates, dh_total if projected else None, dh0, dc0,
+    )  # fmt: skip
+    hidden = c0.shape[2]
+    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+    if projected:
+        torch.mul(gate_cache[:, :, 3 * hidden :], torch.tanh(cell_cache), out=h_raw)
+
+
+def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> None:
+    recurrence_forward(
+        _GRU, False, batch_sizes, W_hh, None, b_hh, h0, None, projected, gate_cache, None, y,
+        h_n, None,
+    )  # fmt: skip
+
+
+def gru_backward(
+    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
+) -> None:
+    recurrence_backward(
+        _GRU, False, batch_sizes, W_hh, None, h0, None, y, gate_cache, None, dy, dh_n, None,
+        d_input, d_recurrent, None, dh0, None,
+    )  # fmt: skip
+    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+
+
+def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n) -> None:
+    recurrence_forward(
+        _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None
+    )
+
+
+def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:
+    recurrence_backward(
+        _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre, d_pre,
+        None, dh0, None,
+    )  # fmt: skip
+    h_prev.copy_(previous_hidden(batch_sizes, y, h0))

@@ -1,0 +1,128 @@
+"""The gate math of one hidden unit of one row at one step, for every cell, forward and backward.
+
+Both kernel strategies (`stepwise`, `persistent`) call these, so the per-step logic is the same
+code whether the recurrent products come from cuBLAS or from the persistent kernel's own loop.
+
+Arguments shared by all functions: `cell` (common.LSTM / GRU / RNN), `relu` (RNN only), direction
+`d`, packed row `n`, batch row `b`, unit `j`, hidden size `hidden`, and `one`.
+Array layouts (D directions, N packed rows, B batch rows):
+    LSTM: gate_cache (D, N, 4H): in x @ W_ih^T + b_ih + b_hh, out activated gates i, f, g, o;
+          cell_cache (D, N, H): c of every row; c_state (D, B, H): running (forward) cell state.
+    GRU:  inputs (D, N, 3H) = x @ W_ih^T + b_ih; b_hh (D, 3H);
+          gate_cache (D, N, 4H): out r, z, n and W_hn h + b_hn (backward needs the last).
+    RNN:  inputs = y (D, N, H): in x @ W_ih^T + b_ih + b_hh, out h.
+"""
+
+from __future__ import annotations
+
+import math
+
+from numba import cuda
+
+from .common import GRU, LSTM, activation, activation_grad, sigmoid
+
+
+@cuda.jit(device=True)
+def unit_forward(
+    cell,
+    relu,
+    d,
+    n,
+    b,
+    j,
+    hidden,
+    rec0,
+    rec1,
+    rec2,
+    rec3,
+    h_prev,
+    inputs,
+    gate_cache,
+    cell_cache,
+    c_state,
+    b_hh,
+    one,
+):
+    """New hidden value of unit j (for LSTM before the projection), given the recurrent products
+    rec0..rec3 = (W_hh h)[g * H + j] of gates g = 0..G-1 and the unit's own previous h."""
+    if cell == LSTM:
+        i = sigmoid(gate_cache[d, n, j] + rec0, one)
+        f = sigmoid(gate_cache[d, n, hidden + j] + rec1, one)
+        g = math.tanh(gate_cache[d, n, 2 * hidden + j] + rec2)
+        o = sigmoid(gate_cache[d, n, 3 * hidden + j] + rec3, one)
+        c = f * c_state[d, b, j] + i * g
+        gate_cache[d, n, j] = i
+        gate_cache[d, n, hidden + j] = f
+        gate_cache[d, n, 2 * hidden + j] = g
+        gate_cache[d, n, 3 * hidden + j] = o
+        c_state[d, b, j] = c
+        cell_cache[d, n, j] = c
+        return o * math.tanh(c)
+    if cell == GRU:
+        r = sigmoid(inputs[d, n, j] + rec0 + b_hh[d, j], one)
+        z = sigmoid(inputs[d, n, hidden + j] + rec1 + b_hh[d, hidden + j], one)
+        hn = rec2 + b_hh[d, 2 * hidden + j]
+        new = math.tanh(inputs[d, n, 2 * hidden + j] + r * hn)
+        gate_cache[d, n, j] = r
+        gate_cache[d, n, hidden + j] = z
+        gate_cache[d, n, 2 * hidden + j] = new
+        gate_cache[d, n, 3 * hidden + j] = hn
+        return (one - z) * new + z * h_prev
+    return activation(inputs[d, n, j] + rec0, relu, one)
+
+
+@cuda.jit(device=True)
+def unit_backward(
+    cell,
+    relu,
+    d,
+    n,
+    b,
+    j,
+    hidden,
+    dh,
+    h_prev,
+    c_prev,
+    y,
+    gate_cache,
+    cell_cache,
+    dc_state,
+    d_input,
+    d_recurrent,
+    one,
+):
+    """Gradients of unit j's gate pre-activations from dh = dL/dh of this row and step (for LSTM
+    after the projection's backward). Writes d_input (D, N, G*H) (and for GRU d_recurrent, which
+    differs in the n block; LSTM and RNN pass the same array twice); LSTM carries dc in dc_state
+    (D, B, H). Returns the part of dL/dh_prev that doesn't go through W_hh (GRU's z * dh)."""
+    zero = one - one
+    if cell == LSTM:
+        i = gate_cache[d, n, j]
+        f = gate_cache[d, n, hidden + j]
+        g = gate_cache[d, n, 2 * hidden + j]
+        o = gate_cache[d, n, 3 * hidden + j]
+        tc = math.tanh(cell_cache[d, n, j])
+        dc = dc_state[d, b, j] + dh * o * (one - tc * tc)
+        d_input[d, n, j] = dc * g * i * (one - i)
+        d_input[d, n, hidden + j] = dc * c_prev * f * (one - f)
+        d_input[d, n, 2 * hidden + j] = dc * i * (one - g * g)
+        d_input[d, n, 3 * hidden + j] = dh * tc * o * (one - o)
+        dc_state[d, b, j] = dc * f
+        return zero
+    if cell == GRU:
+        r = gate_cache[d, n, j]
+        z = gate_cache[d, n, hidden + j]
+        new = gate_cache[d, n, 2 * hidden + j]
+        hn = gate_cache[d, n, 3 * hidden + j]
+        d_new = dh * (one - z) * (one - new * new)
+        d_update = dh * (h_prev - new) * z * (one - z)
+        d_reset = d_new * hn * r * (one - r)
+        d_input[d, n, j] = d_reset
+        d_input[d, n, hidden + j] = d_update
+        d_input[d, n, 2 * hidden + j] = d_new
+        d_recurrent[d, n, j] = d_reset
+        d_recurrent[d, n, hidden + j] = d_update
+        d_recurrent[d, n, 2 * hidden + j] = d_new * r
+        return dh * z
+    d_input[d, n, j] = dh * activation_grad(y[d, n, j], relu, one)
+    return zero

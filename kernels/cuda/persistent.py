@@ -1,0 +1,207 @@
+"""Persistent strategy: one cooperative launch runs the whole recurrence of a layer, float32.
+
+Grid (blocks per direction, directions); block x of direction d owns hidden units
+u0 = x * U .. u0 + U - 1 and keeps their rows of W_hh in shared memory for the whole sequence
+(loaded once), computing the recurrent products itself; a grid-wide barrier separates the steps,
+the only point where one block needs another's results (the previous step's h, or in backward
+the next step's gate gradients). Everything a block writes per step is either its own units'
+state or a new row of the packed outputs, so no two blocks ever write the same element.
+
+Shared memory: forward G*U*H floats (W_hh[d, g*H + u0 + u, p] at p*G*U + g*U + u), backward
+the same count (W_hh[d, q, u0 + u] at q*U + u). The launcher picks U so that fits.
+Under Numba's simulator a grid runs one block at a time, so there the launcher uses one block
+per direction and one launch per direction.
+
+Projections (proj_size) are not handled here: the launcher uses the stepwise strategy for them.
+See `cells` for the array layouts.
+"""
+
+from __future__ import annotations
+
+import numba
+from numba import cuda
+
+from .cells import unit_backward, unit_forward
+from .common import GRU, LSTM, gate_count, step_span
+
+_JIT = {"cache": True}
+
+
+@cuda.jit(device=True)
+def _block_units(units_per_block, hidden):
+    """(first unit, how many) this block owns."""
+    first = cuda.blockIdx.x * units_per_block
+    return first, min(units_per_block, hidden - first)
+
+
+@cuda.jit(**_JIT)
+def persistent_forward(
+    cell,
+    relu,
+    direction_offset,
+    units_per_block,
+    batch_sizes,
+    offsets,
+    W_hh,
+    b_hh,
+    h0,
+    c0,
+    inputs,
+    gate_cache,
+    cell_cache,
+    c_state,
+    y,
+    h_n,
+    one,
+):
+    """Forward of directions direction_offset + blockIdx.y: fills y (D, N, H), h_n, c_state
+    (= c_n) and the caches. W_hh (D, G*H, H); h0, c0 (D, B, H)."""
+    weights = cuda.shared.array(0, numba.float32)
+    d = direction_offset + cuda.blockIdx.y
+    gates = gate_count(cell)
+    hidden = W_hh.shape[1] // gates
+    width = W_hh.shape[2]
+    stride = gates * units_per_block
+    u0, units = _block_units(units_per_block, hidden)
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    for idx in range(tid, width * stride, threads):
+        u = idx % units_per_block
+        if u < units:
+            weights[idx] = W_hh[
+                d, ((idx % stride) // units_per_block) * hidden + u0 + u, idx // stride
+            ]
+    for idx in range(tid, h0.shape[1] * units, threads):
+        b, j = idx // units, u0 + idx % units
+        h_n[d, b, j] = h0[d, b, j]
+        if cell == LSTM:
+            c_state[d, b, j] = c0[d, b, j]
+    cuda.syncthreads()
+    grid = cuda.cg.this_grid()
+    zero = one - one
+    for k in range(batch_sizes.shape[0]):
+        rows, off = step_span(k, d, batch_sizes, offsets)
+        rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
+        for idx in range(tid, rows * units, threads):
+            b, u = idx // units, idx % units
+            # The previous h of this row: the previous step's output, or h0 for a row that
+            # starts here (reverse direction of a packed batch) and at the first step.
+            source, row = (y, off_prev + b) if b < rows_prev else (h0, b)
+            rec0, rec1, rec2, rec3 = zero, zero, zero, zero
+            for p in range(width):
+                h = source[d, row, p]
+                base = p * stride + u
+                rec0 += weights[base] * h
+                if gates > 1:
+                    rec1 += weights[base + units_per_block] * h
+                    rec2 += weights[base + 2 * units_per_block] * h
+                if gates > 3:
+                    rec3 += weights[base + 3 * units_per_block] * h
+            j = u0 + u
+            h = unit_forward(
+                cell,
+                relu,
+                d,
+                off + b,
+                b,
+                j,
+                hidden,
+                rec0,
+                rec1,
+                rec2,
+                rec3,
+                source[d, row, j],
+                inputs,
+                gate_cache,
+                cell_cache,
+                c_state,
+                b_hh,
+                one,
+            )
+            y[d, off + b, j] = h
+            h_n[d, b, j] = h
+        grid.sync()
+
+
+@cuda.jit(**_JIT)
+def persistent_backward(
+    cell,
+    relu,
+    direction_offset,
+    units_per_block,
+    batch_sizes,
+    offsets,
+    W_hh,
+    h0,
+    c0,
+    dy,
+    dh_n,
+    y,
+    gate_cache,
+    cell_cache,
+    dc_state,
+    d_input,
+    d_recurrent,
+    dh_direct,
+    dh0,
+    one,
+):
+    """Backward of `persistent_forward` for directions direction_offset + blockIdx.y. dc_state
+    must hold dc_n on entry (it ends as dc0). dy (D, N, H); dh_direct (D, B, H) scratch.
+    Writes d_input, d_recurrent (the same array for LSTM and RNN) and dh0."""
+    weights = cuda.shared.array(0, numba.float32)
+    d = direction_offset + cuda.blockIdx.y
+    gates = gate_count(cell)
+    hidden = W_hh.shape[1] // gates
+    rows_hh = W_hh.shape[1]
+    u0, units = _block_units(units_per_block, hidden)
+    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    for idx in range(tid, rows_hh * units_per_block, threads):
+        u = idx % units_per_block
+        if u < units:
+            weights[idx] = W_hh[d, idx // units_per_block, u0 + u]
+    cuda.syncthreads()
+    grid = cuda.cg.this_grid()
+    zero = one - one
+    # k = -1 hands the gradients carried out of the first processed step to dh0.
+    for k in range(batch_sizes.shape[0] - 1, -2, -1):
+        rows, off = step_span(k, d, batch_sizes, offsets)
+        rows_next, off_next = step_span(k + 1, d, batch_sizes, offsets)
+        rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
+        for idx in range(tid, max(rows, rows_next) * units, threads):
+            b, u = idx // units, idx % units
+            j = u0 + u
+            carried = zero
+            if b < rows_next:
+                for q in range(rows_hh):
+                    carried += d_recurrent[d, off_next + b, q] * weights[q * units_per_block + u]
+                carried += dh_direct[d, b, j]
+            if b < rows:
+                dh = dy[d, off + b, j] + (carried if b < rows_next else dh_n[d, b, j])
+                h_prev = zero
+                c_prev = zero
+                if cell == GRU:
+                    h_prev = y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j]
+                if cell == LSTM:
+                    c_prev = cell_cache[d, off_prev + b, j] if b < rows_prev else c0[d, b, j]
+                dh_direct[d, b, j] = unit_backward(
+                    cell,
+                    relu,
+                    d,
+                    off + b,
+                    b,
+                    j,
+                    hidden,
+                    dh,
+                    h_prev,
+                    c_prev,
+                    y,
+                    gate_cache,
+                    cell_cache,
+                    dc_state,
+                    d_input,
+                    d_recurrent,
+                    one,
+                )
+            else:
+                dh0[d, b, j] = carried
+        grid.sync()

@@ -1,0 +1,179 @@
+"""Stepwise strategy: the host runs the per-step recurrent products (cuBLAS, through torch) and
+launches one fused pointwise kernel per step for all directions of a layer.
+
+Every kernel here covers one processed step k of every direction: thread (d, b, j) over
+(D, B, width), rows beyond the step's row count do nothing. See `cells` for the array layouts;
+`rec` (D, B, G*H) holds this step's W_hh @ h products of each direction's active rows.
+"""
+
+from __future__ import annotations
+
+from numba import cuda
+
+from .cells import unit_backward, unit_forward
+from .common import GRU, LSTM, gate_count, step_span
+
+_JIT = {"cache": True}
+
+
+@cuda.jit(device=True)
+def _thread_coordinates(width, directions, batch):
+    """(d, b, j, in range) of this thread over a (D, B, width) grid."""
+    i = cuda.grid(1)
+    j = i % width
+    b = (i // width) % batch
+    d = i // (width * batch)
+    return d, b, j, d < directions
+
+
+@cuda.jit(**_JIT)
+def step_forward(
+    cell,
+    relu,
+    k,
+    hidden,
+    batch_sizes,
+    offsets,
+    has_proj,
+    rec,
+    inputs,
+    gate_cache,
+    cell_cache,
+    c_state,
+    b_hh,
+    h_state,
+    h_raw,
+    y,
+    one,
+):
+    """Step k forward. h_state (D, B, P) is the running hidden state (its rows fed `rec`); writes
+    the new h into h_state and y (D, N, P), or with a projection into h_raw (D, B, H) for the
+    host to project."""
+    d, b, j, ok = _thread_coordinates(hidden, h_state.shape[0], h_state.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    if b >= rows:
+        return
+    gates = gate_count(cell)
+    zero = one - one
+    rec1 = rec[d, b, hidden + j] if gates > 1 else zero
+    rec2 = rec[d, b, 2 * hidden + j] if gates > 1 else zero
+    rec3 = rec[d, b, 3 * hidden + j] if gates > 3 else zero
+    h_prev = h_state[d, b, j] if cell == GRU else zero
+    h = unit_forward(
+        cell,
+        relu,
+        d,
+        off + b,
+        b,
+        j,
+        hidden,
+        rec[d, b, j],
+        rec1,
+        rec2,
+        rec3,
+        h_prev,
+        inputs,
+        gate_cache,
+        cell_cache,
+        c_state,
+        b_hh,
+        one,
+    )
+    if has_proj:
+        h_raw[d, b, j] = h
+    else:
+        h_state[d, b, j] = h
+        y[d, off + b, j] = h
+
+
+@cuda.jit(**_JIT)
+def hidden_grad_step(k, batch_sizes, offsets, dy, dh_n, dh_rec, dh_total, dh0):
+    """Step k of backward, before the gate math when the layer has a projection: thread
+    (d, b, p) over (D, B, P). dL/dh of each active row = its output gradient dy (D, N, P) plus
+    what flows back from the next processed step (dh_rec (D, B, P), valid for that step's rows)
+    or, for a row that ends here, dh_n; written to dh_total (D, N, P). A row absent from step k
+    but present in step k+1 started at k+1: its carried gradient is dL/dh0."""
+    d, b, p, ok = _thread_coordinates(dh0.shape[2], dh0.shape[0], dh0.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
+    if b < rows:
+        carried = dh_rec[d, b, p] if b < rows_next else dh_n[d, b, p]
+        dh_total[d, off + b, p] = dy[d, off + b, p] + carried
+    elif b < rows_next:
+        dh0[d, b, p] = dh_rec[d, b, p]
+
+
+@cuda.jit(**_JIT)
+def step_backward(
+    cell,
+    relu,
+    k,
+    hidden,
+    batch_sizes,
+    offsets,
+    has_proj,
+    dy,
+    dh_n,
+    dh_rec,
+    dh_raw,
+    h0,
+    c0,
+    y,
+    gate_cache,
+    cell_cache,
+    dc_state,
+    d_input,
+    d_recurrent,
+    dh_direct,
+    dh0,
+    one,
+):
+    """Step k of backward (k = -1 only hands the last carried gradients to dh0). dL/dh of each
+    active row is resolved as in `hidden_grad_step`, or with a projection read from dh_raw
+    (D, B, H) = dh_total @ W_hr. Writes the gate pre-activation gradients (d_input, d_recurrent)
+    of the step's rows and dh_direct (D, B, H), the part of dL/dh_prev that skips W_hh; the host
+    then forms dh_rec = d_recurrent @ W_hh + dh_direct for step k - 1."""
+    d, b, j, ok = _thread_coordinates(hidden, dh_direct.shape[0], dh_direct.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
+    if b < rows:
+        if has_proj:
+            dh = dh_raw[d, b, j]
+        else:
+            carried = dh_rec[d, b, j] if b < rows_next else dh_n[d, b, j]
+            dh = dy[d, off + b, j] + carried
+        rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
+        zero = one - one
+        h_prev = zero
+        c_prev = zero
+        if cell == GRU:
+            h_prev = y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j]
+        if cell == LSTM:
+            c_prev = cell_cache[d, off_prev + b, j] if b < rows_prev else c0[d, b, j]
+        dh_direct[d, b, j] = unit_backward(
+            cell,
+            relu,
+            d,
+            off + b,
+            b,
+            j,
+            hidden,
+            dh,
+            h_prev,
+            c_prev,
+            y,
+            gate_cache,
+            cell_cache,
+            dc_state,
+            d_input,
+            d_recurrent,
+            one,
+        )
+    elif b < rows_next and not has_proj:
+        dh0[d, b, j] = dh_rec[d, b, j]
