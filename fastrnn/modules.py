@@ -4,9 +4,10 @@ Each class subclasses the torch class and replaces only `forward`, so constructi
 names, initialisation (the same RNG draws), `state_dict`, `repr`, `flatten_parameters` and
 pickling are torch's own, and `isinstance(m, torch.nn.LSTM)` holds. `forward` does torch's
 argument handling (unbatched input, PackedSequence, hx=None, the same errors) and runs
-`fastrnn.functional` on the CPU kernels. Inputs without a kernel (another device, float16,
-bfloat16, autocast) run torch's own implementation through `super().forward`, with a warning
-issued once per reason.
+`fastrnn.functional` on fastrnn's kernels: Numba on the CPU, numba-cuda on CUDA tensors (when
+numba-cuda and a GPU are usable). Inputs without a kernel (another device, float16, bfloat16,
+autocast, CUDA without numba-cuda) run torch's own implementation through `super().forward`, with
+a warning issued once per reason.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCe
 
 def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
     """Why fastrnn has no kernel for this call (None if it has one)."""
-    if input.device.type != "cpu":
-        return f"fastrnn has no kernel for device '{input.device.type}' yet"
+    device = input.device.type
+    if device == "cuda":
+        from .recurrence_cuda import unavailable_reason
+
+        reason = unavailable_reason()
+        if reason is not None:
+            return f"fastrnn can't run its CUDA kernels: {reason}"
+    elif device != "cpu":
+        return f"fastrnn has no kernel for device '{device}'"
     if input.dtype not in _KERNEL_DTYPES:
-        return f"fastrnn has no CPU kernel for {input.dtype}"
-    if torch.is_autocast_enabled("cpu"):
-        return "fastrnn does not run under CPU autocast"
+        return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
+    if torch.is_autocast_enabled(device):
+        return f"fastrnn does not run under {device.upper()} autocast yet"
     for t in tensors:
-        if t.device.type != "cpu" or t.dtype not in _KERNEL_DTYPES:
-            return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device.type}'"
+        if t.device != input.device or t.dtype not in _KERNEL_DTYPES:
+            return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"
     return None
 
 

@@ -29,8 +29,13 @@ import torch
 from torch import Tensor
 
 STRATEGIES = ("auto", "persistent", "stepwise")
+# Under the simulator, blocks of 4 threads: every thread then loops over several (row, unit)
+# items and the stepwise grids span several blocks, the code paths large sizes take on a GPU.
+_SIMULATOR_THREADS = 4
 # Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
 _SHARED_BYTES = 48 * 1024
+
+_LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
 
 _strategy = os.environ.get("FASTRNN_CUDA_STRATEGY", "auto")
 _last_strategy: str | None = None
@@ -216,7 +221,7 @@ def recurrence_forward(
     rows, firsts = _steps(batch_sizes, directions)
     sizes = launch.index_array(batch_sizes.astype(np.int64))
     offsets = launch.index_array(firsts[0].copy())
-    threads = common.THREADS_PER_BLOCK
+    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
     if strategy == "persistent":
         units, blocks = plan
         shared = gates * units * W_hh.shape[2] * 4
@@ -313,7 +318,7 @@ def recurrence_backward(
     rows, firsts = _steps(batch_sizes, directions)
     sizes = launch.index_array(batch_sizes.astype(np.int64))
     offsets = launch.index_array(firsts[0].copy())
-    threads = common.THREADS_PER_BLOCK
+    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
     if dc0 is not None:
         dc0.copy_(dc_n)
     dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
@@ -398,8 +403,10 @@ def recurrence_backward(
         for d in range(directions):
             count, first = int(rows[d, k]), int(firsts[d, k])
             grads = d_recurrent[d, first : first + count]
-            # dL/dh_prev = d_recurrent @ W_hh + the part that skips W_hh (GRU's z * dh).
-            torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
+            if cell == _GRU:  # dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
+                torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
+            else:
+                torch.mm(grads, W_hh[d], out=dh_rec[d, :count])
 
 
 def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
@@ -422,7 +429,6 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
 
 
 # The per-cell entry points, with the same arguments as `recurrence_cpu`'s.
-_LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
 
 
 def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
@@ -463,6 +469,8 @@ def lstm_backward(
 
 
 def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> None:
+    if b_hh is None:  # the kernel adds b_hn inside r * (W_hn h + b_hn)
+        b_hh = W_hh.new_zeros((W_hh.shape[0], W_hh.shape[1]))
     recurrence_forward(
         _GRU, False, batch_sizes, W_hh, None, b_hh, h0, None, projected, gate_cache, None, y,
         h_n, None,

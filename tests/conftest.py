@@ -13,10 +13,18 @@ Contract checked by these helpers (see DESIGN.md, "The public API" / "Numerics")
 
 from __future__ import annotations
 
-import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+import os
 
-import fastrnn
+# Without an NVIDIA GPU, the CUDA kernels are tested under Numba's simulator (marker `cudasim`).
+# Numba reads this when it is first imported, so it is set before anything imports numba; on a
+# GPU machine it stays unset and the `cuda` tests run on the real device instead.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import torch  # noqa: E402
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+import fastrnn  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 

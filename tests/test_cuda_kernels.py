@@ -1,0 +1,236 @@
+"""fastrnn's CUDA path (kernels/cuda + fastrnn/recurrence_cuda) against torch.nn.
+
+Without a GPU (marker `cudasim`): the whole module path runs on CPU tensors through the CUDA
+launcher with Numba's simulator standing in for the GPU and torch's CPU ops for cuBLAS
+(`fastrnn.autograd.CUDA_KERNELS_ON_CPU`). Tiny sizes: the simulator runs every GPU thread as a
+Python thread. The persistent kernel runs there with one block per direction (the simulator
+can't run a grid barrier across blocks), so its multi-block split is verified only on a GPU.
+
+With a GPU (marker `cuda`): the same comparisons on CUDA tensors against cuDNN; skipped here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+from conftest import MODES, assert_results_close, make_mode_pair, run_fwd_bwd
+
+import fastrnn
+import fastrnn.autograd
+
+F32, F64 = torch.float32, torch.float64
+SIMULATED = bool(numba.config.ENABLE_CUDASIM)
+HAS_GPU = torch.cuda.is_available() and not SIMULATED
+
+try:
+    from fastrnn import recurrence_cuda
+    from fastrnn.kernels.cuda import common as cuda_common
+except ImportError:  # numba-cuda not installed
+    recurrence_cuda = None
+
+needs_simulator = pytest.mark.skipif(
+    not SIMULATED or recurrence_cuda is None,
+    reason="needs numba-cuda and NUMBA_ENABLE_CUDASIM=1 (set by conftest without a GPU)",
+)
+needs_gpu = pytest.mark.skipif(
+    not HAS_GPU or recurrence_cuda is None, reason="needs an NVIDIA GPU and numba-cuda"
+)
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """Route CPU tensors through the CUDA launcher; yields a strategy setter."""
+    monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    before = recurrence_cuda.get_cuda_strategy()
+    yield recurrence_cuda.set_cuda_strategy
+    recurrence_cuda.set_cuda_strategy(before)
+
+
+def _case(mode, strategy, *, dtype=F32, layers=1, bidirectional=False, proj=0, lengths=None,
+          hx=False, batch_first=False, bias=True, T=3, B=3, I=2, H=3):  # fmt: skip
+    return pytest.param(
+        dict(
+            mode=mode,
+            strategy=strategy,
+            dtype=dtype,
+            layers=layers,
+            bidirectional=bidirectional,
+            proj=proj,
+            lengths=lengths,
+            hx=hx,
+            batch_first=batch_first,
+            bias=bias,
+            T=T,
+            B=B,
+            I=I,
+            H=H,
+        ),  # fmt: skip
+        id="-".join(
+            [mode, strategy, "f64" if dtype == F64 else "f32", f"L{layers}"]
+            + (["bi"] if bidirectional else [])
+            + ([f"proj{proj}"] if proj else [])
+            + (["packed"] if lengths else [])
+            + (["hx"] if hx else [])
+            + (["bf"] if batch_first else [])
+            + ([] if bias else ["nobias"])
+        ),
+    )
+
+
+CASES = []
+for _mode in MODES:
+    CASES += [
+        _case(_mode, "persistent"),
+        _case(_mode, "persistent", bidirectional=True, lengths=[3, 1, 2], hx=True),
+        _case(_mode, "persistent", layers=2, batch_first=True, bias=False, B=2, H=4),
+        _case(_mode, "stepwise", dtype=F64),
+        _case(_mode, "stepwise", dtype=F64, bidirectional=True, lengths=[2, 3, 1], hx=True),
+        _case(_mode, "stepwise", layers=2, bidirectional=True, hx=True),
+    ]
+CASES += [
+    _case("LSTM", "stepwise", dtype=F64, proj=2, H=3),
+    _case("LSTM", "stepwise", dtype=F64, proj=2, bidirectional=True, lengths=[1, 3, 2], hx=True),
+    _case("LSTM", "auto", proj=1, layers=2),  # auto takes stepwise for a projection
+    _case("GRU", "auto", B=5, H=2, T=2),
+]
+
+
+def _compare(c, device="cpu"):
+    kwargs = {"proj_size": c["proj"]} if c["proj"] else {}
+    ref, fast = make_mode_pair(
+        c["mode"], c["I"], c["H"], num_layers=c["layers"], bias=c["bias"],
+        batch_first=c["batch_first"], bidirectional=c["bidirectional"], dtype=c["dtype"], **kwargs,
+    )  # fmt: skip
+    ref.to(device)
+    fast.to(device)
+    gen = torch.Generator().manual_seed(7)
+    shape = (c["B"], c["T"], c["I"]) if c["batch_first"] else (c["T"], c["B"], c["I"])
+    x = torch.randn(shape, generator=gen, dtype=F64).to(c["dtype"]).to(device)
+    hx = None
+    if c["hx"]:
+        D = 2 if c["bidirectional"] else 1
+        out = c["proj"] or c["H"]
+        h0 = torch.randn((c["layers"] * D, c["B"], out), generator=gen, dtype=F64)
+        h0 = h0.to(c["dtype"]).to(device)
+        if c["mode"] == "LSTM":
+            c0 = torch.randn((c["layers"] * D, c["B"], c["H"]), generator=gen, dtype=F64)
+            hx = (h0, c0.to(c["dtype"]).to(device))
+        else:
+            hx = h0
+    kw = {"lengths": c["lengths"], "enforce_sorted": False} if c["lengths"] else {}
+    fast_res = run_fwd_bwd(fast, x, hx, **kw)
+    ref_res = run_fwd_bwd(ref, x, hx, **kw)
+    return fast_res, ref_res
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("c", CASES)
+def test_cuda_path_matches_torch(c, cuda_path):
+    cuda_path(c["strategy"])
+    fast_res, ref_res = _compare(c)
+    assert_results_close(fast_res, ref_res)
+    expected = "stepwise" if c["proj"] or c["strategy"] == "stepwise" else "persistent"
+    assert recurrence_cuda.last_cuda_strategy() == expected
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+@pytest.mark.parametrize("mode", ["LSTMCell", "GRUCell", "RNNCell_RELU"])
+def test_cuda_path_cells_match_torch(mode, strategy, cuda_path):
+    cuda_path(strategy)
+    ref, fast = make_mode_pair(mode, 3, 4)
+    x = torch.randn(2, 3)
+    fast_res = run_fwd_bwd(fast, x)
+    ref_res = run_fwd_bwd(ref, x)
+    assert_results_close(fast_res, ref_res)
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_forced_persistent_refuses_what_it_cannot_run(cuda_path):
+    cuda_path("persistent")
+    lstm = fastrnn.LSTM(2, 3, proj_size=2)
+    with pytest.raises(RuntimeError, match="persistent CUDA kernel can't run"):
+        lstm(torch.randn(2, 1, 2))
+    with pytest.raises(ValueError, match="cuda strategy must be one of"):
+        recurrence_cuda.set_cuda_strategy("fast")
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_persistent_plan_respects_shared_memory_and_residency():
+    plan = recurrence_cuda.persistent_plan
+    # H100-like: 132 blocks resident; LSTM H=512: 4 units per block, 16 KiB of W_hh... per unit
+    units, blocks = plan(512, 512, 4, 1, 132)
+    assert units * blocks >= 512 and 4 * units * 512 * 4 <= 48 * 1024
+    assert blocks <= 132
+    assert plan(1024, 1024, 4, 1, 132) is None  # 8 units x 4 gates x 1024 x 4 B > 48 KiB
+    assert plan(512, 512, 4, 2, 132) is None  # two directions halve the blocks per direction
+    assert plan(8, 8, 4, 1, 1) == (8, 1)  # the simulator's single block
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_previous_hidden_gathers_the_consumed_state():
+    # Packed, lengths 3, 2, 1 -> batch_sizes 3, 2, 1; two directions.
+    batch_sizes = np.array([3, 2, 1])
+    y = torch.arange(2 * 6, dtype=F64).reshape(2, 6, 1)
+    h0 = -torch.arange(1, 7, dtype=F64).reshape(2, 3, 1)
+    h_prev = recurrence_cuda.previous_hidden(batch_sizes, y, h0)
+    # forward: rows 0-2 of t=0 read h0, t=1 reads t=0's rows 0-1, t=2 reads t=1's row 3
+    assert h_prev[0, :, 0].tolist() == [-1, -2, -3, 0, 1, 3]
+    # reverse: t=2 (row 5) reads h0[0]; t=1 (rows 3, 4): row 0 from t=2, row 1 from h0
+    # t=0 (rows 0-2): rows 0, 1 from t=1, row 2 from h0
+    assert h_prev[1, :, 0].tolist() == [9, 10, -6, 11, -5, -4]
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_step_span_matches_the_cpu_layout():
+    sizes = np.array([3, 2, 2, 1])
+    offsets = np.array([0, 3, 5, 7])
+    for d in (0, 1):
+        for k in range(-1, 5):
+            rows, first = cuda_common.step_span(k, d, sizes, offsets)
+            if 0 <= k < 4:
+                t = 3 - k if d else k
+                assert (rows, first) == (sizes[t], offsets[t])
+            else:
+                assert (rows, first) == (0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# real GPU: parity with cuDNN (skipped without one)
+# ---------------------------------------------------------------------------------------------
+GPU_CASES = [
+    _case(m, s, T=20, B=b, I=16, H=h, bidirectional=bi, lengths=ln)
+    for m in MODES
+    for s in ("persistent", "stepwise")
+    for (b, h, bi, ln) in [(4, 32, False, None), (5, 64, True, [20, 3, 11, 7, 1])]
+] + [_case("LSTM", "auto", proj=16, T=20, B=4, I=16, H=32, layers=2, bidirectional=True)]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("c", GPU_CASES)
+def test_gpu_matches_cudnn(c):
+    recurrence_cuda.set_cuda_strategy(c["strategy"])
+    try:
+        fast_res, ref_res = _compare(c, device="cuda")
+    finally:
+        recurrence_cuda.set_cuda_strategy("auto")
+    assert_results_close(fast_res, ref_res, tol=1e-3)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gpu_runs_fastrnn_kernels_not_the_fallback():
+    lstm = fastrnn.LSTM(8, 16).cuda()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        y, _ = lstm(torch.randn(5, 2, 8, device="cuda"))
+    assert recurrence_cuda.last_cuda_strategy() in ("persistent", "stepwise")
+    assert y.is_cuda
