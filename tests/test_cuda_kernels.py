@@ -204,6 +204,66 @@ def test_step_span_matches_the_cpu_layout():
 
 
 # ---------------------------------------------------------------------------------------------
+# real compilation (the simulator never types the kernels): PTX for sm_90 through NVVM
+# ---------------------------------------------------------------------------------------------
+_COMPILE_SCRIPT = r"""
+import sys, types as pytypes
+try:
+    from numba import cuda, types
+    import numba.cuda.dispatcher as dispatcher
+    from fastrnn.kernels.cuda import persistent, stepwise
+    # Device functions ask the current device for its compute capability; there is none here.
+    dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
+    cuda.compile_ptx(stepwise.hidden_grad_step.py_func,
+                     (types.int64,) + (types.Array(types.int64, 1, "C"),) * 2
+                     + (types.Array(types.float32, 3, "C"),) * 5, cc=(9, 0))
+except Exception as error:
+    print("NVVM-UNAVAILABLE", type(error).__name__, error)
+    sys.exit(0)
+i64, flag, index = types.int64, types.boolean, types.Array(types.int64, 1, "C")
+for dt in (types.float32, types.float64):
+    a3, a2 = types.Array(dt, 3, "C"), types.Array(dt, 2, "C")
+    kernels = {
+        stepwise.step_forward: (i64, flag, i64, i64, index, index, flag)
+        + (a3,) * 5 + (a2, a3, a3, a3, dt),
+        stepwise.step_backward: (i64, flag, i64, i64, index, index, flag) + (a3,) * 14 + (dt,),
+    }
+    if dt == types.float32:  # the persistent kernels are float32 only
+        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, index, index, a3, a2)
+        kernels[persistent.persistent_forward] += (a3,) * 8 + (dt,)
+        kernels[persistent.persistent_backward] = (i64, flag, i64, i64, index, index)
+        kernels[persistent.persistent_backward] += (a3,) * 13 + (dt,)
+    for kernel, signature in kernels.items():
+        ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        name = kernel.py_func.__name__
+        cooperative = "cudaCGGetIntrinsicHandle" in ptx
+        assert cooperative == name.startswith("persistent"), name
+        if dt == types.float32:
+            assert ".f64" not in ptx, f"{name}: float64 arithmetic in the float32 kernel"
+        print("compiled", name, dt)
+"""
+
+
+@pytest.mark.cudasim
+def test_kernels_compile_to_ptx_with_numba_typing():
+    """Every kernel compiles for sm_90 with the argument types the launcher passes; the
+    persistent ones are cooperative launches; float32 kernels contain no float64 arithmetic.
+    Needs NVVM/NVRTC (pip install "numba-cuda[cu12]"); skipped without them."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    if "NVVM-UNAVAILABLE" in done.stdout:
+        pytest.skip(done.stdout.strip()[:300])
+    assert done.stdout.count("compiled") == 6, done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
 # real GPU: parity with cuDNN (skipped without one)
 # ---------------------------------------------------------------------------------------------
 GPU_CASES = [
