@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="(cpu); cuda times with CUDA events",
     )
+    g.add_argument(
+        "--cuda-strategy",
+        choices=("auto", "persistent", "stepwise", "torch"),
+        default="auto",
+        help="fastrnn's GPU kernel strategy (auto); the one that ran is reported per case",
+    )
     g.add_argument("--layers", type=int, default=1, help="num_layers (1)")
     g.add_argument("--bidirectional", action="store_true", help="bidirectional modules")
     g.add_argument("--proj-size", type=int, default=0, help="LSTM proj_size (LSTM cases only; 0)")
@@ -159,6 +165,8 @@ def _file_stem(args, date: str) -> str:
         tags.append("packed")
     if args.threads is not None:
         tags.append(f"t{args.threads}")
+    if args.device == "cuda" and args.cuda_strategy != "auto":
+        tags.append(args.cuda_strategy)
     if args.quick:
         tags.append("quick")
     return "-".join([args.device, date, *tags])
@@ -239,6 +247,8 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
     }
     t_start = time.perf_counter()
     load = OtherLoad()
+    fastrnn_module = sys.modules["fastrnn"]
+    fastrnn_module.last_cuda_strategy(reset=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -286,6 +296,15 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
         if msg not in seen:
             seen.append(msg)
     res["warnings"] = seen
+    if cfg.device == "cuda":
+        # The kernels fastrnn ran (None: it fell back to torch, see the warnings), and the
+        # cuDNN algorithm torch asked for: torch picks cuDNN's persistent RNN algorithm only for
+        # float16 unpacked input (torch docs, "cuDNN persistent RNN"), else the standard one.
+        res["fastrnn_strategy"] = fastrnn_module.last_cuda_strategy(reset=True)
+        persistent_possible = cfg.dtype == "float16" and not cfg.packed
+        res["cudnn_algo"] = (
+            "persistent (if cuDNN's heuristics agree)" if persistent_possible else ("standard")
+        )
     res["torch_threads_after"] = torch.get_num_threads()
     res["numba_threads_after"] = numba.get_num_threads()
     res["wall_s"] = time.perf_counter() - t_start
@@ -328,6 +347,11 @@ def main(argv=None) -> int:
             "run on a machine with an NVIDIA GPU and a CUDA build of torch, or use --device cpu"
         )
 
+    if args.device == "cuda":
+        import fastrnn
+
+        fastrnn.set_cuda_strategy(args.cuda_strategy)
+
     if args.threads is not None:
         if args.threads < 1:
             return _fail("--threads must be >= 1")
@@ -366,6 +390,7 @@ def main(argv=None) -> int:
         "bidirectional": args.bidirectional,
         "proj_size": args.proj_size,
         "packed": args.packed,
+        "cuda_strategy": args.cuda_strategy if args.device == "cuda" else None,
         "seed": args.seed,
         "parity": not args.no_parity,
         "rtol": args.rtol,
@@ -437,6 +462,12 @@ def main(argv=None) -> int:
 
     print(R.console_table(results, meta.get("sgemm_peak_gflops")))
     note_lines = R.notes(results, threads_start, threads_end)
+    if args.device == "cuda":
+        note_lines += [
+            f"{r['label']}: fastrnn ran {r.get('fastrnn_strategy') or 'torch (fallback)'}, "
+            f"cuDNN algorithm {r.get('cudnn_algo')}"
+            for r in results
+        ]
     if note_lines:
         print("\nNotes:")
         for ln in note_lines:

@@ -41,6 +41,11 @@ _ensure_kernels_package()
 from . import functional  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert  # noqa: E402
+from .recurrence_cuda import (  # noqa: E402
+    get_cuda_strategy,
+    last_cuda_strategy,
+    set_cuda_strategy,
+)
 
 __all__ = [
     "LSTM",
@@ -50,6 +55,9 @@ __all__ = [
     "GRUCell",
     "RNNCell",
     "convert",
+    "set_cuda_strategy",
+    "get_cuda_strategy",
+    "last_cuda_strategy",
     "functional",
     "__version__",
 ]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import recurrence_cpu
+from . import recurrence_cpu, recurrence_cuda
 
 # Test hook: True sends CPU tensors through the GPU path (`recurrence_cuda`, under Numba's CUDA
 # simulator), so the GPU code runs end to end on a machine without a GPU.
@@ -35,10 +35,15 @@ CUDA_KERNELS_ON_CPU = False
 
 def _recurrence(x: Tensor) -> ModuleType:
     """The kernels for x's device: `recurrence_cpu` or `recurrence_cuda` (same functions)."""
-    if x.is_cuda or CUDA_KERNELS_ON_CPU:
-        from . import recurrence_cuda  # needs numba-cuda, so imported only when used
-
+    if x.is_cuda:
+        reason = recurrence_cuda.unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"fastrnn can't run its CUDA kernels: {reason}")
         return recurrence_cuda
+    if CUDA_KERNELS_ON_CPU:
+        return recurrence_cuda
+    if x.device.type != "cpu":
+        raise RuntimeError(f"fastrnn has no kernel for device '{x.device.type}'")
     return recurrence_cpu
 
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
+from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
@@ -30,12 +31,15 @@ _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
 
 
+def _torch_chosen(input: Tensor) -> bool:
+    """The user asked for torch's own GPU implementation (set_cuda_strategy("torch"))."""
+    return input.device.type == "cuda" and get_cuda_strategy() == "torch"
+
+
 def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
     """Why fastrnn has no kernel for this call (None if it has one)."""
     device = input.device.type
     if device == "cuda":
-        from .recurrence_cuda import unavailable_reason
-
         reason = unavailable_reason()
         if reason is not None:
             return f"fastrnn can't run its CUDA kernels: {reason}"
@@ -66,6 +70,8 @@ def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence) -> bool:
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, Tensor):
         return False  # let the argument checks report it
+    if _torch_chosen(data):
+        return True
     reason = _unsupported_reason(data, list(module._flat_weights))  # type: ignore[arg-type]
     if reason is None:
         return False
@@ -326,6 +332,8 @@ class _CellForward:
     def _cell_fallback_needed(self, input) -> bool:
         if not isinstance(input, Tensor):
             return False
+        if _torch_chosen(input):
+            return True
         weights = [p for p in self.parameters(recurse=False)]
         reason = _unsupported_reason(input, weights)
         if reason is None:

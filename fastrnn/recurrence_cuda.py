@@ -6,8 +6,9 @@ Two strategies (`kernels/cuda/stepwise.py`, `kernels/cuda/persistent.py`):
   float32 without a projection, when the hidden size fits (`persistent_plan`).
 - "stepwise": per step, the recurrent product by cuBLAS (torch.mm) and one fused pointwise kernel
   for all directions. Any dtype the kernels support and proj_size.
-`set_cuda_strategy("auto" | "persistent" | "stepwise")` (or FASTRNN_CUDA_STRATEGY) picks one;
-"auto" takes the persistent kernel wherever it applies.
+`set_cuda_strategy("auto" | "persistent" | "stepwise" | "torch")` (or FASTRNN_CUDA_STRATEGY)
+picks one; "auto" takes the persistent kernel wherever it applies, "torch" leaves CUDA tensors to
+torch's own implementation (cuDNN).
 
 Interop: tensors go to the kernels zero-copy through `__cuda_array_interface__` (without the
 implicit stream synchronisation), and the kernels run on torch's current stream, so nothing in
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-STRATEGIES = ("auto", "persistent", "stepwise")
+STRATEGIES = ("auto", "persistent", "stepwise", "torch")
 # Under the simulator, blocks of 4 threads: every thread then loops over several (row, unit)
 # items and the stepwise grids span several blocks, the code paths large sizes take on a GPU.
 _SIMULATOR_THREADS = 4
@@ -42,7 +43,9 @@ _last_strategy: str | None = None
 
 
 def set_cuda_strategy(name: str) -> None:
-    """Force the GPU kernel strategy: "persistent", "stepwise", or "auto" (the default)."""
+    """Choose how CUDA tensors run: "auto" (the default: fastrnn's kernels, persistent where it
+    applies), "persistent" or "stepwise" (force one; "persistent" raises where it can't run), or
+    "torch" (torch's own implementation, i.e. cuDNN, without a warning)."""
     global _strategy
     if name not in STRATEGIES:
         raise ValueError(f"fastrnn: cuda strategy must be one of {STRATEGIES}, got {name!r}")
@@ -54,9 +57,14 @@ def get_cuda_strategy() -> str:
     return _strategy
 
 
-def last_cuda_strategy() -> str | None:
-    """The strategy the most recent GPU layer forward ran ("persistent" / "stepwise")."""
-    return _last_strategy
+def last_cuda_strategy(reset: bool = False) -> str | None:
+    """The strategy the most recent GPU layer forward ran ("persistent" / "stepwise"; None if
+    none ran since the last reset). `reset=True` clears it after reading."""
+    global _last_strategy
+    strategy = _last_strategy
+    if reset:
+        _last_strategy = None
+    return strategy
 
 
 @functools.cache

@@ -160,6 +160,16 @@ def test_forced_persistent_refuses_what_it_cannot_run(cuda_path):
         recurrence_cuda.set_cuda_strategy("fast")
 
 
+def test_strategy_setting_round_trips():
+    before = fastrnn.get_cuda_strategy()
+    try:
+        for name in ("torch", "stepwise", "persistent", "auto"):
+            fastrnn.set_cuda_strategy(name)
+            assert fastrnn.get_cuda_strategy() == name
+    finally:
+        fastrnn.set_cuda_strategy(before)
+
+
 @pytest.mark.cudasim
 @needs_simulator
 def test_persistent_plan_respects_shared_memory_and_residency():
@@ -280,10 +290,13 @@ GPU_CASES = [
 def test_gpu_matches_cudnn(c):
     recurrence_cuda.set_cuda_strategy(c["strategy"])
     try:
+        recurrence_cuda.last_cuda_strategy(reset=True)
         fast_res, ref_res = _compare(c, device="cuda")
     finally:
         recurrence_cuda.set_cuda_strategy("auto")
     assert_results_close(fast_res, ref_res, tol=1e-3)
+    expected = "stepwise" if c["proj"] or c["strategy"] == "stepwise" else "persistent"
+    assert recurrence_cuda.last_cuda_strategy() == expected
 
 
 @pytest.mark.cuda
