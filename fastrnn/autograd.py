@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import recurrence_cpu, recurrence_cuda
+from .kernels.cpu.common import batch_sizes_problem
 
 # Test hook: True sends CPU tensors through the GPU path (`recurrence_cuda`, under Numba's CUDA
 # simulator), so the GPU code runs end to end on a machine without a GPU.
@@ -64,6 +65,23 @@ def _first_order_only(backward):
     return wrapper
 
 
+class _InferenceContext:
+    """Stands in for autograd's ctx when a layer's forward runs without autograd."""
+
+    needs_input_grad: tuple[bool, ...] = ()
+
+
+def apply_layer(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)`, or only its forward when no gradient can flow (no_grad or
+    inference_mode, or nothing requires grad): autograd's bookkeeping costs ~30 us a call, a
+    tenth of a batch-1 forward. Traced calls keep the Function so the trace records it."""
+    if (
+        torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+    ) or torch.jit.is_tracing():
+        return function.apply(*args)
+    return function.forward(_InferenceContext(), *args)
+
+
 def _check_layer(
     x: Tensor,
     batch_sizes: np.ndarray,
@@ -75,28 +93,25 @@ def _check_layer(
 ) -> None:
     """Shapes the kernels index without bounds checks: a mismatch raises here instead of reading
     out of bounds (e.g. after a weight was replaced by one of another shape)."""
-    directions, rows_hidden = W_hh.shape[0], W_hh.shape[1]
-    hidden = rows_hidden // gates
-    batch = int(batch_sizes[0]) if batch_sizes.size else 0
-    if batch_sizes.size == 0 or int(batch_sizes.sum()) != x.shape[0]:
+    problem = batch_sizes_problem(batch_sizes, x.shape[0])
+    if problem == 1:
         raise RuntimeError(
             f"fastrnn: batch_sizes add up to {int(batch_sizes.sum())}, input has {x.shape[0]} rows"
         )
-    if (batch_sizes < 0).any() or (np.diff(batch_sizes) > 0).any():
+    if problem:
         raise RuntimeError("fastrnn: batch_sizes must be non-negative and non-increasing")
-    expected = {
-        "weight_ih": (directions, rows_hidden, x.shape[1]),
-        "weight_hh": (directions, gates * hidden, state_sizes[0]),
-    }
-    actual = {"weight_ih": tuple(W_ih.shape), "weight_hh": tuple(W_hh.shape)}
-    for index, (state, size) in enumerate(zip(states, state_sizes, strict=True)):
-        expected[f"hx[{index}]"] = (directions, batch, size)
-        actual[f"hx[{index}]"] = tuple(state.shape)
-    for name, shape in expected.items():
-        if actual[name] != shape:
-            raise RuntimeError(
-                f"fastrnn: {name} has shape {list(actual[name])}, expected {list(shape)}"
-            )
+    directions, rows_hidden = W_hh.shape[0], W_hh.shape[1]
+    batch = int(batch_sizes[0])
+    expected = [
+        (directions, rows_hidden, x.shape[1]),
+        (directions, rows_hidden - rows_hidden % gates, state_sizes[0]),
+    ]
+    expected += [(directions, batch, size) for size in state_sizes]
+    actual = [W_ih.shape, W_hh.shape, *(state.shape for state in states)]
+    for index, (got, shape) in enumerate(zip(actual, expected, strict=True)):
+        if tuple(got) != shape:
+            name = ("weight_ih", "weight_hh")[index] if index < 2 else f"hx[{index - 2}]"
+            raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 
 def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction
+from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction, apply_layer
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
 # directions) -> (y (N, D * P), new states (D, B, *))
@@ -137,20 +137,20 @@ def _one_direction(*tensors: Tensor | None) -> list[Tensor | None]:
 def _run_lstm_layer(x, sizes, states, w):
     h0, c0 = states
     W_ih, W_hh, b_ih, b_hh, W_hr = w
-    y, h_n, c_n = LSTMLayerFunction.apply(x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    y, h_n, c_n = apply_layer(LSTMLayerFunction, x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
     return y, (h_n, c_n)
 
 
 def _run_gru_layer(x, sizes, states, w):
     W_ih, W_hh, b_ih, b_hh, _ = w
-    y, h_n = GRULayerFunction.apply(x, sizes, states[0], W_ih, W_hh, b_ih, b_hh)
+    y, h_n = apply_layer(GRULayerFunction, x, sizes, states[0], W_ih, W_hh, b_ih, b_hh)
     return y, (h_n,)
 
 
 def _rnn_layer_runner(relu: bool) -> LayerRunner:
     def run(x, sizes, states, w):
         W_ih, W_hh, b_ih, b_hh, _ = w
-        y, h_n = RNNLayerFunction.apply(x, sizes, relu, states[0], W_ih, W_hh, b_ih, b_hh)
+        y, h_n = apply_layer(RNNLayerFunction, x, sizes, relu, states[0], W_ih, W_hh, b_ih, b_hh)
         return y, (h_n,)
 
     return run
@@ -302,7 +302,8 @@ def lstm_cell(
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n, c_n = LSTMLayerFunction.apply(
+    _, h_n, c_n = apply_layer(
+        LSTMLayerFunction,
         input,
         sizes,
         hx[0].unsqueeze(0),
@@ -324,8 +325,8 @@ def gru_cell(
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = GRULayerFunction.apply(
-        input, sizes, hx.unsqueeze(0), *_one_direction(W_ih, W_hh, b_ih, b_hh)
+    _, h_n = apply_layer(
+        GRULayerFunction, input, sizes, hx.unsqueeze(0), *_one_direction(W_ih, W_hh, b_ih, b_hh)
     )
     return h_n[0]
 
@@ -342,7 +343,8 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = RNNLayerFunction.apply(
+    _, h_n = apply_layer(
+        RNNLayerFunction,
         input,
         sizes,
         nonlinearity == "relu",
