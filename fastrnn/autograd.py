@@ -184,7 +184,9 @@ class LSTMLayerFunction(torch.autograd.Function):
         gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         y = x.new_empty((directions, rows, h0.shape[2]))
         h_n, c_n = _states_like(h0, c0)
-        cell_cache = x.new_empty((directions, rows, hidden))
+        # float16 storage keeps LSTM's cell state in float32 (GPU path only)
+        cell_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        cell_cache = x.new_empty((directions, rows, hidden), dtype=cell_dtype)
         _recurrence(x).lstm_forward(
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
         )

@@ -23,7 +23,10 @@ from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16),
+}
 _warned: set[str] = set()
 
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
@@ -45,12 +48,13 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
             return f"fastrnn can't run its CUDA kernels: {reason}"
     elif device != "cpu":
         return f"fastrnn has no kernel for device '{device}'"
-    if input.dtype not in _KERNEL_DTYPES:
+    dtypes = _KERNEL_DTYPES[device]
+    if input.dtype not in dtypes:
         return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
     if torch.is_autocast_enabled(device):
         return f"fastrnn does not run under {device.upper()} autocast yet"
     for t in tensors:
-        if t.device != input.device or t.dtype not in _KERNEL_DTYPES:
+        if t.device != input.device or t.dtype not in dtypes:
             return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"
     return None
 

@@ -111,7 +111,8 @@ class _Launch:
         cuda = _cuda_modules()[0]
         self.device = like.device
         self.on_gpu = like.is_cuda
-        self.one = np.ones(1, dtype=np.float32 if like.dtype == torch.float32 else np.float64)[0]
+        # the compute dtype: float64 for float64 data, else float32 (float16 data widens)
+        self.one = np.ones(1, dtype=np.float64 if like.dtype == torch.float64 else np.float32)[0]
         if self.on_gpu:
             self.context = cuda.gpus[like.device.index or 0]
             self.stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
@@ -178,14 +179,15 @@ def _blocks_available(launch: _Launch) -> int:
 def _choose(launch: _Launch, hidden, width, gates, directions, dtype, projected):
     """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
     plan = None
-    if dtype == torch.float32 and not projected:
+    if dtype in (torch.float32, torch.float16) and not projected:
         if launch.on_gpu:
             plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
         else:  # simulator: one block per launch, one launch per direction
             plan = persistent_plan(hidden, width, gates, 1, 1)
     if _strategy == "persistent" and plan is None:
         raise RuntimeError(
-            "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32, no "
+            "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32 or "
+            "float16, no "
             f"proj_size, and {gates} x hidden x hidden float32 weights split over the GPU's "
             "blocks within 48 KiB each); use set_cuda_strategy('auto') or 'stepwise'"
         )
@@ -226,6 +228,10 @@ def recurrence_forward(
         launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
     )
     _last_strategy = strategy
+    # LSTM's running cell state stays in cell_cache's dtype (float32 for float16 data).
+    c_state = c_n
+    if c_n is not None and c_n.dtype != cell_cache.dtype:
+        c_state = torch.empty(c_n.shape, dtype=cell_cache.dtype, device=c_n.device)
     rows, firsts = _steps(batch_sizes, directions)
     sizes = launch.index_array(batch_sizes.astype(np.int64))
     offsets = launch.index_array(firsts[0].copy())
@@ -243,7 +249,7 @@ def recurrence_forward(
             launch.array(inputs),
             launch.array(gate_cache),
             launch.array(cell_cache),
-            launch.array(c_n),
+            launch.array(c_state),
             launch.array(y),
             launch.array(h_n),
             launch.one,
@@ -254,12 +260,14 @@ def recurrence_forward(
         else:
             for d in range(directions):
                 launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        if c_state is not c_n:
+            c_n.copy_(c_state)
         return strategy
 
     projected = W_hr is not None
     h_n.copy_(h0)
     if c_n is not None:
-        c_n.copy_(c0)
+        c_state.copy_(c0)
     rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=h0.dtype, device=h0.device)
     h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
     args = [
@@ -271,7 +279,7 @@ def recurrence_forward(
         launch.array(inputs),
         launch.array(gate_cache),
         launch.array(cell_cache),
-        launch.array(c_n),
+        launch.array(c_state),
         launch.array(b_hh, ndim=2),
         launch.array(h_n),
         launch.array(h_raw),
@@ -289,6 +297,8 @@ def recurrence_forward(
                 count, first = int(rows[d, k]), int(firsts[d, k])
                 torch.mm(h_raw[d, :count], W_hr[d].t(), out=h_n[d, :count])
                 y[d, first : first + count].copy_(h_n[d, :count])
+    if c_state is not c_n:
+        c_n.copy_(c_state)
     return strategy
 
 
@@ -327,8 +337,12 @@ def recurrence_backward(
     sizes = launch.index_array(batch_sizes.astype(np.int64))
     offsets = launch.index_array(firsts[0].copy())
     threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
+    # dc runs in cell_cache's dtype (float32 for float16 data), from dc_n to dc0.
+    dc_state = dc0
     if dc0 is not None:
-        dc0.copy_(dc_n)
+        if dc0.dtype != cell_cache.dtype:
+            dc_state = torch.empty(dc0.shape, dtype=cell_cache.dtype, device=dc0.device)
+        dc_state.copy_(dc_n)
     dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
     if strategy == "persistent":
         units, blocks = plan
@@ -344,7 +358,7 @@ def recurrence_backward(
             launch.array(y),
             launch.array(gate_cache),
             launch.array(cell_cache),
-            launch.array(dc0),
+            launch.array(dc_state),
             launch.array(d_input),
             launch.array(d_recurrent),
             launch.array(dh_direct),
@@ -357,6 +371,8 @@ def recurrence_backward(
         else:
             for d in range(directions):
                 launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        if dc_state is not dc0:
+            dc0.copy_(dc_state)
         return
 
     projected = W_hr is not None
@@ -377,7 +393,7 @@ def recurrence_backward(
         launch.array(y),
         launch.array(gate_cache),
         launch.array(cell_cache),
-        launch.array(dc0),
+        launch.array(dc_state),
         launch.array(d_input),
         launch.array(d_recurrent),
         launch.array(dh_direct),
@@ -415,6 +431,8 @@ def recurrence_backward(
                 torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
             else:
                 torch.mm(grads, W_hh[d], out=dh_rec[d, :count])
+    if dc_state is not dc0:
+        dc0.copy_(dc_state)
 
 
 def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:

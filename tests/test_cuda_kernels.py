@@ -136,6 +136,32 @@ def test_cuda_path_matches_torch(c, cuda_path):
     assert recurrence_cuda.last_cuda_strategy() == expected
 
 
+F16_CASES = [
+    _case(m, s, dtype=torch.float16, bidirectional=True, lengths=[3, 1, 2], hx=True)
+    for m in MODES
+    for s in ("persistent", "stepwise")
+] + [_case("LSTM", "stepwise", dtype=torch.float16, proj=2, layers=2)]
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("c", F16_CASES)
+def test_cuda_path_float16_storage(c, cuda_path):
+    """float16 storage, float32 math and LSTM cell state: within float16 rounding of torch.nn
+    run in float32 on the same (float16-representable) weights and inputs."""
+    cuda_path(c["strategy"])
+    fast_res, _ = _compare(c)
+    ref_res = _compare({**c, "dtype": F32})[1]
+    for name, ref_value in ref_res.items():
+        fast_value = fast_res[name]
+        if isinstance(ref_value, torch.Tensor) and ref_value.is_floating_point():
+            assert fast_value.dtype == torch.float16, name
+            scale = max(1.0, ref_value.abs().max().item())
+            worst = (fast_value.float() - ref_value).abs().max().item()
+            assert worst <= 1e-2 * scale, f"{name}: {worst:.3e}"
+    assert recurrence_cuda.last_cuda_strategy() == ("stepwise" if c["proj"] else c["strategy"])
+
+
 @pytest.mark.cudasim
 @needs_simulator
 @pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
@@ -231,25 +257,34 @@ except Exception as error:
     print("NVVM-UNAVAILABLE", type(error).__name__, error)
     sys.exit(0)
 i64, flag, index = types.int64, types.boolean, types.Array(types.int64, 1, "C")
-for dt in (types.float32, types.float64):
+for dt in (types.float32, types.float64, types.float16):
     a3, a2 = types.Array(dt, 3, "C"), types.Array(dt, 2, "C")
+    c3 = types.Array(types.float32, 3, "C") if dt == types.float16 else a3  # LSTM cell state
+    one = types.float32 if dt == types.float16 else dt
     kernels = {
+        # rec, inputs, gate_cache, cell_cache, c_state, b_hh, h_state, h_raw, y, one
         stepwise.step_forward: (i64, flag, i64, i64, index, index, flag)
-        + (a3,) * 5 + (a2, a3, a3, a3, dt),
-        stepwise.step_backward: (i64, flag, i64, i64, index, index, flag) + (a3,) * 14 + (dt,),
+        + (a3, a3, a3, c3, c3, a2, a3, a3, a3, one),
+        # dy, dh_n, dh_rec, dh_raw, h0, c0, y, gate_cache, cell_cache, dc_state, d_input,
+        # d_recurrent, dh_direct, dh0, one
+        stepwise.step_backward: (i64, flag, i64, i64, index, index, flag)
+        + (a3,) * 8 + (c3, c3) + (a3,) * 4 + (one,),
     }
-    if dt == types.float32:  # the persistent kernels are float32 only
-        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, index, index, a3, a2)
-        kernels[persistent.persistent_forward] += (a3,) * 8 + (dt,)
+    if dt != types.float64:  # the persistent kernels: float32 and float16 storage
+        # W_hh, b_hh, h0, c0, inputs, gate_cache, cell_cache, c_state, y, h_n, one
+        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, index, index)
+        kernels[persistent.persistent_forward] += (a3, a2, a3, a3, a3, a3, c3, c3, a3, a3, one)
+        # W_hh, h0, c0, dy, dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent,
+        # dh_direct, dh0, one
         kernels[persistent.persistent_backward] = (i64, flag, i64, i64, index, index)
-        kernels[persistent.persistent_backward] += (a3,) * 13 + (dt,)
+        kernels[persistent.persistent_backward] += (a3,) * 7 + (c3, c3) + (a3,) * 4 + (one,)
     for kernel, signature in kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         name = kernel.py_func.__name__
         cooperative = "cudaCGGetIntrinsicHandle" in ptx
         assert cooperative == name.startswith("persistent"), name
-        if dt == types.float32:
-            assert ".f64" not in ptx, f"{name}: float64 arithmetic in the float32 kernel"
+        if dt != types.float64:
+            assert ".f64" not in ptx, f"{name}: float64 arithmetic in a {dt} kernel"
         print("compiled", name, dt)
 """
 
@@ -257,7 +292,8 @@ for dt in (types.float32, types.float64):
 @pytest.mark.cudasim
 def test_kernels_compile_to_ptx_with_numba_typing():
     """Every kernel compiles for sm_90 with the argument types the launcher passes; the
-    persistent ones are cooperative launches; float32 kernels contain no float64 arithmetic.
+    persistent ones are cooperative launches; float32 and float16 kernels contain no float64
+    arithmetic.
     Needs NVVM/NVRTC (pip install "numba-cuda[cu12]"); skipped without them."""
     import os
     import subprocess
@@ -270,7 +306,7 @@ def test_kernels_compile_to_ptx_with_numba_typing():
     assert done.returncode == 0, done.stderr[-3000:]
     if "NVVM-UNAVAILABLE" in done.stdout:
         pytest.skip(done.stdout.strip()[:300])
-    assert done.stdout.count("compiled") == 6, done.stdout
+    assert done.stdout.count("compiled") == 10, done.stdout
 
 
 # ---------------------------------------------------------------------------------------------

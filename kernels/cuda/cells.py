@@ -11,6 +11,9 @@ Array layouts (D directions, N packed rows, B batch rows):
     GRU:  inputs (D, N, 3H) = x @ W_ih^T + b_ih; b_hh (D, 3H);
           gate_cache (D, N, 4H): out r, z, n and W_hn h + b_hn (backward needs the last).
     RNN:  inputs = y (D, N, H): in x @ W_ih^T + b_ih + b_hh, out h.
+Storage may be float16 (every load is widened to `one`'s dtype, float32, and the math runs
+there; stores round back); LSTM's cell state (c_state, cell_cache, dc_state) is then float32.
+The recurrent products rec0..rec3, h_prev, c_prev and dh arrive already widened.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import math
 
 from numba import cuda
 
-from .common import GRU, LSTM, activation, activation_grad, sigmoid
+from .common import GRU, LSTM, activation, activation_grad, sigmoid, wide
 
 
 @cuda.jit(device=True)
@@ -46,11 +49,11 @@ def unit_forward(
     """New hidden value of unit j (for LSTM before the projection), given the recurrent products
     rec0..rec3 = (W_hh h)[g * H + j] of gates g = 0..G-1 and the unit's own previous h."""
     if cell == LSTM:
-        i = sigmoid(gate_cache[d, n, j] + rec0, one)
-        f = sigmoid(gate_cache[d, n, hidden + j] + rec1, one)
-        g = math.tanh(gate_cache[d, n, 2 * hidden + j] + rec2)
-        o = sigmoid(gate_cache[d, n, 3 * hidden + j] + rec3, one)
-        c = f * c_state[d, b, j] + i * g
+        i = sigmoid(wide(gate_cache[d, n, j], one) + rec0, one)
+        f = sigmoid(wide(gate_cache[d, n, hidden + j], one) + rec1, one)
+        g = math.tanh(wide(gate_cache[d, n, 2 * hidden + j], one) + rec2)
+        o = sigmoid(wide(gate_cache[d, n, 3 * hidden + j], one) + rec3, one)
+        c = f * wide(c_state[d, b, j], one) + i * g
         gate_cache[d, n, j] = i
         gate_cache[d, n, hidden + j] = f
         gate_cache[d, n, 2 * hidden + j] = g
@@ -59,16 +62,18 @@ def unit_forward(
         cell_cache[d, n, j] = c
         return o * math.tanh(c)
     if cell == GRU:
-        r = sigmoid(inputs[d, n, j] + rec0 + b_hh[d, j], one)
-        z = sigmoid(inputs[d, n, hidden + j] + rec1 + b_hh[d, hidden + j], one)
-        hn = rec2 + b_hh[d, 2 * hidden + j]
-        new = math.tanh(inputs[d, n, 2 * hidden + j] + r * hn)
+        r = sigmoid(wide(inputs[d, n, j], one) + rec0 + wide(b_hh[d, j], one), one)
+        z = sigmoid(
+            wide(inputs[d, n, hidden + j], one) + rec1 + wide(b_hh[d, hidden + j], one), one
+        )
+        hn = rec2 + wide(b_hh[d, 2 * hidden + j], one)
+        new = math.tanh(wide(inputs[d, n, 2 * hidden + j], one) + r * hn)
         gate_cache[d, n, j] = r
         gate_cache[d, n, hidden + j] = z
         gate_cache[d, n, 2 * hidden + j] = new
         gate_cache[d, n, 3 * hidden + j] = hn
         return (one - z) * new + z * h_prev
-    return activation(inputs[d, n, j] + rec0, relu, one)
+    return activation(wide(inputs[d, n, j], one) + rec0, relu, one)
 
 
 @cuda.jit(device=True)
@@ -97,12 +102,12 @@ def unit_backward(
     (D, B, H). Returns the part of dL/dh_prev that doesn't go through W_hh (GRU's z * dh)."""
     zero = one - one
     if cell == LSTM:
-        i = gate_cache[d, n, j]
-        f = gate_cache[d, n, hidden + j]
-        g = gate_cache[d, n, 2 * hidden + j]
-        o = gate_cache[d, n, 3 * hidden + j]
-        tc = math.tanh(cell_cache[d, n, j])
-        dc = dc_state[d, b, j] + dh * o * (one - tc * tc)
+        i = wide(gate_cache[d, n, j], one)
+        f = wide(gate_cache[d, n, hidden + j], one)
+        g = wide(gate_cache[d, n, 2 * hidden + j], one)
+        o = wide(gate_cache[d, n, 3 * hidden + j], one)
+        tc = math.tanh(wide(cell_cache[d, n, j], one))
+        dc = wide(dc_state[d, b, j], one) + dh * o * (one - tc * tc)
         d_input[d, n, j] = dc * g * i * (one - i)
         d_input[d, n, hidden + j] = dc * c_prev * f * (one - f)
         d_input[d, n, 2 * hidden + j] = dc * i * (one - g * g)
@@ -110,10 +115,10 @@ def unit_backward(
         dc_state[d, b, j] = dc * f
         return zero
     if cell == GRU:
-        r = gate_cache[d, n, j]
-        z = gate_cache[d, n, hidden + j]
-        new = gate_cache[d, n, 2 * hidden + j]
-        hn = gate_cache[d, n, 3 * hidden + j]
+        r = wide(gate_cache[d, n, j], one)
+        z = wide(gate_cache[d, n, hidden + j], one)
+        new = wide(gate_cache[d, n, 2 * hidden + j], one)
+        hn = wide(gate_cache[d, n, 3 * hidden + j], one)
         d_new = dh * (one - z) * (one - new * new)
         d_update = dh * (h_prev - new) * z * (one - z)
         d_reset = d_new * hn * r * (one - r)
@@ -124,5 +129,5 @@ def unit_backward(
         d_recurrent[d, n, hidden + j] = d_update
         d_recurrent[d, n, 2 * hidden + j] = d_new * r
         return dh * z
-    d_input[d, n, j] = dh * activation_grad(y[d, n, j], relu, one)
+    d_input[d, n, j] = dh * activation_grad(wide(y[d, n, j], one), relu, one)
     return zero

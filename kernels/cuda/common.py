@@ -4,8 +4,9 @@ Layout (the same as the CPU kernels'): rows are time-major, step t holds `batch_
 starting at `offsets[t]`; the rows alive at a step are a prefix of the batch. Direction d = 0 runs
 t = 0..T-1, direction d = 1 (reverse) t = T-1..0; "step k" is the k-th step a direction processes.
 
-Numbers: every kernel takes `one`, a 1 of the data's dtype, because a Python float literal would
-promote float32 arithmetic to float64 on the GPU.
+Numbers: every kernel takes `one`, a 1 of the compute dtype (float32 for float32 and float16
+data, float64 for float64), because a Python float literal would promote float32 arithmetic to
+float64 on the GPU; loads go through `wide` to reach that dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def step_span(k, d, batch_sizes, offsets):
         return 0, 0
     t = steps - 1 - k if d == 1 else k
     return batch_sizes[t], offsets[t]
+
+
+@cuda.jit(device=True)
+def wide(x, one):
+    """x in the compute dtype (`one`'s): float16 storage widens to float32; a no-op otherwise
+    (x * 1 is exact, and the compiler drops it)."""
+    return x * one
 
 
 @cuda.jit(device=True)

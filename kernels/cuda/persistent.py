@@ -1,4 +1,5 @@
-"""Persistent strategy: one cooperative launch runs the whole recurrence of a layer, float32.
+"""Persistent strategy: one cooperative launch runs the whole recurrence of a layer; float32 or
+float16 storage, float32 math and weights (in shared memory).
 
 Grid (blocks per direction, directions); block x of direction d owns hidden units
 u0 = x * U .. u0 + U - 1 and keeps their rows of W_hh in shared memory for the whole sequence
@@ -22,7 +23,7 @@ import numba
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import GRU, LSTM, gate_count, step_span
+from .common import GRU, LSTM, gate_count, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -88,7 +89,7 @@ def persistent_forward(
             source, row = (y, off_prev + b) if b < rows_prev else (h0, b)
             rec0, rec1, rec2, rec3 = zero, zero, zero, zero
             for p in range(width):
-                h = source[d, row, p]
+                h = wide(source[d, row, p], one)
                 base = p * stride + u
                 rec0 += weights[base] * h
                 if gates > 1:
@@ -109,7 +110,7 @@ def persistent_forward(
                 rec1,
                 rec2,
                 rec3,
-                source[d, row, j],
+                wide(source[d, row, j], one),
                 inputs,
                 gate_cache,
                 cell_cache,
@@ -173,16 +174,21 @@ def persistent_backward(
             carried = zero
             if b < rows_next:
                 for q in range(rows_hh):
-                    carried += d_recurrent[d, off_next + b, q] * weights[q * units_per_block + u]
-                carried += dh_direct[d, b, j]
+                    weight = weights[q * units_per_block + u]
+                    carried += wide(d_recurrent[d, off_next + b, q], one) * weight
+                carried += wide(dh_direct[d, b, j], one)
             if b < rows:
-                dh = dy[d, off + b, j] + (carried if b < rows_next else dh_n[d, b, j])
+                dh = wide(dy[d, off + b, j], one)
+                dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
                 h_prev = zero
                 c_prev = zero
                 if cell == GRU:
-                    h_prev = y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j]
+                    h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
                 if cell == LSTM:
-                    c_prev = cell_cache[d, off_prev + b, j] if b < rows_prev else c0[d, b, j]
+                    if b < rows_prev:
+                        c_prev = wide(cell_cache[d, off_prev + b, j], one)
+                    else:
+                        c_prev = wide(c0[d, b, j], one)
                 dh_direct[d, b, j] = unit_backward(
                     cell,
                     relu,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import GRU, LSTM, gate_count, step_span
+from .common import GRU, LSTM, gate_count, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -57,10 +57,10 @@ def step_forward(
         return
     gates = gate_count(cell)
     zero = one - one
-    rec1 = rec[d, b, hidden + j] if gates > 1 else zero
-    rec2 = rec[d, b, 2 * hidden + j] if gates > 1 else zero
-    rec3 = rec[d, b, 3 * hidden + j] if gates > 3 else zero
-    h_prev = h_state[d, b, j] if cell == GRU else zero
+    rec1 = wide(rec[d, b, hidden + j], one) if gates > 1 else zero
+    rec2 = wide(rec[d, b, 2 * hidden + j], one) if gates > 1 else zero
+    rec3 = wide(rec[d, b, 3 * hidden + j], one) if gates > 3 else zero
+    h_prev = wide(h_state[d, b, j], one) if cell == GRU else zero
     h = unit_forward(
         cell,
         relu,
@@ -69,7 +69,7 @@ def step_forward(
         b,
         j,
         hidden,
-        rec[d, b, j],
+        wide(rec[d, b, j], one),
         rec1,
         rec2,
         rec3,
@@ -144,18 +144,22 @@ def step_backward(
     rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
     if b < rows:
         if has_proj:
-            dh = dh_raw[d, b, j]
+            dh = wide(dh_raw[d, b, j], one)
         else:
             carried = dh_rec[d, b, j] if b < rows_next else dh_n[d, b, j]
-            dh = dy[d, off + b, j] + carried
+            dh = wide(dy[d, off + b, j], one) + wide(carried, one)
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
         zero = one - one
         h_prev = zero
         c_prev = zero
         if cell == GRU:
-            h_prev = y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j]
+            h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
         if cell == LSTM:
-            c_prev = cell_cache[d, off_prev + b, j] if b < rows_prev else c0[d, b, j]
+            c_prev = (
+                wide(cell_cache[d, off_prev + b, j], one)
+                if b < rows_prev
+                else wide(c0[d, b, j], one)
+            )
         dh_direct[d, b, j] = unit_backward(
             cell,
             relu,
