@@ -71,10 +71,27 @@ class _InferenceContext:
     needs_input_grad: tuple[bool, ...] = ()
 
 
+def cuda_autocast_half(x: Tensor) -> bool:
+    """x is a CUDA tensor inside `torch.autocast("cuda")` with float16 (the default dtype)."""
+    return (
+        x.is_cuda
+        and torch.is_autocast_enabled("cuda")
+        and torch.get_autocast_dtype("cuda") == torch.float16
+    )
+
+
 def apply_layer(function: type[torch.autograd.Function], *args):
     """`function.apply(*args)`, or only its forward when no gradient can flow (no_grad or
     inference_mode, or nothing requires grad): autograd's bookkeeping costs ~30 us a call, a
-    tenth of a batch-1 forward. Traced calls keep the Function so the trace records it."""
+    tenth of a batch-1 forward. Traced calls keep the Function so the trace records it.
+
+    Under CUDA autocast (float16), the layer runs as torch's cuDNN RNN does there: input,
+    states and weights cast to float16 (differentiably, so float32 parameters get float32
+    gradients), float16 results."""
+    if isinstance(args[0], Tensor) and cuda_autocast_half(args[0]):
+        half = [a.half() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast("cuda", enabled=False):
+            return apply_layer(function, *half)
     if (
         torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
     ) or torch.jit.is_tracing():

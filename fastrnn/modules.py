@@ -52,7 +52,9 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
     if input.dtype not in dtypes:
         return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
     if torch.is_autocast_enabled(device):
-        return f"fastrnn does not run under {device.upper()} autocast yet"
+        autocast_dtype = torch.get_autocast_dtype(device)
+        if device == "cpu" or autocast_dtype != torch.float16:
+            return f"fastrnn does not run under {device.upper()} autocast to {autocast_dtype} yet"
     for t in tensors:
         if t.device != input.device or t.dtype not in dtypes:
             return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"

@@ -343,3 +343,26 @@ def test_gpu_runs_fastrnn_kernels_not_the_fallback():
         y, _ = lstm(torch.randn(5, 2, 8, device="cuda"))
     assert recurrence_cuda.last_cuda_strategy() in ("persistent", "stepwise")
     assert y.is_cuda
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("mode", list(MODES))
+def test_gpu_autocast_float16_matches_cudnn(mode):
+    ref, fast = make_mode_pair(mode, 16, 32, num_layers=2)
+    ref.cuda()
+    fast.cuda()
+    x = torch.randn(10, 4, 16, device="cuda")
+    results = []
+    for module in (ref, fast):
+        with torch.autocast("cuda", dtype=torch.float16):
+            y = module(x)[0]
+        y.float().pow(2).sum().backward()
+        results.append((y, [p.grad for p in module.parameters()]))
+    (y_ref, grads_ref), (y_fast, grads_fast) = results
+    assert y_fast.dtype == y_ref.dtype
+    assert (y_fast.float() - y_ref.float()).abs().max().item() <= 1e-2
+    for g_fast, g_ref in zip(grads_fast, grads_ref, strict=True):
+        assert g_fast.dtype == g_ref.dtype == torch.float32
+        scale = max(1.0, g_ref.abs().max().item())
+        assert (g_fast - g_ref).abs().max().item() <= 2e-2 * scale
