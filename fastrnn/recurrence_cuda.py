@@ -196,6 +196,17 @@ def _choose(launch: _Launch, hidden, width, gates, directions, dtype, projected)
     return "persistent", plan
 
 
+def _run_persistent(launch, kernel, plan, directions, threads, shared, cell, relu, args) -> None:
+    """One cooperative grid (blocks per direction, directions) on a GPU; under the simulator,
+    which runs one block at a time, one single-block launch per direction."""
+    units, blocks = plan
+    if launch.on_gpu:
+        launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
+    else:
+        for d in range(directions):
+            launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+
+
 def _grid(total: int, threads: int) -> int:
     return max(1, math.ceil(total / threads))
 
@@ -237,8 +248,7 @@ def recurrence_forward(
     offsets = launch.index_array(firsts[0].copy())
     threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
     if strategy == "persistent":
-        units, blocks = plan
-        shared = gates * units * W_hh.shape[2] * 4
+        shared = gates * plan[0] * W_hh.shape[2] * 4
         args = [
             sizes,
             offsets,
@@ -254,12 +264,10 @@ def recurrence_forward(
             launch.array(h_n),
             launch.one,
         ]
-        kernel = persistent.persistent_forward
-        if launch.on_gpu:
-            launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
-        else:
-            for d in range(directions):
-                launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        _run_persistent(
+            launch, persistent.persistent_forward, plan, directions, threads, shared, cell, relu,
+            args,
+        )  # fmt: skip
         if c_state is not c_n:
             c_n.copy_(c_state)
         return strategy
@@ -345,8 +353,7 @@ def recurrence_backward(
         dc_state.copy_(dc_n)
     dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
     if strategy == "persistent":
-        units, blocks = plan
-        shared = gates * units * hidden * 4
+        shared = gates * plan[0] * hidden * 4
         args = [
             sizes,
             offsets,
@@ -365,12 +372,10 @@ def recurrence_backward(
             launch.array(dh0),
             launch.one,
         ]
-        kernel = persistent.persistent_backward
-        if launch.on_gpu:
-            launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
-        else:
-            for d in range(directions):
-                launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+        _run_persistent(
+            launch, persistent.persistent_backward, plan, directions, threads, shared, cell, relu,
+            args,
+        )  # fmt: skip
         if dc_state is not dc0:
             dc0.copy_(dc_state)
         return

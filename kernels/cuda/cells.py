@@ -13,7 +13,7 @@ Array layouts (D directions, N packed rows, B batch rows):
     RNN:  inputs = y (D, N, H): in x @ W_ih^T + b_ih + b_hh, out h.
 Storage may be float16 (every load is widened to `one`'s dtype, float32, and the math runs
 there; stores round back); LSTM's cell state (c_state, cell_cache, dc_state) is then float32.
-The recurrent products rec0..rec3, h_prev, c_prev and dh arrive already widened.
+The recurrent products rec0..rec3, h_prev and dh arrive already widened.
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ def unit_backward(
     j,
     hidden,
     dh,
-    h_prev,
-    c_prev,
+    rows_prev,
+    off_prev,
+    h0,
+    c0,
     y,
     gate_cache,
     cell_cache,
@@ -99,9 +101,15 @@ def unit_backward(
     """Gradients of unit j's gate pre-activations from dh = dL/dh of this row and step (for LSTM
     after the projection's backward). Writes d_input (D, N, G*H) (and for GRU d_recurrent, which
     differs in the n block; LSTM and RNN pass the same array twice); LSTM carries dc in dc_state
-    (D, B, H). Returns the part of dL/dh_prev that doesn't go through W_hh (GRU's z * dh)."""
+    (D, B, H). Returns the part of dL/dh_prev that doesn't go through W_hh (GRU's z * dh).
+    The row's previous h and c are the previous processed step's (rows_prev rows from
+    off_prev), or h0 / c0 (D, B, *) for a row that starts at this step."""
     zero = one - one
     if cell == LSTM:
+        if b < rows_prev:
+            c_prev = wide(cell_cache[d, off_prev + b, j], one)
+        else:
+            c_prev = wide(c0[d, b, j], one)
         i = wide(gate_cache[d, n, j], one)
         f = wide(gate_cache[d, n, hidden + j], one)
         g = wide(gate_cache[d, n, 2 * hidden + j], one)
@@ -115,6 +123,7 @@ def unit_backward(
         dc_state[d, b, j] = dc * f
         return zero
     if cell == GRU:
+        h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
         r = wide(gate_cache[d, n, j], one)
         z = wide(gate_cache[d, n, hidden + j], one)
         new = wide(gate_cache[d, n, 2 * hidden + j], one)

@@ -23,7 +23,7 @@ import numba
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import GRU, LSTM, gate_count, step_span, wide
+from .common import LSTM, gate_count, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -180,15 +180,6 @@ def persistent_backward(
             if b < rows:
                 dh = wide(dy[d, off + b, j], one)
                 dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
-                h_prev = zero
-                c_prev = zero
-                if cell == GRU:
-                    h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
-                if cell == LSTM:
-                    if b < rows_prev:
-                        c_prev = wide(cell_cache[d, off_prev + b, j], one)
-                    else:
-                        c_prev = wide(c0[d, b, j], one)
                 dh_direct[d, b, j] = unit_backward(
                     cell,
                     relu,
@@ -198,8 +189,10 @@ def persistent_backward(
                     j,
                     hidden,
                     dh,
-                    h_prev,
-                    c_prev,
+                    rows_prev,
+                    off_prev,
+                    h0,
+                    c0,
                     y,
                     gate_cache,
                     cell_cache,

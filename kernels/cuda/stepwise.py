@@ -11,7 +11,7 @@ from __future__ import annotations
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import GRU, LSTM, gate_count, step_span, wide
+from .common import GRU, gate_count, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -149,17 +149,6 @@ def step_backward(
             carried = dh_rec[d, b, j] if b < rows_next else dh_n[d, b, j]
             dh = wide(dy[d, off + b, j], one) + wide(carried, one)
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
-        zero = one - one
-        h_prev = zero
-        c_prev = zero
-        if cell == GRU:
-            h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
-        if cell == LSTM:
-            c_prev = (
-                wide(cell_cache[d, off_prev + b, j], one)
-                if b < rows_prev
-                else wide(c0[d, b, j], one)
-            )
         dh_direct[d, b, j] = unit_backward(
             cell,
             relu,
@@ -169,8 +158,10 @@ def step_backward(
             j,
             hidden,
             dh,
-            h_prev,
-            c_prev,
+            rows_prev,
+            off_prev,
+            h0,
+            c0,
             y,
             gate_cache,
             cell_cache,
