@@ -239,6 +239,8 @@ def recurrence_forward(
         launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
     )
     _last_strategy = strategy
+    if batch == 0:  # an empty batch: nothing to launch (and no memory to hand to a kernel)
+        return strategy
     # LSTM's running cell state stays in cell_cache's dtype (float32 for float16 data).
     c_state = c_n
     if c_n is not None and c_n.dtype != cell_cache.dtype:
@@ -341,6 +343,8 @@ def recurrence_backward(
     strategy, plan = _choose(
         launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
     )
+    if batch == 0:
+        return
     rows, firsts = _steps(batch_sizes, directions)
     sizes = launch.index_array(batch_sizes.astype(np.int64))
     offsets = launch.index_array(firsts[0].copy())

@@ -177,6 +177,19 @@ def test_cuda_path_cells_match_torch(mode, strategy, cuda_path):
 
 @pytest.mark.cudasim
 @needs_simulator
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+def test_cuda_path_empty_batch(strategy, cuda_path):
+    cuda_path(strategy)
+    ref, fast = make_mode_pair("LSTM", 4, 5, num_layers=2, bidirectional=True)
+    x = torch.randn(3, 0, 4, requires_grad=True)
+    (y_ref, (h_ref, c_ref)), (y_fast, (h_fast, c_fast)) = ref(x), fast(x)
+    assert y_fast.shape == y_ref.shape and h_fast.shape == h_ref.shape
+    assert c_fast.shape == c_ref.shape
+    y_fast.sum().backward()
+
+
+@pytest.mark.cudasim
+@needs_simulator
 def test_forced_persistent_refuses_what_it_cannot_run(cuda_path):
     cuda_path("persistent")
     lstm = fastrnn.LSTM(2, 3, proj_size=2)
