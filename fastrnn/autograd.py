@@ -80,6 +80,7 @@ def cuda_autocast_half(x: Tensor) -> bool:
     )
 
 
+@torch.compiler.disable  # torch.compile can't trace into Numba: run the layer eagerly there
 def apply_layer(function: type[torch.autograd.Function], *args):
     """`function.apply(*args)`, or only its forward when no gradient can flow (no_grad or
     inference_mode, or nothing requires grad): autograd's bookkeeping costs ~30 us a call, a
@@ -110,7 +111,7 @@ def _check_layer(
 ) -> None:
     """Shapes the kernels index without bounds checks: a mismatch raises here instead of reading
     out of bounds (e.g. after a weight was replaced by one of another shape)."""
-    problem = batch_sizes_problem(batch_sizes, x.shape[0])
+    problem = batch_sizes_problem(batch_sizes, int(x.shape[0]))  # a tensor while tracing
     if problem == 1:
         raise RuntimeError(
             f"fastrnn: batch_sizes add up to {int(batch_sizes.sum())}, input has {x.shape[0]} rows"

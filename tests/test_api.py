@@ -529,3 +529,38 @@ def test_fallback_for_half_precision_warns_and_matches_torch():
             y_fast, h_fast = fast(x)
     assert y_fast.dtype == y_ref.dtype and h_fast.dtype == h_ref.dtype
     assert torch.equal(y_fast, y_ref) and torch.equal(h_fast, h_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile / torch.jit.trace around fastrnn modules
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["eager", "inductor"])
+def test_torch_compile_graph_breaks_around_fastrnn(backend):
+    """torch.compile can't trace into Numba; fastrnn's layers run eagerly inside a compiled
+    model (a graph break) with the same results and gradients as torch.nn."""
+    torch.manual_seed(0)
+    fast = fastrnn.LSTM(8, 16, num_layers=2)
+    ref = torch.nn.LSTM(8, 16, num_layers=2)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(5, 3, 8)
+    compiled = torch.compile(fast, backend=backend)
+    y_fast, y_ref = compiled(x)[0], ref(x)[0]
+    assert (y_fast - y_ref).abs().max().item() < 1e-5
+    y_fast.sum().backward()
+    y_ref.sum().backward()
+    assert (fast.weight_hh_l1.grad - ref.weight_hh_l1.grad).abs().max().item() < 1e-5
+    with torch.no_grad():
+        assert (compiled(x)[0] - ref(x)[0]).abs().max().item() < 1e-5
+
+
+def test_torch_jit_trace_records_the_layer():
+    torch.manual_seed(0)
+    fast = fastrnn.GRU(8, 16).eval()
+    ref = torch.nn.GRU(8, 16).eval()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(5, 3, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(fast, (x,), check_trace=False)
+        x2 = torch.randn(5, 3, 8)
+        assert (traced(x2)[0] - ref(x2)[0]).abs().max().item() < 1e-5
