@@ -7,10 +7,22 @@ from __future__ import annotations
 
 import warnings
 
+import numba
+import pytest
 import torch
 from conftest import CELL_MODES, MODES, compare_modules, make_mode_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import fastrnn
+import fastrnn.autograd
+
+try:
+    import numba.cuda  # noqa: F401  (numba-cuda: the simulator when NUMBA_ENABLE_CUDASIM=1)
+
+    SIMULATED = bool(numba.config.ENABLE_CUDASIM)
+except ImportError:
+    SIMULATED = False
 
 SETTINGS = settings(
     max_examples=15,
@@ -121,3 +133,22 @@ def test_random_cell_matches_torch(mode, B, I, H, bias, hx, dtype, seed):
         if mode == "LSTMCell":
             state = (state, torch.randn((*batch, H), generator=gen).to(dtype))
     compare_modules(ref, fast, x, state)
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not SIMULATED, reason="needs numba-cuda's simulator (no GPU here)")
+@settings(max_examples=30, deadline=None, database=None)
+@given(module_configs(packed=True), st.sampled_from(["auto", "stepwise"]))
+def test_random_packed_on_cuda_kernels_matches_torch(c, strategy):
+    """The CUDA launcher and kernels (simulated, on CPU tensors) on random packed batches:
+    "auto" takes the persistent kernel for float32 without a projection."""
+    from fastrnn import recurrence_cuda
+
+    before = recurrence_cuda.get_cuda_strategy()
+    fastrnn.autograd.CUDA_KERNELS_ON_CPU = True
+    recurrence_cuda.set_cuda_strategy(strategy)
+    try:
+        _run(c)
+    finally:
+        fastrnn.autograd.CUDA_KERNELS_ON_CPU = False
+        recurrence_cuda.set_cuda_strategy(before)
