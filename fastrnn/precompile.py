@@ -1,4 +1,4 @@
-"""Compile fastrnn's CPU kernels ahead of time into Numba's on-disk cache.
+"""Compile fastrnn's kernels ahead of time into Numba's on-disk cache.
 
 The first call of each kernel in a fresh environment compiles it (about 30 s for LSTM and GRU
 forward+backward together on a 2-core machine); later processes load it from the cache in well
@@ -6,6 +6,7 @@ under a second. Run this once where the first call's latency matters, e.g. in a 
 
     python -m fastrnn.precompile                  # float32
     python -m fastrnn.precompile float32 float64
+    python -m fastrnn.precompile --device cuda float32 float16   # both GPU strategies
 """
 
 from __future__ import annotations
@@ -16,21 +17,38 @@ import time
 import torch
 
 from .modules import GRU, LSTM, RNN
+from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 
 
-def precompile(dtypes: tuple[str, ...] = ("float32",)) -> dict[str, float]:
-    """Run a tiny forward+backward of every cell for each dtype; returns seconds per dtype."""
+def _run_cells(dtype: torch.dtype, device: str) -> None:
+    for module in (LSTM(2, 3), GRU(2, 3), RNN(2, 3)):
+        module = module.to(device=device, dtype=dtype)
+        x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
+        output, _ = module(x)
+        output.float().sum().backward()
+
+
+def precompile(dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> dict[str, float]:
+    """Run a tiny forward+backward of every cell for each dtype (on CUDA: with each kernel
+    strategy that applies); returns seconds per dtype."""
     seconds = {}
     for name in dtypes:
         dtype = _DTYPES[name]
+        if device == "cpu" and dtype == torch.float16:
+            raise ValueError("fastrnn has no float16 CPU kernels")
         start = time.perf_counter()
-        for module in (LSTM(2, 3), GRU(2, 3), RNN(2, 3)):
-            module = module.to(dtype)
-            x = torch.randn(3, 2, 2, dtype=dtype, requires_grad=True)
-            output, _ = module(x)
-            output.sum().backward()
+        if device == "cpu":
+            _run_cells(dtype, device)
+        else:
+            before = get_cuda_strategy()
+            try:
+                for strategy in ("stepwise", "auto"):  # auto: persistent where it applies
+                    set_cuda_strategy(strategy)
+                    _run_cells(dtype, device)
+            finally:
+                set_cuda_strategy(before)
         seconds[name] = time.perf_counter() - start
     return seconds
 
@@ -38,9 +56,12 @@ def precompile(dtypes: tuple[str, ...] = ("float32",)) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastrnn.precompile", description=__doc__)
     parser.add_argument("dtypes", nargs="*", default=["float32"], choices=sorted(_DTYPES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
-    for name, took in precompile(tuple(args.dtypes)).items():
-        print(f"fastrnn kernels for {name}: ready ({took:.1f} s)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    for name, took in precompile(tuple(args.dtypes), args.device).items():
+        print(f"fastrnn {args.device} kernels for {name}: ready ({took:.1f} s)")
     return 0
 
 
