@@ -37,6 +37,10 @@ _SIMULATOR_THREADS = 4
 _SHARED_BYTES = 48 * 1024
 
 _LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
+# "auto" leaves larger batches to the stepwise strategy: there cuBLAS's per-step GEMM has enough
+# work, and each persistent thread would loop over several rows. A first guess, not a measured
+# crossover (no GPU has run these kernels yet).
+_PERSISTENT_MAX_BATCH = 64
 
 _strategy = os.environ.get("FASTRNN_CUDA_STRATEGY", "auto")
 _last_strategy: str | None = None
@@ -176,7 +180,7 @@ def _blocks_available(launch: _Launch) -> int:
         return _cuda_modules()[0].get_current_device().MULTIPROCESSOR_COUNT
 
 
-def _choose(launch: _Launch, hidden, width, gates, directions, dtype, projected):
+def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, projected):
     """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
     plan = None
     if dtype in (torch.float32, torch.float16) and not projected:
@@ -192,6 +196,8 @@ def _choose(launch: _Launch, hidden, width, gates, directions, dtype, projected)
             "blocks within 48 KiB each); use set_cuda_strategy('auto') or 'stepwise'"
         )
     if _strategy == "stepwise" or plan is None:
+        return "stepwise", None
+    if _strategy != "persistent" and batch > _PERSISTENT_MAX_BATCH:
         return "stepwise", None
     return "persistent", plan
 
@@ -236,7 +242,7 @@ def recurrence_forward(
     directions, batch = h0.shape[0], h0.shape[1]
     hidden = W_hh.shape[1] // gates
     strategy, plan = _choose(
-        launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
+        launch, hidden, W_hh.shape[2], gates, directions, batch, h0.dtype, W_hr is not None
     )
     _last_strategy = strategy
     if batch == 0:  # an empty batch: nothing to launch (and no memory to hand to a kernel)
@@ -341,7 +347,7 @@ def recurrence_backward(
     directions, batch = h0.shape[0], h0.shape[1]
     hidden = W_hh.shape[1] // gates
     strategy, plan = _choose(
-        launch, hidden, W_hh.shape[2], gates, directions, h0.dtype, W_hr is not None
+        launch, hidden, W_hh.shape[2], gates, directions, batch, h0.dtype, W_hr is not None
     )
     if batch == 0:
         return
