@@ -33,6 +33,8 @@ STRATEGIES = ("auto", "persistent", "stepwise", "torch")
 # Under the simulator, blocks of 4 threads: every thread then loops over several (row, unit)
 # items and the stepwise grids span several blocks, the code paths large sizes take on a GPU.
 _SIMULATOR_THREADS = 4
+# ... and persistent grids of up to 3 blocks a direction (run as virtual blocks of one block).
+_SIMULATOR_BLOCKS = 3
 # Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
 _SHARED_BYTES = 48 * 1024
 
@@ -186,8 +188,8 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
     if dtype in (torch.float32, torch.float16) and not projected:
         if launch.on_gpu:
             plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
-        else:  # simulator: one block per launch, one launch per direction
-            plan = persistent_plan(hidden, width, gates, 1, 1)
+        else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
+            plan = persistent_plan(hidden, width, gates, 1, _SIMULATOR_BLOCKS)
     if _strategy == "persistent" and plan is None:
         raise RuntimeError(
             "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32 or "
@@ -203,14 +205,18 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
 
 
 def _run_persistent(launch, kernel, plan, directions, threads, shared, cell, relu, args) -> None:
-    """One cooperative grid (blocks per direction, directions) on a GPU; under the simulator,
-    which runs one block at a time, one single-block launch per direction."""
+    """One cooperative grid (blocks per direction, directions) on a GPU, `shared` bytes each.
+    The simulator runs one block at a time, so there one launch per direction has a single block
+    standing in for all of the direction's blocks (`virtual_blocks`)."""
     units, blocks = plan
     if launch.on_gpu:
-        launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, units, *args)
+        launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, 0, units, *args)
     else:
         for d in range(directions):
-            launch.run(kernel, (1, 1), threads, shared, cell, relu, d, units, *args)
+            launch.run(
+                kernel, (1, 1), threads * blocks, shared * blocks, cell, relu, d, blocks, units,
+                *args,
+            )  # fmt: skip
 
 
 def _grid(total: int, threads: int) -> int:

@@ -3,8 +3,10 @@
 Without a GPU (marker `cudasim`): the whole module path runs on CPU tensors through the CUDA
 launcher with Numba's simulator standing in for the GPU and torch's CPU ops for cuBLAS
 (`fastrnn.autograd.CUDA_KERNELS_ON_CPU`). Tiny sizes: the simulator runs every GPU thread as a
-Python thread. The persistent kernel runs there with one block per direction (the simulator
-can't run a grid barrier across blocks), so its multi-block split is verified only on a GPU.
+Python thread. The simulator runs a grid's blocks one after another, so a grid barrier can't
+work across real blocks there: the persistent kernel runs with up to 3 virtual blocks per
+direction inside one real block (see kernels/cuda/persistent.py), which exercises the unit split,
+per-block shared memory and the per-step barrier. The real cooperative launch is GPU-only.
 
 With a GPU (marker `cuda`): the same comparisons on CUDA tensors against cuDNN; skipped here.
 """
@@ -219,7 +221,8 @@ def test_persistent_plan_respects_shared_memory_and_residency():
     assert blocks <= 132
     assert plan(1024, 1024, 4, 1, 132) is None  # 8 units x 4 gates x 1024 x 4 B > 48 KiB
     assert plan(512, 512, 4, 2, 132) is None  # two directions halve the blocks per direction
-    assert plan(8, 8, 4, 1, 1) == (8, 1)  # the simulator's single block
+    assert plan(8, 8, 4, 1, 1) == (8, 1)  # a single block
+    assert plan(5, 5, 3, 1, 3) == (2, 3)  # the simulator's 3 virtual blocks: 2 + 2 + 1 units
 
 
 @pytest.mark.cudasim
@@ -285,11 +288,11 @@ for dt in (types.float32, types.float64, types.float16):
     }
     if dt != types.float64:  # the persistent kernels: float32 and float16 storage
         # W_hh, b_hh, h0, c0, inputs, gate_cache, cell_cache, c_state, y, h_n, one
-        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, index, index)
+        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, i64, index, index)
         kernels[persistent.persistent_forward] += (a3, a2, a3, a3, a3, a3, c3, c3, a3, a3, one)
         # W_hh, h0, c0, dy, dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent,
         # dh_direct, dh0, one
-        kernels[persistent.persistent_backward] = (i64, flag, i64, i64, index, index)
+        kernels[persistent.persistent_backward] = (i64, flag, i64, i64, i64, index, index)
         kernels[persistent.persistent_backward] += (a3,) * 7 + (c3, c3) + (a3,) * 4 + (one,)
     for kernel, signature in kernels.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))

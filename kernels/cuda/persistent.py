@@ -10,8 +10,9 @@ state or a new row of the packed outputs, so no two blocks ever write the same e
 
 Shared memory: forward G*U*H floats (W_hh[d, g*H + u0 + u, p] at p*G*U + g*U + u), backward
 the same count (W_hh[d, q, u0 + u] at q*U + u). The launcher picks U so that fits.
-Under Numba's simulator a grid runs one block at a time, so there the launcher uses one block
-per direction and one launch per direction.
+Under Numba's simulator a grid runs one block at a time, so there the launcher runs one launch
+per direction whose single block stands in for several (`virtual_blocks`, see `_block_layout`):
+the unit split, the per-block shared memory and the per-step barrier are exercised all the same.
 
 Projections (proj_size) are not handled here: the launcher uses the stepwise strategy for them.
 See `cells` for the array layouts.
@@ -29,10 +30,18 @@ _JIT = {"cache": True}
 
 
 @cuda.jit(device=True)
-def _block_units(units_per_block, hidden):
-    """(first unit, how many) this block owns."""
-    first = cuda.blockIdx.x * units_per_block
-    return first, min(units_per_block, hidden - first)
+def _block_layout(virtual_blocks, units_per_block, hidden, shared_per_block):
+    """(first unit, units owned, thread index, threads, first shared-memory slot) of this
+    block. With virtual_blocks = V > 0 (the simulator's tests), the one real block of a launch
+    stands in for V blocks of blockDim.x / V threads each, with their own slices of shared
+    memory, so that the multi-block split and its barrier run where blocks can't run at once."""
+    block, tid, threads = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    if virtual_blocks > 0:
+        threads = cuda.blockDim.x // virtual_blocks
+        block = cuda.threadIdx.x // threads
+        tid = cuda.threadIdx.x % threads
+    first = block * units_per_block
+    return first, min(units_per_block, hidden - first), tid, threads, block * shared_per_block
 
 
 @cuda.jit(**_JIT)
@@ -40,6 +49,7 @@ def persistent_forward(
     cell,
     relu,
     direction_offset,
+    virtual_blocks,
     units_per_block,
     batch_sizes,
     offsets,
@@ -63,12 +73,13 @@ def persistent_forward(
     hidden = W_hh.shape[1] // gates
     width = W_hh.shape[2]
     stride = gates * units_per_block
-    u0, units = _block_units(units_per_block, hidden)
-    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    u0, units, tid, threads, first_slot = _block_layout(
+        virtual_blocks, units_per_block, hidden, width * stride
+    )
     for idx in range(tid, width * stride, threads):
         u = idx % units_per_block
         if u < units:
-            weights[idx] = W_hh[
+            weights[first_slot + idx] = W_hh[
                 d, ((idx % stride) // units_per_block) * hidden + u0 + u, idx // stride
             ]
     for idx in range(tid, h0.shape[1] * units, threads):
@@ -90,7 +101,7 @@ def persistent_forward(
             rec0, rec1, rec2, rec3 = zero, zero, zero, zero
             for p in range(width):
                 h = wide(source[d, row, p], one)
-                base = p * stride + u
+                base = first_slot + p * stride + u
                 rec0 += weights[base] * h
                 if gates > 1:
                     rec1 += weights[base + units_per_block] * h
@@ -128,6 +139,7 @@ def persistent_backward(
     cell,
     relu,
     direction_offset,
+    virtual_blocks,
     units_per_block,
     batch_sizes,
     offsets,
@@ -154,12 +166,13 @@ def persistent_backward(
     gates = gate_count(cell)
     hidden = W_hh.shape[1] // gates
     rows_hh = W_hh.shape[1]
-    u0, units = _block_units(units_per_block, hidden)
-    tid, threads = cuda.threadIdx.x, cuda.blockDim.x
+    u0, units, tid, threads, first_slot = _block_layout(
+        virtual_blocks, units_per_block, hidden, rows_hh * units_per_block
+    )
     for idx in range(tid, rows_hh * units_per_block, threads):
         u = idx % units_per_block
         if u < units:
-            weights[idx] = W_hh[d, idx // units_per_block, u0 + u]
+            weights[first_slot + idx] = W_hh[d, idx // units_per_block, u0 + u]
     cuda.syncthreads()
     grid = cuda.cg.this_grid()
     zero = one - one
@@ -174,7 +187,7 @@ def persistent_backward(
             carried = zero
             if b < rows_next:
                 for q in range(rows_hh):
-                    weight = weights[q * units_per_block + u]
+                    weight = weights[first_slot + q * units_per_block + u]
                     carried += wide(d_recurrent[d, off_next + b, q], one) * weight
                 carried += wide(dh_direct[d, b, j], one)
             if b < rows:
