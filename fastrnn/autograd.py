@@ -71,13 +71,14 @@ class _InferenceContext:
     needs_input_grad: tuple[bool, ...] = ()
 
 
-def cuda_autocast_half(x: Tensor) -> bool:
-    """x is a CUDA tensor inside `torch.autocast("cuda")` with float16 (the default dtype)."""
-    return (
-        x.is_cuda
-        and torch.is_autocast_enabled("cuda")
-        and torch.get_autocast_dtype("cuda") == torch.float16
-    )
+def cuda_autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The 16-bit dtype a CUDA tensor's layer runs in under `torch.autocast("cuda")` (float16,
+    the default, or bfloat16), or None outside autocast."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return None
 
 
 @torch.compiler.disable  # torch.compile can't trace into Numba: run the layer eagerly there
@@ -86,13 +87,17 @@ def apply_layer(function: type[torch.autograd.Function], *args):
     inference_mode, or nothing requires grad): autograd's bookkeeping costs ~30 us a call, a
     tenth of a batch-1 forward. Traced calls keep the Function so the trace records it.
 
-    Under CUDA autocast (float16), the layer runs as torch's cuDNN RNN does there: input,
-    states and weights cast to float16 (differentiably, so float32 parameters get float32
-    gradients), float16 results."""
-    if isinstance(args[0], Tensor) and cuda_autocast_half(args[0]):
-        half = [a.half() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+    Under CUDA autocast, the layer runs as torch's cuDNN RNN does there: input, states and
+    weights cast to the autocast dtype (differentiably, so float32 parameters get float32
+    gradients), results in that dtype."""
+    autocast_dtype = cuda_autocast_dtype(args[0]) if isinstance(args[0], Tensor) else None
+    if autocast_dtype is not None:
+        cast = [
+            a.to(autocast_dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
+            for a in args
+        ]
         with torch.autocast("cuda", enabled=False):
-            return apply_layer(function, *half)
+            return apply_layer(function, *cast)
     if (
         torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
     ) or torch.jit.is_tracing():
@@ -202,8 +207,8 @@ class LSTMLayerFunction(torch.autograd.Function):
         gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
         y = x.new_empty((directions, rows, h0.shape[2]))
         h_n, c_n = _states_like(h0, c0)
-        # float16 storage keeps LSTM's cell state in float32 (GPU path only)
-        cell_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+        # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
+        cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         cell_cache = x.new_empty((directions, rows, hidden), dtype=cell_dtype)
         _recurrence(x).lstm_forward(
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache

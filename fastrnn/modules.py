@@ -25,7 +25,7 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
 _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
 _warned: set[str] = set()
 
@@ -53,7 +53,7 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
         return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
     if torch.is_autocast_enabled(device):
         autocast_dtype = torch.get_autocast_dtype(device)
-        if device == "cpu" or autocast_dtype != torch.float16:
+        if device == "cpu" or autocast_dtype not in (torch.float16, torch.bfloat16):
             return f"fastrnn does not run under {device.upper()} autocast to {autocast_dtype} yet"
     for t in tensors:
         if t.device != input.device or t.dtype not in dtypes:

@@ -133,6 +133,8 @@ class _Launch:
         if t is None:
             t = torch.zeros((1,) * ndim, dtype=self.dtype, device=self.device)
         t = t.detach().contiguous()
+        if t.dtype == torch.bfloat16:  # the kernels take bfloat16 as its int16 bit patterns
+            t = t.view(torch.int16)
         if self.on_gpu:
             return _cuda_modules()[0].as_cuda_array(t, sync=False)
         return _simulated_device_array(t.numpy())
@@ -185,7 +187,7 @@ def _blocks_available(launch: _Launch) -> int:
 def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, projected):
     """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
     plan = None
-    if dtype in (torch.float32, torch.float16) and not projected:
+    if dtype in (torch.float32, torch.float16, torch.bfloat16) and not projected:
         if launch.on_gpu:
             plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
         else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
@@ -430,6 +432,7 @@ def recurrence_backward(
             launch.array(dh_rec),
             launch.array(dh_total),
             launch.array(dh0),
+            launch.one,
         ]
     cell_blocks = _grid(directions * batch * hidden, threads)
     hidden_blocks = _grid(directions * batch * width, threads)

@@ -22,7 +22,7 @@ import math
 
 from numba import cuda
 
-from .common import GRU, LSTM, activation, activation_grad, sigmoid, wide
+from .common import GRU, LSTM, activation, activation_grad, put, sigmoid, wide
 
 
 @cuda.jit(device=True)
@@ -54,12 +54,12 @@ def unit_forward(
         g = math.tanh(wide(gate_cache[d, n, 2 * hidden + j], one) + rec2)
         o = sigmoid(wide(gate_cache[d, n, 3 * hidden + j], one) + rec3, one)
         c = f * wide(c_state[d, b, j], one) + i * g
-        gate_cache[d, n, j] = i
-        gate_cache[d, n, hidden + j] = f
-        gate_cache[d, n, 2 * hidden + j] = g
-        gate_cache[d, n, 3 * hidden + j] = o
-        c_state[d, b, j] = c
-        cell_cache[d, n, j] = c
+        put(gate_cache, d, n, j, i)
+        put(gate_cache, d, n, hidden + j, f)
+        put(gate_cache, d, n, 2 * hidden + j, g)
+        put(gate_cache, d, n, 3 * hidden + j, o)
+        put(c_state, d, b, j, c)
+        put(cell_cache, d, n, j, c)
         return o * math.tanh(c)
     if cell == GRU:
         r = sigmoid(wide(inputs[d, n, j], one) + rec0 + wide(b_hh[d, j], one), one)
@@ -68,10 +68,10 @@ def unit_forward(
         )
         hn = rec2 + wide(b_hh[d, 2 * hidden + j], one)
         new = math.tanh(wide(inputs[d, n, 2 * hidden + j], one) + r * hn)
-        gate_cache[d, n, j] = r
-        gate_cache[d, n, hidden + j] = z
-        gate_cache[d, n, 2 * hidden + j] = new
-        gate_cache[d, n, 3 * hidden + j] = hn
+        put(gate_cache, d, n, j, r)
+        put(gate_cache, d, n, hidden + j, z)
+        put(gate_cache, d, n, 2 * hidden + j, new)
+        put(gate_cache, d, n, 3 * hidden + j, hn)
         return (one - z) * new + z * h_prev
     return activation(wide(inputs[d, n, j], one) + rec0, relu, one)
 
@@ -116,11 +116,11 @@ def unit_backward(
         o = wide(gate_cache[d, n, 3 * hidden + j], one)
         tc = math.tanh(wide(cell_cache[d, n, j], one))
         dc = wide(dc_state[d, b, j], one) + dh * o * (one - tc * tc)
-        d_input[d, n, j] = dc * g * i * (one - i)
-        d_input[d, n, hidden + j] = dc * c_prev * f * (one - f)
-        d_input[d, n, 2 * hidden + j] = dc * i * (one - g * g)
-        d_input[d, n, 3 * hidden + j] = dh * tc * o * (one - o)
-        dc_state[d, b, j] = dc * f
+        put(d_input, d, n, j, dc * g * i * (one - i))
+        put(d_input, d, n, hidden + j, dc * c_prev * f * (one - f))
+        put(d_input, d, n, 2 * hidden + j, dc * i * (one - g * g))
+        put(d_input, d, n, 3 * hidden + j, dh * tc * o * (one - o))
+        put(dc_state, d, b, j, dc * f)
         return zero
     if cell == GRU:
         h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
@@ -131,12 +131,12 @@ def unit_backward(
         d_new = dh * (one - z) * (one - new * new)
         d_update = dh * (h_prev - new) * z * (one - z)
         d_reset = d_new * hn * r * (one - r)
-        d_input[d, n, j] = d_reset
-        d_input[d, n, hidden + j] = d_update
-        d_input[d, n, 2 * hidden + j] = d_new
-        d_recurrent[d, n, j] = d_reset
-        d_recurrent[d, n, hidden + j] = d_update
-        d_recurrent[d, n, 2 * hidden + j] = d_new * r
+        put(d_input, d, n, j, d_reset)
+        put(d_input, d, n, hidden + j, d_update)
+        put(d_input, d, n, 2 * hidden + j, d_new)
+        put(d_recurrent, d, n, j, d_reset)
+        put(d_recurrent, d, n, hidden + j, d_update)
+        put(d_recurrent, d, n, 2 * hidden + j, d_new * r)
         return dh * z
-    d_input[d, n, j] = dh * activation_grad(wide(y[d, n, j], one), relu, one)
+    put(d_input, d, n, j, dh * activation_grad(wide(y[d, n, j], one), relu, one))
     return zero

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda
+import numpy as np
+from numba import config, cuda, float32, types
 
 # Threads per block of every kernel. 256 keeps a persistent block's registers within one SM's
 # file at any register count the compiler picks (256 x 255 < 65536), so one block per SM always
@@ -37,11 +38,80 @@ def step_span(k, d, batch_sizes, offsets):
     return batch_sizes[t], offsets[t]
 
 
-@cuda.jit(device=True)
+# Storage. float64, float32 and float16 arrays hold their values. bfloat16 tensors arrive as
+# their int16 bit patterns (torch exports no bfloat16 through __cuda_array_interface__, and
+# numba-cuda has no bfloat16 arrays): `wide` decodes them on load, and `put` rounds to nearest
+# even on store. `wide` and `put` are plain Python here, which is what the simulator runs; on a
+# GPU, their numba-cuda overloads (`_register_gpu_overloads`) pick the code by type at compile
+# time.
+
+
+def _bfloat16_to_float(bits):
+    return np.uint32((int(bits) & 0xFFFF) << 16).view(np.float32)
+
+
+def _float_to_bfloat16(value):
+    bits = int(np.float32(value).view(np.uint32))
+    if bits & 0x7F800000 == 0x7F800000 and bits & 0x007FFFFF:
+        rounded = (bits >> 16) | 0x40  # NaN stays a (quiet) NaN
+    else:
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return np.uint16(rounded & 0xFFFF).view(np.int16)
+
+
 def wide(x, one):
-    """x in the compute dtype (`one`'s): float16 storage widens to float32; a no-op otherwise
-    (x * 1 is exact, and the compiler drops it)."""
+    """A loaded value in the compute dtype (`one`'s): float16 widens to float32, bfloat16 bits
+    decode to float32; a no-op otherwise (x * 1 is exact, and the compiler drops it)."""
+    if isinstance(x, np.int16):
+        return _bfloat16_to_float(x) * one
     return x * one
+
+
+def put(array, d, n, j, value):
+    """array[d, n, j] = value, rounded to the array's storage (bfloat16 bits for int16)."""
+    if array.dtype == np.int16:
+        array[d, n, j] = _float_to_bfloat16(value)
+    else:
+        array[d, n, j] = value
+
+
+def _register_gpu_overloads() -> None:
+    from numba import int16, int32, int64
+    from numba.cuda import libdevice
+    from numba.cuda.extending import overload
+
+    @overload(wide, target="cuda", inline="always")
+    def _wide(x, one):
+        if isinstance(x, types.Integer):
+
+            def decode(x, one):
+                return libdevice.int_as_float(int32((int64(x) & 0xFFFF) << 16)) * one
+
+            return decode
+        return lambda x, one: x * one
+
+    @overload(put, target="cuda", inline="always")
+    def _put(array, d, n, j, value):
+        if isinstance(array.dtype, types.Integer):
+
+            def encode(array, d, n, j, value):
+                bits = int64(libdevice.float_as_int(float32(value))) & 0xFFFFFFFF
+                if bits & 0x7F800000 == 0x7F800000 and bits & 0x007FFFFF:
+                    rounded = (bits >> 16) | 0x40
+                else:
+                    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                array[d, n, j] = int16(rounded & 0xFFFF)
+
+            return encode
+
+        def store(array, d, n, j, value):
+            array[d, n, j] = value
+
+        return store
+
+
+if not config.ENABLE_CUDASIM:
+    _register_gpu_overloads()
 
 
 @cuda.jit(device=True)

@@ -24,7 +24,7 @@ import numba
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import LSTM, gate_count, step_span, wide
+from .common import LSTM, gate_count, put, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -79,14 +79,13 @@ def persistent_forward(
     for idx in range(tid, width * stride, threads):
         u = idx % units_per_block
         if u < units:
-            weights[first_slot + idx] = W_hh[
-                d, ((idx % stride) // units_per_block) * hidden + u0 + u, idx // stride
-            ]
+            row = ((idx % stride) // units_per_block) * hidden + u0 + u
+            weights[first_slot + idx] = wide(W_hh[d, row, idx // stride], one)
     for idx in range(tid, h0.shape[1] * units, threads):
         b, j = idx // units, u0 + idx % units
-        h_n[d, b, j] = h0[d, b, j]
+        h_n[d, b, j] = h0[d, b, j]  # same storage: a plain copy
         if cell == LSTM:
-            c_state[d, b, j] = c0[d, b, j]
+            put(c_state, d, b, j, wide(c0[d, b, j], one))
     cuda.syncthreads()
     grid = cuda.cg.this_grid()
     zero = one - one
@@ -129,8 +128,8 @@ def persistent_forward(
                 b_hh,
                 one,
             )
-            y[d, off + b, j] = h
-            h_n[d, b, j] = h
+            put(y, d, off + b, j, h)
+            put(h_n, d, b, j, h)
         grid.sync()
 
 
@@ -172,7 +171,7 @@ def persistent_backward(
     for idx in range(tid, rows_hh * units_per_block, threads):
         u = idx % units_per_block
         if u < units:
-            weights[first_slot + idx] = W_hh[d, idx // units_per_block, u0 + u]
+            weights[first_slot + idx] = wide(W_hh[d, idx // units_per_block, u0 + u], one)
     cuda.syncthreads()
     grid = cuda.cg.this_grid()
     zero = one - one
@@ -193,7 +192,7 @@ def persistent_backward(
             if b < rows:
                 dh = wide(dy[d, off + b, j], one)
                 dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
-                dh_direct[d, b, j] = unit_backward(
+                direct = unit_backward(
                     cell,
                     relu,
                     d,
@@ -214,6 +213,7 @@ def persistent_backward(
                     d_recurrent,
                     one,
                 )
+                put(dh_direct, d, b, j, direct)
             else:
-                dh0[d, b, j] = carried
+                put(dh0, d, b, j, carried)
         grid.sync()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from numba import cuda
 
 from .cells import unit_backward, unit_forward
-from .common import GRU, gate_count, step_span, wide
+from .common import GRU, gate_count, put, step_span, wide
 
 _JIT = {"cache": True}
 
@@ -82,14 +82,14 @@ def step_forward(
         one,
     )
     if has_proj:
-        h_raw[d, b, j] = h
+        put(h_raw, d, b, j, h)
     else:
-        h_state[d, b, j] = h
-        y[d, off + b, j] = h
+        put(h_state, d, b, j, h)
+        put(y, d, off + b, j, h)
 
 
 @cuda.jit(**_JIT)
-def hidden_grad_step(k, batch_sizes, offsets, dy, dh_n, dh_rec, dh_total, dh0):
+def hidden_grad_step(k, batch_sizes, offsets, dy, dh_n, dh_rec, dh_total, dh0, one):
     """Step k of backward, before the gate math when the layer has a projection: thread
     (d, b, p) over (D, B, P). dL/dh of each active row = its output gradient dy (D, N, P) plus
     what flows back from the next processed step (dh_rec (D, B, P), valid for that step's rows)
@@ -102,7 +102,7 @@ def hidden_grad_step(k, batch_sizes, offsets, dy, dh_n, dh_rec, dh_total, dh0):
     rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
     if b < rows:
         carried = dh_rec[d, b, p] if b < rows_next else dh_n[d, b, p]
-        dh_total[d, off + b, p] = dy[d, off + b, p] + carried
+        put(dh_total, d, off + b, p, wide(dy[d, off + b, p], one) + wide(carried, one))
     elif b < rows_next:
         dh0[d, b, p] = dh_rec[d, b, p]
 
@@ -149,7 +149,7 @@ def step_backward(
             carried = dh_rec[d, b, j] if b < rows_next else dh_n[d, b, j]
             dh = wide(dy[d, off + b, j], one) + wide(carried, one)
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
-        dh_direct[d, b, j] = unit_backward(
+        direct = unit_backward(
             cell,
             relu,
             d,
@@ -170,5 +170,6 @@ def step_backward(
             d_recurrent,
             one,
         )
+        put(dh_direct, d, b, j, direct)
     elif b < rows_next and not has_proj:
         dh0[d, b, j] = dh_rec[d, b, j]
