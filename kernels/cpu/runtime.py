@@ -19,10 +19,10 @@ import numba
 def prefer_openmp_threading_layer() -> None:
     """Ask Numba for its OpenMP threading layer first (unless the user chose one).
 
-    torch runs on GNU OpenMP; Numba's `omp` layer then shares torch's libgomp thread pool, so the
-    kernels' parallel region and torch's ops around it don't fight over the cores. Numba's own
-    default order tries TBB first when it is installed, which would bring a second pool. Has no
-    effect once Numba has started a threading layer.
+    Numba's own default order tries TBB first when it is installed. The `omp` layer measured
+    better next to torch here, but it is still a separate pool: torch's wheel bundles its own
+    libgomp, and Numba's `omppool` links the system one (two libgomp copies in the process).
+    Has no effect once Numba has started a threading layer.
     """
     if "NUMBA_THREADING_LAYER" in os.environ or "NUMBA_THREADING_LAYER_PRIORITY" in os.environ:
         return
