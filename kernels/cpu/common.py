@@ -25,6 +25,9 @@ from numba import njit
 # scalar), GIL released. Entry points that spread work over threads add parallel=True.
 JIT_OPTIONS = {"cache": True, "error_model": "numpy", "nogil": True}
 PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
+# The per-row gate math, shared by the layer kernels and the cell kernels: inlined into each
+# caller (Numba IR inlining), so its loop vectorises there as before.
+ROW_JIT_OPTIONS = {**JIT_OPTIONS, "inline": "always"}
 _JIT = JIT_OPTIONS
 
 

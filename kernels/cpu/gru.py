@@ -24,6 +24,7 @@ from ..math import sigmoid, tanh
 from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
+    ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
@@ -35,6 +36,47 @@ from .common import (
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
+_ROW = ROW_JIT_OPTIONS
+
+
+@njit(**_ROW)
+def gru_forward_row(xp, rec, b_hh, cache, h_row, hidden, one):
+    """One row's gate math. xp (3H): x W_ih^T + b_ih; rec (3H): W_hh h (no bias); b_hh (3H);
+    cache (4H) out: r, z, n, W_hn h + b_hn; h_row (H): h in, h' out."""
+    for j in range(hidden):
+        reset = sigmoid(xp[j] + rec[j] + b_hh[j])
+        update = sigmoid(xp[hidden + j] + rec[hidden + j] + b_hh[hidden + j])
+        hn = rec[2 * hidden + j] + b_hh[2 * hidden + j]
+        n = tanh(xp[2 * hidden + j] + reset * hn)
+        cache[j] = reset
+        cache[hidden + j] = update
+        cache[2 * hidden + j] = n
+        cache[3 * hidden + j] = hn
+        h_row[j] = (one - update) * n + update * h_row[j]
+
+
+@njit(**_ROW)
+def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
+    """Backward of `gru_forward_row`: cache (4H) as written there, h_prev (H) = h;
+    dh_row (H): dL/dh' in, out the part of dL/dh that skips W_hh (z * dL/dh'); d_input and
+    d_recurrent (3H) out: the pre-activation gradients on the input and the recurrent side
+    (they differ in the n block, scaled by r on the recurrent side)."""
+    for j in range(hidden):
+        reset = cache[j]
+        update = cache[hidden + j]
+        n = cache[2 * hidden + j]
+        hn = cache[3 * hidden + j]
+        dh = dh_row[j]
+        dn = dh * (one - update) * (one - n * n)
+        dz = dh * (h_prev[j] - n) * update * (one - update)
+        d_reset = dn * hn * reset * (one - reset)
+        d_input[j] = d_reset
+        d_input[hidden + j] = dz
+        d_input[2 * hidden + j] = dn
+        d_recurrent[j] = d_reset
+        d_recurrent[hidden + j] = dz
+        d_recurrent[2 * hidden + j] = dn * reset
+        dh_row[j] = dh * update
 
 
 @njit(**_JIT)
@@ -52,20 +94,11 @@ def _forward_rows(
             continue
         matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
         for r in range(first, end):
-            xp = projected[off + r]
-            rec = recurrent[r - first]
-            cache = gate_cache[off + r]
             h_row = h_n[r]
-            for j in range(hidden):
-                reset = sigmoid(xp[j] + rec[j] + b_hh[j])
-                update = sigmoid(xp[hidden + j] + rec[hidden + j] + b_hh[hidden + j])
-                hn = rec[2 * hidden + j] + b_hh[2 * hidden + j]
-                n = tanh(xp[2 * hidden + j] + reset * hn)
-                cache[j] = reset
-                cache[hidden + j] = update
-                cache[2 * hidden + j] = n
-                cache[3 * hidden + j] = hn
-                h_row[j] = (one - update) * n + update * h_row[j]
+            gru_forward_row(
+                projected[off + r], recurrent[r - first], b_hh, gate_cache[off + r], h_row,
+                hidden, one,
+            )  # fmt: skip
             y[off + r] = h_row
 
 
@@ -123,28 +156,12 @@ def _backward_rows(
         prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
         copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
         for r in range(first, end):
-            cache = gate_cache[off + r]
-            hp = h_prev[off + r]
-            dyr = dy[off + r]
-            di = d_input[off + r]
-            dr_ = d_recurrent[off + r]
             dh_row = dh0[r]
-            for j in range(hidden):
-                reset = cache[j]
-                update = cache[hidden + j]
-                n = cache[2 * hidden + j]
-                hn = cache[3 * hidden + j]
-                dh = dh_row[j] + dyr[j]
-                dn = dh * (one - update) * (one - n * n)
-                dz = dh * (hp[j] - n) * update * (one - update)
-                drs = dn * hn * reset * (one - reset)
-                di[j] = drs
-                di[hidden + j] = dz
-                di[2 * hidden + j] = dn
-                dr_[j] = drs
-                dr_[hidden + j] = dz
-                dr_[2 * hidden + j] = dn * reset
-                dh_row[j] = dh * update
+            dh_row += dy[off + r]
+            gru_backward_row(
+                gate_cache[off + r], h_prev[off + r], dh_row, d_input[off + r],
+                d_recurrent[off + r], hidden, one,
+            )  # fmt: skip
         matmul_weights_t(
             d_recurrent[off + first : off + end], W_hh_t, scratch, through_weights[:count]
         )

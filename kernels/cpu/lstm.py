@@ -22,6 +22,7 @@ from ..math import sigmoid, tanh
 from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
+    ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
@@ -33,6 +34,46 @@ from .common import (
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
+_ROW = ROW_JIT_OPTIONS
+
+
+@njit(**_ROW)
+def lstm_forward_row(gates, rec, c_row, out, hidden):
+    """One row's gate math. gates (4H): in the input side's pre-activations (with both biases),
+    out the activated gates i, f, g, o; rec (4H): the recurrent products W_hh h;
+    c_row (H): c in, c' out; out (H): o * tanh(c')."""
+    for j in range(hidden):
+        i = sigmoid(gates[j] + rec[j])
+        f = sigmoid(gates[hidden + j] + rec[hidden + j])
+        g = tanh(gates[2 * hidden + j] + rec[2 * hidden + j])
+        o = sigmoid(gates[3 * hidden + j] + rec[3 * hidden + j])
+        c = f * c_row[j] + i * g
+        gates[j] = i
+        gates[hidden + j] = f
+        gates[2 * hidden + j] = g
+        gates[3 * hidden + j] = o
+        c_row[j] = c
+        out[j] = o * tanh(c)
+
+
+@njit(**_ROW)
+def lstm_backward_row(gates, c_row, c_prev, dh_row, dc_row, d_row, hidden, one):
+    """Backward of `lstm_forward_row`: gates (4H) activated, c_row (H) = c', c_prev (H) = c,
+    dh_row (H) = dL/dh'; dc_row (H): dL/dc' in, dL/dc out; d_row (4H) out: the gradients of
+    the gate pre-activations."""
+    for j in range(hidden):
+        i = gates[j]
+        f = gates[hidden + j]
+        g = gates[2 * hidden + j]
+        o = gates[3 * hidden + j]
+        tc = tanh(c_row[j])
+        dh = dh_row[j]
+        dc = dc_row[j] + dh * o * (one - tc * tc)
+        d_row[j] = dc * g * i * (one - i)
+        d_row[hidden + j] = dc * c_prev[j] * f * (one - f)
+        d_row[2 * hidden + j] = dc * i * (one - g * g)
+        d_row[3 * hidden + j] = dh * tc * o * (one - o)
+        dc_row[j] = dc * f
 
 
 @njit(**_JIT)
@@ -53,22 +94,9 @@ def _forward_rows(
         count = end - first
         matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[:count])
         for r in range(first, end):
-            gates = gate_cache[off + r]
-            rec = recurrent[r - first]
             c_row = c_n[r]
             out = h_raw[r - first] if has_proj else h_n[r]
-            for j in range(hidden):
-                i = sigmoid(gates[j] + rec[j])
-                f = sigmoid(gates[hidden + j] + rec[hidden + j])
-                g = tanh(gates[2 * hidden + j] + rec[2 * hidden + j])
-                o = sigmoid(gates[3 * hidden + j] + rec[3 * hidden + j])
-                c = f * c_row[j] + i * g
-                gates[j] = i
-                gates[hidden + j] = f
-                gates[2 * hidden + j] = g
-                gates[3 * hidden + j] = o
-                c_row[j] = c
-                out[j] = o * tanh(c)
+            lstm_forward_row(gate_cache[off + r], recurrent[r - first], c_row, out, hidden)
             cell_cache[off + r] = c_row
         if has_proj:
             matmul_weights_t(h_raw[:count], W_hr, scratch, h_n[first:end])
@@ -145,24 +173,11 @@ def _backward_rows(
             dh_raw[:count] = dh0[first:end]
         for r in range(first, end):
             gates = gate_cache[off + r]
-            d_row = d_gates[off + r]
             c_row = cell_cache[off + r]
             c_prev = cell_cache[offsets[prev] + r] if r < prev_rows else c0[r]
-            dc_row = dc0[r]
-            dh_row = dh_raw[r - first]
-            for j in range(hidden):
-                i = gates[j]
-                f = gates[hidden + j]
-                g = gates[2 * hidden + j]
-                o = gates[3 * hidden + j]
-                tc = tanh(c_row[j])
-                dh = dh_row[j]
-                dc = dc_row[j] + dh * o * (one - tc * tc)
-                d_row[j] = dc * g * i * (one - i)
-                d_row[hidden + j] = dc * c_prev[j] * f * (one - f)
-                d_row[2 * hidden + j] = dc * i * (one - g * g)
-                d_row[3 * hidden + j] = dh * tc * o * (one - o)
-                dc_row[j] = dc * f
+            lstm_backward_row(
+                gates, c_row, c_prev, dh_raw[r - first], dc0[r], d_gates[off + r], hidden, one
+            )
             if has_proj:
                 raw = h_raw[off + r]
                 for j in range(hidden):

@@ -19,6 +19,7 @@ from ..math import tanh
 from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
+    ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
     matmul_weights_t,
@@ -30,6 +31,33 @@ from .common import (
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
+_ROW = ROW_JIT_OPTIONS
+
+
+@njit(**_ROW)
+def rnn_forward_row(out, rec, hidden, relu, zero):
+    """One row: out (H) in the input side's pre-activation (with both biases), out h' =
+    act(out + rec); rec (H) = W_hh h."""
+    if relu:
+        for j in range(hidden):
+            pre = out[j] + rec[j]
+            # max() would turn NaN into 0; torch's relu keeps it.
+            out[j] = pre if (pre > zero or pre != pre) else zero
+    else:
+        for j in range(hidden):
+            out[j] = tanh(out[j] + rec[j])
+
+
+@njit(**_ROW)
+def rnn_backward_row(h_out, dh_row, d_pre, hidden, relu, one, zero):
+    """Backward of `rnn_forward_row`: h_out (H) = h', dh_row (H) = dL/dh'; d_pre (H) out."""
+    if relu:
+        for j in range(hidden):
+            d_pre[j] = dh_row[j] if h_out[j] > zero else zero
+    else:
+        for j in range(hidden):
+            h = h_out[j]
+            d_pre[j] = dh_row[j] * (one - h * h)
 
 
 @njit(**_JIT)
@@ -46,20 +74,8 @@ def _forward_rows(batch_sizes, offsets, reverse, relu, W_hh, y, h_n, first, last
         matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
         for r in range(first, end):
             out = y[off + r]
-            rec = recurrent[r - first]
-            h_row = h_n[r]
-            if relu:
-                for j in range(hidden):
-                    pre = out[j] + rec[j]
-                    # max() would turn NaN into 0; torch's relu keeps it.
-                    h = pre if (pre > zero or pre != pre) else zero
-                    out[j] = h
-                    h_row[j] = h
-            else:
-                for j in range(hidden):
-                    h = tanh(out[j] + rec[j])
-                    out[j] = h
-                    h_row[j] = h
+            rnn_forward_row(out, recurrent[r - first], hidden, relu, zero)
+            h_n[r] = out
 
 
 @njit(**_PARALLEL)
@@ -90,17 +106,9 @@ def _backward_rows(
         prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
         copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
         for r in range(first, end):
-            h_out = y[off + r]
-            dyr = dy[off + r]
-            dp = d_pre[off + r]
             dh_row = dh0[r]
-            if relu:
-                for j in range(hidden):
-                    dp[j] = (dh_row[j] + dyr[j]) if h_out[j] > zero else zero
-            else:
-                for j in range(hidden):
-                    h = h_out[j]
-                    dp[j] = (dh_row[j] + dyr[j]) * (one - h * h)
+            dh_row += dy[off + r]
+            rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
         matmul_weights_t(d_pre[off + first : off + end], W_hh_t, scratch, dh0[first:end])
 
 
