@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import autograd as fastrnn_autograd
 from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction, apply_layer
+from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
 # directions) -> (y (N, D * P), new states (D, B, *))
@@ -283,6 +285,12 @@ def _check_cell_args(
             )
 
 
+def _cell_kernels(input: Tensor) -> bool:
+    """One step on the CPU runs the cell kernels (torch GEMMs + fused gate math); CUDA tensors
+    (and the tests' simulated CUDA path) run the one-step layer path."""
+    return input.device.type == "cpu" and not fastrnn_autograd.CUDA_KERNELS_ON_CPU
+
+
 def lstm_cell(
     input: Tensor,
     hx: tuple[Tensor, Tensor],
@@ -301,6 +309,8 @@ def lstm_cell(
         raise RuntimeError("lstm_cell expects two hidden states")
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
+    if _cell_kernels(input):
+        return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n, c_n = apply_layer(
         LSTMLayerFunction,
@@ -324,6 +334,8 @@ def gru_cell(
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    if _cell_kernels(input):
+        return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n = apply_layer(
         GRULayerFunction, input, sizes, hx.unsqueeze(0), *_one_direction(W_ih, W_hh, b_ih, b_hh)
@@ -342,12 +354,15 @@ def rnn_cell(
 ) -> Tensor:
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    relu = nonlinearity == "relu"
+    if _cell_kernels(input):
+        return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n = apply_layer(
         RNNLayerFunction,
         input,
         sizes,
-        nonlinearity == "relu",
+        relu,
         hx.unsqueeze(0),
         *_one_direction(W_ih, W_hh, b_ih, b_hh),
     )

@@ -391,3 +391,25 @@ def test_weight_replaced_by_wrong_shape_raises_not_crashes(replace):
         setattr(module, name, torch.nn.Parameter(torch.randn(*shape)))
     with pytest.raises(RuntimeError):
         module(torch.randn(5, 2, 4))
+
+
+@pytest.mark.parametrize(
+    "cls, name, shape",
+    [
+        ("GRUCell", "weight_hh", (8, 4)),  # 2H rows instead of 3H
+        ("GRUCell", "bias_hh", (8,)),
+        ("LSTMCell", "weight_hh", (12, 4)),
+        ("LSTMCell", "weight_ih", (16, 5)),
+        ("RNNCell", "bias_ih", (3,)),
+    ],
+)
+def test_cell_weight_replaced_by_wrong_shape_raises_not_crashes(cls, name, shape):
+    """The cell kernels index by W_hh's hidden size without bounds checks."""
+    import fastrnn
+
+    cell = getattr(fastrnn, cls)(4, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        setattr(cell, name, torch.nn.Parameter(torch.randn(*shape)))
+    with pytest.raises(RuntimeError):
+        cell(torch.randn(2, 4))

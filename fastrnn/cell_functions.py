@@ -1,0 +1,177 @@
+"""torch.autograd.Functions for one step of a cell on the CPU (LSTMCell, GRUCell, RNNCell).
+
+A step has no recurrence to keep inside a kernel: both products run as torch GEMMs
+(x @ W_ih^T + b and h @ W_hh^T) and the gate math as one fused single-threaded Numba pass
+(`kernels/cpu/cells.py`), which saves and reuses the activated gates in backward. Backward
+runs that pass's gradient kernel and then torch GEMMs for dx, dh, dW_ih, dW_hh. Shapes: x (B, I),
+h and c (B, H), W_ih (G*H, I), W_hh (G*H, H), biases (G*H,) or None; G = 4, 3, 1.
+
+On one step this beats the layer kernels: their parallel region and per-thread BLAS calls cost
+more than the work (see the README's facts). CUDA tensors take the layer path (`autograd`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .autograd import _first_order_only
+from .kernels.cpu.cells import (
+    gru_cell_backward,
+    gru_cell_forward,
+    lstm_cell_backward,
+    lstm_cell_forward,
+    rnn_cell_backward,
+    rnn_cell_forward,
+)
+from .recurrence_cpu import _np
+
+
+def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> None:
+    """The kernels index the GEMMs' outputs and b_hh by W_hh's hidden size: a weight replaced
+    by one of another shape raises here instead of reading out of bounds."""
+    hidden = W_hh.shape[1]
+    expected = {"weight_ih": (gates * hidden, W_ih.shape[1]), "weight_hh": (gates * hidden, hidden)}
+    actual = {"weight_ih": tuple(W_ih.shape), "weight_hh": tuple(W_hh.shape)}
+    if b_ih is not None:
+        expected["bias_ih"] = expected["bias_hh"] = (gates * hidden,)
+        actual["bias_ih"], actual["bias_hh"] = tuple(b_ih.shape), tuple(b_hh.shape)
+    for name, shape in expected.items():
+        if actual[name] != shape:
+            raise RuntimeError(
+                f"fastrnn: {name} has shape {list(actual[name])}, expected {list(shape)}"
+            )
+
+
+def _input_side(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ W_ih^T (+ bias), a new contiguous (B, G*H) tensor."""
+    if bias is None:
+        return torch.mm(x.detach(), W_ih.detach().t())
+    return torch.addmm(bias.detach(), x.detach(), W_ih.detach().t())
+
+
+def _recurrent_side(h: Tensor, W_hh: Tensor) -> Tensor:
+    return torch.mm(h.detach(), W_hh.detach().t())
+
+
+def _summed(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    return None if b_ih is None else b_ih.detach() + b_hh.detach()
+
+
+def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tensor, W_ih, W_hh):
+    """dx, dh (through W_hh only), dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients
+    (B, G*H) on the input and the recurrent side."""
+    need = ctx.needs_input_grad
+    dx = d_input @ W_ih.detach() if need[0] else None
+    dh = d_recurrent @ W_hh.detach() if need[1] else None
+    dW_ih = d_input.t() @ x.detach() if need[ctx.W_ih_index] else None
+    dW_hh = d_recurrent.t() @ h.detach() if need[ctx.W_ih_index + 1] else None
+    if not ctx.has_bias:
+        return dx, dh, dW_ih, dW_hh, None, None
+    db_ih = d_input.sum(0)
+    db_hh = db_ih.clone() if d_recurrent is d_input else d_recurrent.sum(0)
+    return dx, dh, dW_ih, dW_hh, db_ih, db_hh
+
+
+class LSTMCellFunction(torch.autograd.Function):
+    """(x, h, c, W_ih, W_hh, b_ih, b_hh) -> (h', c')."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, W_ih, W_hh, b_ih, b_hh):
+        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 4)
+        gates = _input_side(x, W_ih, _summed(b_ih, b_hh))
+        rec = _recurrent_side(h, W_hh)
+        c_new = torch.empty(c.shape, dtype=c.dtype)
+        h_new = torch.empty(c.shape, dtype=c.dtype)
+        lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new)
+            ctx.gates = gates
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
+        return h_new, c_new
+
+    @staticmethod
+    @_first_order_only
+    @once_differentiable
+    def backward(ctx, dh, dc):
+        x, h, c, W_ih, W_hh, c_new = ctx.saved_tensors
+        d_gates = torch.empty(ctx.gates.shape, dtype=c.dtype)
+        dc_prev = torch.empty(c.shape, dtype=c.dtype)
+        lstm_cell_backward(
+            ctx.gates.numpy(), _np(c), c_new.numpy(), _np(dh), _np(dc), d_gates.numpy(),
+            dc_prev.numpy(),
+        )  # fmt: skip
+        dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
+            ctx, d_gates, d_gates, x, h, W_ih, W_hh
+        )
+        return dx, dh_prev, dc_prev, dW_ih, dW_hh, db_ih, db_hh
+
+
+class GRUCellFunction(torch.autograd.Function):
+    """(x, h, W_ih, W_hh, b_ih, b_hh) -> h' ("reset after", gates r, z, n)."""
+
+    @staticmethod
+    def forward(ctx, x, h, W_ih, W_hh, b_ih, b_hh):
+        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 3)
+        projected = _input_side(x, W_ih, b_ih)
+        rec = _recurrent_side(h, W_hh)
+        if b_hh is None:
+            b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
+        else:
+            b_hh_np = _np(b_hh)
+        cache = torch.empty((h.shape[0], 4 * h.shape[1]), dtype=h.dtype)
+        h_new = torch.empty(h.shape, dtype=h.dtype)
+        gru_cell_forward(
+            projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
+        )
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, h, W_ih, W_hh)
+            ctx.cache = cache
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 2
+        return h_new
+
+    @staticmethod
+    @_first_order_only
+    @once_differentiable
+    def backward(ctx, dh):
+        x, h, W_ih, W_hh = ctx.saved_tensors
+        rows, hidden = h.shape
+        d_input = torch.empty((rows, 3 * hidden), dtype=h.dtype)
+        d_recurrent = torch.empty((rows, 3 * hidden), dtype=h.dtype)
+        dh_direct = torch.empty(h.shape, dtype=h.dtype)
+        gru_cell_backward(
+            ctx.cache.numpy(), _np(h), _np(dh), d_input.numpy(), d_recurrent.numpy(),
+            dh_direct.numpy(),
+        )  # fmt: skip
+        dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
+            ctx, d_input, d_recurrent, x, h, W_ih, W_hh
+        )
+        if dh_prev is not None:
+            dh_prev += dh_direct
+        return dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh
+
+
+class RNNCellFunction(torch.autograd.Function):
+    """(x, h, relu, W_ih, W_hh, b_ih, b_hh) -> h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
+
+    @staticmethod
+    def forward(ctx, x, h, relu, W_ih, W_hh, b_ih, b_hh):
+        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 1)
+        h_new = _input_side(x, W_ih, _summed(b_ih, b_hh))
+        rnn_cell_forward(h_new.numpy(), _recurrent_side(h, W_hh).numpy(), relu)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, h, W_ih, W_hh, h_new)
+            ctx.relu = relu
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
+        return h_new
+
+    @staticmethod
+    @_first_order_only
+    @once_differentiable
+    def backward(ctx, dh):
+        x, h, W_ih, W_hh, h_new = ctx.saved_tensors
+        d_pre = torch.empty(h_new.shape, dtype=h_new.dtype)
+        rnn_cell_backward(h_new.numpy(), _np(dh), ctx.relu, d_pre.numpy())
+        dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h, W_ih, W_hh)
+        return dx, dh_prev, None, dW_ih, dW_hh, db_ih, db_hh
