@@ -340,7 +340,9 @@ class _CellForward:
             return False
         if _torch_chosen(input):
             return True
-        weights = [p for p in self.parameters(recurse=False)]
+        weights = [self.weight_ih, self.weight_hh]
+        if self.bias:
+            weights += [self.bias_ih, self.bias_hh]
         reason = _unsupported_reason(input, weights)
         if reason is None:
             return False
