@@ -134,3 +134,66 @@ def _tagger_losses(convert: bool) -> list[float]:
 
 def test_packed_bidirectional_tagger_converted():
     assert _tagger_losses(True) == pytest.approx(_tagger_losses(False), rel=1e-5, abs=1e-6)
+
+
+class SineSequence(nn.Module):
+    """In the style of PyTorch's time_sequence_prediction example: two stacked LSTMCells in
+    float64, looped over time in Python, hidden states from torch.zeros, extra steps fed with
+    the model's own predictions, trained with LBFGS (several closure calls per step)."""
+
+    def __init__(self, hidden: int = 21) -> None:
+        super().__init__()
+        self.cell1 = nn.LSTMCell(1, hidden)
+        self.cell2 = nn.LSTMCell(hidden, hidden)
+        self.head = nn.Linear(hidden, 1)
+        self.hidden = hidden
+
+    def forward(self, series: torch.Tensor, future: int = 0) -> torch.Tensor:
+        batch = series.size(0)
+        h1 = torch.zeros(batch, self.hidden, dtype=torch.double)
+        c1 = torch.zeros(batch, self.hidden, dtype=torch.double)
+        h2, c2 = h1.clone(), c1.clone()
+        outputs = []
+        for value in series.split(1, dim=1):
+            h1, c1 = self.cell1(value, (h1, c1))
+            h2, c2 = self.cell2(h1, (h2, c2))
+            outputs.append(self.head(h2))
+        for _ in range(future):
+            h1, c1 = self.cell1(outputs[-1], (h1, c1))
+            h2, c2 = self.cell2(h1, (h2, c2))
+            outputs.append(self.head(h2))
+        return torch.cat(outputs, dim=1)
+
+
+def _train_sine(convert: bool) -> list[float]:
+    torch.manual_seed(2)
+    steps = torch.arange(40, dtype=torch.double)
+    data = torch.sin((steps + 7 * torch.arange(4, dtype=torch.double)[:, None]) / 5.0)
+    model = SineSequence().double()
+    if convert:
+        model = fastrnn.convert(model)
+        assert isinstance(model.cell1, fastrnn.LSTMCell)
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+    losses = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(data[:, :-1]), data[:, 1:])
+        loss.backward()
+        losses.append(loss.item())
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    with torch.no_grad():
+        prediction = model(data[:, :-1], future=5)
+    losses.append(prediction.square().sum().item())
+    return losses
+
+
+def test_lstm_cell_time_series_with_lbfgs_converted():
+    expected = _train_sine(convert=False)
+    got = _train_sine(convert=True)
+    assert len(got) == len(expected) > 3
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12), f"closure call {step}"
