@@ -101,6 +101,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def _to_device(values: np.ndarray, device: torch.device) -> Tensor:
+    """A small host array on the GPU without synchronising: a copy from pageable memory would
+    first wait for the stream, so it goes through torch's pinned-memory pool (which keeps the
+    block alive until the copy has run)."""
+    return torch.from_numpy(values).pin_memory().to(device, non_blocking=True)
+
+
 def _simulated_device_array(values: np.ndarray):
     """The simulator's device array over a numpy array, sharing its memory. (Passing the numpy
     array itself would make the simulator copy it in and out per launch, and two arguments that
@@ -141,7 +148,7 @@ class _Launch:
 
     def index_array(self, values: np.ndarray):
         if self.on_gpu:
-            return self.array(torch.from_numpy(values).to(self.device, non_blocking=True))
+            return self.array(_to_device(values, self.device))
         return _simulated_device_array(values)
 
     def run(self, kernel, blocks, threads, shared, *args):
@@ -473,7 +480,7 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
             if previous:
                 source[: min(count, previous)] = firsts[d, k - 1] + np.arange(min(count, previous))
             index[d, first : first + count] = source
-    index_t = torch.from_numpy(index).to(y.device, non_blocking=True)
+    index_t = _to_device(index, y.device) if y.is_cuda else torch.from_numpy(index)
     both = torch.cat([y, h0], dim=1)
     return torch.stack([both[d].index_select(0, index_t[d]) for d in range(directions)])
 
