@@ -187,8 +187,14 @@ def _blocks_available(launch: _Launch) -> int:
     48 KiB of shared memory always fits an SM). The simulator runs one block at a time."""
     if not launch.on_gpu:
         return 1
-    with launch.context:
-        return _cuda_modules()[0].get_current_device().MULTIPROCESSOR_COUNT
+    return _multiprocessors(launch.device.index or 0)
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    cuda = _cuda_modules()[0]
+    with cuda.gpus[device_index]:
+        return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
 def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, projected):
