@@ -81,8 +81,16 @@ def cuda_autocast_dtype(x: Tensor) -> torch.dtype | None:
     return None
 
 
-@torch.compiler.disable  # torch.compile can't trace into Numba: run the layer eagerly there
 def apply_layer(function: type[torch.autograd.Function], *args):
+    """Run one layer Function (see `_apply_layer`). Under torch.compile the call goes through a
+    `torch.compiler.disable`d copy: dynamo can't trace into Numba, so fastrnn runs eagerly there
+    (a graph break). In eager mode that wrapper would only cost ~5 us a call."""
+    if torch.compiler.is_compiling():
+        return _apply_layer_eagerly(function, *args)
+    return _apply_layer(function, *args)
+
+
+def _apply_layer(function: type[torch.autograd.Function], *args):
     """`function.apply(*args)`, or only its forward when no gradient can flow (no_grad or
     inference_mode, or nothing requires grad): autograd's bookkeeping costs ~30 us a call, a
     tenth of a batch-1 forward. Traced calls keep the Function so the trace records it.
@@ -97,12 +105,15 @@ def apply_layer(function: type[torch.autograd.Function], *args):
             for a in args
         ]
         with torch.autocast("cuda", enabled=False):
-            return apply_layer(function, *cast)
+            return _apply_layer(function, *cast)
     if (
         torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)
     ) or torch.jit.is_tracing():
         return function.apply(*args)
     return function.forward(_InferenceContext(), *args)
+
+
+_apply_layer_eagerly = torch.compiler.disable(_apply_layer)
 
 
 def _check_layer(

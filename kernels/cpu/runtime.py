@@ -14,6 +14,7 @@ import os
 import threading
 
 import numba
+import numpy as np
 
 
 def prefer_openmp_threading_layer() -> None:
@@ -50,9 +51,11 @@ def _blas_controllers() -> list:
         except ImportError:
             _controllers = []
         else:
-            _controllers = [
-                c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"
-            ]
+            blas = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+            # numpy's wheel brings its own OpenBLAS (numpy.libs), which Numba's np.dot never
+            # calls: leave it alone (each limit and restore costs ~1 us a library).
+            numpy_libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+            _controllers = [c for c in blas if not c.filepath.startswith(numpy_libs)] or blas
     return _controllers
 
 
