@@ -18,3 +18,12 @@ def test_bench_quick_run(tmp_path):
     record = json.loads((tmp_path / "smoke.json").read_text())
     assert "parity failed" not in done.stdout
     assert len(record["cases"]) == 3
+
+
+def test_cells_benchmark_runs(capsys):
+    from bench import cells
+
+    assert cells.main(["--sizes", "2,3,4", "--calls", "2", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    for cell in cells.CELLS:
+        assert cell in out
