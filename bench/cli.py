@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "sizes (+ (100,64,512,512) on cuda), or explicit 'T,B,I,H;T,B,I,H' (mixable with "
         "presets); default: small",
     )
-    g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="(float32)")
+    g.add_argument(
+        "--dtype",
+        choices=("float32", "float64", "float16", "bfloat16"),
+        default="float32",
+        help="(float32); float16 / bfloat16 only with --device cuda (no CPU kernels)",
+    )
     g.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -321,7 +326,14 @@ def main(argv=None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, val)
     if args.rtol is None:
-        args.rtol = 1e-3 if args.device == "cuda" else 1e-4
+        # torch's own tolerances for these dtypes, loosened for whole-sequence gradients
+        args.rtol = {"float16": 2e-2, "bfloat16": 5e-2}.get(
+            args.dtype, 1e-3 if args.device == "cuda" else 1e-4
+        )
+    if args.dtype in ("float16", "bfloat16") and args.device != "cuda":
+        return _fail(
+            f"--dtype {args.dtype} needs --device cuda (fastrnn has no 16-bit CPU kernels)"
+        )
 
     try:
         cells = C.parse_cells(args.cells)

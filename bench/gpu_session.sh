@@ -42,6 +42,10 @@ step bench-standard-auto-bi python -m bench --device cuda --sizes standard --bid
     --layers 2 --out "$OUT" --no-progress
 step bench-packed python -m bench --device cuda --sizes standard --packed --out "$OUT" \
     --no-progress
+for dtype in float16 bfloat16; do
+    step "bench-standard-$dtype" python -m bench --device cuda --sizes standard --dtype "$dtype" \
+        --out "$OUT" --no-progress
+done
 # Memory errors and races in the kernels at a small size (forward and backward of each cell).
 if command -v compute-sanitizer >/dev/null; then
     for tool in memcheck racecheck initcheck; do
