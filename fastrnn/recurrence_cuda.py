@@ -35,6 +35,9 @@ STRATEGIES = ("auto", "persistent", "stepwise", "torch")
 _SIMULATOR_THREADS = 4
 # ... and persistent grids of up to 3 blocks a direction (run as virtual blocks of one block).
 _SIMULATOR_BLOCKS = 3
+_GPU_THREADS = (
+    256  # kernels/cuda/common.py's THREADS_PER_BLOCK (not imported: numba-cuda is optional)
+)
 # Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
 _SHARED_BYTES = 48 * 1024
 
@@ -177,7 +180,8 @@ def persistent_plan(
     if per_direction < 1:
         return None
     units = math.ceil(hidden / per_direction)
-    if gates * units * width * 4 > _SHARED_BYTES:
+    # the weights, plus 4 partial sums per thread of a 256-thread block (4 KiB)
+    if (gates * units * width + 4 * _GPU_THREADS) * 4 > _SHARED_BYTES:
         return None
     return units, math.ceil(hidden / units)
 
@@ -277,7 +281,7 @@ def recurrence_forward(
     offsets = launch.index_array(firsts[0].copy())
     threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
     if strategy == "persistent":
-        shared = gates * plan[0] * W_hh.shape[2] * 4
+        shared = 4 * persistent.shared_floats(gates * plan[0] * W_hh.shape[2], threads)
         args = [
             sizes,
             offsets,
@@ -384,7 +388,7 @@ def recurrence_backward(
         dc_state.copy_(dc_n)
     dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
     if strategy == "persistent":
-        shared = gates * plan[0] * hidden * 4
+        shared = 4 * persistent.shared_floats(gates * plan[0] * hidden, threads)
         args = [
             sizes,
             offsets,

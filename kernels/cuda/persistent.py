@@ -8,8 +8,12 @@ the only point where one block needs another's results (the previous step's h, o
 the next step's gate gradients). Everything a block writes per step is either its own units'
 state or a new row of the packed outputs, so no two blocks ever write the same element.
 
-Shared memory: forward G*U*H floats (W_hh[d, g*H + u0 + u, p] at p*G*U + g*U + u), backward
-the same count (W_hh[d, q, u0 + u] at q*U + u). The launcher picks U so that fits.
+Shared memory per block: the weights, forward G*U*H floats (W_hh[d, g*H + u0 + u, p] at
+p*G*U + g*U + u), backward the same count (W_hh[d, q, u0 + u] at q*U + u), then 4 floats per
+thread for partial sums (`shared_floats`). The launcher picks U so that fits.
+
+Small batches: with fewer (row, unit) items than threads, several threads ("lanes") split each
+item's dot products and lane 0 adds their partial sums, so more of the block works per step.
 Under Numba's simulator a grid runs one block at a time, so there the launcher runs one launch
 per direction whose single block stands in for several (`virtual_blocks`, see `_block_layout`):
 the unit split, the per-block shared memory and the per-step barrier are exercised all the same.
@@ -30,18 +34,36 @@ _JIT = {"cache": True}
 
 
 @cuda.jit(device=True)
-def _block_layout(virtual_blocks, units_per_block, hidden, shared_per_block):
+def _block_layout(virtual_blocks, units_per_block, hidden, weights_per_block):
     """(first unit, units owned, thread index, threads, first shared-memory slot) of this
-    block. With virtual_blocks = V > 0 (the simulator's tests), the one real block of a launch
-    stands in for V blocks of blockDim.x / V threads each, with their own slices of shared
-    memory, so that the multi-block split and its barrier run where blocks can't run at once."""
+    block. Each block's shared memory holds its weights, then 4 partial sums per thread
+    (`shared_floats`). With virtual_blocks = V > 0 (the simulator's tests), the one real block
+    of a launch stands in for V blocks of blockDim.x / V threads each, with their own slices of
+    shared memory, so that the multi-block split and its barrier run where blocks can't run at
+    once."""
     block, tid, threads = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
     if virtual_blocks > 0:
         threads = cuda.blockDim.x // virtual_blocks
         block = cuda.threadIdx.x // threads
         tid = cuda.threadIdx.x % threads
     first = block * units_per_block
-    return first, min(units_per_block, hidden - first), tid, threads, block * shared_per_block
+    slot = block * (weights_per_block + 4 * threads)
+    return first, min(units_per_block, hidden - first), tid, threads, slot
+
+
+def shared_floats(weights_per_block: int, threads: int) -> int:
+    """Floats of shared memory one block uses (host side, to size the launch)."""
+    return weights_per_block + 4 * threads
+
+
+@cuda.jit(device=True)
+def _lanes(items, threads):
+    """Threads per work item: the largest power of two with items x lanes <= threads, at most
+    32 (a warp), at least 1."""
+    lanes = 1
+    while lanes < 32 and 2 * lanes * items <= threads:
+        lanes *= 2
+    return lanes
 
 
 @cuda.jit(**_JIT)
@@ -76,6 +98,7 @@ def persistent_forward(
     u0, units, tid, threads, first_slot = _block_layout(
         virtual_blocks, units_per_block, hidden, width * stride
     )
+    partials = first_slot + width * stride  # 4 partial sums per thread after the weights
     for idx in range(tid, width * stride, threads):
         u = idx % units_per_block
         if u < units:
@@ -92,44 +115,68 @@ def persistent_forward(
     for k in range(batch_sizes.shape[0]):
         rows, off = step_span(k, d, batch_sizes, offsets)
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
-        for idx in range(tid, rows * units, threads):
-            b, u = idx // units, idx % units
+        # Work item (row b, unit u); `lanes` threads share an item's dot products when there
+        # are fewer items than threads (small batches), then lane 0 adds their partial sums.
+        # Every bound below is the same for all (virtual) blocks, so all reach each barrier.
+        items = rows * units_per_block
+        lanes = _lanes(items, threads)
+        for first_item in range(0, items * lanes, threads):
+            item, lane = (first_item + tid) // lanes, (first_item + tid) % lanes
+            b, u = item // units_per_block, item % units_per_block
+            active = item < items and u < units
             # The previous h of this row: the previous step's output, or h0 for a row that
             # starts here (reverse direction of a packed batch) and at the first step.
             source, row = (y, off_prev + b) if b < rows_prev else (h0, b)
             rec0, rec1, rec2, rec3 = zero, zero, zero, zero
-            for p in range(width):
-                h = wide(source[d, row, p], one)
-                base = first_slot + p * stride + u
-                rec0 += weights[base] * h
-                if gates > 1:
-                    rec1 += weights[base + units_per_block] * h
-                    rec2 += weights[base + 2 * units_per_block] * h
-                if gates > 3:
-                    rec3 += weights[base + 3 * units_per_block] * h
-            j = u0 + u
-            h = unit_forward(
-                cell,
-                relu,
-                d,
-                off + b,
-                b,
-                j,
-                hidden,
-                rec0,
-                rec1,
-                rec2,
-                rec3,
-                wide(source[d, row, j], one),
-                inputs,
-                gate_cache,
-                cell_cache,
-                c_state,
-                b_hh,
-                one,
-            )
-            put(y, d, off + b, j, h)
-            put(h_n, d, b, j, h)
+            if active:
+                for p in range(lane, width, lanes):
+                    h = wide(source[d, row, p], one)
+                    base = first_slot + p * stride + u
+                    rec0 += weights[base] * h
+                    if gates > 1:
+                        rec1 += weights[base + units_per_block] * h
+                        rec2 += weights[base + 2 * units_per_block] * h
+                    if gates > 3:
+                        rec3 += weights[base + 3 * units_per_block] * h
+            if lanes > 1:
+                slot = partials + 4 * tid
+                weights[slot] = rec0
+                weights[slot + 1] = rec1
+                weights[slot + 2] = rec2
+                weights[slot + 3] = rec3
+                cuda.syncthreads()
+                if lane == 0:
+                    for other in range(slot + 4, slot + 4 * lanes, 4):
+                        rec0 += weights[other]
+                        rec1 += weights[other + 1]
+                        rec2 += weights[other + 2]
+                        rec3 += weights[other + 3]
+            if active and lane == 0:
+                j = u0 + u
+                h = unit_forward(
+                    cell,
+                    relu,
+                    d,
+                    off + b,
+                    b,
+                    j,
+                    hidden,
+                    rec0,
+                    rec1,
+                    rec2,
+                    rec3,
+                    wide(source[d, row, j], one),
+                    inputs,
+                    gate_cache,
+                    cell_cache,
+                    c_state,
+                    b_hh,
+                    one,
+                )
+                put(y, d, off + b, j, h)
+                put(h_n, d, b, j, h)
+            if lanes > 1:
+                cuda.syncthreads()  # the partial sums are read before the next items reuse them
         grid.sync()
 
 
