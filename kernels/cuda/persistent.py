@@ -215,6 +215,7 @@ def persistent_backward(
     u0, units, tid, threads, first_slot = _block_layout(
         virtual_blocks, units_per_block, hidden, rows_hh * units_per_block
     )
+    partials = first_slot + rows_hh * units_per_block
     for idx in range(tid, rows_hh * units_per_block, threads):
         u = idx % units_per_block
         if u < units:
@@ -227,40 +228,55 @@ def persistent_backward(
         rows, off = step_span(k, d, batch_sizes, offsets)
         rows_next, off_next = step_span(k + 1, d, batch_sizes, offsets)
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
-        for idx in range(tid, max(rows, rows_next) * units, threads):
-            b, u = idx // units, idx % units
+        # As in forward: lanes split each item's dot product when items are fewer than threads.
+        items = max(rows, rows_next) * units_per_block
+        lanes = _lanes(items, threads)
+        for first_item in range(0, items * lanes, threads):
+            item, lane = (first_item + tid) // lanes, (first_item + tid) % lanes
+            b, u = item // units_per_block, item % units_per_block
+            active = item < items and u < units
             j = u0 + u
             carried = zero
-            if b < rows_next:
-                for q in range(rows_hh):
+            if active and b < rows_next:
+                for q in range(lane, rows_hh, lanes):
                     weight = weights[first_slot + q * units_per_block + u]
                     carried += wide(d_recurrent[d, off_next + b, q], one) * weight
-                carried += wide(dh_direct[d, b, j], one)
-            if b < rows:
-                dh = wide(dy[d, off + b, j], one)
-                dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
-                direct = unit_backward(
-                    cell,
-                    relu,
-                    d,
-                    off + b,
-                    b,
-                    j,
-                    hidden,
-                    dh,
-                    rows_prev,
-                    off_prev,
-                    h0,
-                    c0,
-                    y,
-                    gate_cache,
-                    cell_cache,
-                    dc_state,
-                    d_input,
-                    d_recurrent,
-                    one,
-                )
-                put(dh_direct, d, b, j, direct)
-            else:
-                put(dh0, d, b, j, carried)
+            if lanes > 1:
+                weights[partials + 4 * tid] = carried
+                cuda.syncthreads()
+                if lane == 0:
+                    for other in range(partials + 4 * (tid + 1), partials + 4 * (tid + lanes), 4):
+                        carried += weights[other]
+            if active and lane == 0:
+                if b < rows_next:
+                    carried += wide(dh_direct[d, b, j], one)
+                if b < rows:
+                    dh = wide(dy[d, off + b, j], one)
+                    dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
+                    direct = unit_backward(
+                        cell,
+                        relu,
+                        d,
+                        off + b,
+                        b,
+                        j,
+                        hidden,
+                        dh,
+                        rows_prev,
+                        off_prev,
+                        h0,
+                        c0,
+                        y,
+                        gate_cache,
+                        cell_cache,
+                        dc_state,
+                        d_input,
+                        d_recurrent,
+                        one,
+                    )
+                    put(dh_direct, d, b, j, direct)
+                else:
+                    put(dh0, d, b, j, carried)
+            if lanes > 1:
+                cuda.syncthreads()  # the partial sums are read before the next items reuse them
         grid.sync()
