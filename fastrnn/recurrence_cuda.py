@@ -238,6 +238,36 @@ def _run_persistent(launch, kernel, plan, directions, threads, shared, cell, rel
             )  # fmt: skip
 
 
+def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
+    """What forward and backward both start from: (launch, gates, hidden, strategy, plan,
+    threads per block)."""
+    common = _cuda_modules()[2]
+    launch = _Launch(h0)
+    gates = common.GATES[cell]
+    hidden = W_hh.shape[1] // gates
+    strategy, plan = _choose(
+        launch, hidden, W_hh.shape[2], gates, h0.shape[0], h0.shape[1], h0.dtype, W_hr is not None
+    )
+    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
+    return launch, gates, hidden, strategy, plan, threads
+
+
+def _step_arrays(launch: _Launch, batch_sizes: np.ndarray, directions: int):
+    """(rows, first rows) per direction and step on the host, and the batch sizes and step
+    offsets as kernel arguments."""
+    rows, firsts = _steps(batch_sizes, directions)
+    sizes = launch.index_array(batch_sizes.astype(np.int64))
+    return rows, firsts, sizes, launch.index_array(firsts[0].copy())
+
+
+def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tensor | None:
+    """Where LSTM's running c (or dc) lives: `state` itself, or a float32 buffer for 16-bit
+    data (the cell state is kept in cell_cache's dtype); None for GRU and RNN."""
+    if state is None or state.dtype == cell_cache.dtype:
+        return state
+    return torch.empty(state.shape, dtype=cell_cache.dtype, device=state.device)
+
+
 def _grid(total: int, threads: int) -> int:
     return max(1, math.ceil(total / threads))
 
@@ -261,25 +291,14 @@ def recurrence_forward(
     """Run the forward recurrence of any cell (layouts in `kernels/cuda/cells.py`); returns the
     strategy that ran."""
     global _last_strategy
-    cuda, _, common, persistent, stepwise = _cuda_modules()
-    launch = _Launch(h0)
-    gates = common.GATES[cell]
+    _, _, _, persistent, stepwise = _cuda_modules()
+    launch, gates, hidden, strategy, plan, threads = _setup(cell, W_hh, W_hr, h0)
     directions, batch = h0.shape[0], h0.shape[1]
-    hidden = W_hh.shape[1] // gates
-    strategy, plan = _choose(
-        launch, hidden, W_hh.shape[2], gates, directions, batch, h0.dtype, W_hr is not None
-    )
     _last_strategy = strategy
     if batch == 0:  # an empty batch: nothing to launch (and no memory to hand to a kernel)
         return strategy
-    # LSTM's running cell state stays in cell_cache's dtype (float32 for float16 data).
-    c_state = c_n
-    if c_n is not None and c_n.dtype != cell_cache.dtype:
-        c_state = torch.empty(c_n.shape, dtype=cell_cache.dtype, device=c_n.device)
-    rows, firsts = _steps(batch_sizes, directions)
-    sizes = launch.index_array(batch_sizes.astype(np.int64))
-    offsets = launch.index_array(firsts[0].copy())
-    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
+    c_state = _cell_state_buffer(c_n, cell_cache)
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
     if strategy == "persistent":
         shared = 4 * persistent.shared_floats(gates * plan[0] * W_hh.shape[2], threads)
         args = [
@@ -366,25 +385,14 @@ def recurrence_backward(
     """Backward of `recurrence_forward`: the gate pre-activation gradients d_input (and for GRU
     d_recurrent; the same tensor otherwise), dh0, dc0, and with a projection dh_total (D, N, P),
     dL/dh of every row."""
-    cuda, _, common, persistent, stepwise = _cuda_modules()
-    launch = _Launch(h0)
-    gates = common.GATES[cell]
+    _, _, _, persistent, stepwise = _cuda_modules()
+    launch, gates, hidden, strategy, plan, threads = _setup(cell, W_hh, W_hr, h0)
     directions, batch = h0.shape[0], h0.shape[1]
-    hidden = W_hh.shape[1] // gates
-    strategy, plan = _choose(
-        launch, hidden, W_hh.shape[2], gates, directions, batch, h0.dtype, W_hr is not None
-    )
     if batch == 0:
         return
-    rows, firsts = _steps(batch_sizes, directions)
-    sizes = launch.index_array(batch_sizes.astype(np.int64))
-    offsets = launch.index_array(firsts[0].copy())
-    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
-    # dc runs in cell_cache's dtype (float32 for float16 data), from dc_n to dc0.
-    dc_state = dc0
-    if dc0 is not None:
-        if dc0.dtype != cell_cache.dtype:
-            dc_state = torch.empty(dc0.shape, dtype=cell_cache.dtype, device=dc0.device)
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    dc_state = _cell_state_buffer(dc0, cell_cache)  # dc runs from dc_n to dc0
+    if dc_state is not None:
         dc_state.copy_(dc_n)
     dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
     if strategy == "persistent":
