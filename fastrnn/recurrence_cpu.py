@@ -3,7 +3,8 @@ numpy views of torch tensors. Same functions and arguments as `recurrence_cuda`;
 `autograd` and `kernels/cpu/`.
 
 The kernels spread directions and row chunks of the batch over `torch.get_num_threads()` threads
-(capped by Numba's pool) and call BLAS once per thread and step, single-threaded.
+(capped by Numba's pool); the per-step products are the kernels' own (`kernels/cpu/panel_matmul`),
+so no BLAS runs inside them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
 from .kernels.cpu.rnn import rnn_forward as _rnn_forward
-from .kernels.cpu.runtime import single_threaded_blas
+from .kernels.cpu.runtime import prefer_openmp_threading_layer
+
+prefer_openmp_threading_layer()
 
 
 def _threads() -> int:
@@ -32,32 +35,25 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-def _np_transposed(W: Tensor) -> np.ndarray:
-    """(D, A, B) -> contiguous copy of each direction's transpose (D, B, A): the kernels' per-step
-    products are then W @ rows^T, BLAS's fast shape."""
-    return W.detach().transpose(1, 2).contiguous().numpy()
-
-
 def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.ndarray:
     return _np(W) if W is not None else np.empty(shape, dtype=_np(like).dtype)
 
 
 def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
     directions, hidden = W_hh.shape[0], c0.shape[2]
-    with single_threaded_blas():
-        _lstm_forward(
-            batch_sizes,
-            _np(W_hh),
-            _np_or_empty(W_hr, (directions, 0, hidden), h0),
-            _np(h0),
-            _np(c0),
-            y.numpy(),
-            h_n.numpy(),
-            c_n.numpy(),
-            gate_cache.numpy(),
-            cell_cache.numpy(),
-            _threads(),
-        )
+    _lstm_forward(
+        batch_sizes,
+        _np(W_hh),
+        _np_or_empty(W_hr, (directions, 0, hidden), h0),
+        _np(h0),
+        _np(c0),
+        y.numpy(),
+        h_n.numpy(),
+        c_n.numpy(),
+        gate_cache.numpy(),
+        cell_cache.numpy(),
+        _threads(),
+    )
 
 
 def lstm_backward(
@@ -79,32 +75,27 @@ def lstm_backward(
     dh0,
     dc0,
 ) -> None:
-    directions, proj = W_hh.shape[0], h0.shape[2]
-    if W_hr is not None:
-        W_hr_t = _np_transposed(W_hr)
-    else:
-        W_hr_t = np.empty((directions, 0, proj), dtype=_np(h0).dtype)
-    with single_threaded_blas():
-        _lstm_backward(
-            batch_sizes,
-            _np_transposed(W_hh),
-            W_hr_t,
-            _np(h0),
-            _np(c0),
-            _np(y),
-            gate_cache.numpy(),
-            cell_cache.numpy(),
-            _np(dy),
-            _np(dh_n),
-            _np(dc_n),
-            d_gates.numpy(),
-            h_prev.numpy(),
-            dh_total.numpy(),
-            h_raw.numpy(),
-            dh0.numpy(),
-            dc0.numpy(),
-            _threads(),
-        )
+    directions, hidden = W_hh.shape[0], c0.shape[2]
+    _lstm_backward(
+        batch_sizes,
+        _np(W_hh),
+        _np_or_empty(W_hr, (directions, 0, hidden), h0),
+        _np(h0),
+        _np(c0),
+        _np(y),
+        gate_cache.numpy(),
+        cell_cache.numpy(),
+        _np(dy),
+        _np(dh_n),
+        _np(dc_n),
+        d_gates.numpy(),
+        h_prev.numpy(),
+        dh_total.numpy(),
+        h_raw.numpy(),
+        dh0.numpy(),
+        dc0.numpy(),
+        _threads(),
+    )
 
 
 def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> None:
@@ -113,57 +104,53 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> N
         b_hh_np = _np(b_hh)
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=_np(h0).dtype)
-    with single_threaded_blas():
-        _gru_forward(
-            batch_sizes,
-            _np(W_hh),
-            b_hh_np,
-            _np(h0),
-            projected.numpy(),
-            y.numpy(),
-            h_n.numpy(),
-            gate_cache.numpy(),
-            _threads(),
-        )
+    _gru_forward(
+        batch_sizes,
+        _np(W_hh),
+        b_hh_np,
+        _np(h0),
+        projected.numpy(),
+        y.numpy(),
+        h_n.numpy(),
+        gate_cache.numpy(),
+        _threads(),
+    )
 
 
 def gru_backward(
     batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
 ) -> None:
-    with single_threaded_blas():
-        _gru_backward(
-            batch_sizes,
-            _np_transposed(W_hh),
-            _np(h0),
-            _np(y),
-            gate_cache.numpy(),
-            _np(dy),
-            _np(dh_n),
-            h_prev.numpy(),
-            d_input.numpy(),
-            d_recurrent.numpy(),
-            dh0.numpy(),
-            _threads(),
-        )
+    _gru_backward(
+        batch_sizes,
+        _np(W_hh),
+        _np(h0),
+        _np(y),
+        gate_cache.numpy(),
+        _np(dy),
+        _np(dh_n),
+        h_prev.numpy(),
+        d_input.numpy(),
+        d_recurrent.numpy(),
+        dh0.numpy(),
+        _threads(),
+    )
 
 
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n) -> None:
-    with single_threaded_blas():
-        _rnn_forward(batch_sizes, relu, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
+    _rnn_forward(batch_sizes, relu, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
 
 
 def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:
-    with single_threaded_blas():
-        _rnn_backward(
-            batch_sizes,
-            relu,
-            _np_transposed(W_hh),
-            _np(h0),
-            _np(y),
-            _np(dy),
-            _np(dh_n),
-            d_pre.numpy(),
-            h_prev.numpy(),
-            dh0.numpy(),
-            _threads(),
-        )
+    _rnn_backward(
+        batch_sizes,
+        relu,
+        _np(W_hh),
+        _np(h0),
+        _np(y),
+        _np(dy),
+        _np(dh_n),
+        d_pre.numpy(),
+        h_prev.numpy(),
+        dh0.numpy(),
+        _threads(),
+    )

@@ -9,8 +9,8 @@ A layer-direction runs its steps in "processing order": t = 0..T-1, or T-1..0 wh
 The recurrence of a row depends only on that row, so a batch splits into contiguous row chunks,
 one per thread, each running the whole sequence (one parallel region per call, none per step);
 the tasks of a call are (direction, row chunk) pairs (`direction_tasks`, `task_rows`).
-Per-step products go to BLAS single-threaded (see `runtime`); the big GEMMs over all steps (input
-projection, weight and input gradients) are left to the caller.
+Per-step products are `panel_matmul`'s register-tiled loops (no BLAS inside the kernels); the big
+GEMMs over all steps (input projection, weight and input gradients) are left to the caller.
 
 A row's previous hidden state is the one from the previous processed step if that step had the
 row, otherwise the initial state h0 (for reverse direction a row joins at its last time step).
@@ -80,8 +80,7 @@ def previous_step_rows(t, batch_sizes, reverse):
 def direction_tasks(directions, batch, threads):
     """(tasks, row chunks per direction): the threads are shared out between the directions of
     a layer first (each then runs its whole batch, the most efficient BLAS shape), and only
-    then between row chunks of a direction, down to one row per chunk (measured: even two rows
-    are worth splitting; see `matmul_weights_t`)."""
+    then between row chunks of a direction, down to one row per chunk."""
     n_chunks = max(1, min(max(1, threads // directions), batch))
     return directions * n_chunks, n_chunks
 
@@ -117,29 +116,3 @@ def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
             out[off + r, :] = y[offsets[prev] + r, :]
         else:
             out[off + r, :] = h0[r, :]
-
-
-# How BLAS is asked for the per-step product out (M, N) = rows (M, K) @ W (N, K)^T. OpenBLAS's
-# sgemm is slow for small M; measured single-threaded (K = 256, N = 1024): M = 2: sgemm 93 us,
-# one sgemv per row 23 us; M = 4: 97 vs 47 us; M = 8: sgemm 118 us, W @ rows^T 83 us, sgemv 94 us.
-# So up to GEMV_MAX_ROWS rows: one matrix-vector product per row; above: the transposed product
-# W @ rows^T (1.4-1.8x faster than rows @ W^T at M >= 8), transposed back into `out`.
-GEMV_MAX_ROWS = 5
-
-
-@njit(**_JIT)
-def matmul_weights_t(a, W, scratch, out):
-    """out (M, N) = a (M, K) @ W (N, K)^T; scratch: a C-contiguous buffer of at least N * M."""
-    rows = a.shape[0]
-    if rows == 0:
-        return
-    if a.shape[1] == 0:
-        out[:] = 0
-        return
-    if rows <= GEMV_MAX_ROWS:
-        for r in range(rows):
-            np.dot(W, a[r], out[r])
-        return
-    product = scratch[: W.shape[0] * rows].reshape((W.shape[0], rows))
-    np.dot(W, a.T, product)
-    out[:] = product.T

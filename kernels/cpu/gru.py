@@ -27,12 +27,12 @@ from .common import (
     ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
-    matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
     task_rows,
 )
+from .panel_matmul import matmul_panels, packed_panels
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -81,18 +81,17 @@ def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
 
 @njit(**_JIT)
 def _forward_rows(
-    batch_sizes, offsets, reverse, W_hh, b_hh, projected, y, h_n, gate_cache, first, last
+    batch_sizes, offsets, reverse, hh_panels, b_hh, projected, y, h_n, gate_cache, first, last
 ):
     """One direction, rows first..last-1, every step (arrays without the direction axis)."""
     hidden = h_n.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     recurrent = np.empty((last - first, 3 * hidden), dtype=y.dtype)
-    scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
+        matmul_panels(h_n[first:end], hh_panels, recurrent[: end - first])
         for r in range(first, end):
             h_row = h_n[r]
             gru_forward_row(
@@ -106,6 +105,7 @@ def _forward_rows(
 def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads):
     """Run the recurrence, filling y, h_n and gate_cache."""
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, False)
     h_n[:] = h0
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
@@ -115,7 +115,7 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
             batch_sizes,
             offsets,
             d == 1,
-            W_hh[d],
+            hh_panels[d],
             b_hh[d],
             projected[d],
             y[d],
@@ -131,7 +131,7 @@ def _backward_rows(
     batch_sizes,
     offsets,
     reverse,
-    W_hh_t,
+    hh_panels,
     h0,
     y,
     gate_cache,
@@ -147,7 +147,6 @@ def _backward_rows(
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     through_weights = np.empty((last - first, hidden), dtype=y.dtype)
-    scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -162,20 +161,18 @@ def _backward_rows(
                 gate_cache[off + r], h_prev[off + r], dh_row, d_input[off + r],
                 d_recurrent[off + r], hidden, one,
             )  # fmt: skip
-        matmul_weights_t(
-            d_recurrent[off + first : off + end], W_hh_t, scratch, through_weights[:count]
-        )
+        matmul_panels(d_recurrent[off + first : off + end], hh_panels, through_weights[:count])
         dh0[first:end] += through_weights[:count]
 
 
 @njit(**_PARALLEL)
 def gru_backward(
-    batch_sizes, W_hh_t, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0, threads
+    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0, threads
 ):
     """Backward of `gru_forward`, per step; the caller does the GEMMs over all rows.
 
-    Takes W_hh transposed and contiguous, W_hh_t (D, H, 3H): the per-step product is then
-    W @ rows^T, BLAS's fast shape.
+    Takes W_hh (D, 3H, H) as `gru_forward` does; the per-step product runs on it as
+    transposed panels.
 
     In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H) and d_recurrent (D, N, 3H), the
     gradients of the gate pre-activations on the input and on the recurrent side (equal but for
@@ -184,6 +181,7 @@ def gru_backward(
     dW_hh = d_recurrent^T h_prev, db_hh = sum(d_recurrent), dx = d_input W_ih.
     """
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, True)
     dh0[:] = dh_n
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
@@ -193,7 +191,7 @@ def gru_backward(
             batch_sizes,
             offsets,
             d == 1,
-            W_hh_t[d],
+            hh_panels[d],
             h0[d],
             y[d],
             gate_cache[d],

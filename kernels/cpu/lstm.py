@@ -25,12 +25,12 @@ from .common import (
     ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
-    matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
     task_rows,
 )
+from .panel_matmul import matmul_panels, packed_panels
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -78,28 +78,38 @@ def lstm_backward_row(gates, c_row, c_prev, dh_row, dc_row, d_row, hidden, one):
 
 @njit(**_JIT)
 def _forward_rows(
-    batch_sizes, offsets, reverse, W_hh, W_hr, h_n, c_n, y, gate_cache, cell_cache, first, last
+    batch_sizes,
+    offsets,
+    reverse,
+    hh_panels,
+    hr_panels,
+    has_proj,
+    h_n,
+    c_n,
+    y,
+    gate_cache,
+    cell_cache,
+    first,
+    last,
 ):
     """One direction, rows first..last-1, every step (arrays without the direction axis)."""
     hidden = c_n.shape[1]
-    has_proj = W_hr.shape[0] > 0
     rows = last - first
     recurrent = np.empty((rows, 4 * hidden), dtype=y.dtype)
     h_raw = np.empty((rows, hidden), dtype=y.dtype)
-    scratch = np.empty(W_hh.shape[0] * rows, dtype=y.dtype)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
         count = end - first
-        matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[:count])
+        matmul_panels(h_n[first:end], hh_panels, recurrent[:count])
         for r in range(first, end):
             c_row = c_n[r]
             out = h_raw[r - first] if has_proj else h_n[r]
             lstm_forward_row(gate_cache[off + r], recurrent[r - first], c_row, out, hidden)
             cell_cache[off + r] = c_row
         if has_proj:
-            matmul_weights_t(h_raw[:count], W_hr, scratch, h_n[first:end])
+            matmul_panels(h_raw[:count], hr_panels, h_n[first:end])
         y[off + first : off + end] = h_n[first:end]
 
 
@@ -107,6 +117,8 @@ def _forward_rows(
 def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, threads):
     """Run the recurrence: fills y, h_n, c_n, and turns gate_cache into activated gates."""
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, False)
+    hr_panels = packed_panels(W_hr, False)
     h_n[:] = h0
     c_n[:] = c0
     batch = h0.shape[1]
@@ -117,8 +129,9 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
             batch_sizes,
             offsets,
             d == 1,
-            W_hh[d],
-            W_hr[d],
+            hh_panels[d],
+            hr_panels[d],
+            W_hr.shape[1] > 0,
             h_n[d],
             c_n[d],
             y[d],
@@ -134,8 +147,9 @@ def _backward_rows(
     batch_sizes,
     offsets,
     reverse,
-    W_hh_t,
-    W_hr_t,
+    hh_panels,
+    hr_panels,
+    has_proj,
     h0,
     c0,
     y,
@@ -153,10 +167,8 @@ def _backward_rows(
 ):
     """One direction, rows first..last-1, every step in reverse (no direction axis)."""
     hidden = c0.shape[1]
-    has_proj = W_hr_t.shape[0] > 0
     one = np.ones(1, dtype=y.dtype)[0]
     dh_raw = np.empty((last - first, hidden), dtype=y.dtype)
-    scratch = np.empty(max(W_hh_t.shape[0], W_hr_t.shape[0]) * (last - first), dtype=y.dtype)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -168,7 +180,7 @@ def _backward_rows(
         dh0[first:end] += dy[off + first : off + end]
         if has_proj:
             dh_total[off + first : off + end] = dh0[first:end]
-            matmul_weights_t(dh0[first:end], W_hr_t, scratch, dh_raw[:count])
+            matmul_panels(dh0[first:end], hr_panels, dh_raw[:count])
         else:
             dh_raw[:count] = dh0[first:end]
         for r in range(first, end):
@@ -182,14 +194,14 @@ def _backward_rows(
                 raw = h_raw[off + r]
                 for j in range(hidden):
                     raw[j] = gates[3 * hidden + j] * tanh(c_row[j])
-        matmul_weights_t(d_gates[off + first : off + end], W_hh_t, scratch, dh0[first:end])
+        matmul_panels(d_gates[off + first : off + end], hh_panels, dh0[first:end])
 
 
 @njit(**_PARALLEL)
 def lstm_backward(
     batch_sizes,
-    W_hh_t,
-    W_hr_t,
+    W_hh,
+    W_hr,
     h0,
     c0,
     y,
@@ -208,8 +220,8 @@ def lstm_backward(
 ):
     """Backward of `lstm_forward`, per step; the caller does the GEMMs over all rows.
 
-    Takes the weights transposed and contiguous, W_hh_t (D, P, 4H) and W_hr_t (D, H, P) (or
-    (D, 0, P) without projection): the per-step products are then W @ rows^T, BLAS's fast shape.
+    Takes the weights as `lstm_forward` does, W_hh (D, 4H, P) and W_hr (D, P, H) (or (D, 0, H)
+    without projection); the per-step products run on them as transposed panels.
 
     In: dy (D, N, P), dh_n (D, B, P), dc_n (D, B, H). Out: d_gates (D, N, 4H), the gradients of
     the gate pre-activations; h_prev (D, N, P), the hidden state each row consumed; with a
@@ -219,6 +231,8 @@ def lstm_backward(
     dW_hr = dh_total^T h_raw, per direction.
     """
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, True)
+    hr_panels = packed_panels(W_hr, True)
     dh0[:] = dh_n
     dc0[:] = dc_n
     batch = h0.shape[1]
@@ -229,8 +243,9 @@ def lstm_backward(
             batch_sizes,
             offsets,
             d == 1,
-            W_hh_t[d],
-            W_hr_t[d],
+            hh_panels[d],
+            hr_panels[d],
+            W_hr.shape[1] > 0,
             h0[d],
             c0[d],
             y[d],

@@ -22,12 +22,12 @@ from .common import (
     ROW_JIT_OPTIONS,
     copy_previous_hidden,
     direction_tasks,
-    matmul_weights_t,
     previous_step_rows,
     step_offsets,
     step_span,
     task_rows,
 )
+from .panel_matmul import matmul_panels, packed_panels
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -61,17 +61,16 @@ def rnn_backward_row(h_out, dh_row, d_pre, hidden, relu, one, zero):
 
 
 @njit(**_JIT)
-def _forward_rows(batch_sizes, offsets, reverse, relu, W_hh, y, h_n, first, last):
+def _forward_rows(batch_sizes, offsets, reverse, relu, hh_panels, y, h_n, first, last):
     """One direction, rows first..last-1, every step (arrays without the direction axis)."""
     hidden = h_n.shape[1]
     zero = np.zeros(1, dtype=y.dtype)[0]
     recurrent = np.empty((last - first, hidden), dtype=y.dtype)
-    scratch = np.empty(W_hh.shape[0] * (last - first), dtype=y.dtype)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        matmul_weights_t(h_n[first:end], W_hh, scratch, recurrent[: end - first])
+        matmul_panels(h_n[first:end], hh_panels, recurrent[: end - first])
         for r in range(first, end):
             out = y[off + r]
             rnn_forward_row(out, recurrent[r - first], hidden, relu, zero)
@@ -82,23 +81,23 @@ def _forward_rows(batch_sizes, offsets, reverse, relu, W_hh, y, h_n, first, last
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     """Run the recurrence in place on y, filling h_n."""
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, False)
     h_n[:] = h0
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
     for task in prange(n_tasks):
         d, first, last = task_rows(task, n_chunks, batch)
-        _forward_rows(batch_sizes, offsets, d == 1, relu, W_hh[d], y[d], h_n[d], first, last)
+        _forward_rows(batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], first, last)
 
 
 @njit(**_JIT)
 def _backward_rows(
-    batch_sizes, offsets, reverse, relu, W_hh_t, h0, y, dy, d_pre, h_prev, dh0, first, last
+    batch_sizes, offsets, reverse, relu, hh_panels, h0, y, dy, d_pre, h_prev, dh0, first, last
 ):
     """One direction, rows first..last-1, every step in reverse (no direction axis)."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     zero = np.zeros(1, dtype=y.dtype)[0]
-    scratch = np.empty(W_hh_t.shape[0] * (last - first), dtype=y.dtype)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -109,15 +108,15 @@ def _backward_rows(
             dh_row = dh0[r]
             dh_row += dy[off + r]
             rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
-        matmul_weights_t(d_pre[off + first : off + end], W_hh_t, scratch, dh0[first:end])
+        matmul_panels(d_pre[off + first : off + end], hh_panels, dh0[first:end])
 
 
 @njit(**_PARALLEL)
-def rnn_backward(batch_sizes, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
+def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, threads):
     """Backward of `rnn_forward`, per step; the caller does the GEMMs over all rows.
 
-    Takes W_hh transposed and contiguous, W_hh_t (D, H, H): the per-step product is then
-    W @ rows^T, BLAS's fast shape.
+    Takes W_hh (D, H, H) as `rnn_forward` does; the per-step product runs on it as
+    transposed panels.
 
     In: dy (D, N, H), dh_n (D, B, H). Out: d_pre (D, N, H), the gradient of the
     pre-activation; h_prev (D, N, H), the state each row consumed; dh0 (D, B, H).
@@ -125,6 +124,7 @@ def rnn_backward(batch_sizes, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0,
     dx = d_pre W_ih.
     """
     offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, True)
     dh0[:] = dh_n
     batch = h0.shape[1]
     n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
@@ -135,7 +135,7 @@ def rnn_backward(batch_sizes, relu, W_hh_t, h0, y, dy, dh_n, d_pre, h_prev, dh0,
             offsets,
             d == 1,
             relu,
-            W_hh_t[d],
+            hh_panels[d],
             h0[d],
             y[d],
             dy[d],
