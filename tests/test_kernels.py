@@ -163,3 +163,23 @@ def test_kernels_run_on_numbas_openmp_layer():
     W = [torch.randn(1, 4, 3), torch.randn(1, 4, 4), None, None]
     RNNLayerFunction.apply(torch.randn(16, 3), np.full(2, 8, dtype=np.int64), False, h0, *W)
     assert numba.threading_layer() == "omp"
+
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["W", "W^T"])
+def test_panel_matmul_matches_numpy(np_dtype, transposed):
+    """The per-step product against numpy: every row count the tiles treat differently (full and
+    short 4-row tiles, a lone row), column counts that end mid-panel and mid panel-group, K = 0."""
+    from fastrnn.kernels.cpu.panel_matmul import matmul_panels, packed_panels
+
+    rng = np.random.default_rng(0)
+    tol = 1e-5 if np_dtype == np.float32 else 1e-12
+    for rows in (1, 2, 3, 4, 5, 6, 8, 9):
+        for depth, columns in ((0, 5), (3, 1), (7, 16), (20, 33), (33, 150)):
+            W = rng.standard_normal((2, columns, depth)).astype(np_dtype)
+            source = np.ascontiguousarray(W.transpose(0, 2, 1)) if transposed else W
+            panels = packed_panels(source, transposed)
+            a = rng.standard_normal((rows, depth)).astype(np_dtype)
+            out = np.full((rows, columns), np.nan, dtype=np_dtype)
+            matmul_panels(a, panels[1], out)
+            np.testing.assert_allclose(out, a @ W[1].T, rtol=0, atol=tol * max(1, depth))
