@@ -183,3 +183,50 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
             out = np.full((rows, columns), np.nan, dtype=np_dtype)
             matmul_panels(a, panels[1], out)
             np.testing.assert_allclose(out, a @ W[1].T, rtol=0, atol=tol * max(1, depth))
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+@pytest.mark.parametrize("batch", [1, 3])
+@DIRECTIONS
+def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monkeypatch):
+    """Splitting the work differently (row chunks, or at batch 1 an owner and helpers sharing
+    each step's product column-wise, `shared_product`) must not change a single bit: every
+    output element is summed in the same order whichever thread computes it. threads=4 on
+    Numba's 2-thread pool also runs an owner and its helper one after the other on one thread,
+    which must neither deadlock nor lose work."""
+    import fastrnn
+    import fastrnn.recurrence_cpu as recurrence_cpu
+
+    torch.manual_seed(0)
+    kind, _, proj = cell.partition("-")
+    kwargs = {"proj_size": 3} if proj else {}
+    model = getattr(fastrnn, kind)(5, 19, num_layers=2, bidirectional=directions == 2, **kwargs)
+    lengths = torch.tensor([6, 4, 5][:batch])
+    x = torch.randn(6, batch, 5)
+    results = []
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
+        model.zero_grad()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, state = model(packed)
+        states = state if isinstance(state, tuple) else (state,)
+        (out.data.sum() + sum(s.square().sum() for s in states)).backward()
+        results.append([out.data, *states, *(p.grad.clone() for p in model.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_helper_with_no_owner_gives_up():
+    """A helper whose owner never publishes a product returns False instead of spinning forever
+    (`shared_product`: the owner can always finish alone)."""
+    from fastrnn.kernels.cpu.common import HELPER
+    from fastrnn.kernels.cpu.panel_matmul import packed_panels
+    from fastrnn.kernels.cpu.shared_product import shared_matmul, sync_counters
+
+    panels = packed_panels(np.ones((1, 8, 4), dtype=np.float32), False)[0]
+    out = np.zeros((1, 8), dtype=np.float32)
+    sync = sync_counters(1, 1, True)[0]
+    rows = np.ones((1, 4), dtype=np.float32)
+    assert not shared_matmul(rows, panels, out, sync, 0, HELPER, 2)
+    assert not out.any()

@@ -76,20 +76,36 @@ def previous_step_rows(t, batch_sizes, reverse):
     return prev, batch_sizes[prev]
 
 
+# Roles of a task within its direction (see `shared_product`): alone on its row chunk, or the
+# owner or a helper of a direction's single row chunk, sharing its per-step products.
+ALONE = 0
+OWNER = 1
+HELPER = 2
+
+
 @njit(**_JIT)
 def direction_tasks(directions, batch, threads):
-    """(tasks, row chunks per direction): the threads are shared out between the directions of
-    a layer first (each then runs its whole batch, the most efficient BLAS shape), and only
-    then between row chunks of a direction, down to one row per chunk."""
-    n_chunks = max(1, min(max(1, threads // directions), batch))
-    return directions * n_chunks, n_chunks
+    """(tasks, row chunks per direction, tasks per direction): the threads are shared out between
+    the directions of a layer first (each then runs its whole batch, the most efficient product
+    shape), then between row chunks of a direction, down to one row per chunk. A direction
+    left with a single chunk (batch 1) but several threads gets them all: one owner and helpers
+    that share its per-step products."""
+    workers = max(1, threads // directions)
+    n_chunks = max(1, min(workers, batch))
+    per_direction = workers if n_chunks == 1 else n_chunks
+    return directions * per_direction, n_chunks, per_direction
 
 
 @njit(**_JIT)
-def task_rows(task, n_chunks, batch):
-    """(direction, first row, one-past-last row) of a task: contiguous, near-equal shares."""
-    chunk = task % n_chunks
-    return task // n_chunks, (chunk * batch) // n_chunks, ((chunk + 1) * batch) // n_chunks
+def task_rows(task, n_chunks, per_direction, batch):
+    """(direction, first row, one-past-last row, role) of a task: contiguous, near-equal row
+    shares; the tasks of a single-chunk direction all have the whole batch."""
+    d = task // per_direction
+    i = task % per_direction
+    if n_chunks == 1:
+        role = ALONE if per_direction == 1 else (OWNER if i == 0 else HELPER)
+        return d, 0, batch, role
+    return d, (i * batch) // n_chunks, ((i + 1) * batch) // n_chunks, ALONE
 
 
 @njit(**_JIT)

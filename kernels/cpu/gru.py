@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
+    HELPER,
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
@@ -32,7 +33,8 @@ from .common import (
     step_span,
     task_rows,
 )
-from .panel_matmul import matmul_panels, packed_panels
+from .panel_matmul import packed_panels
+from .shared_product import shared_matmul, sync_counters
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -81,23 +83,31 @@ def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
 
 @njit(**_JIT)
 def _forward_rows(
-    batch_sizes, offsets, reverse, hh_panels, b_hh, projected, y, h_n, gate_cache, first, last
-):
-    """One direction, rows first..last-1, every step (arrays without the direction axis)."""
+    batch_sizes, offsets, reverse, hh_panels, b_hh, projected, y, h_n, gate_cache, recurrent,
+    first, last, role, sync, workers,
+):  # fmt: skip
+    """One direction, rows first..last-1, every step (arrays without the direction axis).
+    recurrent (B, 3H) is the direction's scratch; a HELPER task only takes part in the
+    products (`shared_product`)."""
     hidden = h_n.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    recurrent = np.empty((last - first, 3 * hidden), dtype=y.dtype)
+    product = 0
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        matmul_panels(h_n[first:end], hh_panels, recurrent[: end - first])
+        if not shared_matmul(
+            h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
+        ):
+            return
+        product += 1
+        if role == HELPER:
+            continue
         for r in range(first, end):
             h_row = h_n[r]
             gru_forward_row(
-                projected[off + r], recurrent[r - first], b_hh, gate_cache[off + r], h_row,
-                hidden, one,
-            )  # fmt: skip
+                projected[off + r], recurrent[r], b_hh, gate_cache[off + r], h_row, hidden, one
+            )
             y[off + r] = h_row
 
 
@@ -107,10 +117,12 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
     h_n[:] = h0
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch, hidden = h0.shape
+    recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -121,8 +133,12 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
             y[d],
             h_n[d],
             gate_cache[d],
+            recurrent[d],
             first,
             last,
+            role,
+            sync[d],
+            per_direction,
         )
 
 
@@ -140,29 +156,42 @@ def _backward_rows(
     d_input,
     d_recurrent,
     dh0,
+    through_weights,
     first,
     last,
+    role,
+    sync,
+    workers,
 ):
-    """One direction, rows first..last-1, every step in reverse (no direction axis)."""
+    """One direction, rows first..last-1, every step in reverse (no direction axis).
+    through_weights (B, H) is the direction's scratch; a HELPER task only takes part in the
+    products."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    through_weights = np.empty((last - first, hidden), dtype=y.dtype)
+    product = 0
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
         count = end - first
-        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-        copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
-        for r in range(first, end):
-            dh_row = dh0[r]
-            dh_row += dy[off + r]
-            gru_backward_row(
-                gate_cache[off + r], h_prev[off + r], dh_row, d_input[off + r],
-                d_recurrent[off + r], hidden, one,
-            )  # fmt: skip
-        matmul_panels(d_recurrent[off + first : off + end], hh_panels, through_weights[:count])
-        dh0[first:end] += through_weights[:count]
+        if role != HELPER:
+            prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
+            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
+            for r in range(first, end):
+                dh_row = dh0[r]
+                dh_row += dy[off + r]
+                gru_backward_row(
+                    gate_cache[off + r], h_prev[off + r], dh_row, d_input[off + r],
+                    d_recurrent[off + r], hidden, one,
+                )  # fmt: skip
+        if not shared_matmul(
+            d_recurrent[off + first : off + end], hh_panels, through_weights[first:end], sync,
+            product, role, workers,
+        ):  # fmt: skip
+            return
+        product += 1
+        if role != HELPER:
+            dh0[first:end] += through_weights[first:end]
 
 
 @njit(**_PARALLEL)
@@ -183,10 +212,12 @@ def gru_backward(
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
     dh0[:] = dh_n
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch, hidden = h0.shape
+    through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
         _backward_rows(
             batch_sizes,
             offsets,
@@ -200,6 +231,10 @@ def gru_backward(
             d_input[d],
             d_recurrent[d],
             dh0[d],
+            through_weights[d],
             first,
             last,
+            role,
+            sync[d],
+            per_direction,
         )

@@ -20,6 +20,7 @@ from numba import njit, prange
 
 from ..math import sigmoid, tanh
 from .common import (
+    HELPER,
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
@@ -30,7 +31,8 @@ from .common import (
     step_span,
     task_rows,
 )
-from .panel_matmul import matmul_panels, packed_panels
+from .panel_matmul import packed_panels
+from .shared_product import shared_matmul, sync_counters
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -89,28 +91,42 @@ def _forward_rows(
     y,
     gate_cache,
     cell_cache,
+    recurrent,
+    h_raw,
     first,
     last,
+    role,
+    sync,
+    workers,
 ):
-    """One direction, rows first..last-1, every step (arrays without the direction axis)."""
+    """One direction, rows first..last-1, every step (arrays without the direction axis).
+    recurrent (B, 4H) and h_raw (B, H) are the direction's scratch rows; a HELPER task only
+    takes part in the products (`shared_product`)."""
     hidden = c_n.shape[1]
-    rows = last - first
-    recurrent = np.empty((rows, 4 * hidden), dtype=y.dtype)
-    h_raw = np.empty((rows, hidden), dtype=y.dtype)
+    product = 0
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        count = end - first
-        matmul_panels(h_n[first:end], hh_panels, recurrent[:count])
-        for r in range(first, end):
-            c_row = c_n[r]
-            out = h_raw[r - first] if has_proj else h_n[r]
-            lstm_forward_row(gate_cache[off + r], recurrent[r - first], c_row, out, hidden)
-            cell_cache[off + r] = c_row
+        if not shared_matmul(
+            h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
+        ):
+            return
+        product += 1
+        if role != HELPER:
+            for r in range(first, end):
+                c_row = c_n[r]
+                out = h_raw[r] if has_proj else h_n[r]
+                lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden)
+                cell_cache[off + r] = c_row
         if has_proj:
-            matmul_panels(h_raw[:count], hr_panels, h_n[first:end])
-        y[off + first : off + end] = h_n[first:end]
+            if not shared_matmul(
+                h_raw[first:end], hr_panels, h_n[first:end], sync, product, role, workers
+            ):
+                return
+            product += 1
+        if role != HELPER:
+            y[off + first : off + end] = h_n[first:end]
 
 
 @njit(**_PARALLEL)
@@ -121,24 +137,34 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     hr_panels = packed_panels(W_hr, False)
     h_n[:] = h0
     c_n[:] = c0
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch, hidden = c0.shape
+    has_proj = W_hr.shape[1] > 0
+    recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
+    h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    products = batch_sizes.shape[0] * (2 if has_proj else 1)
+    sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
         _forward_rows(
             batch_sizes,
             offsets,
             d == 1,
             hh_panels[d],
             hr_panels[d],
-            W_hr.shape[1] > 0,
+            has_proj,
             h_n[d],
             c_n[d],
             y[d],
             gate_cache[d],
             cell_cache[d],
+            recurrent[d],
+            h_raw[d],
             first,
             last,
+            role,
+            sync[d],
+            per_direction,
         )
 
 
@@ -162,39 +188,56 @@ def _backward_rows(
     h_raw,
     dh0,
     dc0,
+    dh_raw,
     first,
     last,
+    role,
+    sync,
+    workers,
 ):
-    """One direction, rows first..last-1, every step in reverse (no direction axis)."""
+    """One direction, rows first..last-1, every step in reverse (no direction axis). dh_raw
+    (B, H) is the direction's scratch; a HELPER task only takes part in the products."""
     hidden = c0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    dh_raw = np.empty((last - first, hidden), dtype=y.dtype)
+    product = 0
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
         count = end - first
         prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-        copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
-        # dh0 holds dL/dh of each row's latest state; add this step's output gradient.
-        dh0[first:end] += dy[off + first : off + end]
+        if role != HELPER:
+            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
+            # dh0 holds dL/dh of each row's latest state; add this step's output gradient.
+            dh0[first:end] += dy[off + first : off + end]
         if has_proj:
-            dh_total[off + first : off + end] = dh0[first:end]
-            matmul_panels(dh0[first:end], hr_panels, dh_raw[:count])
-        else:
-            dh_raw[:count] = dh0[first:end]
-        for r in range(first, end):
-            gates = gate_cache[off + r]
-            c_row = cell_cache[off + r]
-            c_prev = cell_cache[offsets[prev] + r] if r < prev_rows else c0[r]
-            lstm_backward_row(
-                gates, c_row, c_prev, dh_raw[r - first], dc0[r], d_gates[off + r], hidden, one
-            )
-            if has_proj:
-                raw = h_raw[off + r]
-                for j in range(hidden):
-                    raw[j] = gates[3 * hidden + j] * tanh(c_row[j])
-        matmul_panels(d_gates[off + first : off + end], hh_panels, dh0[first:end])
+            if role != HELPER:
+                dh_total[off + first : off + end] = dh0[first:end]
+            if not shared_matmul(
+                dh0[first:end], hr_panels, dh_raw[first:end], sync, product, role, workers
+            ):
+                return
+            product += 1
+        elif role != HELPER:
+            dh_raw[first:end] = dh0[first:end]
+        if role != HELPER:
+            for r in range(first, end):
+                gates = gate_cache[off + r]
+                c_row = cell_cache[off + r]
+                c_prev = cell_cache[offsets[prev] + r] if r < prev_rows else c0[r]
+                lstm_backward_row(
+                    gates, c_row, c_prev, dh_raw[r], dc0[r], d_gates[off + r], hidden, one
+                )
+                if has_proj:
+                    raw = h_raw[off + r]
+                    for j in range(hidden):
+                        raw[j] = gates[3 * hidden + j] * tanh(c_row[j])
+        if not shared_matmul(
+            d_gates[off + first : off + end], hh_panels, dh0[first:end], sync, product, role,
+            workers,
+        ):  # fmt: skip
+            return
+        product += 1
 
 
 @njit(**_PARALLEL)
@@ -235,17 +278,21 @@ def lstm_backward(
     hr_panels = packed_panels(W_hr, True)
     dh0[:] = dh_n
     dc0[:] = dc_n
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch, hidden = c0.shape
+    has_proj = W_hr.shape[1] > 0
+    dh_raw = np.empty((directions, batch, hidden), dtype=y.dtype)
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    products = batch_sizes.shape[0] * (2 if has_proj else 1)
+    sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
         _backward_rows(
             batch_sizes,
             offsets,
             d == 1,
             hh_panels[d],
             hr_panels[d],
-            W_hr.shape[1] > 0,
+            has_proj,
             h0[d],
             c0[d],
             y[d],
@@ -258,6 +305,10 @@ def lstm_backward(
             h_raw[d],
             dh0[d],
             dc0[d],
+            dh_raw[d],
             first,
             last,
+            role,
+            sync[d],
+            per_direction,
         )

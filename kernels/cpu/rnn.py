@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from ..math import tanh
 from .common import (
+    HELPER,
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
@@ -27,7 +28,8 @@ from .common import (
     step_span,
     task_rows,
 )
-from .panel_matmul import matmul_panels, packed_panels
+from .panel_matmul import packed_panels
+from .shared_product import shared_matmul, sync_counters
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -61,19 +63,30 @@ def rnn_backward_row(h_out, dh_row, d_pre, hidden, relu, one, zero):
 
 
 @njit(**_JIT)
-def _forward_rows(batch_sizes, offsets, reverse, relu, hh_panels, y, h_n, first, last):
-    """One direction, rows first..last-1, every step (arrays without the direction axis)."""
+def _forward_rows(
+    batch_sizes, offsets, reverse, relu, hh_panels, y, h_n, recurrent, first, last, role, sync,
+    workers,
+):  # fmt: skip
+    """One direction, rows first..last-1, every step (arrays without the direction axis).
+    recurrent (B, H) is the direction's scratch; a HELPER task only takes part in the
+    products (`shared_product`)."""
     hidden = h_n.shape[1]
     zero = np.zeros(1, dtype=y.dtype)[0]
-    recurrent = np.empty((last - first, hidden), dtype=y.dtype)
+    product = 0
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        matmul_panels(h_n[first:end], hh_panels, recurrent[: end - first])
+        if not shared_matmul(
+            h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
+        ):
+            return
+        product += 1
+        if role == HELPER:
+            continue
         for r in range(first, end):
             out = y[off + r]
-            rnn_forward_row(out, recurrent[r - first], hidden, relu, zero)
+            rnn_forward_row(out, recurrent[r], hidden, relu, zero)
             h_n[r] = out
 
 
@@ -83,32 +96,46 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
     h_n[:] = h0
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch, hidden = h0.shape
+    recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
-        _forward_rows(batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], first, last)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        _forward_rows(
+            batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], recurrent[d],
+            first, last, role, sync[d], per_direction,
+        )  # fmt: skip
 
 
 @njit(**_JIT)
 def _backward_rows(
-    batch_sizes, offsets, reverse, relu, hh_panels, h0, y, dy, d_pre, h_prev, dh0, first, last
-):
-    """One direction, rows first..last-1, every step in reverse (no direction axis)."""
+    batch_sizes, offsets, reverse, relu, hh_panels, h0, y, dy, d_pre, h_prev, dh0, first, last,
+    role, sync, workers,
+):  # fmt: skip
+    """One direction, rows first..last-1, every step in reverse (no direction axis); a HELPER
+    task only takes part in the products."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     zero = np.zeros(1, dtype=y.dtype)[0]
+    product = 0
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-        copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
-        for r in range(first, end):
-            dh_row = dh0[r]
-            dh_row += dy[off + r]
-            rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
-        matmul_panels(d_pre[off + first : off + end], hh_panels, dh0[first:end])
+        if role != HELPER:
+            prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
+            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
+            for r in range(first, end):
+                dh_row = dh0[r]
+                dh_row += dy[off + r]
+                rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
+        if not shared_matmul(
+            d_pre[off + first : off + end], hh_panels, dh0[first:end], sync, product, role,
+            workers,
+        ):  # fmt: skip
+            return
+        product += 1
 
 
 @njit(**_PARALLEL)
@@ -126,10 +153,11 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
     dh0[:] = dh_n
-    batch = h0.shape[1]
-    n_tasks, n_chunks = direction_tasks(h0.shape[0], batch, threads)
+    directions, batch = h0.shape[0], h0.shape[1]
+    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last = task_rows(task, n_chunks, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
         _backward_rows(
             batch_sizes,
             offsets,
@@ -144,4 +172,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
             dh0[d],
             first,
             last,
+            role,
+            sync[d],
+            per_direction,
         )

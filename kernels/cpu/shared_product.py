@@ -1,0 +1,147 @@
+"""Several threads sharing one direction's per-step products, for batches too small to split.
+
+A direction's rows split into chunks, one thread each (`common.direction_tasks`); at batch 1
+there is one chunk, and the other threads would idle while one thread streams the whole W_hh
+through its cache every step. Instead the spare threads become helpers of that chunk's owner:
+for each product the owner publishes that its input is ready, then every thread claims groups
+of panels from a shared counter, computes them, and counts them done; the owner waits until all
+groups are done and goes on with the gate math alone (it is a few percent of a step).
+
+Deadlock-free by construction: the owner only ever waits for groups some running thread has
+claimed, so it finishes alone if no helper shows up (e.g. when Numba runs the tasks one after
+another on one thread), and a helper that sees no new product for a long time gives up and
+leaves the rest to the owner.
+
+Counters: `sync` is an int64 array (products + 1, SLOT * 2): row 0 holds the number of products
+published so far; row 1 + n holds product n's claimed and done counts, each on its own cache line.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .common import ALONE, JIT_OPTIONS, OWNER
+from .panel_matmul import PANEL, matmul_panels
+
+# int64s per counter, so that each counter has a 64-byte cache line to itself.
+SLOT = 8
+# A helper gives up after this many spins with no new product (tens of milliseconds).
+HELPER_PATIENCE = 1 << 20
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
+def _counter_pointer(context, builder, signature, args):
+    array_type = signature.args[0]
+    array = context.make_array(array_type)(context, builder, args[0])
+    indices = [
+        context.cast(builder, args[1], signature.args[1], types.intp),
+        context.cast(builder, args[2], signature.args[2], types.intp),
+    ]
+    return cgutils.get_item_pointer(context, builder, array_type, array, indices)
+
+
+@intrinsic
+def _fetch_add(typingctx, counters, row, column, value):
+    """Atomically add `value` to counters[row, column] (int64, 2-D); returns the old value."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _counter_pointer(context, builder, signature, args)
+        amount = context.cast(builder, args[3], signature.args[3], types.int64)
+        return builder.atomic_rmw("add", pointer, amount, "seq_cst")
+
+    return types.int64(counters, row, column, value), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, counters, row, column):
+    """counters[row, column] read atomically, ordered before the reads that follow it."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _counter_pointer(context, builder, signature, args)
+        return builder.load_atomic(pointer, "acquire", 8)
+
+    return types.int64(counters, row, column), codegen
+
+
+@intrinsic
+def _store_release(typingctx, counters, row, column, value):
+    """counters[row, column] = value atomically, ordered after the writes before it."""
+    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _counter_pointer(context, builder, signature, args)
+        amount = context.cast(builder, args[3], signature.args[3], types.int64)
+        builder.store_atomic(amount, pointer, "release", 8)
+        return context.get_dummy_value()
+
+    return types.none(counters, row, column, value), codegen
+
+
+@intrinsic
+def _spin_pause(typingctx):
+    """x86 `pause` (eases the spinning core's pressure on its sibling); nothing elsewhere."""
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            function_type = cgutils.ir.FunctionType(cgutils.ir.VoidType(), [])
+            pause = cgutils.get_or_insert_function(
+                builder.module, function_type, "llvm.x86.sse2.pause"
+            )
+            builder.call(pause, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(**JIT_OPTIONS)
+def sync_counters(directions, products, shared):
+    """Zeroed counters (D, products + 1, 2 * SLOT) for `shared_matmul`: row 0 of a direction
+    counts the products published, row 1 + n holds product n's claimed and done counts. Without
+    sharing (`shared` False) one row per direction is enough."""
+    return np.zeros((directions, products + 1 if shared else 1, 2 * SLOT), dtype=np.int64)
+
+
+@njit(**JIT_OPTIONS)
+def shared_matmul(rows, panels, out, sync, index, role, groups):
+    """out = rows @ W^T as `panel_matmul.matmul_panels`, product number `index` of a direction,
+    computed by every thread of that direction that calls it (`groups` panel groups claimed
+    one at a time). ALONE: a plain call. Returns False only when a helper gave up waiting, after
+    which it must not call again in this kernel call."""
+    if role == ALONE:
+        matmul_panels(rows, panels, out)
+        return True
+    if role == OWNER:
+        _store_release(sync, 0, 0, index + 1)
+    else:
+        spins = 0
+        while _load_acquire(sync, 0, 0) <= index:
+            spins += 1
+            if spins > HELPER_PATIENCE:
+                return False
+            _spin_pause()
+    n_panels = panels.shape[0]
+    per_group = (n_panels + groups - 1) // groups
+    columns = out.shape[1]
+    while True:
+        group = _fetch_add(sync, index + 1, 0, 1)
+        if group * per_group >= n_panels:
+            break
+        first = group * per_group
+        last = min(n_panels, first + per_group)
+        matmul_panels(rows, panels[first:last], out[:, first * PANEL : min(columns, last * PANEL)])
+        _fetch_add(sync, index + 1, SLOT, 1)
+    if role == OWNER:
+        n_groups = (n_panels + per_group - 1) // per_group if n_panels > 0 else 0
+        while _load_acquire(sync, index + 1, SLOT) < n_groups:
+            _spin_pause()
+    return True
