@@ -31,6 +31,10 @@ PANEL = 16
 TILE_ROWS = 4
 # The one-row form walks this many panels at once, for enough independent accumulators.
 ROW_PANELS = 4
+# Weights smaller than this (elements) are packed by the calling thread: waking the pool for a
+# second parallel region cost more than the copy (LSTM H = 128: ~15 us a call, most of a T = 1
+# kernel call).
+PARALLEL_PACK_SIZE = 1 << 18
 _TILE = TILE_ROWS * PANEL
 _ROW_TILE = ROW_PANELS * PANEL
 _JIT = {**JIT_OPTIONS, "fastmath": True}
@@ -56,29 +60,35 @@ def panel_count(columns):
     return (columns + PANEL - 1) // PANEL
 
 
+@njit(**JIT_OPTIONS)
+def _pack_panel(W, transposed, panels, d, p):
+    """Panel p of direction d (see `pack_panels`)."""
+    depth = panels.shape[2]
+    columns = W.shape[2] if transposed else W.shape[1]
+    panel = panels[d, p]
+    for j in range(PANEL):
+        n = p * PANEL + j
+        if n >= columns:
+            for k in range(depth):
+                panel[k, j] = 0
+        elif transposed:
+            for k in range(depth):
+                panel[k, j] = W[d, k, n]
+        else:
+            for k in range(depth):
+                panel[k, j] = W[d, n, k]
+
+
 @njit(**PARALLEL_JIT_OPTIONS)
 def pack_panels(W, transposed, panels):
-    """Lay out the weights of every direction as panels (D, panel_count(N), K, PANEL).
+    """Lay out the weights of every direction as panels (D, panel_count(N), K, PANEL), all
+    threads sharing the panels.
 
     W is (D, N, K) for out = rows @ W^T, or (D, K, N) with transposed=True for out = rows @ W
     (the backward products, which then need no transposed copy of the weights)."""
-    directions, n_panels, depth = panels.shape[0], panels.shape[1], panels.shape[2]
-    columns = W.shape[2] if transposed else W.shape[1]
-    for task in prange(directions * n_panels):
-        d = task // n_panels
-        p = task % n_panels
-        panel = panels[d, p]
-        for j in range(PANEL):
-            n = p * PANEL + j
-            if n >= columns:
-                for k in range(depth):
-                    panel[k, j] = 0
-            elif transposed:
-                for k in range(depth):
-                    panel[k, j] = W[d, k, n]
-            else:
-                for k in range(depth):
-                    panel[k, j] = W[d, n, k]
+    n_panels = panels.shape[1]
+    for task in prange(panels.shape[0] * n_panels):
+        _pack_panel(W, transposed, panels, task // n_panels, task % n_panels)
 
 
 @njit(**_JIT)
@@ -165,5 +175,10 @@ def packed_panels(W, transposed):
     else:
         columns, depth = W.shape[1], W.shape[2]
     panels = np.empty((W.shape[0], panel_count(columns), depth, PANEL), dtype=W.dtype)
-    pack_panels(W, transposed, panels)
+    if panels.size < PARALLEL_PACK_SIZE:
+        for d in range(panels.shape[0]):
+            for p in range(panels.shape[1]):
+                _pack_panel(W, transposed, panels, d, p)
+    else:
+        pack_panels(W, transposed, panels)
     return panels
