@@ -122,7 +122,7 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -217,7 +217,7 @@ def gru_backward(
     n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _backward_rows(
             batch_sizes,
             offsets,

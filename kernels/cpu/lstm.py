@@ -145,7 +145,7 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -285,7 +285,7 @@ def lstm_backward(
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _backward_rows(
             batch_sizes,
             offsets,

@@ -23,12 +23,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS
+from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS
 
 # Output columns per panel: two AVX2 registers of float32.
 PANEL = 16
-# Rows per register tile: TILE_ROWS * PANEL / 8 = 8 float32 accumulator registers of 16.
-TILE_ROWS = 4
+# Rows per register tile (`common.TILE_ROWS` = 4): TILE_ROWS * PANEL floats of accumulators,
+# 8 AVX2 or 4 AVX-512 registers.
 # The one-row form walks this many panels at once, for enough independent accumulators.
 ROW_PANELS = 4
 # Weights smaller than this (elements) are packed by the calling thread: waking the pool for a

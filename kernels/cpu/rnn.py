@@ -101,7 +101,7 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _forward_rows(
             batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], recurrent[d],
             first, last, role, sync[d], per_direction,
@@ -157,7 +157,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
         _backward_rows(
             batch_sizes,
             offsets,
