@@ -46,6 +46,7 @@ from .recurrence_cuda import (  # noqa: E402
     last_cuda_strategy,
     set_cuda_strategy,
 )
+from .scratch import release_scratch_buffers  # noqa: E402
 
 __all__ = [
     "LSTM",
@@ -58,6 +59,7 @@ __all__ = [
     "set_cuda_strategy",
     "get_cuda_strategy",
     "last_cuda_strategy",
+    "release_scratch_buffers",
     "functional",
     "__version__",
 ]

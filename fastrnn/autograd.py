@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from . import recurrence_cpu, recurrence_cuda
 from .kernels.cpu.common import batch_sizes_problem
+from .scratch import scratch
 
 # Test hook: True sends CPU tensors through the GPU path (`recurrence_cuda`, under Numba's CUDA
 # simulator), so the GPU code runs end to end on a machine without a GPU.
@@ -148,20 +149,24 @@ def _check_layer(
             raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 
-def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """(D, N, G*H) = x (N, I) @ W_ih[d]^T (+ bias[d]), one GEMM per direction over every step."""
+def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+    """out (D, N, G*H) = x (N, I) @ W_ih[d]^T (+ bias[d]), one GEMM per direction over every
+    step."""
     x, W_ih = x.detach(), W_ih.detach()
-    if W_ih.shape[0] == 1:  # one direction: no preallocated output to index (~3 us a call)
-        if bias is None:
-            return torch.mm(x, W_ih[0].t()).unsqueeze(0)
-        return torch.addmm(bias[0], x, W_ih[0].t()).unsqueeze(0)
-    out = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
     for d in range(W_ih.shape[0]):
         if bias is None:
             torch.mm(x, W_ih[d].t(), out=out[d])
         else:
             torch.addmm(bias[d], x, W_ih[d].t(), out=out[d])
     return out
+
+
+def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) -> Tensor:
+    """A tensor for values the backward needs, or, when no backward will run, a reused scratch
+    buffer (`scratch`)."""
+    if any(ctx.needs_input_grad):
+        return like.new_empty(shape, dtype=dtype)
+    return scratch(slot, shape, like, dtype)
 
 
 def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
@@ -221,12 +226,13 @@ class LSTMLayerFunction(torch.autograd.Function):
         if W_hr is not None and tuple(W_hr.shape) != (W_hh.shape[0], proj, hidden):
             raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
         directions, rows = W_hh.shape[0], x.shape[0]
-        gate_cache = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
+        gate_cache = _buffer(ctx, "gates", (directions, rows, W_hh.shape[1]), x)
+        _input_projection(x, W_ih, _summed_bias(b_ih, b_hh), gate_cache)
         y = x.new_empty((directions, rows, h0.shape[2]))
         h_n, c_n = _states_like(h0, c0)
         # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        cell_cache = x.new_empty((directions, rows, hidden), dtype=cell_dtype)
+        cell_cache = _buffer(ctx, "cells", (directions, rows, hidden), x, cell_dtype)
         _recurrence(x).lstm_forward(
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
         )
@@ -281,10 +287,11 @@ class GRULayerFunction(torch.autograd.Function):
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
-        projected = _input_projection(x, W_ih, b_ih)
+        projected = _buffer(ctx, "projected", (directions, x.shape[0], 3 * hidden), x)
+        _input_projection(x, W_ih, b_ih, projected)
         y = x.new_empty((directions, x.shape[0], hidden))
         (h_n,) = _states_like(h0)
-        gate_cache = x.new_empty((directions, x.shape[0], 4 * hidden))
+        gate_cache = _buffer(ctx, "gates", (directions, x.shape[0], 4 * hidden), x)
         _recurrence(x).gru_forward(
             batch_sizes, W_hh, None if b_hh is None else b_hh.detach(), h0, projected, y, h_n,
             gate_cache,
@@ -330,7 +337,8 @@ class RNNLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
-        y = _input_projection(x, W_ih, _summed_bias(b_ih, b_hh))
+        y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
+        _input_projection(x, W_ih, _summed_bias(b_ih, b_hh), y)
         (h_n,) = _states_like(h0)
         _recurrence(x).rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n)
         if any(ctx.needs_input_grad):

@@ -17,6 +17,8 @@ from conftest import (
     run_fwd_bwd,
 )
 
+import fastrnn
+
 F32, F64 = torch.float32, torch.float64
 ALL_MODES = list(MODES)
 
@@ -543,3 +545,29 @@ def test_bitwise_deterministic(mode):
     b = run_fwd_bwd(fast, x, hx, lengths=[5, 1, 3, 4], enforce_sorted=False)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_inference_results_survive_later_calls(kind):
+    """Inference reuses internal buffers (`fastrnn.scratch`): what a call returned must not
+    change when later calls (other sizes, other layers) run, and must match torch.nn."""
+    torch.manual_seed(0)
+    model = getattr(fastrnn, kind)(4, 6, num_layers=2, bidirectional=True)
+    reference = getattr(torch.nn, kind)(4, 6, num_layers=2, bidirectional=True)
+    reference.load_state_dict(model.state_dict())
+    x1, x2 = torch.randn(5, 3, 4), torch.randn(9, 2, 4)
+    with torch.no_grad():
+        first = model(x1)
+        kept = [t.clone() for t in torch.utils._pytree.tree_leaves(first)]
+        model(x2)
+        fastrnn.release_scratch_buffers()
+        model(x1[:2])
+        expected = reference(x1)
+    for got, before, want in zip(
+        torch.utils._pytree.tree_leaves(first),
+        kept,
+        torch.utils._pytree.tree_leaves(expected),
+        strict=True,
+    ):
+        assert torch.equal(got, before)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
