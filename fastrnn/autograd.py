@@ -250,11 +250,12 @@ class LSTMLayerFunction(torch.autograd.Function):
         x, h0, c0, W_ih, W_hh, W_hr, y = ctx.saved_tensors
         directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
         projected = W_hr is not None
-        d_gates = x.new_empty((directions, rows, 4 * hidden))
-        h_prev = x.new_empty((directions, rows, proj))
+        # dead once backward returns: reused buffers (see `scratch`)
+        d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
+        h_prev = scratch("h_prev", (directions, rows, proj), x)
         extra_rows = rows if projected else 0
-        dh_total = x.new_empty((directions, extra_rows, proj))
-        h_raw = x.new_empty((directions, extra_rows, hidden))
+        dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
+        h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
         dh0, dc0 = _states_like(h0, c0)
         _recurrence(x).lstm_backward(
             ctx.batch_sizes,
@@ -309,9 +310,10 @@ class GRULayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        d_input = x.new_empty((directions, rows, 3 * hidden))
-        d_recurrent = x.new_empty((directions, rows, 3 * hidden))
-        h_prev = x.new_empty((directions, rows, hidden))
+        # dead once backward returns: reused buffers (see `scratch`)
+        d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
+        d_recurrent = scratch("d_recurrent", (directions, rows, 3 * hidden), x)
+        h_prev = scratch("h_prev", (directions, rows, hidden), x)
         (dh0,) = _states_like(h0)
         _recurrence(x).gru_backward(
             ctx.batch_sizes,
@@ -353,8 +355,9 @@ class RNNLayerFunction(torch.autograd.Function):
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        d_pre = x.new_empty((directions, rows, hidden))
-        h_prev = x.new_empty((directions, rows, hidden))
+        # dead once backward returns: reused buffers (see `scratch`)
+        d_pre = scratch("d_gates", (directions, rows, hidden), x)
+        h_prev = scratch("h_prev", (directions, rows, hidden), x)
         (dh0,) = _states_like(h0)
         _recurrence(x).rnn_backward(
             ctx.batch_sizes,
