@@ -230,3 +230,40 @@ def test_a_helper_with_no_owner_gives_up():
     rows = np.ones((1, 4), dtype=np.float32)
     assert not shared_matmul(rows, panels, out, sync, 0, HELPER, 2)
     assert not out.any()
+
+
+def test_row_chunks_cover_the_batch_and_balance_packed_work():
+    """`task_rows`: every direction's chunks are contiguous, non-empty and cover the batch; with
+    packed lengths the chunk with the long rows gets fewer of them; at batch 1 the spare threads
+    become helpers of one owner."""
+    from fastrnn.kernels.cpu.common import ALONE, HELPER, OWNER, direction_tasks, task_rows
+
+    rng = np.random.default_rng(0)
+    for batch in (1, 2, 3, 5, 16, 37):
+        lengths = np.sort(rng.integers(1, 30, batch))[::-1]
+        batch_sizes = np.array([(lengths > t).sum() for t in range(lengths[0])], dtype=np.int64)
+        for directions in (1, 2):
+            for threads in (1, 2, 3, 4, 8):
+                n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+                assert n_tasks == directions * per_direction
+                for d in range(directions):
+                    tasks = [
+                        task_rows(d * per_direction + i, n_chunks, per_direction, batch_sizes)
+                        for i in range(per_direction)
+                    ]
+                    assert all(task[0] == d for task in tasks)
+                    roles = [task[3] for task in tasks]
+                    if n_chunks == 1 and per_direction > 1:
+                        assert roles == [OWNER] + [HELPER] * (per_direction - 1)
+                        assert all(task[1:3] == (0, batch) for task in tasks)
+                        continue
+                    assert roles == [ALONE] * per_direction
+                    bounds = [task[1:3] for task in tasks]
+                    assert bounds[0][0] == 0 and bounds[-1][1] == batch
+                    assert all(first < last for first, last in bounds)
+                    assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    # 8 long rows and 24 short ones: equal work puts the boundary well before the middle.
+    lengths = np.array([100] * 8 + [10] * 24)
+    batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)
+    _, first, last, _ = task_rows(0, 2, 2, batch_sizes)
+    assert (first, last) == (0, 4)

@@ -107,10 +107,21 @@ def chunk_start(chunk, n_chunks, batch_sizes):
     first, so equal row counts left the thread with the short rows idle for the last steps
     (lengths 50-100: ~30 % of the sequence). Every chunk keeps at least one row."""
     batch = batch_sizes[0]
-    if chunk <= 0:
-        return 0
     if chunk >= n_chunks:
         return batch
+    start = 0
+    for i in range(1, chunk + 1):
+        # strictly after the previous boundary, leaving a row for each chunk after this one
+        start = max(start + 1, _balanced_start(i, n_chunks, batch_sizes))
+        start = min(start, batch - (n_chunks - i))
+    return start
+
+
+@njit(**_JIT)
+def _balanced_start(chunk, n_chunks, batch_sizes):
+    """The row where the first chunk/n_chunks of the work ends, on a tile multiple if near one
+    (see `chunk_start`)."""
+    batch = batch_sizes[0]
     total = 0
     for t in range(batch_sizes.shape[0]):
         total += batch_sizes[t]
@@ -132,7 +143,7 @@ def chunk_start(chunk, n_chunks, batch_sizes):
     aligned = (start + TILE_ROWS // 2) // TILE_ROWS * TILE_ROWS
     if aligned > 0 and aligned < batch:
         start = aligned
-    return min(max(start, chunk), batch - (n_chunks - chunk))
+    return start
 
 
 @njit(**_JIT)
