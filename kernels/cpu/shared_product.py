@@ -35,6 +35,11 @@ HELPER_PATIENCE = 1 << 20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
 
+def _is_counters(counters) -> bool:
+    """The intrinsics below take an int64 array (a `sync_counters` row block)."""
+    return isinstance(counters, types.Array) and counters.dtype == types.int64
+
+
 def _counter_pointer(context, builder, signature, args):
     array_type = signature.args[0]
     array = context.make_array(array_type)(context, builder, args[0])
@@ -48,7 +53,7 @@ def _counter_pointer(context, builder, signature, args):
 @intrinsic
 def _fetch_add(typingctx, counters, row, column, value):
     """Atomically add `value` to counters[row, column] (int64, 2-D); returns the old value."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+    if not _is_counters(counters):
         return None
 
     def codegen(context, builder, signature, args):
@@ -62,7 +67,7 @@ def _fetch_add(typingctx, counters, row, column, value):
 @intrinsic
 def _load_acquire(typingctx, counters, row, column):
     """counters[row, column] read atomically, ordered before the reads that follow it."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+    if not _is_counters(counters):
         return None
 
     def codegen(context, builder, signature, args):
@@ -75,7 +80,7 @@ def _load_acquire(typingctx, counters, row, column):
 @intrinsic
 def _store_release(typingctx, counters, row, column, value):
     """counters[row, column] = value atomically, ordered after the writes before it."""
-    if not (isinstance(counters, types.Array) and counters.dtype == types.int64):
+    if not _is_counters(counters):
         return None
 
     def codegen(context, builder, signature, args):
