@@ -195,12 +195,16 @@ def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monke
     Numba's 2-thread pool also runs an owner and its helper one after the other on one thread,
     which must neither deadlock nor lose work."""
     import fastrnn
+    from fastrnn.kernels.cpu.common import HELPER_MIN_WEIGHTS
+
+    assert 190 * 190 >= HELPER_MIN_WEIGHTS
     import fastrnn.recurrence_cpu as recurrence_cpu
 
     torch.manual_seed(0)
     kind, _, proj = cell.partition("-")
-    kwargs = {"proj_size": 3} if proj else {}
-    model = getattr(fastrnn, kind)(5, 19, num_layers=2, bidirectional=directions == 2, **kwargs)
+    kwargs = {"proj_size": 64} if proj else {}
+    # hidden 190: every W_hh has enough weights for batch-1 helpers (HELPER_MIN_WEIGHTS)
+    model = getattr(fastrnn, kind)(5, 190, num_layers=2, bidirectional=directions == 2, **kwargs)
     lengths = torch.tensor([6, 4, 5][:batch])
     x = torch.randn(6, batch, 5)
     results = []
@@ -244,7 +248,9 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
         batch_sizes = np.array([(lengths > t).sum() for t in range(lengths[0])], dtype=np.int64)
         for directions in (1, 2):
             for threads in (1, 2, 3, 4, 8):
-                n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+                n_tasks, n_chunks, per_direction = direction_tasks(
+                    directions, batch, threads, 1 << 20
+                )
                 assert n_tasks == directions * per_direction
                 for d in range(directions):
                     tasks = [

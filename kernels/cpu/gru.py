@@ -119,7 +119,9 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     h_n[:] = h0
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
         d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
@@ -214,7 +216,9 @@ def gru_backward(
     dh0[:] = dh_n
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
         d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)

@@ -141,7 +141,9 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     has_proj = W_hr.shape[1] > 0
     recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
     h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
@@ -281,7 +283,9 @@ def lstm_backward(
     directions, batch, hidden = c0.shape
     has_proj = W_hr.shape[1] > 0
     dh_raw = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):

@@ -98,7 +98,9 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     h_n[:] = h0
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
         d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
@@ -154,7 +156,9 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     hh_panels = packed_panels(W_hh, True)
     dh0[:] = dh_n
     directions, batch = h0.shape[0], h0.shape[1]
-    n_tasks, n_chunks, per_direction = direction_tasks(directions, batch, threads)
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+    )
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
         d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
