@@ -195,14 +195,48 @@ def _input_grad(d_pre: Tensor, W_ih: Tensor) -> Tensor:
     return dx
 
 
-def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: Tensor, W_ih):
+def _previous_states(directions: int, x: Tensor, batch_sizes: np.ndarray, width: int) -> Tensor:
+    """The (D, N, width) buffer for the state each row consumed, which the backward kernels fill;
+    empty (D, 0, width) for dense input on the CPU, whose kernels then skip it and
+    `_recurrent_weight_grad` reads those states from y and h0 instead (no copy of N rows)."""
+    dense = int(batch_sizes[0]) == int(batch_sizes[-1])
+    rows = 0 if dense and _recurrence(x) is recurrence_cpu else x.shape[0]
+    return scratch("h_prev", (directions, rows, width), x)
+
+
+def _recurrent_weight_grad(d_recurrent: Tensor, h_prev: Tensor, y: Tensor, h0: Tensor) -> Tensor:
+    """dW_hh (D, G*H, P) = d_recurrent[d]^T (N, G*H)^T @ (the state each row consumed) (N, P).
+    Those states are h_prev, or, when it is empty (dense input, see `_previous_states`), y one
+    step back in each direction's processing order and h0 for its first step."""
+    if h_prev.shape[1] > 0 or d_recurrent.shape[1] == 0:
+        return torch.bmm(d_recurrent.transpose(1, 2), h_prev)
+    batch = h0.shape[1]
+    y, h0 = y.detach(), h0.detach()
+    grads = []
+    for d in range(d_recurrent.shape[0]):
+        if d == 0:  # forward: step t consumed y of step t - 1, the first step h0
+            first, later, consumed = d_recurrent[d, :batch], d_recurrent[d, batch:], y[d, :-batch]
+        else:  # reverse: step t consumed y of step t + 1, the last step h0
+            first, later, consumed = d_recurrent[d, -batch:], d_recurrent[d, :-batch], y[d, batch:]
+        grad = first.t() @ h0[d]
+        grads.append(grad.addmm_(later.t(), consumed))
+    return torch.stack(grads)
+
+
+def _weight_grads(
+    ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: Tensor, W_ih, y=None, h0=None
+):
     """dx, dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients (D, N, G*H) on the input
     side and on the recurrent side (the same tensor for LSTM and RNN, whose two biases are
-    summed; GRU's differ in the n block)."""
+    summed; GRU's differ in the n block). h_prev: the states the rows consumed, or empty with
+    y and h0 given (`_recurrent_weight_grad`)."""
     need = ctx.needs_input_grad
     dx = _input_grad(d_input, W_ih) if need[0] else None
     dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[ctx.W_ih_index] else None
-    dW_hh = torch.bmm(d_recurrent.transpose(1, 2), h_prev) if need[ctx.W_ih_index + 1] else None
+    if need[ctx.W_ih_index + 1]:
+        dW_hh = _recurrent_weight_grad(d_recurrent, h_prev, y, h0)
+    else:
+        dW_hh = None
     if not ctx.has_bias:
         return dx, dW_ih, dW_hh, None, None
     db_ih = d_input.sum(1)
@@ -252,7 +286,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         projected = W_hr is not None
         # dead once backward returns: reused buffers (see `scratch`)
         d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
-        h_prev = scratch("h_prev", (directions, rows, proj), x)
+        h_prev = _previous_states(directions, x, ctx.batch_sizes, proj)
         extra_rows = rows if projected else 0
         dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
         h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
@@ -276,7 +310,9 @@ class LSTMLayerFunction(torch.autograd.Function):
             dh0,
             dc0,
         )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_gates, d_gates, x, h_prev, W_ih)
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
+            ctx, d_gates, d_gates, x, h_prev, W_ih, y, h0
+        )
         dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
         return dx, None, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr
 
@@ -313,7 +349,7 @@ class GRULayerFunction(torch.autograd.Function):
         # dead once backward returns: reused buffers (see `scratch`)
         d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
         d_recurrent = scratch("d_recurrent", (directions, rows, 3 * hidden), x)
-        h_prev = scratch("h_prev", (directions, rows, hidden), x)
+        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
         (dh0,) = _states_like(h0)
         _recurrence(x).gru_backward(
             ctx.batch_sizes,
@@ -328,7 +364,9 @@ class GRULayerFunction(torch.autograd.Function):
             d_recurrent,
             dh0,
         )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih)
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
+            ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0
+        )
         return dx, None, dh0, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -357,7 +395,7 @@ class RNNLayerFunction(torch.autograd.Function):
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)
         d_pre = scratch("d_gates", (directions, rows, hidden), x)
-        h_prev = scratch("h_prev", (directions, rows, hidden), x)
+        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
         (dh0,) = _states_like(h0)
         _recurrence(x).rnn_backward(
             ctx.batch_sizes,
@@ -371,5 +409,5 @@ class RNNLayerFunction(torch.autograd.Function):
             h_prev,
             dh0,
         )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih)
+        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih, y, h0)
         return dx, None, None, dh0, dW_ih, dW_hh, db_ih, db_hh

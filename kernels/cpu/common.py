@@ -187,7 +187,10 @@ def step_span(k, batch_sizes, offsets, reverse, first, last):
 @njit(**_JIT)
 def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
     """out[rows first..first+count-1 of step t] = the hidden state each row consumed there:
-    that row of the previous processed step if it had one, else h0's row."""
+    that row of the previous processed step if it had one, else h0's row. Nothing when `out`
+    has no rows (the caller derives those states from y itself: dense input)."""
+    if out.shape[0] == 0:
+        return
     off = offsets[t]
     for r in range(first, first + count):
         if r < prev_rows:

@@ -182,8 +182,9 @@ def _backward_rows(
             for r in range(first, end):
                 dh_row = dh0[r]
                 dh_row += dy[off + r]
+                consumed = y[offsets[prev] + r] if r < prev_rows else h0[r]
                 gru_backward_row(
-                    gate_cache[off + r], h_prev[off + r], dh_row, d_input[off + r],
+                    gate_cache[off + r], consumed, dh_row, d_input[off + r],
                     d_recurrent[off + r], hidden, one,
                 )  # fmt: skip
         if not shared_matmul(
@@ -208,8 +209,9 @@ def gru_backward(
     In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H) and d_recurrent (D, N, 3H), the
     gradients of the gate pre-activations on the input and on the recurrent side (equal but for
     the n block, scaled by r on the recurrent side); h_prev (D, N, H), the state each row
-    consumed; dh0 (D, B, H). So, per direction, dW_ih = d_input^T x, db_ih = sum(d_input),
-    dW_hh = d_recurrent^T h_prev, db_hh = sum(d_recurrent), dx = d_input W_ih.
+    consumed (or (D, 0, H): not written); dh0 (D, B, H). So, per direction, dW_ih = d_input^T x,
+    db_ih = sum(d_input), dW_hh = d_recurrent^T h_prev, db_hh = sum(d_recurrent),
+    dx = d_input W_ih.
     """
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)

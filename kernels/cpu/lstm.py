@@ -269,7 +269,8 @@ def lstm_backward(
     without projection); the per-step products run on them as transposed panels.
 
     In: dy (D, N, P), dh_n (D, B, P), dc_n (D, B, H). Out: d_gates (D, N, 4H), the gradients of
-    the gate pre-activations; h_prev (D, N, P), the hidden state each row consumed; with a
+    the gate pre-activations; h_prev (D, N, P), the hidden state each row consumed (or
+    (D, 0, P): not written); with a
     projection also dh_total (D, N, P), dL/dh of each row, and h_raw (D, N, H) = o * tanh(c)
     (else both are (D, 0, *)); dh0 (D, B, P), dc0 (D, B, H).
     So dW_ih = d_gates^T x, dW_hh = d_gates^T h_prev, db = sum(d_gates), dx = d_gates W_ih,

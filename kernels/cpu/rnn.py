@@ -148,7 +148,8 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     transposed panels.
 
     In: dy (D, N, H), dh_n (D, B, H). Out: d_pre (D, N, H), the gradient of the
-    pre-activation; h_prev (D, N, H), the state each row consumed; dh0 (D, B, H).
+    pre-activation; h_prev (D, N, H), the state each row consumed (or (D, 0, H): not
+    written); dh0 (D, B, H).
     So, per direction, dW_ih = d_pre^T x, dW_hh = d_pre^T h_prev, db = sum(d_pre),
     dx = d_pre W_ih.
     """
