@@ -212,15 +212,15 @@ def _recurrent_weight_grad(d_recurrent: Tensor, h_prev: Tensor, y: Tensor, h0: T
         return torch.bmm(d_recurrent.transpose(1, 2), h_prev)
     batch = h0.shape[1]
     y, h0 = y.detach(), h0.detach()
-    grads = []
+    grads = d_recurrent.new_empty((d_recurrent.shape[0], d_recurrent.shape[2], y.shape[2]))
     for d in range(d_recurrent.shape[0]):
         if d == 0:  # forward: step t consumed y of step t - 1, the first step h0
             first, later, consumed = d_recurrent[d, :batch], d_recurrent[d, batch:], y[d, :-batch]
         else:  # reverse: step t consumed y of step t + 1, the last step h0
             first, later, consumed = d_recurrent[d, -batch:], d_recurrent[d, :-batch], y[d, batch:]
-        grad = first.t() @ h0[d]
-        grads.append(grad.addmm_(later.t(), consumed))
-    return torch.stack(grads)
+        torch.mm(first.t(), h0[d], out=grads[d])
+        grads[d].addmm_(later.t(), consumed)
+    return grads
 
 
 def _weight_grads(
