@@ -30,7 +30,10 @@ from .panel_matmul import PANEL, matmul_panels
 
 # int64s per counter, so that each counter has a 64-byte cache line to itself.
 SLOT = 8
-# A helper gives up after this many spins with no new product (tens of milliseconds).
+# A helper gives up after this many spins with no new product (tens of milliseconds), or a
+# sixteenth of that before the first one: an owner that hasn't started by then is most likely
+# queued behind the helper on the same thread (possible with TBB's scheduler), and will finish
+# alone.
 HELPER_PATIENCE = 1 << 20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -129,9 +132,10 @@ def shared_matmul(rows, panels, out, sync, index, role, groups):
         _store_release(sync, 0, 0, index + 1)
     else:
         spins = 0
+        patience = HELPER_PATIENCE if index > 0 else HELPER_PATIENCE >> 4
         while _load_acquire(sync, 0, 0) <= index:
             spins += 1
-            if spins > HELPER_PATIENCE:
+            if spins > patience:
                 return False
             _spin_pause()
     n_panels = panels.shape[0]
