@@ -30,10 +30,9 @@ from .panel_matmul import PANEL, matmul_panels
 
 # int64s per counter, so that each counter has a 64-byte cache line to itself.
 SLOT = 8
-# A helper gives up after this many spins with no new product (tens of milliseconds), or a
-# sixteenth of that before the first one: an owner that hasn't started by then is most likely
-# queued behind the helper on the same thread (possible with TBB's scheduler), and will finish
-# alone.
+# A helper gives up after this many spins with no new product (~28 ms here), or a sixteenth of
+# that (~2 ms) before the first one: an owner that hasn't started by then is most likely queued
+# behind the helper on the same thread (possible with TBB's scheduler), and will finish alone.
 HELPER_PATIENCE = 1 << 20
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
