@@ -61,3 +61,28 @@ def test_fwdbwd(benchmark, classes, cell, size, impl):
     )
     benchmark.pedantic(fwdbwd, setup=reset, rounds=20, warmup_rounds=2, iterations=1)
     assert leaf.grad is not None and leaf.grad.shape == leaf.shape
+
+
+# The per-step product alone, single-threaded: rows @ W^T on packed panels, the shapes of one
+# thread's share at batch 16 and 1 (LSTM H256 and H128). ~110 GFLOP/s a core on the Zen 4
+# machine of session 3; a drop here shows before any end-to-end number moves.
+PRODUCTS = [(8, 256, 1024), (1, 128, 512), (32, 512, 2048)]
+
+
+@pytest.mark.parametrize("shape", PRODUCTS, ids=lambda s: f"M{s[0]}-K{s[1]}-N{s[2]}")
+def test_panel_product(benchmark, shape):
+    import numpy as np
+
+    from fastrnn.kernels.cpu.panel_matmul import matmul_panels, packed_panels
+
+    rows, depth, columns = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((rows, depth), dtype=np.float32)
+    W = rng.standard_normal((1, columns, depth), dtype=np.float32)
+    panels = packed_panels(W, False)[0]
+    out = np.empty((rows, columns), dtype=np.float32)
+    matmul_panels(a, panels, out)
+    np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-4, atol=1e-3)
+    benchmark.group = "per-step panel product"
+    benchmark.extra_info.update(gflop=2 * rows * depth * columns / 1e9)
+    benchmark.pedantic(matmul_panels, args=(a, panels, out), rounds=200, iterations=5)
