@@ -7,9 +7,9 @@ and touching them faults and zeroes each page. LSTM T100 B64 I256 H512 inference
 buffer) took 139-143 ms per call with fresh buffers and 114-120 ms with reused ones (the same
 process with malloc's thresholds raised), against torch's 112 ms.
 
-One buffer per (slot, dtype) and Python thread, grown to the largest request and kept until
-`release_scratch_buffers()`; CUDA tensors always get new ones (torch's caching allocator already
-reuses device memory).
+One buffer per (slot, dtype, inference mode or not) and Python thread, grown to the largest
+request and kept until `release_scratch_buffers()`; CUDA tensors always get new ones (torch's
+caching allocator already reuses device memory).
 """
 
 from __future__ import annotations
@@ -34,10 +34,13 @@ def scratch(slot: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype 
     if buffers is None:
         buffers = _local.buffers = {}
     numel = math.prod(shape)
-    buffer = buffers.get((slot, dtype))
+    # A tensor made under torch.inference_mode() is an inference tensor, which must not be
+    # written outside it: each mode keeps its own buffers.
+    key = (slot, dtype, torch.is_inference_mode_enabled())
+    buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = torch.empty(numel, dtype=dtype)
-        buffers[(slot, dtype)] = buffer
+        buffers[key] = buffer
     return buffer[:numel].view(shape)
 
 

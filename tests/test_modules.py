@@ -571,3 +571,27 @@ def test_inference_results_survive_later_calls(kind):
     ):
         assert torch.equal(got, before)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_inference_mode_then_no_grad_then_training(kind):
+    """Reused inference buffers made under torch.inference_mode() are inference tensors; a later
+    call outside it (no_grad inference, or training) must not write into them."""
+    torch.manual_seed(0)
+    model = getattr(fastrnn, kind)(4, 6, bidirectional=True)
+    reference = getattr(torch.nn, kind)(4, 6, bidirectional=True)
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(5, 2, 4)
+    with torch.inference_mode():
+        first = model(x)[0]
+    with torch.no_grad():
+        second = model(x)[0]
+    trained = torch.randn(5, 2, 4, requires_grad=True)
+    out = model(trained)[0]
+    out.sum().backward()
+    with torch.inference_mode():
+        third = model(x)[0]
+    expected = reference(x)[0].detach()
+    for got in (first, second, third):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert trained.grad is not None
