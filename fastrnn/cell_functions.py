@@ -6,8 +6,9 @@ A step has no recurrence to keep inside a kernel: both products run as torch GEM
 runs that pass's gradient kernel and then torch GEMMs for dx, dh, dW_ih, dW_hh. Shapes: x (B, I),
 h and c (B, H), W_ih (G*H, I), W_hh (G*H, H), biases (G*H,) or None; G = 4, 3, 1.
 
-On one step this beats the layer kernels: their parallel region and per-thread BLAS calls cost
-more than the work (see the README's facts). CUDA tensors take the layer path (`autograd`).
+On one step this beats the layer kernels: their parallel region and per-call weight packing
+(sessions 1-2: per-thread BLAS calls) cost more than the work (see the README's facts).
+CUDA tensors take the layer path (`autograd`).
 """
 
 from __future__ import annotations

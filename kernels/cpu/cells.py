@@ -1,9 +1,10 @@
 """One step of a cell (LSTMCell, GRUCell, RNNCell) on the CPU: the fused gate math only.
 
 A single step has no recurrence to keep inside a kernel, so the caller computes both products
-with torch's GEMMs (`x @ W_ih^T + b`, `h @ W_hh^T`), which on one step beat per-thread BLAS
-calls behind a parallel region, and these kernels run the gate math over the batch in one
-single-threaded pass, reusing the layer kernels' row functions. Shapes: B rows, H hidden.
+with torch's GEMMs (`x @ W_ih^T + b`, `h @ W_hh^T`), which on one step beat a parallel region
+that re-lays the weights for a single product, and these kernels run the gate math over the
+batch in one single-threaded pass, reusing the layer kernels' row functions. Shapes: B rows,
+H hidden.
 """
 
 from __future__ import annotations
