@@ -9,6 +9,8 @@ so no BLAS runs inside them.
 
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
@@ -25,9 +27,22 @@ from .kernels.cpu.runtime import prefer_openmp_threading_layer
 prefer_openmp_threading_layer()
 
 
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+# More threads than CPUs never helps, and it would hurt the batch-1 helpers, which spin while
+# they wait for the owner (`kernels/cpu/shared_product.py`).
+_CPUS = _available_cpus()
+
+
 def _threads() -> int:
-    """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool."""
-    return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
+    """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool and
+    by the CPUs this process may run on."""
+    return max(1, min(torch.get_num_threads(), numba.get_num_threads(), _CPUS))
 
 
 def _np(t: Tensor) -> np.ndarray:
