@@ -595,3 +595,23 @@ def test_inference_mode_then_no_grad_then_training(kind):
     for got in (first, second, third):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert trained.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_nan_and_inf_in_the_recurrent_weights_spread_as_in_torch(kind, batch):
+    """A NaN and an inf in W_hh go through the per-step product (no fast-math assumptions there)
+    and reach the same outputs as torch.nn's; the finite ones still match."""
+    torch.manual_seed(0)
+    model = getattr(fastrnn, kind)(3, 40)
+    reference = getattr(torch.nn, kind)(3, 40)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for m in (model, reference):
+            m.weight_hh_l0[2, 5] = float("nan")
+            m.weight_hh_l0[7, 1] = float("inf")
+        x = torch.randn(4, batch, 3)
+        got, want = model(x)[0], reference(x)[0]
+    assert got.isnan().any()
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
