@@ -240,7 +240,14 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
     """`task_rows`: every direction's chunks are contiguous, non-empty and cover the batch; with
     packed lengths the chunk with the long rows gets fewer of them; at batch 1 the spare threads
     become helpers of one owner."""
-    from fastrnn.kernels.cpu.common import ALONE, HELPER, OWNER, direction_tasks, task_rows
+    from fastrnn.kernels.cpu.common import (
+        ALONE,
+        HELPER,
+        OWNER,
+        chunk_bounds,
+        direction_tasks,
+        task_rows,
+    )
 
     rng = np.random.default_rng(0)
     for batch in (1, 2, 3, 5, 16, 37):
@@ -253,8 +260,9 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
                 )
                 assert n_tasks == directions * per_direction
                 for d in range(directions):
+                    bounds = chunk_bounds(n_chunks, batch_sizes)
                     tasks = [
-                        task_rows(d * per_direction + i, n_chunks, per_direction, batch_sizes)
+                        task_rows(d * per_direction + i, n_chunks, per_direction, bounds)
                         for i in range(per_direction)
                     ]
                     assert all(task[0] == d for task in tasks)
@@ -271,5 +279,5 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
     # 8 long rows and 24 short ones: equal work puts the boundary well before the middle.
     lengths = np.array([100] * 8 + [10] * 24)
     batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)
-    _, first, last, _ = task_rows(0, 2, 2, batch_sizes)
+    _, first, last, _ = task_rows(0, 2, 2, chunk_bounds(2, batch_sizes))
     assert (first, last) == (0, 4)

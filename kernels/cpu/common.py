@@ -111,63 +111,55 @@ def direction_tasks(directions, batch, threads, product_weights):
 
 
 @njit(**_JIT)
-def chunk_start(chunk, n_chunks, batch_sizes):
-    """First row of row chunk `chunk` of `n_chunks`: the rows split into contiguous chunks of
-    about equal work, (row, step) pairs, not rows. With packed input the rows are sorted longest
-    first, so equal row counts left the thread with the short rows idle for the last steps
-    (lengths 50-100: ~30 % of the sequence). Every chunk keeps at least one row."""
+def chunk_bounds(n_chunks, batch_sizes):
+    """(n_chunks + 1,) int64: the first row of each row chunk, then the batch size. The rows split
+    into contiguous chunks of about equal work, (row, step) pairs, not rows: with packed input
+    the rows are sorted longest first, so equal row counts left the thread with the short rows
+    idle for the last steps (lengths 50-100: ~30 % of the sequence). A boundary near a multiple
+    of TILE_ROWS moves onto it (the per-step product works in tiles of that many rows, so a
+    boundary beside one would add a short tile to both chunks), and every chunk keeps at least
+    one row. One pass over the rows and steps, once per kernel call."""
     batch = batch_sizes[0]
-    if chunk >= n_chunks:
-        return batch
-    start = 0
-    for i in range(1, chunk + 1):
-        # strictly after the previous boundary, leaving a row for each chunk after this one
-        start = max(start + 1, _balanced_start(i, n_chunks, batch_sizes))
-        start = min(start, batch - (n_chunks - i))
-    return start
-
-
-@njit(**_JIT)
-def _balanced_start(chunk, n_chunks, batch_sizes):
-    """The row where the first chunk/n_chunks of the work ends, on a tile multiple if near one
-    (see `chunk_start`)."""
-    batch = batch_sizes[0]
+    steps = batch_sizes.shape[0]
     total = 0
-    for t in range(batch_sizes.shape[0]):
+    for t in range(steps):
         total += batch_sizes[t]
-    target = total * chunk / n_chunks
+    # balanced[i]: the row boundary nearest to where the first i/n_chunks of the work ends
+    balanced = np.full(n_chunks + 1, batch, dtype=np.int64)
+    chunk = 1
     work = 0
-    start = batch
+    length = steps  # row lengths never increase: the steps that have the row
     for row in range(batch):
-        length = 0  # the row's length: how many steps have it
-        for t in range(batch_sizes.shape[0]):
-            if batch_sizes[t] <= row:
-                break
-            length += 1
-        if work + length >= target:  # the boundary nearest to the target: before or after it
-            start = row if target - work <= work + length - target else row + 1
-            break
+        while length > 0 and batch_sizes[length - 1] <= row:
+            length -= 1
+        while chunk < n_chunks and work + length >= total * chunk / n_chunks:
+            target = total * chunk / n_chunks
+            balanced[chunk] = row if target - work <= work + length - target else row + 1
+            chunk += 1
         work += length
-    # The per-step product works in tiles of TILE_ROWS rows, so a boundary on a tile multiple
-    # costs nothing extra where one beside it would add a short tile to both chunks.
-    aligned = (start + TILE_ROWS // 2) // TILE_ROWS * TILE_ROWS
-    if aligned > 0 and aligned < batch:
-        start = aligned
-    return start
+    bounds = np.empty(n_chunks + 1, dtype=np.int64)
+    bounds[0] = 0
+    bounds[n_chunks] = batch
+    for i in range(1, n_chunks):
+        start = balanced[i]
+        aligned = (start + TILE_ROWS // 2) // TILE_ROWS * TILE_ROWS
+        if aligned > 0 and aligned < batch:
+            start = aligned
+        # strictly after the previous boundary, leaving a row for each chunk after this one
+        bounds[i] = min(max(bounds[i - 1] + 1, start), batch - (n_chunks - i))
+    return bounds
 
 
 @njit(**_JIT)
-def task_rows(task, n_chunks, per_direction, batch_sizes):
-    """(direction, first row, one-past-last row, role) of a task: contiguous row chunks of
-    about equal work (`chunk_start`); the tasks of a single-chunk direction all have the whole
-    batch."""
+def task_rows(task, n_chunks, per_direction, bounds):
+    """(direction, first row, one-past-last row, role) of a task, with `chunk_bounds`' row chunks;
+    the tasks of a single-chunk direction all have the whole batch."""
     d = task // per_direction
     i = task % per_direction
     if n_chunks == 1:
         role = ALONE if per_direction == 1 else (OWNER if i == 0 else HELPER)
-        return d, 0, batch_sizes[0], role
-    first = chunk_start(i, n_chunks, batch_sizes)
-    return d, first, chunk_start(i + 1, n_chunks, batch_sizes), ALONE
+        return d, 0, bounds[1], role
+    return d, bounds[i], bounds[i + 1], ALONE
 
 
 @njit(**_JIT)

@@ -26,6 +26,7 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    chunk_bounds,
     copy_previous_hidden,
     direction_tasks,
     previous_step_rows,
@@ -122,9 +123,10 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -221,9 +223,10 @@ def gru_backward(
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _backward_rows(
             batch_sizes,
             offsets,

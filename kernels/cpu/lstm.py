@@ -24,6 +24,7 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    chunk_bounds,
     copy_previous_hidden,
     direction_tasks,
     previous_step_rows,
@@ -144,10 +145,11 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _forward_rows(
             batch_sizes,
             offsets,
@@ -287,10 +289,11 @@ def lstm_backward(
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _backward_rows(
             batch_sizes,
             offsets,

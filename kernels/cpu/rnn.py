@@ -21,6 +21,7 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    chunk_bounds,
     copy_previous_hidden,
     direction_tasks,
     previous_step_rows,
@@ -101,9 +102,10 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _forward_rows(
             batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], recurrent[d],
             first, last, role, sync[d], per_direction,
@@ -160,9 +162,10 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
     )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, batch_sizes)
+        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
         _backward_rows(
             batch_sizes,
             offsets,
