@@ -149,7 +149,7 @@ def _check_layer(
             raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 
-def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None, out: Tensor) -> Tensor:
+def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None, out: Tensor) -> None:
     """out (D, N, G*H) = x (N, I) @ W_ih[d]^T (+ bias[d]), one GEMM per direction over every
     step."""
     x, W_ih = x.detach(), W_ih.detach()
@@ -158,7 +158,6 @@ def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None, out: Tensor)
             torch.mm(x, W_ih[d].t(), out=out[d])
         else:
             torch.addmm(bias[d], x, W_ih[d].t(), out=out[d])
-    return out
 
 
 def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) -> Tensor:
