@@ -177,6 +177,13 @@ def step_span(k, batch_sizes, offsets, reverse, first, last):
 
 
 @njit(**_JIT)
+def consumed_row(states, initial, offsets, prev, prev_rows, r):
+    """Row r's state as consumed at a step: its row of the previous processed step in `states`
+    (y, or LSTM's cell cache) if that step had it, else `initial`'s row (h0 or c0)."""
+    return states[offsets[prev] + r] if r < prev_rows else initial[r]
+
+
+@njit(**_JIT)
 def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
     """out[rows first..first+count-1 of step t] = the hidden state each row consumed there:
     that row of the previous processed step if it had one, else h0's row. Nothing when `out`
@@ -185,7 +192,4 @@ def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
         return
     off = offsets[t]
     for r in range(first, first + count):
-        if r < prev_rows:
-            out[off + r, :] = y[offsets[prev] + r, :]
-        else:
-            out[off + r, :] = h0[r, :]
+        out[off + r, :] = consumed_row(y, h0, offsets, prev, prev_rows, r)

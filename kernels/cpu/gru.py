@@ -27,6 +27,7 @@ from .common import (
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
     chunk_bounds,
+    consumed_row,
     copy_previous_hidden,
     direction_tasks,
     previous_step_rows,
@@ -184,7 +185,7 @@ def _backward_rows(
             for r in range(first, end):
                 dh_row = dh0[r]
                 dh_row += dy[off + r]
-                consumed = y[offsets[prev] + r] if r < prev_rows else h0[r]
+                consumed = consumed_row(y, h0, offsets, prev, prev_rows, r)
                 gru_backward_row(
                     gate_cache[off + r], consumed, dh_row, d_input[off + r],
                     d_recurrent[off + r], hidden, one,

@@ -25,6 +25,7 @@ from .common import (
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
     chunk_bounds,
+    consumed_row,
     copy_previous_hidden,
     direction_tasks,
     previous_step_rows,
@@ -228,7 +229,7 @@ def _backward_rows(
             for r in range(first, end):
                 gates = gate_cache[off + r]
                 c_row = cell_cache[off + r]
-                c_prev = cell_cache[offsets[prev] + r] if r < prev_rows else c0[r]
+                c_prev = consumed_row(cell_cache, c0, offsets, prev, prev_rows, r)
                 lstm_backward_row(
                     gates, c_row, c_prev, dh_raw[r], dc0[r], d_gates[off + r], hidden, one
                 )
