@@ -50,6 +50,14 @@ _TWO = np.float32(2.0)
 _HALF = np.float32(0.5)
 
 
+# FMA contraction only (no no-NaN/no-inf assumptions): LLVM fuses the polynomial steps and the
+# range reduction into FMAs. Fast-math flags are set per instruction when a function is lowered,
+# so they must be on these functions themselves; a caller's flags don't reach inlined callees.
+# LSTM gate math (4 gates + tanh(c)), H256 x 16 rows: 3.40 -> 2.62 ns per unit and row; the
+# largest error against float64 over test_math's sweep is unchanged (8.9e-8 sigmoid, 6.9e-8 tanh).
+_MATH_JIT = {"cache": True, "error_model": "numpy", "fastmath": {"contract"}}
+
+
 @intrinsic
 def _int_bits_as_float32(typingctx, bits):
     """Reinterpret the low 32 bits of an integer as a float32 (a register move, vectorisable)."""
@@ -63,7 +71,7 @@ def _int_bits_as_float32(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_MATH_JIT)
 def _exp_f32(x):
     """exp for float32, saturating at exp(+-87); NaN in gives NaN out."""
     xc = min(max(x, _EXP_MIN), _EXP_MAX)
@@ -82,12 +90,12 @@ def _exp_f32(x):
     return x if x != x else y
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_MATH_JIT)
 def _sigmoid_f32(x):
     return _ONE / (_ONE + _exp_f32(-x))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_MATH_JIT)
 def _tanh_f32(x):
     ax = abs(x)
     # Large branch: 1 - 2 / (exp(2|x|) + 1), exact limits at +-inf.
@@ -115,13 +123,13 @@ def tanh(x):
     return math.tanh(x)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_MATH_JIT)
 def _sigmoid_f64(x):
     # exp(-x) overflows to inf for x < -709, which still gives the exact limit 0.
     return 1.0 / (1.0 + math.exp(-x))
 
 
-@njit(cache=True, error_model="numpy")
+@njit(**_MATH_JIT)
 def _tanh_f64(x):
     return math.tanh(x)
 
