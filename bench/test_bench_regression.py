@@ -81,8 +81,10 @@ def test_panel_product(benchmark, shape):
     W = rng.standard_normal((1, columns, depth), dtype=np.float32)
     panels = packed_panels(W, False)[0]
     out = np.empty((rows, columns), dtype=np.float32)
-    matmul_panels(a, panels, out)
+    matmul_panels(a, panels, out, 0, panels.shape[0])
     np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-4, atol=1e-3)
     benchmark.group = "per-step panel product"
     benchmark.extra_info.update(gflop=2 * rows * depth * columns / 1e9)
-    benchmark.pedantic(matmul_panels, args=(a, panels, out), rounds=200, iterations=5)
+    benchmark.pedantic(
+        matmul_panels, args=(a, panels, out, 0, panels.shape[0]), rounds=200, iterations=5
+    )

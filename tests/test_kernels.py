@@ -170,7 +170,7 @@ def test_kernels_run_on_numbas_openmp_layer():
 def test_panel_matmul_matches_numpy(np_dtype, transposed):
     """The per-step product against numpy: every row count the tiles treat differently (full and
     short 4-row tiles, a lone row), column counts that end mid-panel and mid panel-group, K = 0."""
-    from fastrnn.kernels.cpu.panel_matmul import matmul_panels, packed_panels
+    from fastrnn.kernels.cpu.panel_matmul import PANEL, matmul_panels, packed_panels
 
     rng = np.random.default_rng(0)
     tol = 1e-5 if np_dtype == np.float32 else 1e-12
@@ -181,8 +181,19 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
             panels = packed_panels(source, transposed)
             a = rng.standard_normal((rows, depth)).astype(np_dtype)
             out = np.full((rows, columns), np.nan, dtype=np_dtype)
-            matmul_panels(a, panels[1], out)
+            matmul_panels(a, panels[1], out, 0, panels.shape[1])
             np.testing.assert_allclose(out, a @ W[1].T, rtol=0, atol=tol * max(1, depth))
+            # A panel range writes its columns and nothing else (the shared product's groups).
+            first, end = 1, panels.shape[1] - 1
+            if first < end:
+                out[:] = np.nan
+                matmul_panels(a, panels[1], out, first, end)
+                inside = slice(first * PANEL, min(columns, end * PANEL))
+                np.testing.assert_allclose(
+                    out[:, inside], (a @ W[1].T)[:, inside], rtol=0, atol=tol * max(1, depth)
+                )
+                out[:, inside] = np.nan
+                assert np.isnan(out).all()
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .common import JIT_OPTIONS
+from .common import JIT_OPTIONS, copy_row
 from .gru import gru_backward_row, gru_forward_row
 from .lstm import lstm_backward_row, lstm_forward_row
 from .rnn import rnn_backward_row, rnn_forward_row
@@ -26,7 +26,7 @@ def lstm_cell_forward(gates, rec, c, c_new, h_new):
     h W_hh^T; c (B, H); out c_new, h_new (B, H)."""
     hidden = c.shape[1]
     for r in range(c.shape[0]):
-        c_new[r] = c[r]
+        copy_row(c_new[r], c[r])
         lstm_forward_row(gates[r], rec[r], c_new[r], h_new[r], hidden)
 
 
@@ -37,7 +37,7 @@ def lstm_cell_backward(gates, c, c_new, dh, dc, d_gates, dc_prev):
     hidden = c.shape[1]
     one = np.ones(1, dtype=c.dtype)[0]
     for r in range(c.shape[0]):
-        dc_prev[r] = dc[r]
+        copy_row(dc_prev[r], dc[r])
         lstm_backward_row(gates[r], c_new[r], c[r], dh[r], dc_prev[r], d_gates[r], hidden, one)
 
 
@@ -48,7 +48,7 @@ def gru_cell_forward(projected, rec, b_hh, h, cache, h_new):
     hidden = h.shape[1]
     one = np.ones(1, dtype=h.dtype)[0]
     for r in range(h.shape[0]):
-        h_new[r] = h[r]
+        copy_row(h_new[r], h[r])
         gru_forward_row(projected[r], rec[r], b_hh, cache[r], h_new[r], hidden, one)
 
 
@@ -59,7 +59,7 @@ def gru_cell_backward(cache, h, dh, d_input, d_recurrent, dh_direct):
     hidden = h.shape[1]
     one = np.ones(1, dtype=h.dtype)[0]
     for r in range(h.shape[0]):
-        dh_direct[r] = dh[r]
+        copy_row(dh_direct[r], dh[r])
         gru_backward_row(cache[r], h[r], dh_direct[r], d_input[r], d_recurrent[r], hidden, one)
 
 

@@ -35,6 +35,46 @@ ROW_JIT_OPTIONS = {**JIT_OPTIONS}
 _JIT = JIT_OPTIONS
 
 
+# Array copies and sums written as loops. A numpy-style `a[...] = b` between arrays makes Numba
+# compile its shape-mismatch error (string formatting, 0.5-1.8 s per array rank), and every
+# kernel that links it re-optimises that code again; the shapes here always match.
+@njit(**_JIT)
+def copy_rows(out, values):
+    """out (R, C) = values (R, C)."""
+    for r in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[r, j] = values[r, j]
+
+
+@njit(**_JIT)
+def copy_row(out, values):
+    """out (C) = values (C)."""
+    for j in range(out.shape[0]):
+        out[j] = values[j]
+
+
+@njit(**_JIT)
+def add_row(out, values):
+    """out (C) += values (C)."""
+    for j in range(out.shape[0]):
+        out[j] += values[j]
+
+
+@njit(**_JIT)
+def add_rows(out, values):
+    """out (R, C) += values (R, C)."""
+    for r in range(out.shape[0]):
+        for j in range(out.shape[1]):
+            out[r, j] += values[r, j]
+
+
+@njit(**_JIT)
+def copy_states(out, values):
+    """out (D, B, C) = values (D, B, C): a kernel's initial or final states."""
+    for d in range(out.shape[0]):
+        copy_rows(out[d], values[d])
+
+
 @njit(**_JIT)
 def step_offsets(batch_sizes):
     """(T,) int64 batch sizes -> (T + 1,) int64 row offsets of each step in the packed layout."""
@@ -192,4 +232,4 @@ def copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, out):
         return
     off = offsets[t]
     for r in range(first, first + count):
-        out[off + r, :] = consumed_row(y, h0, offsets, prev, prev_rows, r)
+        copy_row(out[off + r], consumed_row(y, h0, offsets, prev, prev_rows, r))

@@ -26,9 +26,13 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    add_row,
+    add_rows,
     chunk_bounds,
     consumed_row,
     copy_previous_hidden,
+    copy_row,
+    copy_states,
     direction_tasks,
     previous_step_rows,
     step_offsets,
@@ -93,7 +97,7 @@ def _forward_rows(
     products (`shared_product`)."""
     hidden = h_n.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -110,7 +114,7 @@ def _forward_rows(
             gru_forward_row(
                 projected[off + r], recurrent[r], b_hh, gate_cache[off + r], h_row, hidden, one
             )
-            y[off + r] = h_row
+            copy_row(y[off + r], h_row)
 
 
 @njit(**_PARALLEL)
@@ -118,7 +122,7 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     """Run the recurrence, filling y, h_n and gate_cache."""
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
-    h_n[:] = h0
+    copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
@@ -173,7 +177,7 @@ def _backward_rows(
     products."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -184,7 +188,7 @@ def _backward_rows(
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
             for r in range(first, end):
                 dh_row = dh0[r]
-                dh_row += dy[off + r]
+                add_row(dh_row, dy[off + r])
                 consumed = consumed_row(y, h0, offsets, prev, prev_rows, r)
                 gru_backward_row(
                     gate_cache[off + r], consumed, dh_row, d_input[off + r],
@@ -197,7 +201,7 @@ def _backward_rows(
             return
         product += 1
         if role != HELPER:
-            dh0[first:end] += through_weights[first:end]
+            add_rows(dh0[first:end], through_weights[first:end])
 
 
 @njit(**_PARALLEL)
@@ -218,7 +222,7 @@ def gru_backward(
     """
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
-    dh0[:] = dh_n
+    copy_states(dh0, dh_n)
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(

@@ -24,9 +24,13 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    add_rows,
     chunk_bounds,
     consumed_row,
     copy_previous_hidden,
+    copy_row,
+    copy_rows,
+    copy_states,
     direction_tasks,
     previous_step_rows,
     step_offsets,
@@ -105,7 +109,7 @@ def _forward_rows(
     recurrent (B, 4H) and h_raw (B, H) are the direction's scratch rows; a HELPER task only
     takes part in the products (`shared_product`)."""
     hidden = c_n.shape[1]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -120,7 +124,7 @@ def _forward_rows(
                 c_row = c_n[r]
                 out = h_raw[r] if has_proj else h_n[r]
                 lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden)
-                cell_cache[off + r] = c_row
+                copy_row(cell_cache[off + r], c_row)
         if has_proj:
             if not shared_matmul(
                 h_raw[first:end], hr_panels, h_n[first:end], sync, product, role, workers
@@ -128,7 +132,7 @@ def _forward_rows(
                 return
             product += 1
         if role != HELPER:
-            y[off + first : off + end] = h_n[first:end]
+            copy_rows(y[off + first : off + end], h_n[first:end])
 
 
 @njit(**_PARALLEL)
@@ -137,8 +141,8 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
     hr_panels = packed_panels(W_hr, False)
-    h_n[:] = h0
-    c_n[:] = c0
+    copy_states(h_n, h0)
+    copy_states(c_n, c0)
     directions, batch, hidden = c0.shape
     has_proj = W_hr.shape[1] > 0
     recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
@@ -204,7 +208,7 @@ def _backward_rows(
     (B, H) is the direction's scratch; a HELPER task only takes part in the products."""
     hidden = c0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -214,17 +218,17 @@ def _backward_rows(
         if role != HELPER:
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
             # dh0 holds dL/dh of each row's latest state; add this step's output gradient.
-            dh0[first:end] += dy[off + first : off + end]
+            add_rows(dh0[first:end], dy[off + first : off + end])
         if has_proj:
             if role != HELPER:
-                dh_total[off + first : off + end] = dh0[first:end]
+                copy_rows(dh_total[off + first : off + end], dh0[first:end])
             if not shared_matmul(
                 dh0[first:end], hr_panels, dh_raw[first:end], sync, product, role, workers
             ):
                 return
             product += 1
         elif role != HELPER:
-            dh_raw[first:end] = dh0[first:end]
+            copy_rows(dh_raw[first:end], dh0[first:end])
         if role != HELPER:
             for r in range(first, end):
                 gates = gate_cache[off + r]
@@ -282,8 +286,8 @@ def lstm_backward(
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
     hr_panels = packed_panels(W_hr, True)
-    dh0[:] = dh_n
-    dc0[:] = dc_n
+    copy_states(dh0, dh_n)
+    copy_states(dc0, dc_n)
     directions, batch, hidden = c0.shape
     has_proj = W_hr.shape[1] > 0
     dh_raw = np.empty((directions, batch, hidden), dtype=y.dtype)

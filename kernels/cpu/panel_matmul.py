@@ -94,18 +94,17 @@ def pack_panels(W, transposed, panels):
 
 
 @njit(**_JIT)
-def _one_row(row, panels, first_panel, out_row):
-    """out_row over ROW_PANELS panels from first_panel = row (K) @ those panels (a short group
-    repeats its last panel and stores only the real ones)."""
-    n_panels = panels.shape[0]
+def _one_row(row, panels, first_panel, end_panel, out_row):
+    """out_row's columns of ROW_PANELS panels from first_panel (not past end_panel) = row (K) @
+    those panels (a short group repeats its last panel and stores only the real ones)."""
     depth = row.shape[0]
     acc = carray(_stack_buffer(_ROW_TILE, panels), (_ROW_TILE,))
     for i in range(_ROW_TILE):
         acc[i] = 0
     w0 = panels[first_panel]
-    w1 = panels[min(first_panel + 1, n_panels - 1)]
-    w2 = panels[min(first_panel + 2, n_panels - 1)]
-    w3 = panels[min(first_panel + 3, n_panels - 1)]
+    w1 = panels[min(first_panel + 1, end_panel - 1)]
+    w2 = panels[min(first_panel + 2, end_panel - 1)]
+    w3 = panels[min(first_panel + 3, end_panel - 1)]
     for k in range(depth):
         a = row[k]
         for j in range(PANEL):
@@ -114,32 +113,35 @@ def _one_row(row, panels, first_panel, out_row):
             acc[2 * PANEL + j] += a * w2[k, j]
             acc[3 * PANEL + j] += a * w3[k, j]
     columns = out_row.shape[0]
-    for q in range(min(ROW_PANELS, n_panels - first_panel)):
+    for q in range(min(ROW_PANELS, end_panel - first_panel)):
         column = (first_panel + q) * PANEL
         for j in range(min(PANEL, columns - column)):
             out_row[column + j] = acc[q * PANEL + j]
 
 
 @njit(**_JIT)
-def matmul_panels(rows, panels, out):
-    """out (M, N) = rows (M, K) @ W^T, W given as `pack_panels` panels (panel_count(N), K, PANEL).
+def matmul_panels(rows, panels, out, first_panel, end_panel):
+    """out (M, N) = rows (M, K) @ W^T in the columns of panels first_panel..end_panel-1 (all of
+    them: 0, panel_count(N)), W given as `pack_panels` panels (panel_count(N), K, PANEL).
+    (A panel range rather than column slices of `out`: one compiled form for every caller.)
 
     Full and short tiles of TILE_ROWS rows; a single row left over (or M = 1) takes the one-row
     form, which reads the weights once for that row instead of once for a whole tile."""
     count = rows.shape[0]
     if count == 0:
         return
-    if rows.shape[1] == 0:
-        out[:] = 0
-        return
-    n_panels = panels.shape[0]
     depth = rows.shape[1]
     columns = out.shape[1]
+    if depth == 0:
+        for r in range(count):
+            for j in range(first_panel * PANEL, min(columns, end_panel * PANEL)):
+                out[r, j] = 0
+        return
     # The tile loop is written here, not called: a call per tile passes three arrays (with
     # their reference counting), which cost ~30 % at K = 256 (74 against 110 GFLOP/s).
     tiled = count if count % TILE_ROWS != 1 else count - 1
     acc = carray(_stack_buffer(_TILE, rows), (_TILE,))
-    for p in range(n_panels):
+    for p in range(first_panel, end_panel):
         panel = panels[p]
         column = p * PANEL
         width = min(PANEL, columns - column)
@@ -165,8 +167,8 @@ def matmul_panels(rows, panels, out):
                 for j in range(width):
                     out[first + r, column + j] = acc[r * PANEL + j]
     if tiled < count:
-        for p in range(0, n_panels, ROW_PANELS):
-            _one_row(rows[count - 1], panels, p, out[count - 1])
+        for p in range(first_panel, end_panel, ROW_PANELS):
+            _one_row(rows[count - 1], panels, p, end_panel, out[count - 1])
 
 
 @njit(**JIT_OPTIONS)

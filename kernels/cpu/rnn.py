@@ -21,8 +21,11 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    add_row,
     chunk_bounds,
     copy_previous_hidden,
+    copy_row,
+    copy_states,
     direction_tasks,
     previous_step_rows,
     step_offsets,
@@ -73,7 +76,7 @@ def _forward_rows(
     products (`shared_product`)."""
     hidden = h_n.shape[1]
     zero = np.zeros(1, dtype=y.dtype)[0]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -88,7 +91,7 @@ def _forward_rows(
         for r in range(first, end):
             out = y[off + r]
             rnn_forward_row(out, recurrent[r], hidden, relu, zero)
-            h_n[r] = out
+            copy_row(h_n[r], out)
 
 
 @njit(**_PARALLEL)
@@ -96,7 +99,7 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     """Run the recurrence in place on y, filling h_n."""
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
-    h_n[:] = h0
+    copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
@@ -122,7 +125,7 @@ def _backward_rows(
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     zero = np.zeros(1, dtype=y.dtype)[0]
-    product = 0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0] - 1, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
@@ -132,7 +135,7 @@ def _backward_rows(
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
             for r in range(first, end):
                 dh_row = dh0[r]
-                dh_row += dy[off + r]
+                add_row(dh_row, dy[off + r])
                 rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
         if not shared_matmul(
             d_pre[off + first : off + end], hh_panels, dh0[first:end], sync, product, role,
@@ -157,7 +160,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     """
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
-    dh0[:] = dh_n
+    copy_states(dh0, dh_n)
     directions, batch = h0.shape[0], h0.shape[1]
     n_tasks, n_chunks, per_direction = direction_tasks(
         directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]

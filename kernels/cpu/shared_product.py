@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .common import ALONE, JIT_OPTIONS, OWNER
-from .panel_matmul import PANEL, matmul_panels
+from .panel_matmul import matmul_panels
 
 # int64s per counter, so that each counter has a 64-byte cache line to itself.
 SLOT = 8
@@ -123,9 +123,12 @@ def shared_matmul(rows, panels, out, sync, index, role, groups):
     """out = rows @ W^T as `panel_matmul.matmul_panels`, product number `index` of a direction,
     computed by every thread of that direction that calls it (`groups` panel groups claimed
     one at a time). ALONE: a plain call. Returns False only when a helper gave up waiting, after
-    which it must not call again in this kernel call."""
+    which it must not call again in this kernel call.
+
+    Callers pass `index` as an int64 variable, never a literal 0: Numba compiles a separate copy
+    of a function for each literal argument it is first called with (~1-2 s of compile)."""
     if role == ALONE:
-        matmul_panels(rows, panels, out)
+        matmul_panels(rows, panels, out, np.int64(0), panels.shape[0])
         return True
     if role == OWNER:
         _store_release(sync, 0, 0, index + 1)
@@ -139,14 +142,13 @@ def shared_matmul(rows, panels, out, sync, index, role, groups):
             _spin_pause()
     n_panels = panels.shape[0]
     per_group = (n_panels + groups - 1) // groups
-    columns = out.shape[1]
     while True:
         group = _fetch_add(sync, index + 1, 0, 1)
         if group * per_group >= n_panels:
             break
         first = group * per_group
         last = min(n_panels, first + per_group)
-        matmul_panels(rows, panels[first:last], out[:, first * PANEL : min(columns, last * PANEL)])
+        matmul_panels(rows, panels, out, first, last)
         _fetch_add(sync, index + 1, SLOT, 1)
     if role == OWNER:
         n_groups = (n_panels + per_group - 1) // per_group if n_panels > 0 else 0
