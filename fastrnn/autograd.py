@@ -137,16 +137,17 @@ def _check_layer(
         raise RuntimeError("fastrnn: batch_sizes must be non-negative and non-increasing")
     directions, rows_hidden = W_hh.shape[0], W_hh.shape[1]
     batch = int(batch_sizes[0])
+    shapes = [W_ih.shape, W_hh.shape, *(state.shape for state in states)]
     expected = [
         (directions, rows_hidden, x.shape[1]),
         (directions, rows_hidden - rows_hidden % gates, state_sizes[0]),
+        *((directions, batch, size) for size in state_sizes),
     ]
-    expected += [(directions, batch, size) for size in state_sizes]
-    actual = [W_ih.shape, W_hh.shape, *(state.shape for state in states)]
-    for index, (got, shape) in enumerate(zip(actual, expected, strict=True)):
-        if tuple(got) != shape:
-            name = ("weight_ih", "weight_hh")[index] if index < 2 else f"hx[{index - 2}]"
-            raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
+    if shapes != expected:  # torch.Size compares equal to a tuple of the same ints
+        for index, (got, shape) in enumerate(zip(shapes, expected, strict=True)):
+            if got != shape:
+                name = ("weight_ih", "weight_hh")[index] if index < 2 else f"hx[{index - 2}]"
+                raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 
 def _input_projection(x: Tensor, W_ih: Tensor, bias: Tensor | None, out: Tensor) -> None:
@@ -169,7 +170,8 @@ def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) ->
 
 
 def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    return None if b_ih is None else b_ih.detach() + b_hh.detach()
+    """b_ih + b_hh, outside autograd (forward runs under no_grad, or nothing requires grad)."""
+    return None if b_ih is None else b_ih + b_hh
 
 
 def _features_side_by_side(y: Tensor) -> Tensor:

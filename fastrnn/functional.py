@@ -103,12 +103,14 @@ def _stacked(
         per_direction = [
             _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
         ]
-        layer_input, new_states = run_layer(
-            layer_input,
-            sizes,
-            tuple(s[first : first + directions] for s in states),
-            [_stack_directions([w[i] for w in per_direction]) for i in range(5)],
+        if directions == 1:  # the common case, without the per-weight lists (batch 1 shows them)
+            stacked = [None if w is None else w.unsqueeze(0) for w in per_direction[0]]
+        else:
+            stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
+        layer_states = (
+            states if num_layers == 1 else tuple(s[first : first + directions] for s in states)
         )
+        layer_input, new_states = run_layer(layer_input, sizes, layer_states, stacked)
         for final, new in zip(finals, new_states, strict=True):
             final.append(new)
         if dropout > 0 and train and layer < num_layers - 1:
