@@ -46,19 +46,14 @@ def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> No
             )
 
 
-def _input_side(x: Tensor, W_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """x @ W_ih^T (+ bias), a new contiguous (B, G*H) tensor."""
+def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
+    """rows (B, K) @ W^T (+ bias), a new contiguous (B, G*H) tensor. Each side gets its own
+    bias, as in torch's cells: (x W_ih^T + b_ih) + (h W_hh^T + b_hh), one addmm each instead of
+    a bias sum plus two products. (Forward never records a graph: it runs under no_grad, or
+    nothing requires grad, so no detach.)"""
     if bias is None:
-        return torch.mm(x.detach(), W_ih.detach().t())
-    return torch.addmm(bias.detach(), x.detach(), W_ih.detach().t())
-
-
-def _recurrent_side(h: Tensor, W_hh: Tensor) -> Tensor:
-    return torch.mm(h.detach(), W_hh.detach().t())
-
-
-def _summed(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    return None if b_ih is None else b_ih.detach() + b_hh.detach()
+        return torch.mm(rows, W.t())
+    return torch.addmm(bias, rows, W.t())
 
 
 def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tensor, W_ih, W_hh):
@@ -81,8 +76,8 @@ class LSTMCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, c, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 4)
-        gates = _input_side(x, W_ih, _summed(b_ih, b_hh))
-        rec = _recurrent_side(h, W_hh)
+        gates = _product(x, W_ih, b_ih)
+        rec = _product(h, W_hh, b_hh)
         c_new = torch.empty(c.shape, dtype=c.dtype)
         h_new = torch.empty(c.shape, dtype=c.dtype)
         lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
@@ -115,8 +110,8 @@ class GRUCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 3)
-        projected = _input_side(x, W_ih, b_ih)
-        rec = _recurrent_side(h, W_hh)
+        projected = _product(x, W_ih, b_ih)
+        rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
         if b_hh is None:
             b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
         else:
@@ -159,8 +154,8 @@ class RNNCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, relu, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 1)
-        h_new = _input_side(x, W_ih, _summed(b_ih, b_hh))
-        rnn_cell_forward(h_new.numpy(), _recurrent_side(h, W_hh).numpy(), relu)
+        h_new = _product(x, W_ih, b_ih)
+        rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h, W_ih, W_hh, h_new)
             ctx.relu = relu

@@ -22,8 +22,9 @@ _JIT = JIT_OPTIONS
 
 @njit(**_JIT)
 def lstm_cell_forward(gates, rec, c, c_new, h_new):
-    """gates (B, 4H): in x W_ih^T + b_ih + b_hh, out activated i, f, g, o; rec (B, 4H) =
-    h W_hh^T; c (B, H); out c_new, h_new (B, H)."""
+    """gates (B, 4H): in x W_ih^T (+ biases), out activated i, f, g, o; rec (B, 4H) =
+    h W_hh^T (+ biases): the pre-activations are gates + rec, whichever side holds the biases;
+    c (B, H); out c_new, h_new (B, H)."""
     hidden = c.shape[1]
     for r in range(c.shape[0]):
         copy_row(c_new[r], c[r])
@@ -65,7 +66,8 @@ def gru_cell_backward(cache, h, dh, d_input, d_recurrent, dh_direct):
 
 @njit(**_JIT)
 def rnn_cell_forward(pre, rec, relu):
-    """pre (B, H): in x W_ih^T + b_ih + b_hh, out h' = act(pre + rec); rec (B, H) = h W_hh^T."""
+    """pre (B, H): in x W_ih^T (+ biases), out h' = act(pre + rec); rec (B, H) = h W_hh^T
+    (+ biases)."""
     zero = np.zeros(1, dtype=pre.dtype)[0]
     for r in range(pre.shape[0]):
         rnn_forward_row(pre[r], rec[r], pre.shape[1], relu, zero)
