@@ -472,6 +472,17 @@ def main(argv=None) -> int:
     if meta["threads"]["numba_threading_layer"] is None:
         meta["threads"]["numba_threading_layer"] = threads_end["numba_threading_layer"]
 
+    if args.device == "cpu":
+        # This VM's speed drifts by 1.5-2x within minutes: a roofline taken in a slow moment
+        # made cases read above 100 % of it. Measure again after the run and judge by the best.
+        start_peak = meta["sgemm_peak_gflops"]
+        end_peak = sgemm_peak_gflops(torch.get_num_threads(), n=1024 if args.quick else 2048)
+        meta["sgemm_peak_gflops_start_end"] = [start_peak, end_peak]
+        meta["sgemm_peak_gflops"] = max(start_peak, end_peak)
+        print(
+            f"roofline  : numpy sgemm {start_peak:.0f} GFLOP/s before the run, {end_peak:.0f} "
+            f"after; the '% sgemm peak' column uses the higher"
+        )
     print(R.console_table(results, meta.get("sgemm_peak_gflops")))
     note_lines = R.notes(results, threads_start, threads_end)
     if args.device == "cuda":

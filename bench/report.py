@@ -181,9 +181,15 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
         f"settings  : {settings_line(settings)}",
     ]
     if meta.get("sgemm_peak_gflops"):
+        start_end = meta.get("sgemm_peak_gflops_start_end")
+        measured = (
+            f" (the higher of {start_end[0]:.0f} before and {start_end[1]:.0f} after the run)"
+            if start_end
+            else ""
+        )
         lines.append(
             f"roofline  : numpy sgemm {meta['sgemm_peak_gflops']:.0f} GFLOP/s with "
-            f"{t['torch_num_threads']} threads (the '% sgemm peak' column)"
+            f"{t['torch_num_threads']} threads{measured} (the '% sgemm peak' column)"
         )
     return lines
 
