@@ -34,16 +34,17 @@ def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> No
     """The kernels index the GEMMs' outputs and b_hh by W_hh's hidden size: a weight replaced
     by one of another shape raises here instead of reading out of bounds."""
     hidden = W_hh.shape[1]
-    expected = {"weight_ih": (gates * hidden, W_ih.shape[1]), "weight_hh": (gates * hidden, hidden)}
-    actual = {"weight_ih": tuple(W_ih.shape), "weight_hh": tuple(W_hh.shape)}
+    rows = gates * hidden
+    shapes = [W_ih.shape, W_hh.shape]
+    expected = [(rows, W_ih.shape[1]), (rows, hidden)]
     if b_ih is not None:
-        expected["bias_ih"] = expected["bias_hh"] = (gates * hidden,)
-        actual["bias_ih"], actual["bias_hh"] = tuple(b_ih.shape), tuple(b_hh.shape)
-    for name, shape in expected.items():
-        if actual[name] != shape:
-            raise RuntimeError(
-                f"fastrnn: {name} has shape {list(actual[name])}, expected {list(shape)}"
-            )
+        shapes += [b_ih.shape, b_hh.shape]
+        expected += [(rows,), (rows,)]
+    if shapes != expected:  # torch.Size compares equal to a tuple of the same ints
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        for name, got, shape in zip(names, shapes, expected, strict=False):
+            if got != shape:
+                raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 
 def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
