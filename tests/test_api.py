@@ -564,3 +564,54 @@ def test_torch_jit_trace_records_the_layer():
         traced = torch.jit.trace(fast, (x,), check_trace=False)
         x2 = torch.randn(5, 3, 8)
         assert (traced(x2)[0] - ref(x2)[0]).abs().max().item() < 1e-5
+
+
+def test_modules_called_from_several_python_threads_at_once():
+    """The kernels release the GIL and keep their per-call state (scratch buffers, batch-1
+    helper counters) per thread or per call: four threads running forward+backward and
+    inference at once, at batch 1 (owner and helper threads sharing products) and batch 3,
+    get torch.nn's results."""
+    import threading
+
+    cases = [
+        (fastrnn.LSTM, nn.LSTM, 1),
+        (fastrnn.GRU, nn.GRU, 3),
+        (fastrnn.LSTM, nn.LSTM, 3),
+        (fastrnn.RNN, nn.RNN, 1),
+    ]
+    failures: list[str] = []
+
+    def run(index: int, fast_cls, ref_cls, batch: int) -> None:
+        try:
+            generator = torch.Generator().manual_seed(index)
+            torch.manual_seed(index)
+            fast = fast_cls(8, 128, batch_first=True)
+            ref = ref_cls(8, 128, batch_first=True)
+            ref.load_state_dict(fast.state_dict())
+            for step in range(6):
+                x = torch.randn(batch, 7, 8, generator=generator, requires_grad=True)
+                y_fast = fast(x)[0]
+                y_fast.sum().backward()
+                dx_fast, x.grad = x.grad, None
+                y_ref = ref(x)[0]
+                y_ref.sum().backward()
+                with torch.no_grad():
+                    y_inference = fast(x)[0]
+                if not (
+                    torch.allclose(y_fast, y_ref, atol=1e-5)
+                    and torch.allclose(dx_fast, x.grad, atol=1e-5)
+                    and torch.allclose(y_inference, y_ref, atol=1e-5)
+                    and torch.allclose(fast.weight_hh_l0.grad, ref.weight_hh_l0.grad, atol=1e-4)
+                ):
+                    failures.append(f"thread {index} step {step}: results differ from torch.nn")
+                    return
+        except Exception as error:  # reported below, with the thread it came from
+            failures.append(f"thread {index}: {error!r}")
+
+    threads = [threading.Thread(target=run, args=(i, *case)) for i, case in enumerate(cases)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung"
+    assert not failures, failures
