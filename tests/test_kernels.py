@@ -197,14 +197,15 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN"])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("batch", [1, 3, 17])
 @DIRECTIONS
 def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monkeypatch):
-    """Splitting the work differently (row chunks, or at batch 1 an owner and helpers sharing
-    each step's product column-wise, `shared_product`) must not change a single bit: every
-    output element is summed in the same order whichever thread computes it. threads=4 on
-    Numba's 2-thread pool also runs an owner and its helper one after the other on one thread,
-    which must neither deadlock nor lose work."""
+    """Splitting the work differently (row chunks, at batch 1 an owner and helpers sharing
+    each step's product column-wise, `shared_product`, and at packed batch 17 more chunks than
+    threads, claimed at run time) must not change a single bit: every output element is summed
+    in the same order whichever thread computes it. threads=4 on Numba's 2-thread pool also runs
+    an owner and its helper one after the other on one thread, which must neither deadlock nor
+    lose work."""
     import fastrnn
     from fastrnn.kernels.cpu.common import HELPER_MIN_WEIGHTS
 
@@ -216,7 +217,7 @@ def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monke
     kwargs = {"proj_size": 64} if proj else {}
     # hidden 190: every W_hh has enough weights for batch-1 helpers (HELPER_MIN_WEIGHTS)
     model = getattr(fastrnn, kind)(5, 190, num_layers=2, bidirectional=directions == 2, **kwargs)
-    lengths = torch.tensor([6, 4, 5][:batch])
+    lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
     x = torch.randn(6, batch, 5)
     results = []
     for threads in (1, 2, 4):
@@ -248,47 +249,60 @@ def test_a_helper_with_no_owner_gives_up():
 
 
 def test_row_chunks_cover_the_batch_and_balance_packed_work():
-    """`task_rows`: every direction's chunks are contiguous, non-empty and cover the batch; with
-    packed lengths the chunk with the long rows gets fewer of them; at batch 1 the spare threads
+    """`task_chunk` / `next_chunk`: every direction's chunks are contiguous, non-empty and cover
+    the batch, each claimed once; with packed lengths the chunk with the long rows gets fewer of
+    them, and with enough rows there are two chunks per task; at batch 1 the spare threads
     become helpers of one owner."""
     from fastrnn.kernels.cpu.common import (
         ALONE,
         HELPER,
         OWNER,
+        TILE_ROWS,
         chunk_bounds,
+        chunk_claims,
         direction_tasks,
-        task_rows,
+        next_chunk,
+        task_chunk,
     )
 
     rng = np.random.default_rng(0)
     for batch in (1, 2, 3, 5, 16, 37):
         lengths = np.sort(rng.integers(1, 30, batch))[::-1]
         batch_sizes = np.array([(lengths > t).sum() for t in range(lengths[0])], dtype=np.int64)
+        uneven = bool(batch_sizes[-1] < batch)
         for directions in (1, 2):
             for threads in (1, 2, 3, 4, 8):
                 n_tasks, n_chunks, per_direction = direction_tasks(
-                    directions, batch, threads, 1 << 20
+                    directions, batch, threads, 1 << 20, uneven
                 )
                 assert n_tasks == directions * per_direction
+                if uneven and per_direction > 1 and batch >= 2 * per_direction * TILE_ROWS:
+                    assert n_chunks == 2 * per_direction
+                bounds = chunk_bounds(n_chunks, batch_sizes)
+                claims = chunk_claims(directions)
                 for d in range(directions):
-                    bounds = chunk_bounds(n_chunks, batch_sizes)
                     tasks = [
-                        task_rows(d * per_direction + i, n_chunks, per_direction, bounds)
+                        task_chunk(d * per_direction + i, n_chunks, per_direction)
                         for i in range(per_direction)
                     ]
                     assert all(task[0] == d for task in tasks)
-                    roles = [task[3] for task in tasks]
+                    roles = [task[2] for task in tasks]
                     if n_chunks == 1 and per_direction > 1:
                         assert roles == [OWNER] + [HELPER] * (per_direction - 1)
-                        assert all(task[1:3] == (0, batch) for task in tasks)
+                        assert all(task[1] == 0 for task in tasks)
+                        assert next_chunk(claims, d, n_chunks, per_direction) == n_chunks
                         continue
                     assert roles == [ALONE] * per_direction
-                    bounds = [task[1:3] for task in tasks]
-                    assert bounds[0][0] == 0 and bounds[-1][1] == batch
-                    assert all(first < last for first, last in bounds)
-                    assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+                    chunks = [task[1] for task in tasks]
+                    while (chunk := next_chunk(claims, d, n_chunks, per_direction)) < n_chunks:
+                        chunks.append(chunk)
+                    assert sorted(chunks) == list(range(n_chunks))
+                    rows = [(bounds[c], bounds[c + 1]) for c in range(n_chunks)]
+                    assert rows[0][0] == 0 and rows[-1][1] == batch
+                    assert all(first < last for first, last in rows)
+                    assert all(a[1] == b[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
     # 8 long rows and 24 short ones: equal work puts the boundary well before the middle.
     lengths = np.array([100] * 8 + [10] * 24)
     batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)
-    _, first, last, _ = task_rows(0, 2, 2, chunk_bounds(2, batch_sizes))
-    assert (first, last) == (0, 4)
+    bounds = chunk_bounds(2, batch_sizes)
+    assert (bounds[0], bounds[1]) == (0, 4)

@@ -29,15 +29,17 @@ from .common import (
     add_row,
     add_rows,
     chunk_bounds,
+    chunk_claims,
     consumed_row,
     copy_previous_hidden,
     copy_row,
     copy_states,
     direction_tasks,
+    next_chunk,
     previous_step_rows,
     step_offsets,
     step_span,
-    task_rows,
+    task_chunk,
 )
 from .panel_matmul import packed_panels
 from .shared_product import shared_matmul, sync_counters
@@ -126,29 +128,32 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _forward_rows(
-            batch_sizes,
-            offsets,
-            d == 1,
-            hh_panels[d],
-            b_hh[d],
-            projected[d],
-            y[d],
-            h_n[d],
-            gate_cache[d],
-            recurrent[d],
-            first,
-            last,
-            role,
-            sync[d],
-            per_direction,
-        )
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _forward_rows(
+                batch_sizes,
+                offsets,
+                d == 1,
+                hh_panels[d],
+                b_hh[d],
+                projected[d],
+                y[d],
+                h_n[d],
+                gate_cache[d],
+                recurrent[d],
+                bounds[chunk],
+                bounds[chunk + 1],
+                role,
+                sync[d],
+                per_direction,
+            )
+            chunk = next_chunk(claims, d, n_chunks, per_direction)
 
 
 @njit(**_JIT)
@@ -226,29 +231,32 @@ def gru_backward(
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _backward_rows(
-            batch_sizes,
-            offsets,
-            d == 1,
-            hh_panels[d],
-            h0[d],
-            y[d],
-            gate_cache[d],
-            dy[d],
-            h_prev[d],
-            d_input[d],
-            d_recurrent[d],
-            dh0[d],
-            through_weights[d],
-            first,
-            last,
-            role,
-            sync[d],
-            per_direction,
-        )
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _backward_rows(
+                batch_sizes,
+                offsets,
+                d == 1,
+                hh_panels[d],
+                h0[d],
+                y[d],
+                gate_cache[d],
+                dy[d],
+                h_prev[d],
+                d_input[d],
+                d_recurrent[d],
+                dh0[d],
+                through_weights[d],
+                bounds[chunk],
+                bounds[chunk + 1],
+                role,
+                sync[d],
+                per_direction,
+            )
+            chunk = next_chunk(claims, d, n_chunks, per_direction)

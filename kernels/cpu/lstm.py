@@ -26,16 +26,18 @@ from .common import (
     ROW_JIT_OPTIONS,
     add_rows,
     chunk_bounds,
+    chunk_claims,
     consumed_row,
     copy_previous_hidden,
     copy_row,
     copy_rows,
     copy_states,
     direction_tasks,
+    next_chunk,
     previous_step_rows,
     step_offsets,
     step_span,
-    task_rows,
+    task_chunk,
 )
 from .panel_matmul import packed_panels
 from .shared_product import shared_matmul, sync_counters
@@ -148,33 +150,36 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
     h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _forward_rows(
-            batch_sizes,
-            offsets,
-            d == 1,
-            hh_panels[d],
-            hr_panels[d],
-            has_proj,
-            h_n[d],
-            c_n[d],
-            y[d],
-            gate_cache[d],
-            cell_cache[d],
-            recurrent[d],
-            h_raw[d],
-            first,
-            last,
-            role,
-            sync[d],
-            per_direction,
-        )
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _forward_rows(
+                batch_sizes,
+                offsets,
+                d == 1,
+                hh_panels[d],
+                hr_panels[d],
+                has_proj,
+                h_n[d],
+                c_n[d],
+                y[d],
+                gate_cache[d],
+                cell_cache[d],
+                recurrent[d],
+                h_raw[d],
+                bounds[chunk],
+                bounds[chunk + 1],
+                role,
+                sync[d],
+                per_direction,
+            )
+            chunk = next_chunk(claims, d, n_chunks, per_direction)
 
 
 @njit(**_JIT)
@@ -292,36 +297,39 @@ def lstm_backward(
     has_proj = W_hr.shape[1] > 0
     dh_raw = np.empty((directions, batch, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     sync = sync_counters(directions, products, per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _backward_rows(
-            batch_sizes,
-            offsets,
-            d == 1,
-            hh_panels[d],
-            hr_panels[d],
-            has_proj,
-            h0[d],
-            c0[d],
-            y[d],
-            gate_cache[d],
-            cell_cache[d],
-            dy[d],
-            d_gates[d],
-            h_prev[d],
-            dh_total[d],
-            h_raw[d],
-            dh0[d],
-            dc0[d],
-            dh_raw[d],
-            first,
-            last,
-            role,
-            sync[d],
-            per_direction,
-        )
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _backward_rows(
+                batch_sizes,
+                offsets,
+                d == 1,
+                hh_panels[d],
+                hr_panels[d],
+                has_proj,
+                h0[d],
+                c0[d],
+                y[d],
+                gate_cache[d],
+                cell_cache[d],
+                dy[d],
+                d_gates[d],
+                h_prev[d],
+                dh_total[d],
+                h_raw[d],
+                dh0[d],
+                dc0[d],
+                dh_raw[d],
+                bounds[chunk],
+                bounds[chunk + 1],
+                role,
+                sync[d],
+                per_direction,
+            )
+            chunk = next_chunk(claims, d, n_chunks, per_direction)

@@ -23,14 +23,16 @@ from .common import (
     ROW_JIT_OPTIONS,
     add_row,
     chunk_bounds,
+    chunk_claims,
     copy_previous_hidden,
     copy_row,
     copy_states,
     direction_tasks,
+    next_chunk,
     previous_step_rows,
     step_offsets,
     step_span,
-    task_rows,
+    task_chunk,
 )
 from .panel_matmul import packed_panels
 from .shared_product import shared_matmul, sync_counters
@@ -103,16 +105,19 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _forward_rows(
-            batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], recurrent[d],
-            first, last, role, sync[d], per_direction,
-        )  # fmt: skip
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _forward_rows(
+                batch_sizes, offsets, d == 1, relu, hh_panels[d], y[d], h_n[d], recurrent[d],
+                bounds[chunk], bounds[chunk + 1], role, sync[d], per_direction,
+            )  # fmt: skip
+            chunk = next_chunk(claims, d, n_chunks, per_direction)
 
 
 @njit(**_JIT)
@@ -163,27 +168,30 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     copy_states(dh0, dh_n)
     directions, batch = h0.shape[0], h0.shape[1]
     n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2]
+        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
     )
     bounds = chunk_bounds(n_chunks, batch_sizes)
     sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
+    claims = chunk_claims(directions)
     for task in prange(n_tasks):
-        d, first, last, role = task_rows(task, n_chunks, per_direction, bounds)
-        _backward_rows(
-            batch_sizes,
-            offsets,
-            d == 1,
-            relu,
-            hh_panels[d],
-            h0[d],
-            y[d],
-            dy[d],
-            d_pre[d],
-            h_prev[d],
-            dh0[d],
-            first,
-            last,
-            role,
-            sync[d],
-            per_direction,
-        )
+        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        while chunk < n_chunks:
+            _backward_rows(
+                batch_sizes,
+                offsets,
+                d == 1,
+                relu,
+                hh_panels[d],
+                h0[d],
+                y[d],
+                dy[d],
+                d_pre[d],
+                h_prev[d],
+                dh0[d],
+                bounds[chunk],
+                bounds[chunk + 1],
+                role,
+                sync[d],
+                per_direction,
+            )
+            chunk = next_chunk(claims, d, n_chunks, per_direction)

@@ -18,96 +18,17 @@ published so far; row 1 + n holds product n's claimed and done counts, each on i
 
 from __future__ import annotations
 
-import platform
-
 import numpy as np
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
+from .atomics import SLOT, fetch_add, load_acquire, spin_pause, store_release
 from .common import ALONE, JIT_OPTIONS, OWNER
 from .panel_matmul import matmul_panels
 
-# int64s per counter, so that each counter has a 64-byte cache line to itself.
-SLOT = 8
 # A helper gives up after this many spins with no new product (~28 ms here), or a sixteenth of
 # that (~2 ms) before the first one: an owner that hasn't started by then is most likely queued
 # behind the helper on the same thread (possible with TBB's scheduler), and will finish alone.
 HELPER_PATIENCE = 1 << 20
-_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-
-
-def _is_counters(counters) -> bool:
-    """The intrinsics below take an int64 array (a `sync_counters` row block)."""
-    return isinstance(counters, types.Array) and counters.dtype == types.int64
-
-
-def _counter_pointer(context, builder, signature, args):
-    array_type = signature.args[0]
-    array = context.make_array(array_type)(context, builder, args[0])
-    indices = [
-        context.cast(builder, args[1], signature.args[1], types.intp),
-        context.cast(builder, args[2], signature.args[2], types.intp),
-    ]
-    return cgutils.get_item_pointer(context, builder, array_type, array, indices)
-
-
-@intrinsic
-def _fetch_add(typingctx, counters, row, column, value):
-    """Atomically add `value` to counters[row, column] (int64, 2-D); returns the old value."""
-    if not _is_counters(counters):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _counter_pointer(context, builder, signature, args)
-        amount = context.cast(builder, args[3], signature.args[3], types.int64)
-        return builder.atomic_rmw("add", pointer, amount, "seq_cst")
-
-    return types.int64(counters, row, column, value), codegen
-
-
-@intrinsic
-def _load_acquire(typingctx, counters, row, column):
-    """counters[row, column] read atomically, ordered before the reads that follow it."""
-    if not _is_counters(counters):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _counter_pointer(context, builder, signature, args)
-        return builder.load_atomic(pointer, "acquire", 8)
-
-    return types.int64(counters, row, column), codegen
-
-
-@intrinsic
-def _store_release(typingctx, counters, row, column, value):
-    """counters[row, column] = value atomically, ordered after the writes before it."""
-    if not _is_counters(counters):
-        return None
-
-    def codegen(context, builder, signature, args):
-        pointer = _counter_pointer(context, builder, signature, args)
-        amount = context.cast(builder, args[3], signature.args[3], types.int64)
-        builder.store_atomic(amount, pointer, "release", 8)
-        return context.get_dummy_value()
-
-    return types.none(counters, row, column, value), codegen
-
-
-@intrinsic
-def _spin_pause(typingctx):
-    """x86 `pause` (eases the spinning core's pressure on its sibling); nothing elsewhere."""
-
-    def codegen(context, builder, signature, args):
-        if _X86:
-            function_type = cgutils.ir.FunctionType(cgutils.ir.VoidType(), [])
-            pause = cgutils.get_or_insert_function(
-                builder.module, function_type, "llvm.x86.sse2.pause"
-            )
-            builder.call(pause, [])
-        return context.get_dummy_value()
-
-    return types.none(), codegen
 
 
 @njit(**JIT_OPTIONS)
@@ -131,27 +52,27 @@ def shared_matmul(rows, panels, out, sync, index, role, groups):
         matmul_panels(rows, panels, out, np.int64(0), panels.shape[0])
         return True
     if role == OWNER:
-        _store_release(sync, 0, 0, index + 1)
+        store_release(sync, 0, 0, index + 1)
     else:
         spins = 0
         patience = HELPER_PATIENCE if index > 0 else HELPER_PATIENCE >> 4
-        while _load_acquire(sync, 0, 0) <= index:
+        while load_acquire(sync, 0, 0) <= index:
             spins += 1
             if spins > patience:
                 return False
-            _spin_pause()
+            spin_pause()
     n_panels = panels.shape[0]
     per_group = (n_panels + groups - 1) // groups
     while True:
-        group = _fetch_add(sync, index + 1, 0, 1)
+        group = fetch_add(sync, index + 1, 0, 1)
         if group * per_group >= n_panels:
             break
         first = group * per_group
         last = min(n_panels, first + per_group)
         matmul_panels(rows, panels, out, first, last)
-        _fetch_add(sync, index + 1, SLOT, 1)
+        fetch_add(sync, index + 1, SLOT, 1)
     if role == OWNER:
         n_groups = (n_panels + per_group - 1) // per_group if n_panels > 0 else 0
-        while _load_acquire(sync, index + 1, SLOT) < n_groups:
-            _spin_pause()
+        while load_acquire(sync, index + 1, SLOT) < n_groups:
+            spin_pause()
     return True
