@@ -7,8 +7,9 @@ of the batch. A dense (T, B, F) tensor is the same memory with every batch size 
 
 A layer-direction runs its steps in "processing order": t = 0..T-1, or T-1..0 when `reverse`.
 The recurrence of a row depends only on that row, so a batch splits into contiguous row chunks,
-one per thread, each running the whole sequence (one parallel region per call, none per step);
-the tasks of a call are (direction, row chunk) pairs (`direction_tasks`, `task_chunk`).
+one per thread (two per thread for packed batches, claimed at run time), each running the whole
+sequence (one parallel region per call, none per step); the tasks of a call are a direction
+and a first chunk (`direction_tasks`, `task_chunk`, `next_chunk`).
 Per-step products are `panel_matmul`'s register-tiled loops (no BLAS inside the kernels); the big
 GEMMs over all steps (input projection, weight and input gradients) are left to the caller.
 
