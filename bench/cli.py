@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import numba
+import numpy as np
 import torch
 
 from bench import cases as C
@@ -292,6 +293,10 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
                     )
                 ratio = m.stats["torch"].median / m.stats["fastrnn"].median
                 res[f"ratio_{mode}"] = ratio  # raw ratio, kept even when parity failed
+                pairs = m.paired_ratios("torch", "fastrnn")
+                if pairs:
+                    p25, p50, p75 = (float(v) for v in np.percentile(pairs, [25, 50, 75]))
+                    res[f"paired_ratio_{mode}"] = {"median": p50, "p25": p25, "p75": p75}
             if res["status"] == "ok":
                 res["speedup_fwd"] = res.get("ratio_fwd")
                 res["speedup_fwdbwd"] = res.get("ratio_fwdbwd")

@@ -249,12 +249,16 @@ def _fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}x"
 
 
-def _speedup_cell(case: dict, key: str) -> str:
+def _speedup_cell(case: dict, key: str, spread: str = "") -> str:
     if case["status"] == "parity_failed":
         return "parity failed"
     if case["status"] == "error":
         return "error"
-    return _fmt_ratio(case.get(key))
+    text = _fmt_ratio(case.get(key))
+    pairs = case.get(key.replace("speedup_", "paired_ratio_"))
+    if spread == "range" and pairs:
+        text += f" ({pairs['p25']:.2f}–{pairs['p75']:.2f})"
+    return text
 
 
 def _parity_cell(case: dict) -> str:
@@ -327,10 +331,10 @@ def table_rows(cases: list[dict], spread: str, peak: float | None = None) -> lis
                 str(s["H"]),
                 _time_cell(c, "fwd", "torch", spread),
                 _time_cell(c, "fwd", "fastrnn", spread),
-                _speedup_cell(c, "speedup_fwd"),
+                _speedup_cell(c, "speedup_fwd", spread),
                 _time_cell(c, "fwdbwd", "torch", spread),
                 _time_cell(c, "fwdbwd", "fastrnn", spread),
-                _speedup_cell(c, "speedup_fwdbwd"),
+                _speedup_cell(c, "speedup_fwdbwd", spread),
                 _gflops_cell(c),
                 _peak_cell(c, peak),
                 _parity_cell(c),
@@ -422,7 +426,9 @@ def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: l
     out += [
         "",
         "Times are medians in ms, (p25–p75) in parentheses; speed-up = torch median / fastrnn "
-        "median (> 1: fastrnn is faster). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
+        "median (> 1: fastrnn is faster), and in parentheses the p25–p75 of the per-pair ratios "
+        "(each torch call against the fastrnn call right after it, robust to a machine whose "
+        "speed drifts during the run). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
         "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median; % sgemm peak: that "
         "against the machine's measured sgemm throughput.",
         "",

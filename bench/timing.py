@@ -98,6 +98,15 @@ class Measurement:
     reps: int
     schedule: str
 
+    def paired_ratios(self, numerator: str, denominator: str) -> list[float] | None:
+        """numerator's i-th time / denominator's i-th time, for interleaved runs: each pair ran
+        back to back, so a machine that drifts between pairs (this VM does, by 1.5-2x within
+        minutes) moves both sides of a pair alike. None for a blocked schedule."""
+        if self.schedule != "interleaved":
+            return None
+        a, b = self.stats[numerator].samples, self.stats[denominator].samples
+        return [x / y for x, y in zip(a, b, strict=True) if y > 0]
+
     def to_dict(self) -> dict:
         return {
             "reps": self.reps,
