@@ -28,13 +28,10 @@ from .common import (
     ROW_JIT_OPTIONS,
     add_row,
     add_rows,
-    chunk_bounds,
-    chunk_claims,
     consumed_row,
     copy_previous_hidden,
     copy_row,
     copy_states,
-    direction_tasks,
     next_chunk,
     previous_step_rows,
     step_offsets,
@@ -42,7 +39,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_panels
-from .shared_product import shared_matmul, sync_counters
+from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -127,12 +124,9 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
-    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
-    claims = chunk_claims(directions)
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:
@@ -230,12 +224,9 @@ def gru_backward(
     copy_states(dh0, dh_n)
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
-    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
-    claims = chunk_claims(directions)
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:

@@ -25,14 +25,11 @@ from .common import (
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
     add_rows,
-    chunk_bounds,
-    chunk_claims,
     consumed_row,
     copy_previous_hidden,
     copy_row,
     copy_rows,
     copy_states,
-    direction_tasks,
     next_chunk,
     previous_step_rows,
     step_offsets,
@@ -40,7 +37,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_panels
-from .shared_product import shared_matmul, sync_counters
+from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -149,13 +146,10 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     has_proj = W_hr.shape[1] > 0
     recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
     h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
-    )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
-    sync = sync_counters(directions, products, per_direction > n_chunks)
-    claims = chunk_claims(directions)
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], products
+    )
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:
@@ -296,13 +290,10 @@ def lstm_backward(
     directions, batch, hidden = c0.shape
     has_proj = W_hr.shape[1] > 0
     dh_raw = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
-    )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
-    sync = sync_counters(directions, products, per_direction > n_chunks)
-    claims = chunk_claims(directions)
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], products
+    )
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:

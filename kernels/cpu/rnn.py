@@ -22,12 +22,9 @@ from .common import (
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
     add_row,
-    chunk_bounds,
-    chunk_claims,
     copy_previous_hidden,
     copy_row,
     copy_states,
-    direction_tasks,
     next_chunk,
     previous_step_rows,
     step_offsets,
@@ -35,7 +32,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_panels
-from .shared_product import shared_matmul, sync_counters
+from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -104,12 +101,9 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, threads):
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
-    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
-    claims = chunk_claims(directions)
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:
@@ -166,13 +160,10 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True)
     copy_states(dh0, dh_n)
-    directions, batch = h0.shape[0], h0.shape[1]
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes[-1] < batch
+    directions = h0.shape[0]
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
-    bounds = chunk_bounds(n_chunks, batch_sizes)
-    sync = sync_counters(directions, batch_sizes.shape[0], per_direction > n_chunks)
-    claims = chunk_claims(directions)
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)
         while chunk < n_chunks:

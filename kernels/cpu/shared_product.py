@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from .atomics import SLOT, fetch_add, load_acquire, spin_pause, store_release
-from .common import ALONE, JIT_OPTIONS, OWNER
+from .common import ALONE, JIT_OPTIONS, OWNER, chunk_bounds, chunk_claims, direction_tasks
 from .panel_matmul import matmul_panels
 
 # A helper gives up after this many spins with no new product (~28 ms here), or a sixteenth of
@@ -76,3 +76,18 @@ def shared_matmul(rows, panels, out, sync, index, role, groups):
         while load_acquire(sync, index + 1, SLOT) < n_groups:
             spin_pause()
     return True
+
+
+@njit(**JIT_OPTIONS)
+def work_plan(batch_sizes, directions, threads, product_weights, products):
+    """How a kernel entry spreads a layer over its threads: (tasks, row chunks per direction,
+    tasks per direction, chunk bounds, batch-1 helper counters, chunk claims), from
+    `common.direction_tasks` (uneven batch sizes: packed input), `common.chunk_bounds`,
+    `sync_counters` (for `products` per-step products) and `common.chunk_claims`."""
+    batch = batch_sizes[0]
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, product_weights, batch_sizes[-1] < batch
+    )
+    bounds = chunk_bounds(n_chunks, batch_sizes)
+    sync = sync_counters(directions, products, per_direction > n_chunks)
+    return n_tasks, n_chunks, per_direction, bounds, sync, chunk_claims(directions)
