@@ -169,6 +169,15 @@ def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) ->
     return scratch(slot, shape, like, dtype)
 
 
+def _cache_rows(ctx, x: Tensor) -> int:
+    """Rows of a cache that only a backward reads (LSTM's cell cache, GRU's gate cache): all of
+    x's, or none in CPU inference, where the kernels then skip writing them (GRU B16 forward
+    kernel 4.97 -> 4.77 ms). The GPU kernels always write theirs."""
+    if any(ctx.needs_input_grad) or _recurrence(x) is not recurrence_cpu:
+        return x.shape[0]
+    return 0
+
+
 def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
     """b_ih + b_hh, outside autograd (forward runs under no_grad, or nothing requires grad)."""
     return None if b_ih is None else b_ih + b_hh
@@ -267,7 +276,7 @@ class LSTMLayerFunction(torch.autograd.Function):
         h_n, c_n = _states_like(h0, c0)
         # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        cell_cache = _buffer(ctx, "cells", (directions, rows, hidden), x, cell_dtype)
+        cell_cache = _buffer(ctx, "cells", (directions, _cache_rows(ctx, x), hidden), x, cell_dtype)
         _recurrence(x).lstm_forward(
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
         )
@@ -329,7 +338,7 @@ class GRULayerFunction(torch.autograd.Function):
         _input_projection(x, W_ih, b_ih, projected)
         y = x.new_empty((directions, x.shape[0], hidden))
         (h_n,) = _states_like(h0)
-        gate_cache = _buffer(ctx, "gates", (directions, x.shape[0], 4 * hidden), x)
+        gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
         _recurrence(x).gru_forward(
             batch_sizes, W_hh, None if b_hh is None else b_hh.detach(), h0, projected, y, h_n,
             gate_cache,

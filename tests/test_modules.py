@@ -615,3 +615,42 @@ def test_nan_and_inf_in_the_recurrent_weights_spread_as_in_torch(kind, batch):
     assert got.isnan().any()
     assert torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, kwargs", [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {})])
+def test_inference_without_caches_packed(kind, kwargs):
+    """Without a backward to come, the CPU kernels skip LSTM's cell cache and gate write-back and
+    GRU's gate cache. A packed, bidirectional batch of 17 (run-time row chunks) at 1, 2 and 4
+    threads must still give torch.nn's outputs and final states, and the training-mode call
+    right after, its gradients."""
+    import fastrnn.recurrence_cpu as recurrence_cpu
+
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(5, 8, num_layers=2, bidirectional=True, **kwargs)
+    fast = getattr(fastrnn, kind)(5, 8, num_layers=2, bidirectional=True, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    lengths = torch.tensor([9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6])
+    x = torch.randn(9, 17, 5)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    with torch.no_grad():
+        ref_out, ref_state = ref(packed)
+    ref_states = ref_state if isinstance(ref_state, tuple) else (ref_state,)
+    for threads in (1, 2, 4):
+        saved_threads = recurrence_cpu._threads
+        recurrence_cpu._threads = lambda threads=threads: threads
+        try:
+            with torch.no_grad():
+                out, state = fast(packed)
+            states = state if isinstance(state, tuple) else (state,)
+            assert (out.data - ref_out.data).abs().max().item() < 1e-5
+            for a, b in zip(states, ref_states, strict=True):
+                assert (a - b).abs().max().item() < 1e-5
+            out, _ = fast(packed)
+            out.data.sum().backward()
+        finally:
+            recurrence_cpu._threads = saved_threads
+    ref_out, _ = ref(packed)
+    ref_out.data.sum().backward()
+    for p_fast, p_ref in zip(fast.parameters(), ref.parameters(), strict=True):
+        scale = max(1.0, p_ref.grad.abs().max().item())
+        assert (p_fast.grad / 3 - p_ref.grad).abs().max().item() <= 1e-5 * scale

@@ -28,7 +28,7 @@ def lstm_cell_forward(gates, rec, c, c_new, h_new):
     hidden = c.shape[1]
     for r in range(c.shape[0]):
         copy_row(c_new[r], c[r])
-        lstm_forward_row(gates[r], rec[r], c_new[r], h_new[r], hidden)
+        lstm_forward_row(gates[r], rec[r], c_new[r], h_new[r], hidden, True)
 
 
 @njit(**_JIT)
@@ -50,7 +50,7 @@ def gru_cell_forward(projected, rec, b_hh, h, cache, h_new):
     one = np.ones(1, dtype=h.dtype)[0]
     for r in range(h.shape[0]):
         copy_row(h_new[r], h[r])
-        gru_forward_row(projected[r], rec[r], b_hh, cache[r], h_new[r], hidden, one)
+        gru_forward_row(projected[r], rec[r], b_hh, cache[r], h_new[r], hidden, one, True)
 
 
 @njit(**_JIT)

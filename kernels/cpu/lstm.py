@@ -11,6 +11,8 @@ Shapes (rows in the packed time-major layout of `common`, N = sum(batch_sizes), 
     y (D, N, P); h_n (D, B, P); c_n (D, B, H);
     gate_cache (D, N, 4H): in: x @ W_ih^T + b_ih + b_hh; out: activated gates i, f, g, o;
     cell_cache (D, N, H): c of every row.
+A cell_cache with no rows (D, 0, H) means inference: neither cache is written (gate_cache keeps
+its pre-activations).
 """
 
 from __future__ import annotations
@@ -45,20 +47,23 @@ _ROW = ROW_JIT_OPTIONS
 
 
 @njit(**_ROW)
-def lstm_forward_row(gates, rec, c_row, out, hidden):
+def lstm_forward_row(gates, rec, c_row, out, hidden, keep_gates):
     """One row's gate math. gates (4H): in the input side's pre-activations (with both biases),
-    out the activated gates i, f, g, o; rec (4H): the recurrent products W_hh h;
-    c_row (H): c in, c' out; out (H): o * tanh(c')."""
+    out the activated gates i, f, g, o when keep_gates (inference needs none: left as they
+    were); rec (4H): the recurrent products W_hh h; c_row (H): c in, c' out; out (H):
+    o * tanh(c'). Callers pass keep_gates as a literal True or False, so that neither compiled
+    form has a branch in the loop (see `gru.gru_forward_row`)."""
     for j in range(hidden):
         i = sigmoid(gates[j] + rec[j])
         f = sigmoid(gates[hidden + j] + rec[hidden + j])
         g = tanh(gates[2 * hidden + j] + rec[2 * hidden + j])
         o = sigmoid(gates[3 * hidden + j] + rec[3 * hidden + j])
         c = f * c_row[j] + i * g
-        gates[j] = i
-        gates[hidden + j] = f
-        gates[2 * hidden + j] = g
-        gates[3 * hidden + j] = o
+        if keep_gates:
+            gates[j] = i
+            gates[hidden + j] = f
+            gates[2 * hidden + j] = g
+            gates[3 * hidden + j] = o
         c_row[j] = c
         out[j] = o * tanh(c)
 
@@ -108,6 +113,7 @@ def _forward_rows(
     recurrent (B, 4H) and h_raw (B, H) are the direction's scratch rows; a HELPER task only
     takes part in the products (`shared_product`)."""
     hidden = c_n.shape[1]
+    keep_caches = cell_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
     product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
@@ -122,8 +128,11 @@ def _forward_rows(
             for r in range(first, end):
                 c_row = c_n[r]
                 out = h_raw[r] if has_proj else h_n[r]
-                lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden)
-                copy_row(cell_cache[off + r], c_row)
+                if keep_caches:
+                    lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden, True)
+                    copy_row(cell_cache[off + r], c_row)
+                else:
+                    lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden, False)
         if has_proj:
             if not shared_matmul(
                 h_raw[first:end], hr_panels, h_n[first:end], sync, product, role, workers
@@ -136,7 +145,8 @@ def _forward_rows(
 
 @njit(**_PARALLEL)
 def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, threads):
-    """Run the recurrence: fills y, h_n, c_n, and turns gate_cache into activated gates."""
+    """Run the recurrence: fills y, h_n, c_n, and turns gate_cache into activated gates (unless
+    cell_cache has no rows: inference)."""
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, False)
     hr_panels = packed_panels(W_hr, False)
