@@ -143,10 +143,15 @@ def _check_layer(
         (directions, rows_hidden - rows_hidden % gates, state_sizes[0]),
         *((directions, batch, size) for size in state_sizes),
     ]
-    if shapes != expected:  # torch.Size compares equal to a tuple of the same ints
-        for index, (got, shape) in enumerate(zip(shapes, expected, strict=True)):
+    check_shapes(("weight_ih", "weight_hh", "hx[0]", "hx[1]"), shapes, expected)
+
+
+def check_shapes(names: tuple[str, ...], shapes: list, expected: list) -> None:
+    """Raise a RuntimeError naming the first of `shapes` that differs from its `expected` tuple
+    (one list comparison when all match: a torch.Size equals the tuple of its ints)."""
+    if shapes != expected:
+        for name, got, shape in zip(names, shapes, expected, strict=False):
             if got != shape:
-                name = ("weight_ih", "weight_hh")[index] if index < 2 else f"hx[{index - 2}]"
                 raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
 
 

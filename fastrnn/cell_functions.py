@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .autograd import _first_order_only
+from .autograd import _first_order_only, check_shapes
 from .autograd import _weight_grads as layer_weight_grads
 from .kernels.cpu.cells import (
     gru_cell_backward,
@@ -40,11 +40,7 @@ def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> No
     if b_ih is not None:
         shapes += [b_ih.shape, b_hh.shape]
         expected += [(rows,), (rows,)]
-    if shapes != expected:  # torch.Size compares equal to a tuple of the same ints
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        for name, got, shape in zip(names, shapes, expected, strict=False):
-            if got != shape:
-                raise RuntimeError(f"fastrnn: {name} has shape {list(got)}, expected {list(shape)}")
+    check_shapes(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), shapes, expected)
 
 
 def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:

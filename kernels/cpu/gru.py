@@ -120,7 +120,7 @@ def _forward_rows(
                     projected[off + r], recurrent[r], b_hh, gate_cache[off + r], h_row, hidden,
                     one, True,
                 )  # fmt: skip
-            else:
+            else:  # no cache to write: b_hh stands in for the unused cache row
                 gru_forward_row(
                     projected[off + r], recurrent[r], b_hh, b_hh, h_row, hidden, one, False
                 )
