@@ -168,13 +168,16 @@ def test_kernels_run_on_numbas_openmp_layer():
 @pytest.mark.parametrize("np_dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["W", "W^T"])
 def test_panel_matmul_matches_numpy(np_dtype, transposed):
-    """The per-step product against numpy: every row count the tiles treat differently (full and
-    short 4-row tiles, a lone row), column counts that end mid-panel and mid panel-group, K = 0."""
+    """The per-step product against numpy: every row count the tiles treat differently (8-row
+    tiles, full and short 4-row tiles, a lone row, and their mixes), column counts that end
+    mid-panel and mid panel-group, K = 0. Each row's result is bitwise the one it gets alone
+    (the thread-count equality of the layer kernels rests on that: a chunk boundary moves a row
+    into another kind of tile)."""
     from fastrnn.kernels.cpu.panel_matmul import PANEL, matmul_panels, packed_panels
 
     rng = np.random.default_rng(0)
     tol = 1e-5 if np_dtype == np.float32 else 1e-12
-    for rows in (1, 2, 3, 4, 5, 6, 8, 9):
+    for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 16, 17, 21):
         for depth, columns in ((0, 5), (3, 1), (7, 16), (20, 33), (33, 150)):
             W = rng.standard_normal((2, columns, depth)).astype(np_dtype)
             source = np.ascontiguousarray(W.transpose(0, 2, 1)) if transposed else W
@@ -183,6 +186,10 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
             out = np.full((rows, columns), np.nan, dtype=np_dtype)
             matmul_panels(a, panels[1], out, 0, panels.shape[1])
             np.testing.assert_allclose(out, a @ W[1].T, rtol=0, atol=tol * max(1, depth))
+            for r in range(rows):
+                alone = np.empty((1, columns), dtype=np_dtype)
+                matmul_panels(a[r : r + 1], panels[1], alone, 0, panels.shape[1])
+                np.testing.assert_array_equal(out[r], alone[0])
             # A panel range writes its columns and nothing else (the shared product's groups).
             first, end = 1, panels.shape[1] - 1
             if first < end:
