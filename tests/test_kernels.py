@@ -204,13 +204,14 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN"])
-@pytest.mark.parametrize("batch", [1, 3, 17])
+@pytest.mark.parametrize("batch", [1, 3, 33])
 @DIRECTIONS
 def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monkeypatch):
     """Splitting the work differently (row chunks, at batch 1 an owner and helpers sharing
-    each step's product column-wise, `shared_product`, and at packed batch 17 more chunks than
-    threads, claimed at run time) must not change a single bit: every output element is summed
-    in the same order whichever thread computes it. threads=4 on Numba's 2-thread pool also runs
+    each step's product column-wise, `shared_product`, and at packed batch 33 more chunks than
+    threads, claimed at run time; rows falling in 8-row, 4-row or one-row tiles) must not
+    change a single bit: every output element is summed in the same order whichever thread
+    computes it. threads=4 on Numba's 2-thread pool also runs
     an owner and its helper one after the other on one thread, which must neither deadlock nor
     lose work."""
     import fastrnn
@@ -264,7 +265,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
         ALONE,
         HELPER,
         OWNER,
-        TILE_ROWS,
+        WIDE_ROWS,
         chunk_bounds,
         chunk_claims,
         direction_tasks,
@@ -283,7 +284,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
                     directions, batch, threads, 1 << 20, uneven
                 )
                 assert n_tasks == directions * per_direction
-                if uneven and per_direction > 1 and batch >= 2 * per_direction * TILE_ROWS:
+                if uneven and per_direction > 1 and batch >= 2 * per_direction * WIDE_ROWS:
                     assert n_chunks == 2 * per_direction
                 bounds = chunk_bounds(n_chunks, batch_sizes)
                 claims = chunk_claims(directions)

@@ -620,7 +620,7 @@ def test_nan_and_inf_in_the_recurrent_weights_spread_as_in_torch(kind, batch):
 @pytest.mark.parametrize("kind, kwargs", [("LSTM", {}), ("LSTM", {"proj_size": 3}), ("GRU", {})])
 def test_inference_without_caches_packed(kind, kwargs):
     """Without a backward to come, the CPU kernels skip LSTM's cell cache and gate write-back and
-    GRU's gate cache. A packed, bidirectional batch of 17 (run-time row chunks) at 1, 2 and 4
+    GRU's gate cache. A packed, bidirectional batch of 33 (run-time row chunks) at 1, 2 and 4
     threads must still give torch.nn's outputs and final states, and the training-mode call
     right after, its gradients."""
     import fastrnn.recurrence_cpu as recurrence_cpu
@@ -629,8 +629,8 @@ def test_inference_without_caches_packed(kind, kwargs):
     ref = getattr(torch.nn, kind)(5, 8, num_layers=2, bidirectional=True, **kwargs)
     fast = getattr(fastrnn, kind)(5, 8, num_layers=2, bidirectional=True, **kwargs)
     fast.load_state_dict(ref.state_dict())
-    lengths = torch.tensor([9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6])
-    x = torch.randn(9, 17, 5)
+    lengths = torch.tensor([9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6] * 2)[:33]
+    x = torch.randn(9, 33, 5)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
     with torch.no_grad():
         ref_out, ref_state = ref(packed)

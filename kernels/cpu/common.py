@@ -122,6 +122,11 @@ def previous_step_rows(t, batch_sizes, reverse):
 # Rows per register tile of the per-step product (`panel_matmul`); row chunks start on a
 # multiple of it where they can.
 TILE_ROWS = 4
+# Rows per wide tile of the same product, used while a chunk has that many rows left: 8
+# accumulator registers load each panel row once for twice the FMAs of a TILE_ROWS tile.
+# 8 x 256 @ 256 x 1024 on one core: 98-106 against 74-84 GFLOP/s (same bits: each output is the
+# same k-ordered FMA chain).
+WIDE_ROWS = 8
 
 # Roles of a task within its direction (see `shared_product`): alone on its row chunk, or the
 # owner or a helper of a direction's single row chunk, sharing its per-step products.
@@ -146,18 +151,20 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     that share its per-step products, when those have at least HELPER_MIN_WEIGHTS weights
     (`product_weights`: W_hh's per direction).
 
-    With uneven batch sizes (packed sequences) and at least TILE_ROWS rows per chunk, a
+    With uneven batch sizes (packed sequences) and at least WIDE_ROWS rows per chunk, a
     direction's rows split into two chunks per task instead, which the tasks claim at run time
     (`task_chunk`, `next_chunk`): the thread that got the long rows does one chunk while the
-    other does the short ones and then the rest. (T100 B16 H256, lengths 50-100, 2 threads: the
-    LSTM forward kernel took 4.05-4.15 ms against 4.71-4.73 with one fixed chunk per thread;
-    at B64 the same, at B8 with 2-row chunks 3.38 against 2.44, hence the TILE_ROWS floor.)"""
+    other does the short ones and then the rest. (T100 B16 H256, lengths 50-100, 2 threads,
+    with 4-row tiles only: the LSTM forward kernel took 4.05-4.15 ms against 4.71-4.73 with
+    one fixed chunk per thread. Since the 8-row tiles, chunks below WIDE_ROWS rows lose them:
+    same process, B16 5.31 against 5.94 ms and B24 7.65 against 8.32 without splitting below
+    8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged.)"""
     workers = max(1, threads // directions)
     n_chunks = max(1, min(workers, batch))
     if n_chunks == 1 and product_weights < HELPER_MIN_WEIGHTS:
         workers = 1
     per_direction = workers if n_chunks == 1 else n_chunks
-    if uneven and n_chunks > 1 and batch >= 2 * n_chunks * TILE_ROWS:
+    if uneven and n_chunks > 1 and batch >= 2 * n_chunks * WIDE_ROWS:
         n_chunks *= 2
     return directions * per_direction, n_chunks, per_direction
 

@@ -23,16 +23,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS
+from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS, WIDE_ROWS
 
 # Output columns per panel: two AVX2 registers of float32.
 PANEL = 16
 # Rows per register tile (`common.TILE_ROWS` = 4): TILE_ROWS * PANEL floats of accumulators,
-# 8 AVX2 or 4 AVX-512 registers.
-# Rows per wide tile, used while a chunk has that many rows left: 8 accumulator registers load
-# each panel row once for twice the FMAs of a TILE_ROWS tile. 8 x 256 @ 256 x 1024 on one core:
-# 98-106 against 74-84 GFLOP/s (same bits: each output is the same k-ordered FMA chain).
-WIDE_ROWS = 8
+# 8 AVX2 or 4 AVX-512 registers; a wide tile (`common.WIDE_ROWS` = 8) keeps twice that.
 # The one-row form walks this many panels at once, for enough independent accumulators.
 ROW_PANELS = 4
 # Weights smaller than this (elements) are packed by the calling thread: waking the pool for a
