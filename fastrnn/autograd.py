@@ -275,16 +275,29 @@ class LSTMLayerFunction(torch.autograd.Function):
         if W_hr is not None and tuple(W_hr.shape) != (W_hh.shape[0], proj, hidden):
             raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
         directions, rows = W_hh.shape[0], x.shape[0]
-        gate_cache = _buffer(ctx, "gates", (directions, rows, W_hh.shape[1]), x)
-        _input_projection(x, W_ih, _summed_bias(b_ih, b_hh), gate_cache)
+        recurrence = _recurrence(x)
+        bias = _summed_bias(b_ih, b_hh)
+        cache_rows = _cache_rows(ctx, x)
+        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+        # fused, the kernel only writes the activated gates, for a backward
+        gate_rows = cache_rows if fused else rows
+        gate_cache = _buffer(ctx, "gates", (directions, gate_rows, W_hh.shape[1]), x)
+        if not fused:
+            _input_projection(x, W_ih, bias, gate_cache)
         y = x.new_empty((directions, rows, h0.shape[2]))
         h_n, c_n = _states_like(h0, c0)
         # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        cell_cache = _buffer(ctx, "cells", (directions, _cache_rows(ctx, x), hidden), x, cell_dtype)
-        _recurrence(x).lstm_forward(
-            batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
-        )
+        cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
+        if fused:
+            recurrence.lstm_forward(
+                batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache,
+                x=x, W_ih=W_ih, bias=bias,
+            )  # fmt: skip
+        else:
+            recurrence.lstm_forward(
+                batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
+            )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
+from .kernels.cpu.lstm import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
@@ -54,10 +55,51 @@ def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.n
     return _np(W) if W is not None else np.empty(shape, dtype=_np(like).dtype)
 
 
-def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
+def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
+    """Whether `lstm_forward` should get the input projection to fuse into its per-step products
+    (x, W_ih and bias) rather than gate_cache filled with it (see the kernel's rule)."""
+    return _fuses_input_projection(
+        int(batch_sizes[0]),
+        W_hh.shape[0],
+        _threads(),
+        x.shape[1],
+        h0.shape[2],
+        W_hh.shape[1],
+        x.element_size(),
+    )
+
+
+def lstm_forward(
+    batch_sizes,
+    W_hh,
+    W_hr,
+    h0,
+    c0,
+    y,
+    h_n,
+    c_n,
+    gate_cache,
+    cell_cache,
+    x=None,
+    W_ih=None,
+    bias=None,
+) -> None:
+    """As `recurrence_cuda.lstm_forward`; given x (N, I), W_ih (D, 4H, I) and bias (D, 4H) or
+    None, the kernel computes the input projection itself and gate_cache isn't read."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
+    dtype = _np(h0).dtype
+    if W_ih is None:  # unused by the kernel, typed as in the fused call (one compiled form)
+        x_np = np.empty((0, 0), dtype)
+        W_ih_np = np.empty((directions, 0, 0), dtype)
+        bias_np = np.empty((directions, 0), dtype)
+    else:
+        x_np, W_ih_np = _np(x), _np(W_ih)
+        bias_np = _np(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
     _lstm_forward(
         batch_sizes,
+        x_np,
+        W_ih_np,
+        bias_np,
         _np(W_hh),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
         _np(h0),

@@ -506,6 +506,11 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
 # The per-cell entry points, with the same arguments as `recurrence_cpu`'s.
 
 
+def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
+    """Never on the GPU: the input projection is one cuBLAS GEMM over all steps."""
+    return False
+
+
 def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
     recurrence_forward(
         _LSTM, False, batch_sizes, W_hh, W_hr, None, h0, c0, gate_cache, gate_cache,

@@ -654,3 +654,80 @@ def test_inference_without_caches_packed(kind, kwargs):
     for p_fast, p_ref in zip(fast.parameters(), ref.parameters(), strict=True):
         scale = max(1.0, p_ref.grad.abs().max().item())
         assert (p_fast.grad / 3 - p_ref.grad).abs().max().item() <= 1e-5 * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# LSTM forward with the input projection fused into the per-step products
+# ---------------------------------------------------------------------------------------------
+FUSED = [
+    dict(),
+    dict(bidirectional=True, layers=2, hx=True),
+    dict(proj=3, bias=False, batch_first=True),
+    dict(proj=4, bidirectional=True, dtype=F64, hx=True),
+    dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], bidirectional=True),
+    dict(lengths=[4, 9, 9, 2, 7, 6, 1, 8, 3, 5, 9, 6, 2, 8, 7, 4, 5], proj=2, layers=2),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("c", FUSED, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_lstm_with_fused_input_projection(c, threads, monkeypatch):
+    """Batch 17: every row chunk has >= 8 rows, so the CPU forward computes the input projection
+    inside its per-step products (asserted below); outputs, states and every gradient must still
+    match torch.nn, training and inference, dense and packed."""
+    import numpy as np
+
+    import fastrnn.recurrence_cpu as recurrence_cpu
+
+    monkeypatch.setattr(recurrence_cpu, "_threads", lambda: threads)
+    B, T, I, H = 17, 9, 6, 7
+    D = 2 if c.get("bidirectional") else 1
+    width = c.get("proj") or H
+    assert recurrence_cpu.fuses_input_projection(
+        np.array([B]), torch.zeros(1, I), torch.zeros(D, 4 * H, width), torch.zeros(D, B, width)
+    )
+    ref, fast = make_mode_pair(
+        "LSTM",
+        I,
+        H,
+        num_layers=c.get("layers", 1),
+        bias=c.get("bias", True),
+        batch_first=c.get("batch_first", False),
+        bidirectional=c.get("bidirectional", False),
+        dtype=c.get("dtype", F32),
+        **({"proj_size": c["proj"]} if c.get("proj") else {}),
+    )
+    x, hx = make_inputs(
+        "LSTM",
+        T=T,
+        B=B,
+        I=I,
+        H=H,
+        layers=c.get("layers", 1),
+        bidirectional=c.get("bidirectional", False),
+        proj=c.get("proj", 0),
+        batch_first=c.get("batch_first", False),
+        hx=c.get("hx", False),
+        dtype=c.get("dtype", F32),
+    )
+    lengths = c.get("lengths")
+    extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
+    compare_modules(ref, fast, x, hx, **extra)
+    with torch.no_grad():  # inference: the kernel writes no caches
+        compare_modules(ref, fast, x, hx, backward=False, **extra)
+
+
+def test_fused_input_projection_rule():
+    """The fused forward needs WIDE_ROWS rows in every row chunk and joint weights within
+    FUSED_MAX_BYTES; GRU and the GPU path never fuse."""
+    from fastrnn.kernels.cpu.lstm import FUSED_MAX_BYTES, fuses_input_projection
+
+    assert fuses_input_projection(16, 1, 2, 128, 256, 1024, 4)
+    assert not fuses_input_projection(15, 1, 2, 128, 256, 1024, 4)  # a 7-row chunk
+    assert fuses_input_projection(16, 2, 2, 128, 256, 1024, 4)  # one thread per direction
+    assert not fuses_input_projection(1, 1, 1, 64, 128, 512, 4)
+    assert not fuses_input_projection(64, 1, 2, 0, 256, 1024, 4)  # no input features
+    assert fuses_input_projection(64, 1, 2, 256, 256, 4096, 8) == (
+        4096 * 512 * 8 <= FUSED_MAX_BYTES
+    )
+    assert not fuses_input_projection(32, 1, 2, 512, 1024, 4096, 4)  # 24 MiB of weights

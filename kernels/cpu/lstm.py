@@ -2,7 +2,8 @@
 
 Gate order i, f, g, o (torch's). With a projection (proj_size P > 0), h = (o * tanh(c)) @ W_hr^T;
 without, P = H and h = o * tanh(c). The GEMMs over all steps (input projection before, weight and
-input gradients after) are the caller's; these kernels run the per-step part.
+input gradients after) are the caller's; these kernels run the per-step part. The forward can
+instead take the input projection into its per-step product (`fuses_input_projection`).
 
 Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
 in reverse), so both directions of a layer run in one call, side by side on the threads.
@@ -12,7 +13,8 @@ Shapes (rows in the packed time-major layout of `common`, N = sum(batch_sizes), 
     gate_cache (D, N, 4H): in: x @ W_ih^T + b_ih + b_hh; out: activated gates i, f, g, o;
     cell_cache (D, N, H): c of every row.
 A cell_cache with no rows (D, 0, H) means inference: neither cache is written (gate_cache keeps
-its pre-activations).
+its pre-activations). With the input projection fused, gate_cache comes in unfilled (and with
+no rows in inference).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
+    WIDE_ROWS,
     add_rows,
     consumed_row,
     copy_previous_hidden,
@@ -38,12 +41,35 @@ from .common import (
     step_span,
     task_chunk,
 )
-from .panel_matmul import packed_panels
+from .panel_matmul import packed_joint_panels, packed_panels
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
+
+
+# The forward takes the input projection into its per-step products (rows [x_t | h] times the
+# joint panels of [W_ih | W_hh]) when every row chunk fills the 8-row tiles and the joint
+# weights stay within this many bytes: each thread streams them once per step. Same process,
+# against torch's addmm over all steps plus the recurrence (T, B, I, H; 2 threads, inference):
+# B16 I128 H256 1.16x, B16 I256 H512 1.13x, B32 I256 H256 1.13x, B64 I256 H512 1.13x,
+# B16 I64 H128 1.07x, B8 I128 H256 (4-row chunks) 1.03x, B2 0.90x; past the limit
+# B32 I384 H768 (14 MB) 0.92x, B32 I512 H1024 (24 MB) 0.87x, though B64 I512 H1024 1.12x.
+FUSED_MAX_BYTES = 8 << 20
+
+
+def fuses_input_projection(
+    batch: int, directions: int, threads: int, inputs: int, proj: int, gates: int, itemsize: int
+) -> bool:
+    """Whether `lstm_forward` should take the input projection into its per-step products for
+    a layer of `directions` directions whose per-step product has `gates` (4H) columns: each of
+    the row chunks `common.direction_tasks` makes must have WIDE_ROWS rows, and the joint
+    weights [W_ih | W_hh] of a direction (gates x (inputs + proj)) at most FUSED_MAX_BYTES."""
+    chunks = max(1, min(max(1, threads // directions), batch))
+    if inputs == 0 or batch // chunks < WIDE_ROWS:
+        return False
+    return gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
 
 
 @njit(**_ROW)
@@ -96,6 +122,9 @@ def _forward_rows(
     hh_panels,
     hr_panels,
     has_proj,
+    x,
+    bias,
+    joint_rows,
     h_n,
     c_n,
     y,
@@ -111,17 +140,25 @@ def _forward_rows(
 ):
     """One direction, rows first..last-1, every step (arrays without the direction axis).
     recurrent (B, 4H) and h_raw (B, H) are the direction's scratch rows; a HELPER task only
-    takes part in the products (`shared_product`)."""
+    takes part in the products (`shared_product`). With the input projection fused (joint_rows
+    (B, I + P) has columns), each step's product takes rows [x | h] through hh_panels, the
+    joint panels of [W_ih | W_hh], and bias (4H) = b_ih + b_hh stands in for the gate
+    pre-activations."""
     hidden = c_n.shape[1]
     keep_caches = cell_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
+    fused = joint_rows.shape[1] > 0
+    inputs = x.shape[1]
     product = np.int64(0)  # typed int64 from the start (see shared_matmul)
     for k in range(batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        if not shared_matmul(
-            h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
-        ):
+        if fused and role != HELPER:
+            for r in range(first, end):
+                copy_row(joint_rows[r, :inputs], x[off + r])
+                copy_row(joint_rows[r, inputs:], h_n[r])
+        rows = joint_rows[first:end] if fused else h_n[first:end]
+        if not shared_matmul(rows, hh_panels, recurrent[first:end], sync, product, role, workers):
             return
         product += 1
         if role != HELPER:
@@ -129,10 +166,14 @@ def _forward_rows(
                 c_row = c_n[r]
                 out = h_raw[r] if has_proj else h_n[r]
                 if keep_caches:
-                    lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden, True)
+                    gates = gate_cache[off + r]
+                    if fused:
+                        copy_row(gates, bias)
+                    lstm_forward_row(gates, recurrent[r], c_row, out, hidden, True)
                     copy_row(cell_cache[off + r], c_row)
                 else:
-                    lstm_forward_row(gate_cache[off + r], recurrent[r], c_row, out, hidden, False)
+                    gates = bias if fused else gate_cache[off + r]
+                    lstm_forward_row(gates, recurrent[r], c_row, out, hidden, False)
         if has_proj:
             if not shared_matmul(
                 h_raw[first:end], hr_panels, h_n[first:end], sync, product, role, workers
@@ -144,11 +185,18 @@ def _forward_rows(
 
 
 @njit(**_PARALLEL)
-def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, threads):
+def lstm_forward(
+    batch_sizes, x, W_ih, bias, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, threads
+):  # fmt: skip
     """Run the recurrence: fills y, h_n, c_n, and turns gate_cache into activated gates (unless
-    cell_cache has no rows: inference)."""
+    cell_cache has no rows: inference).
+
+    W_ih (D, 4H, I) with rows, and bias (D, 4H) (b_ih + b_hh, or zeros), fuse the input
+    projection of x (N, I) into the per-step products (gate_cache then isn't read); W_ih
+    (D, 0, 0) means gate_cache holds the input side's pre-activations, and x and bias go unused."""
     offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, False)
+    fused = W_ih.shape[1] > 0
+    hh_panels = packed_joint_panels(W_ih, W_hh) if fused else packed_panels(W_hh, False)
     hr_panels = packed_panels(W_hr, False)
     copy_states(h_n, h0)
     copy_states(c_n, c0)
@@ -156,6 +204,9 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
     has_proj = W_hr.shape[1] > 0
     recurrent = np.empty((directions, batch, 4 * hidden), dtype=y.dtype)
     h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
+    joint_rows = np.empty(
+        (directions, batch, x.shape[1] + h0.shape[2] if fused else 0), dtype=y.dtype
+    )
     products = batch_sizes.shape[0] * (2 if has_proj else 1)
     n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
         batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], products
@@ -170,6 +221,9 @@ def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_
                 hh_panels[d],
                 hr_panels[d],
                 has_proj,
+                x,
+                bias[d],
+                joint_rows[d],
                 h_n[d],
                 c_n[d],
                 y[d],

@@ -66,53 +66,53 @@ def panel_count(columns):
 
 
 @njit(**JIT_OPTIONS)
-def _pack_blocks(panels, transposed):
-    """How many independent pieces `_pack_block` splits a direction's packing into."""
+def _pack_blocks(W, transposed):
+    """How many independent pieces `_pack_block` splits the packing of a direction of W into."""
     if transposed:
-        return (panels.shape[2] + PACK_ROWS - 1) // PACK_ROWS
-    return panels.shape[1]
+        return (W.shape[1] + PACK_ROWS - 1) // PACK_ROWS
+    return panel_count(W.shape[1])
 
 
 @njit(**JIT_OPTIONS)
-def _pack_block(W, transposed, panels, d, block):
-    """Piece `block` of direction d's panels (see `pack_panels`), reading W along its rows.
-    W (D, N, K): panel `block`, each panel column from a row of W. Transposed, W (D, K, N):
-    rows block * PACK_ROWS... of every panel, each from a row of W. (Transposed, one panel at
-    a time read W down its columns, 64 bytes from every 4 KiB row: the pack of a 4096 x 1024
-    LSTM weight took 12-15 ms, against 2.5 ms untransposed.)"""
+def _pack_block(W, transposed, panels, d, block, depth_offset):
+    """Piece `block` of direction d's panels (see `pack_panels`), reading W along its rows,
+    into panel rows depth_offset... W (D, N, K): panel `block`, each panel column from a row
+    of W. Transposed, W (D, K, N): rows block * PACK_ROWS... of every panel, each from a row of
+    W. (Transposed, one panel at a time read W down its columns, 64 bytes from every 4 KiB row:
+    the pack of a 4096 x 1024 LSTM weight took 12-15 ms, against 2.5 ms untransposed.)"""
     if transposed:
         columns = W.shape[2]
-        for k in range(block * PACK_ROWS, min(panels.shape[2], (block + 1) * PACK_ROWS)):
+        for k in range(block * PACK_ROWS, min(W.shape[1], (block + 1) * PACK_ROWS)):
             for p in range(panels.shape[1]):
                 first = p * PANEL
                 width = min(PANEL, columns - first)
                 for j in range(width):
-                    panels[d, p, k, j] = W[d, k, first + j]
+                    panels[d, p, depth_offset + k, j] = W[d, k, first + j]
                 for j in range(width, PANEL):
-                    panels[d, p, k, j] = 0
+                    panels[d, p, depth_offset + k, j] = 0
     else:
-        depth = panels.shape[2]
+        depth = W.shape[2]
         panel = panels[d, block]
         first = block * PANEL
         width = min(PANEL, W.shape[1] - first)
         for j in range(width):
             for k in range(depth):
-                panel[k, j] = W[d, first + j, k]
+                panel[depth_offset + k, j] = W[d, first + j, k]
         for j in range(width, PANEL):
             for k in range(depth):
-                panel[k, j] = 0
+                panel[depth_offset + k, j] = 0
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
-def pack_panels(W, transposed, panels):
+def pack_panels(W, transposed, panels, depth_offset):
     """Lay out the weights of every direction as panels (D, panel_count(N), K, PANEL), all
-    threads sharing the panels.
+    threads sharing the panels: W's K rows of depth go to panel rows depth_offset...
 
     W is (D, N, K) for out = rows @ W^T, or (D, K, N) with transposed=True for out = rows @ W
     (the backward products, which then need no transposed copy of the weights)."""
-    blocks = _pack_blocks(panels, transposed)
+    blocks = _pack_blocks(W, transposed)
     for task in prange(panels.shape[0] * blocks):
-        _pack_block(W, transposed, panels, task // blocks, task % blocks)
+        _pack_block(W, transposed, panels, task // blocks, task % blocks, depth_offset)
 
 
 @njit(**_JIT)
@@ -222,6 +222,17 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
 
 
 @njit(**JIT_OPTIONS)
+def _pack_into(W, transposed, panels, depth_offset):
+    """`pack_panels`, on the calling thread when the weights are small (see PARALLEL_PACK_SIZE)."""
+    if W.size < PARALLEL_PACK_SIZE:
+        for d in range(W.shape[0]):
+            for block in range(_pack_blocks(W, transposed)):
+                _pack_block(W, transposed, panels, d, block, depth_offset)
+    else:
+        pack_panels(W, transposed, panels, depth_offset)
+
+
+@njit(**JIT_OPTIONS)
 def packed_panels(W, transposed):
     """A new (D, panel_count(N), K, PANEL) array holding `pack_panels(W, transposed)`."""
     if transposed:
@@ -229,10 +240,20 @@ def packed_panels(W, transposed):
     else:
         columns, depth = W.shape[1], W.shape[2]
     panels = np.empty((W.shape[0], panel_count(columns), depth, PANEL), dtype=W.dtype)
-    if panels.size < PARALLEL_PACK_SIZE:
-        for d in range(panels.shape[0]):
-            for block in range(_pack_blocks(panels, transposed)):
-                _pack_block(W, transposed, panels, d, block)
-    else:
-        pack_panels(W, transposed, panels)
+    _pack_into(W, transposed, panels, np.int64(0))
+    return panels
+
+
+@njit(**JIT_OPTIONS)
+def packed_joint_panels(W_first, W_second):
+    """Panels (D, panel_count(N), K1 + K2, PANEL) of the side-by-side weights [W_first |
+    W_second], each (D, N, K1) / (D, N, K2): one product of rows [a | b] gives a @ W_first^T +
+    b @ W_second^T (the LSTM forward with its input projection fused, `lstm.lstm_forward`)."""
+    depth = W_first.shape[2]
+    panels = np.empty(
+        (W_first.shape[0], panel_count(W_first.shape[1]), depth + W_second.shape[2], PANEL),
+        dtype=W_first.dtype,
+    )
+    _pack_into(W_first, False, panels, np.int64(0))
+    _pack_into(W_second, False, panels, depth)
     return panels
