@@ -406,9 +406,13 @@ class RNNLayerFunction(torch.autograd.Function):
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
-        _input_projection(x, W_ih, _summed_bias(b_ih, b_hh), y)
+        recurrence, bias = _recurrence(x), _summed_bias(b_ih, b_hh)
         (h_n,) = _states_like(h0)
-        _recurrence(x).rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n)
+        if recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0):
+            recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=x, W_ih=W_ih, bias=bias)
+        else:
+            _input_projection(x, W_ih, bias, y)
+            recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.batch_sizes, ctx.relu = batch_sizes, relu

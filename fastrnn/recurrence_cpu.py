@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
-from .kernels.cpu.lstm import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
@@ -56,8 +56,9 @@ def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.n
 
 
 def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
-    """Whether `lstm_forward` should get the input projection to fuse into its per-step products
-    (x, W_ih and bias) rather than gate_cache filled with it (see the kernel's rule)."""
+    """Whether `lstm_forward` / `rnn_forward` should get the input projection to fuse into their
+    per-step products (x, W_ih and bias) rather than gate_cache / y filled with it (the
+    kernels' rule, `kernels.cpu.common.fuses_input_projection`)."""
     return _fuses_input_projection(
         int(batch_sizes[0]),
         W_hh.shape[0],
@@ -67,6 +68,19 @@ def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> 
         W_hh.shape[1],
         x.element_size(),
     )
+
+
+def _fused_inputs(x, W_ih, bias, directions: int, dtype) -> tuple[np.ndarray, ...]:
+    """(x, W_ih, bias) for a forward kernel: the arrays to fuse the input projection, or empty
+    ones of the same types when it isn't (one compiled form of each kernel serves both)."""
+    if W_ih is None:
+        return (
+            np.empty((0, 0), dtype),
+            np.empty((directions, 0, 0), dtype),
+            np.empty((directions, 0), dtype),
+        )
+    bias_np = _np(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
+    return _np(x), _np(W_ih), bias_np
 
 
 def lstm_forward(
@@ -87,19 +101,9 @@ def lstm_forward(
     """As `recurrence_cuda.lstm_forward`; given x (N, I), W_ih (D, 4H, I) and bias (D, 4H) or
     None, the kernel computes the input projection itself and gate_cache isn't read."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
-    dtype = _np(h0).dtype
-    if W_ih is None:  # unused by the kernel, typed as in the fused call (one compiled form)
-        x_np = np.empty((0, 0), dtype)
-        W_ih_np = np.empty((directions, 0, 0), dtype)
-        bias_np = np.empty((directions, 0), dtype)
-    else:
-        x_np, W_ih_np = _np(x), _np(W_ih)
-        bias_np = _np(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
     _lstm_forward(
         batch_sizes,
-        x_np,
-        W_ih_np,
-        bias_np,
+        *_fused_inputs(x, W_ih, bias, directions, _np(h0).dtype),
         _np(W_hh),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
         _np(h0),
@@ -193,8 +197,11 @@ def gru_backward(
     )
 
 
-def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n) -> None:
-    _rnn_forward(batch_sizes, relu, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
+def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
+    """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
+    the kernel computes the input projection itself and y's input isn't read."""
+    fused = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _np(h0).dtype)
+    _rnn_forward(batch_sizes, relu, *fused, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
 
 
 def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:

@@ -657,24 +657,33 @@ def test_inference_without_caches_packed(kind, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# LSTM forward with the input projection fused into the per-step products
+# LSTM and RNN forwards with the input projection fused into the per-step products
 # ---------------------------------------------------------------------------------------------
 FUSED = [
-    dict(),
-    dict(bidirectional=True, layers=2, hx=True),
-    dict(proj=3, bias=False, batch_first=True),
-    dict(proj=4, bidirectional=True, dtype=F64, hx=True),
-    dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], bidirectional=True),
-    dict(lengths=[4, 9, 9, 2, 7, 6, 1, 8, 3, 5, 9, 6, 2, 8, 7, 4, 5], proj=2, layers=2),
+    ("LSTM", dict()),
+    ("LSTM", dict(bidirectional=True, layers=2, hx=True)),
+    ("LSTM", dict(proj=3, bias=False, batch_first=True)),
+    ("LSTM", dict(proj=4, bidirectional=True, dtype=F64, hx=True)),
+    ("LSTM", dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], bidirectional=True)),
+    ("LSTM", dict(lengths=[4, 9, 9, 2, 7, 6, 1, 8, 3, 5, 9, 6, 2, 8, 7, 4, 5], proj=2, layers=2)),
+    ("RNN_TANH", dict()),
+    ("RNN_TANH", dict(bidirectional=True, layers=2, hx=True, bias=False)),
+    ("RNN_TANH", dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], dtype=F64)),
+    ("RNN_RELU", dict(batch_first=True, hx=True)),
+    ("RNN_RELU", dict(lengths=[4, 9, 9, 2, 7, 6, 1, 8, 3, 5, 9, 6, 2, 8, 7, 4, 5], layers=2)),
 ]
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("c", FUSED, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_lstm_with_fused_input_projection(c, threads, monkeypatch):
-    """Batch 17: every row chunk has >= 8 rows, so the CPU forward computes the input projection
-    inside its per-step products (asserted below); outputs, states and every gradient must still
-    match torch.nn, training and inference, dense and packed."""
+@pytest.mark.parametrize(
+    "mode, c",
+    FUSED,
+    ids=[mode + "".join(f"-{k}{v}" for k, v in c.items()) for mode, c in FUSED],
+)
+def test_fused_input_projection(mode, c, threads, monkeypatch):
+    """Batch 17: every row chunk has >= 8 rows, so the CPU forward of LSTM and RNN computes the
+    input projection inside its per-step products (asserted below); outputs, states and every
+    gradient must still match torch.nn, training and inference, dense and packed."""
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
@@ -683,11 +692,12 @@ def test_lstm_with_fused_input_projection(c, threads, monkeypatch):
     B, T, I, H = 17, 9, 6, 7
     D = 2 if c.get("bidirectional") else 1
     width = c.get("proj") or H
+    gates = 4 * H if mode == "LSTM" else H
     assert recurrence_cpu.fuses_input_projection(
-        np.array([B]), torch.zeros(1, I), torch.zeros(D, 4 * H, width), torch.zeros(D, B, width)
+        np.array([B]), torch.zeros(1, I), torch.zeros(D, gates, width), torch.zeros(D, B, width)
     )
     ref, fast = make_mode_pair(
-        "LSTM",
+        mode,
         I,
         H,
         num_layers=c.get("layers", 1),
@@ -698,7 +708,7 @@ def test_lstm_with_fused_input_projection(c, threads, monkeypatch):
         **({"proj_size": c["proj"]} if c.get("proj") else {}),
     )
     x, hx = make_inputs(
-        "LSTM",
+        mode,
         T=T,
         B=B,
         I=I,
@@ -719,8 +729,8 @@ def test_lstm_with_fused_input_projection(c, threads, monkeypatch):
 
 def test_fused_input_projection_rule():
     """The fused forward needs WIDE_ROWS rows in every row chunk and joint weights within
-    FUSED_MAX_BYTES; GRU and the GPU path never fuse."""
-    from fastrnn.kernels.cpu.lstm import FUSED_MAX_BYTES, fuses_input_projection
+    FUSED_MAX_BYTES; the GPU path never fuses."""
+    from fastrnn.kernels.cpu.common import FUSED_MAX_BYTES, fuses_input_projection
 
     assert fuses_input_projection(16, 1, 2, 128, 256, 1024, 4)
     assert not fuses_input_projection(15, 1, 2, 128, 256, 1024, 4)  # a 7-row chunk

@@ -72,6 +72,20 @@ def add_rows(out, values):
 
 
 @njit(**_JIT)
+def fill_joint_rows(joint_rows, x, h, off, first, end, inputs):
+    """joint_rows[r] = [x[off + r] | h[r]] for the rows r = first..end-1 of a step at row
+    offset `off`: the rows of a forward step whose product has the input projection fused."""
+    for r in range(first, end):
+        row = joint_rows[r]
+        x_row = x[off + r]
+        for j in range(inputs):
+            row[j] = x_row[j]
+        h_row = h[r]
+        for j in range(h.shape[1]):
+            row[inputs + j] = h_row[j]
+
+
+@njit(**_JIT)
 def copy_states(out, values):
     """out (D, B, C) = values (D, B, C): a kernel's initial or final states."""
     for d in range(out.shape[0]):
@@ -167,6 +181,32 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     if uneven and n_chunks > 1 and batch >= 2 * n_chunks * WIDE_ROWS:
         n_chunks *= 2
     return directions * per_direction, n_chunks, per_direction
+
+
+# The LSTM and RNN forwards take the input projection into their per-step products (rows
+# [x_t | h] times the joint panels of [W_ih | W_hh], `panel_matmul.packed_joint_panels`) when
+# every row chunk fills the 8-row tiles and the joint weights stay within this many bytes: each
+# thread streams them once per step. LSTM, same process, against torch's addmm over all steps
+# plus the recurrence (T, B, I, H; 2 threads, inference):
+# B16 I128 H256 1.16x, B16 I256 H512 1.13x, B32 I256 H256 1.13x, B64 I256 H512 1.13x,
+# B16 I64 H128 1.07x, B8 I128 H256 (4-row chunks) 1.03x, B2 0.90x; past the limit
+# B32 I384 H768 (14 MB) 0.92x, B32 I512 H1024 (24 MB) 0.87x, though B64 I512 H1024 1.12x.
+FUSED_MAX_BYTES = 8 << 20
+
+
+def fuses_input_projection(
+    batch: int, directions: int, threads: int, inputs: int, proj: int, gates: int, itemsize: int
+) -> bool:
+    """Whether a forward kernel (`lstm.lstm_forward`, `rnn.rnn_forward`) should take the input
+    projection into its per-step products for a layer of `directions` directions whose
+    per-step product has `gates` columns (G * H): each row chunk `direction_tasks` makes must
+    have WIDE_ROWS rows, and the joint weights [W_ih | W_hh] of a direction
+    (gates x (inputs + proj)) take at most FUSED_MAX_BYTES. Plain Python: callers decide before
+    the kernel call whether torch computes the projection."""
+    chunks = max(1, min(max(1, threads // directions), batch))
+    if inputs == 0 or batch // chunks < WIDE_ROWS:
+        return False
+    return gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
 
 
 @njit(**_JIT)

@@ -3,7 +3,7 @@
 Gate order i, f, g, o (torch's). With a projection (proj_size P > 0), h = (o * tanh(c)) @ W_hr^T;
 without, P = H and h = o * tanh(c). The GEMMs over all steps (input projection before, weight and
 input gradients after) are the caller's; these kernels run the per-step part. The forward can
-instead take the input projection into its per-step product (`fuses_input_projection`).
+instead take the input projection into its per-step product (`common.fuses_input_projection`).
 
 Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
 in reverse), so both directions of a layer run in one call, side by side on the threads.
@@ -28,13 +28,13 @@ from .common import (
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
-    WIDE_ROWS,
     add_rows,
     consumed_row,
     copy_previous_hidden,
     copy_row,
     copy_rows,
     copy_states,
+    fill_joint_rows,
     next_chunk,
     previous_step_rows,
     step_offsets,
@@ -47,29 +47,6 @@ from .shared_product import shared_matmul, work_plan
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
-
-
-# The forward takes the input projection into its per-step products (rows [x_t | h] times the
-# joint panels of [W_ih | W_hh]) when every row chunk fills the 8-row tiles and the joint
-# weights stay within this many bytes: each thread streams them once per step. Same process,
-# against torch's addmm over all steps plus the recurrence (T, B, I, H; 2 threads, inference):
-# B16 I128 H256 1.16x, B16 I256 H512 1.13x, B32 I256 H256 1.13x, B64 I256 H512 1.13x,
-# B16 I64 H128 1.07x, B8 I128 H256 (4-row chunks) 1.03x, B2 0.90x; past the limit
-# B32 I384 H768 (14 MB) 0.92x, B32 I512 H1024 (24 MB) 0.87x, though B64 I512 H1024 1.12x.
-FUSED_MAX_BYTES = 8 << 20
-
-
-def fuses_input_projection(
-    batch: int, directions: int, threads: int, inputs: int, proj: int, gates: int, itemsize: int
-) -> bool:
-    """Whether `lstm_forward` should take the input projection into its per-step products for
-    a layer of `directions` directions whose per-step product has `gates` (4H) columns: each of
-    the row chunks `common.direction_tasks` makes must have WIDE_ROWS rows, and the joint
-    weights [W_ih | W_hh] of a direction (gates x (inputs + proj)) at most FUSED_MAX_BYTES."""
-    chunks = max(1, min(max(1, threads // directions), batch))
-    if inputs == 0 or batch // chunks < WIDE_ROWS:
-        return False
-    return gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
 
 
 @njit(**_ROW)
@@ -154,9 +131,7 @@ def _forward_rows(
         if end == first:
             continue
         if fused and role != HELPER:
-            for r in range(first, end):
-                copy_row(joint_rows[r, :inputs], x[off + r])
-                copy_row(joint_rows[r, inputs:], h_n[r])
+            fill_joint_rows(joint_rows, x, h_n, off, first, end, inputs)
         rows = joint_rows[first:end] if fused else h_n[first:end]
         if not shared_matmul(rows, hh_panels, recurrent[first:end], sync, product, role, workers):
             return
