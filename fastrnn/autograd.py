@@ -352,15 +352,18 @@ class GRULayerFunction(torch.autograd.Function):
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
-        projected = _buffer(ctx, "projected", (directions, x.shape[0], 3 * hidden), x)
-        _input_projection(x, W_ih, b_ih, projected)
+        recurrence = _recurrence(x)
+        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+        rows = 0 if fused else x.shape[0]
+        projected = _buffer(ctx, "projected", (directions, rows, 3 * hidden), x)
+        if not fused:
+            _input_projection(x, W_ih, b_ih, projected)
         y = x.new_empty((directions, x.shape[0], hidden))
         (h_n,) = _states_like(h0)
         gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
-        _recurrence(x).gru_forward(
-            batch_sizes, W_hh, None if b_hh is None else b_hh.detach(), h0, projected, y, h_n,
-            gate_cache,
-        )  # fmt: skip
+        b_hh = None if b_hh is None else b_hh.detach()
+        inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
+        recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.gate_cache = gate_cache

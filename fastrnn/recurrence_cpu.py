@@ -56,9 +56,9 @@ def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.n
 
 
 def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
-    """Whether `lstm_forward` / `rnn_forward` should get the input projection to fuse into their
-    per-step products (x, W_ih and bias) rather than gate_cache / y filled with it (the
-    kernels' rule, `kernels.cpu.common.fuses_input_projection`)."""
+    """Whether `lstm_forward` / `gru_forward` / `rnn_forward` should get x, W_ih and bias to
+    compute the input projection in their per-step products, rather than gate_cache / projected /
+    y filled with it (the kernels' rule, `kernels.cpu.common.fuses_input_projection`)."""
     return _fuses_input_projection(
         int(batch_sizes[0]),
         W_hh.shape[0],
@@ -159,14 +159,20 @@ def lstm_backward(
     )
 
 
-def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> None:
+def gru_forward(
+    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None
+) -> None:
+    """As `recurrence_cuda.gru_forward`; given x (N, I), W_ih (D, 3H, I) and bias = b_ih (D, 3H)
+    or None, the kernel computes the input projection step by step and `projected` isn't read."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
+    dtype = _np(h0).dtype
     if b_hh is not None:
         b_hh_np = _np(b_hh)
     else:
-        b_hh_np = np.zeros((directions, 3 * hidden), dtype=_np(h0).dtype)
+        b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
     _gru_forward(
         batch_sizes,
+        *_fused_inputs(x, W_ih, bias, directions, dtype),
         _np(W_hh),
         b_hh_np,
         _np(h0),

@@ -657,7 +657,7 @@ def test_inference_without_caches_packed(kind, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------
-# LSTM and RNN forwards with the input projection fused into the per-step products
+# Forwards with the input projection computed in the kernels' per-step products
 # ---------------------------------------------------------------------------------------------
 FUSED = [
     ("LSTM", dict()),
@@ -666,6 +666,9 @@ FUSED = [
     ("LSTM", dict(proj=4, bidirectional=True, dtype=F64, hx=True)),
     ("LSTM", dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], bidirectional=True)),
     ("LSTM", dict(lengths=[4, 9, 9, 2, 7, 6, 1, 8, 3, 5, 9, 6, 2, 8, 7, 4, 5], proj=2, layers=2)),
+    ("GRU", dict()),
+    ("GRU", dict(bidirectional=True, layers=2, hx=True, bias=False)),
+    ("GRU", dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], dtype=F64)),
     ("RNN_TANH", dict()),
     ("RNN_TANH", dict(bidirectional=True, layers=2, hx=True, bias=False)),
     ("RNN_TANH", dict(lengths=[9, 3, 7, 9, 1, 5, 8, 2, 6, 4, 9, 3, 7, 5, 2, 8, 6], dtype=F64)),
@@ -681,9 +684,9 @@ FUSED = [
     ids=[mode + "".join(f"-{k}{v}" for k, v in c.items()) for mode, c in FUSED],
 )
 def test_fused_input_projection(mode, c, threads, monkeypatch):
-    """Batch 17: every row chunk has >= 8 rows, so the CPU forward of LSTM and RNN computes the
-    input projection inside its per-step products (asserted below); outputs, states and every
-    gradient must still match torch.nn, training and inference, dense and packed."""
+    """Batch 17: every row chunk has >= 8 rows, so the CPU forwards compute the input projection
+    inside their per-step products (asserted below); outputs, states and every gradient must
+    still match torch.nn, training and inference, dense and packed."""
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
@@ -692,7 +695,7 @@ def test_fused_input_projection(mode, c, threads, monkeypatch):
     B, T, I, H = 17, 9, 6, 7
     D = 2 if c.get("bidirectional") else 1
     width = c.get("proj") or H
-    gates = 4 * H if mode == "LSTM" else H
+    gates = {"LSTM": 4, "GRU": 3}.get(mode, 1) * H
     assert recurrence_cpu.fuses_input_projection(
         np.array([B]), torch.zeros(1, I), torch.zeros(D, gates, width), torch.zeros(D, B, width)
     )

@@ -5,12 +5,15 @@ Gate order r, z, n (torch's):
     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
-The GEMMs over all steps (input projection, weight and input gradients) are the caller's.
+The GEMMs over all steps (input projection, weight and input gradients) are the caller's; the
+forward can instead compute the input projection step by step in the kernel
+(`common.fuses_input_projection`).
 
 Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
 in reverse), so both directions of a layer run in one call, side by side on the threads.
 Shapes (packed time-major rows, see `common`; N = sum(batch_sizes), B = batch_sizes[0]):
-    projected (D, N, 3H) = x @ W_ih^T + b_ih; W_hh (D, 3H, H); b_hh (D, 3H) (zeros without bias);
+    projected (D, N, 3H) = x @ W_ih^T + b_ih (no rows when the kernel computes it);
+    W_hh (D, 3H, H); b_hh (D, 3H) (zeros without bias);
     h0 (D, B, H); y (D, N, H); h_n (D, B, H);
     gate_cache (D, N, 4H): r, z, n and W_hn h + b_hn of every row (backward needs the last).
 """
@@ -38,7 +41,7 @@ from .common import (
     step_span,
     task_chunk,
 )
-from .panel_matmul import packed_panels
+from .panel_matmul import matmul_panels, packed_panels
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
@@ -93,11 +96,13 @@ def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
 @njit(**_JIT)
 def _forward_rows(
     batch_sizes, offsets, reverse, hh_panels, b_hh, projected, y, h_n, gate_cache, recurrent,
-    first, last, role, sync, workers,
+    fused, x, ih_panels, b_ih, x_side, first, last, role, sync, workers,
 ):  # fmt: skip
     """One direction, rows first..last-1, every step (arrays without the direction axis).
     recurrent (B, 3H) is the direction's scratch; a HELPER task only takes part in the
-    products (`shared_product`)."""
+    products (`shared_product`). fused: each step first computes its rows of x @ W_ih^T + b_ih
+    (ih_panels, b_ih (3H)) into x_side (B, 3H), which then stands in for `projected`. Not one
+    joint product as in LSTM and RNN: the n gate needs the input and recurrent parts apart."""
     hidden = h_n.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     keep_cache = gate_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
@@ -106,6 +111,13 @@ def _forward_rows(
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
+        if fused and role != HELPER:
+            matmul_panels(
+                x[off + first : off + end], ih_panels, x_side[first:end], np.int64(0),
+                ih_panels.shape[0],
+            )  # fmt: skip
+            for r in range(first, end):
+                add_row(x_side[r], b_ih)
         if not shared_matmul(
             h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
         ):
@@ -115,27 +127,32 @@ def _forward_rows(
             continue
         for r in range(first, end):
             h_row = h_n[r]
+            pre = x_side[r] if fused else projected[off + r]
             if keep_cache:
                 gru_forward_row(
-                    projected[off + r], recurrent[r], b_hh, gate_cache[off + r], h_row, hidden,
-                    one, True,
-                )  # fmt: skip
-            else:  # no cache to write: b_hh stands in for the unused cache row
-                gru_forward_row(
-                    projected[off + r], recurrent[r], b_hh, b_hh, h_row, hidden, one, False
+                    pre, recurrent[r], b_hh, gate_cache[off + r], h_row, hidden, one, True
                 )
+            else:  # no cache to write: b_hh stands in for the unused cache row
+                gru_forward_row(pre, recurrent[r], b_hh, b_hh, h_row, hidden, one, False)
             copy_row(y[off + r], h_row)
 
 
 @njit(**_PARALLEL)
-def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads):
+def gru_forward(
+    batch_sizes, x, W_ih, b_ih, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads
+):  # fmt: skip
     """Run the recurrence, filling y, h_n and gate_cache; a gate_cache with no rows
-    (D, 0, 4H) is not written (inference: no backward will read it)."""
+    (D, 0, 4H) is not written (inference: no backward will read it). W_ih (D, 3H, I) with rows,
+    and b_ih (D, 3H) (or zeros): the kernel computes the input projection of x (N, I) step by
+    step, and `projected` isn't read; W_ih (D, 0, 0): projected holds it, x and b_ih go unused."""
     offsets = step_offsets(batch_sizes)
+    fused = W_ih.shape[1] > 0
     hh_panels = packed_panels(W_hh, False)
+    ih_panels = packed_panels(W_ih, False)
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
+    x_side = np.empty((directions, batch if fused else 0, 3 * hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
         batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
@@ -153,6 +170,11 @@ def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, thre
                 h_n[d],
                 gate_cache[d],
                 recurrent[d],
+                fused,
+                x,
+                ih_panels[d],
+                b_ih[d],
+                x_side[d],
                 bounds[chunk],
                 bounds[chunk + 1],
                 role,
