@@ -55,12 +55,17 @@ def precompile(dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> d
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastrnn.precompile", description=__doc__)
-    parser.add_argument("dtypes", nargs="*", default=["float32"], choices=sorted(_DTYPES))
+    # names checked below, not by `choices`: argparse (Python 3.11) checks an empty nargs="*"
+    # list against `choices` as one value, so `python -m fastrnn.precompile` alone failed
+    parser.add_argument("dtypes", nargs="*", help=f"any of {sorted(_DTYPES)} (float32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.dtypes if name not in _DTYPES]
+    if unknown:
+        parser.error(f"unknown dtype {unknown[0]!r} (choose from {', '.join(sorted(_DTYPES))})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    for name, took in precompile(tuple(args.dtypes), args.device).items():
+    for name, took in precompile(tuple(args.dtypes or ["float32"]), args.device).items():
         print(f"fastrnn {args.device} kernels for {name}: ready ({took:.1f} s)")
     return 0
 

@@ -13,6 +13,20 @@ def test_precompile_reports_each_dtype(capsys):
     assert "fastrnn cpu kernels for float32: ready" in capsys.readouterr().out
 
 
+def test_precompile_without_arguments_does_float32(capsys):
+    """The README's `python -m fastrnn.precompile`, no argument: float32."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "fastrnn cpu kernels for float32: ready" in out
+    assert "float64" not in out
+
+
+def test_precompile_names_an_unknown_dtype(capsys):
+    with pytest.raises(SystemExit):
+        main(["float8"])
+    assert "unknown dtype 'float8'" in capsys.readouterr().err
+
+
 def test_precompile_refuses_what_has_no_kernel():
     with pytest.raises(ValueError, match="no float16 CPU kernels"):
         precompile(("float16",))
