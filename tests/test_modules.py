@@ -732,7 +732,7 @@ def test_fused_input_projection(mode, c, threads, monkeypatch):
 
 def test_fused_input_projection_rule():
     """The fused forward needs WIDE_ROWS rows in every row chunk and joint weights within
-    FUSED_MAX_BYTES; the GPU path never fuses."""
+    FUSED_MAX_BYTES (or FUSED_MANY_ROWS rows per chunk)."""
     from fastrnn.kernels.cpu.common import FUSED_MAX_BYTES, fuses_input_projection
 
     assert fuses_input_projection(16, 1, 2, 128, 256, 1024, 4)
@@ -740,7 +740,8 @@ def test_fused_input_projection_rule():
     assert fuses_input_projection(16, 2, 2, 128, 256, 1024, 4)  # one thread per direction
     assert not fuses_input_projection(1, 1, 1, 64, 128, 512, 4)
     assert not fuses_input_projection(64, 1, 2, 0, 256, 1024, 4)  # no input features
-    assert fuses_input_projection(64, 1, 2, 256, 256, 4096, 8) == (
-        4096 * 512 * 8 <= FUSED_MAX_BYTES
-    )
-    assert not fuses_input_projection(32, 1, 2, 512, 1024, 4096, 4)  # 24 MiB of weights
+    assert 4096 * 512 * 4 <= FUSED_MAX_BYTES < 4096 * 512 * 8
+    assert fuses_input_projection(32, 1, 2, 256, 256, 4096, 4)  # float32: 8 MiB
+    assert not fuses_input_projection(32, 1, 2, 256, 256, 4096, 8)  # float64: 16 MiB
+    assert not fuses_input_projection(32, 1, 2, 512, 1024, 4096, 4)  # 24 MiB, 16-row chunks
+    assert fuses_input_projection(48, 1, 2, 512, 1024, 4096, 4)  # 24-row chunks

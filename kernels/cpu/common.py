@@ -191,7 +191,12 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
 # B16 I128 H256 1.16x, B16 I256 H512 1.13x, B32 I256 H256 1.13x, B64 I256 H512 1.13x,
 # B16 I64 H128 1.07x, B8 I128 H256 (4-row chunks) 1.03x, B2 0.90x; past the limit
 # B32 I384 H768 (14 MB) 0.92x, B32 I512 H1024 (24 MB) 0.87x, though B64 I512 H1024 1.12x.
+# Bigger weights pay off again from FUSED_MANY_ROWS rows per chunk, as more rows share each
+# streamed panel. Module level, T50, fused against not, inference / fwd+bwd: B48 I512 H1024
+# 1.09x / 0.99x, B64 I512 H1024 1.08x, B64 I384 H768 1.11x / 1.00x; with 16-row chunks,
+# B32 I384 H768 0.79x, B32 I512 H1024 1.01x / 0.96x.
 FUSED_MAX_BYTES = 8 << 20
+FUSED_MANY_ROWS = 3 * WIDE_ROWS
 
 
 def fuses_input_projection(
@@ -201,12 +206,14 @@ def fuses_input_projection(
     projection into its per-step products for a layer of `directions` directions whose
     per-step product has `gates` columns (G * H): each row chunk `direction_tasks` makes must
     have WIDE_ROWS rows, and the joint weights [W_ih | W_hh] of a direction
-    (gates x (inputs + proj)) take at most FUSED_MAX_BYTES. Plain Python: callers decide before
+    (gates x (inputs + proj)) take at most FUSED_MAX_BYTES, unless the chunks have
+    FUSED_MANY_ROWS rows. Plain Python: callers decide before
     the kernel call whether torch computes the projection."""
     chunks = max(1, min(max(1, threads // directions), batch))
-    if inputs == 0 or batch // chunks < WIDE_ROWS:
+    rows = batch // chunks
+    if inputs == 0 or rows < WIDE_ROWS:
         return False
-    return gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
+    return rows >= FUSED_MANY_ROWS or gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
 
 
 @njit(**_JIT)
