@@ -289,15 +289,10 @@ class LSTMLayerFunction(torch.autograd.Function):
         # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
         cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
-        if fused:
-            recurrence.lstm_forward(
-                batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache,
-                x=x, W_ih=W_ih, bias=bias,
-            )  # fmt: skip
-        else:
-            recurrence.lstm_forward(
-                batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache
-            )
+        inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+        recurrence.lstm_forward(
+            batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
+        )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
@@ -411,11 +406,11 @@ class RNNLayerFunction(torch.autograd.Function):
         y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
         recurrence, bias = _recurrence(x), _summed_bias(b_ih, b_hh)
         (h_n,) = _states_like(h0)
-        if recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0):
-            recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=x, W_ih=W_ih, bias=bias)
-        else:
+        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+        if not fused:
             _input_projection(x, W_ih, bias, y)
-            recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n)
+        inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+        recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, W_ih, W_hh, y)
             ctx.batch_sizes, ctx.relu = batch_sizes, relu

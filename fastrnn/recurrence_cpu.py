@@ -206,8 +206,8 @@ def gru_backward(
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
     """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
     the kernel computes the input projection itself and y's input isn't read."""
-    fused = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _np(h0).dtype)
-    _rnn_forward(batch_sizes, relu, *fused, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
+    inputs = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _np(h0).dtype)
+    _rnn_forward(batch_sizes, relu, *inputs, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
 
 
 def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:

@@ -184,9 +184,10 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
 
 
 # The LSTM and RNN forwards take the input projection into their per-step products (rows
-# [x_t | h] times the joint panels of [W_ih | W_hh], `panel_matmul.packed_joint_panels`) when
-# every row chunk fills the 8-row tiles and the joint weights stay within this many bytes: each
-# thread streams them once per step. LSTM, same process, against torch's addmm over all steps
+# [x_t | h] times the joint panels of [W_ih | W_hh], `panel_matmul.packed_joint_panels`), and
+# the GRU forward runs it as a second product per step (its n gate needs the two sides apart),
+# when every row chunk fills the 8-row tiles and the joint weights stay within this many bytes:
+# each thread streams them once per step. LSTM, same process, against torch's addmm over all steps
 # plus the recurrence (T, B, I, H; 2 threads, inference):
 # B16 I128 H256 1.16x, B16 I256 H512 1.13x, B32 I256 H256 1.13x, B64 I256 H512 1.13x,
 # B16 I64 H128 1.07x, B8 I128 H256 (4-row chunks) 1.03x, B2 0.90x; past the limit
@@ -202,15 +203,15 @@ FUSED_MANY_ROWS = 3 * WIDE_ROWS
 def fuses_input_projection(
     batch: int, directions: int, threads: int, inputs: int, proj: int, gates: int, itemsize: int
 ) -> bool:
-    """Whether a forward kernel (`lstm.lstm_forward`, `rnn.rnn_forward`) should take the input
-    projection into its per-step products for a layer of `directions` directions whose
-    per-step product has `gates` columns (G * H): each row chunk `direction_tasks` makes must
-    have WIDE_ROWS rows, and the joint weights [W_ih | W_hh] of a direction
+    """Whether a forward kernel (`lstm.lstm_forward`, `gru.gru_forward`, `rnn.rnn_forward`)
+    should take the input projection into its per-step products for a layer of `directions`
+    directions whose per-step product has `gates` columns (G * H): each row chunk
+    `direction_tasks` makes must have WIDE_ROWS rows, and the weights [W_ih | W_hh] of a direction
     (gates x (inputs + proj)) take at most FUSED_MAX_BYTES, unless the chunks have
-    FUSED_MANY_ROWS rows. Plain Python: callers decide before
-    the kernel call whether torch computes the projection."""
-    chunks = max(1, min(max(1, threads // directions), batch))
-    rows = batch // chunks
+    FUSED_MANY_ROWS rows. Called from Python: callers decide before the kernel call whether
+    torch computes the projection. It restates `direction_tasks`' chunk count rather than
+    calling it: under torch.jit.trace the sizes arrive as tensors, which Numba can't take."""
+    rows = batch // max(1, min(max(1, threads // directions), batch))
     if inputs == 0 or rows < WIDE_ROWS:
         return False
     return rows >= FUSED_MANY_ROWS or gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
