@@ -743,5 +743,52 @@ def test_fused_input_projection_rule():
     assert 4096 * 512 * 4 <= FUSED_MAX_BYTES < 4096 * 512 * 8
     assert fuses_input_projection(32, 1, 2, 256, 256, 4096, 4)  # float32: 8 MiB
     assert not fuses_input_projection(32, 1, 2, 256, 256, 4096, 8)  # float64: 16 MiB
-    assert not fuses_input_projection(32, 1, 2, 512, 1024, 4096, 4)  # 24 MiB, 16-row chunks
-    assert fuses_input_projection(48, 1, 2, 512, 1024, 4096, 4)  # 24-row chunks
+    assert not fuses_input_projection(32, 1, 2, 384, 768, 3072, 4)  # 14 MiB, 16-row chunks
+    assert fuses_input_projection(48, 1, 2, 384, 768, 3072, 4)  # 24-row chunks
+    # From SHARED_MIN_WEIGHTS weights in W_hh the threads share one chunk of the whole batch.
+    assert fuses_input_projection(32, 1, 2, 512, 1024, 4096, 4)  # one 32-row chunk
+    assert not fuses_input_projection(16, 1, 2, 512, 1024, 4096, 4)  # 24 MiB, 16 rows
+    assert fuses_input_projection(24, 1, 2, 512, 1024, 4096, 4)
+    assert fuses_input_projection(32, 2, 2, 512, 1024, 4096, 4)  # a thread per direction
+    assert not fuses_input_projection(16, 2, 4, 512, 1024, 4096, 4)  # shared, 16 rows
+
+
+SHARED = [
+    ("LSTM", 1024, 9, False),  # shared chunk, input projection by torch
+    ("LSTM", 1024, 24, False),  # shared chunk, input projection fused
+    ("LSTM", 1024, 24, True),
+    ("GRU", 1184, 24, False),  # fused: the input-side product shared too
+    ("GRU", 1184, 11, True),
+]
+
+
+@pytest.mark.parametrize("mode, hidden, batch, packed", SHARED)
+def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch):
+    """With SHARED_MIN_WEIGHTS weights in W_hh, a direction's threads share every per-step
+    product over one chunk of the whole batch (owner and helpers, `shared_product`) instead of
+    splitting the rows: the results must match torch.nn, and be bitwise those of one thread."""
+    import numpy as np
+
+    import fastrnn.recurrence_cpu as recurrence_cpu
+    from fastrnn.kernels.cpu.common import SHARED_MIN_WEIGHTS, direction_tasks
+
+    gates = {"LSTM": 4, "GRU": 3}[mode] * hidden
+    assert gates * hidden >= SHARED_MIN_WEIGHTS
+    assert direction_tasks(1, batch, 2, gates * hidden, packed) == (2, 1, 2)
+    T, I = 3, 8
+    ref, fast = make_mode_pair(mode, I, hidden)
+    x, hx = make_inputs(mode, T=T, B=batch, I=I, H=hidden, hx=True)
+    lengths = [1 + (7 * i) % T for i in range(batch)] if packed else None
+    extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
+    assert recurrence_cpu.fuses_input_projection(
+        np.array([batch]), x, torch.zeros(1, gates, hidden), torch.zeros(1, batch, hidden)
+    ) == (batch >= 24)
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
+        fast.zero_grad()
+        results.append(compare_modules(ref, fast, x, hx, **extra)[0])
+    one, two = results
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key

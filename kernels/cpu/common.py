@@ -154,6 +154,15 @@ HELPER = 2
 # against owner + helper: RNN H64 0.85x, GRU H64 0.97x, RNN H128 1.06x, GRU H128 1.17x,
 # LSTM H128 1.19x, LSTM H256 1.46x).
 HELPER_MIN_WEIGHTS = 1 << 15
+# From this many weights per direction, a direction's threads share its per-step products at any
+# batch size, over one row chunk, instead of splitting its rows: each thread then streams half the
+# weights every step rather than all of them. At 16 MiB of float32 (LSTM H1024) the weights no
+# longer stay in this machine's caches (32 MiB L3, shared), and one thread's product fell to
+# 68 GFLOP/s (16 rows; 107 with 4 MiB of weights). LSTM T50 I512 H1024 inference forward, same
+# process, against row chunks with torch's input projection: B32 1.11x (1.26x with the
+# projection fused, which one 32-row chunk allows), B48 1.13x, B64 1.24x fused (as fast as
+# fused 32-row chunks); at H768 (9.4 MiB) sharing lost (0.94x).
+SHARED_MIN_WEIGHTS = 1 << 22
 
 
 @njit(**_JIT)
@@ -163,7 +172,8 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     shape), then between row chunks of a direction, down to one row per chunk. A direction
     left with a single chunk (batch 1) but several threads gets them all, one owner and helpers
     that share its per-step products, when those have at least HELPER_MIN_WEIGHTS weights
-    (`product_weights`: W_hh's per direction).
+    (`product_weights`: W_hh's per direction). From SHARED_MIN_WEIGHTS weights a direction keeps
+    its whole batch as one chunk shared that way, whatever the batch.
 
     With uneven batch sizes (packed sequences) and at least WIDE_ROWS rows per chunk, a
     direction's rows split into two chunks per task instead, which the tasks claim at run time
@@ -175,7 +185,9 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged.)"""
     workers = max(1, threads // directions)
     n_chunks = max(1, min(workers, batch))
-    if n_chunks == 1 and product_weights < HELPER_MIN_WEIGHTS:
+    if product_weights >= SHARED_MIN_WEIGHTS:
+        n_chunks = 1
+    elif n_chunks == 1 and product_weights < HELPER_MIN_WEIGHTS:
         workers = 1
     per_direction = workers if n_chunks == 1 else n_chunks
     if uneven and n_chunks > 1 and batch >= 2 * n_chunks * WIDE_ROWS:
@@ -206,12 +218,15 @@ def fuses_input_projection(
     """Whether a forward kernel (`lstm.lstm_forward`, `gru.gru_forward`, `rnn.rnn_forward`)
     should take the input projection into its per-step products for a layer of `directions`
     directions whose per-step product has `gates` columns (G * H): each row chunk
-    `direction_tasks` makes must have WIDE_ROWS rows, and the weights [W_ih | W_hh] of a direction
+    `direction_tasks` makes (the whole batch when its threads share the products, from
+    SHARED_MIN_WEIGHTS weights in W_hh: gates x proj) must have WIDE_ROWS rows, and the weights [W_ih | W_hh] of a direction
     (gates x (inputs + proj)) take at most FUSED_MAX_BYTES, unless the chunks have
     FUSED_MANY_ROWS rows. Called from Python: callers decide before the kernel call whether
     torch computes the projection. It restates `direction_tasks`' chunk count rather than
     calling it: under torch.jit.trace the sizes arrive as tensors, which Numba can't take."""
-    rows = batch // max(1, min(max(1, threads // directions), batch))
+    workers = max(1, threads // directions)
+    shared = gates * proj >= SHARED_MIN_WEIGHTS  # one chunk of the whole batch
+    rows = batch if shared else batch // max(1, min(workers, batch))
     if inputs == 0 or rows < WIDE_ROWS:
         return False
     return rows >= FUSED_MANY_ROWS or gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES

@@ -41,7 +41,7 @@ from .common import (
     step_span,
     task_chunk,
 )
-from .panel_matmul import matmul_panels, packed_panels
+from .panel_matmul import packed_panels
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
@@ -111,13 +111,16 @@ def _forward_rows(
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        if fused and role != HELPER:
-            matmul_panels(
-                x[off + first : off + end], ih_panels, x_side[first:end], np.int64(0),
-                ih_panels.shape[0],
-            )  # fmt: skip
-            for r in range(first, end):
-                add_row(x_side[r], b_ih)
+        if fused:
+            if not shared_matmul(
+                x[off + first : off + end], ih_panels, x_side[first:end], sync, product, role,
+                workers,
+            ):  # fmt: skip
+                return
+            product += 1
+            if role != HELPER:
+                for r in range(first, end):
+                    add_row(x_side[r], b_ih)
         if not shared_matmul(
             h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
         ):
@@ -154,7 +157,11 @@ def gru_forward(
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
     x_side = np.empty((directions, batch if fused else 0, 3 * hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
-        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
+        batch_sizes,
+        directions,
+        threads,
+        W_hh.shape[1] * W_hh.shape[2],
+        batch_sizes.shape[0] * (2 if fused else 1),
     )
     for task in prange(n_tasks):
         d, chunk, role = task_chunk(task, n_chunks, per_direction)

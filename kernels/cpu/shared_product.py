@@ -1,8 +1,10 @@
-"""Several threads sharing one direction's per-step products, for batches too small to split.
+"""Several threads sharing one direction's per-step products: at batch 1, and for big weights.
 
 A direction's rows split into chunks, one thread each (`common.direction_tasks`); at batch 1
 there is one chunk, and the other threads would idle while one thread streams the whole W_hh
-through its cache every step. Instead the spare threads become helpers of that chunk's owner:
+through its cache every step. With weights too big for the caches (`common.SHARED_MIN_WEIGHTS`)
+every thread of a split batch would stream all of them from memory each step. In both cases the
+direction keeps one chunk, and the spare threads become helpers of that chunk's owner:
 for each product the owner publishes that its input is ready, then every thread claims groups
 of panels from a shared counter, computes them, and counts them done; the owner waits until all
 groups are done and goes on with the gate math alone (it is a few percent of a step).
