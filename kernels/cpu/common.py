@@ -219,8 +219,9 @@ def fuses_input_projection(
     should take the input projection into its per-step products for a layer of `directions`
     directions whose per-step product has `gates` columns (G * H): each row chunk
     `direction_tasks` makes (the whole batch when its threads share the products, from
-    SHARED_MIN_WEIGHTS weights in W_hh: gates x proj) must have WIDE_ROWS rows, and the weights [W_ih | W_hh] of a direction
-    (gates x (inputs + proj)) take at most FUSED_MAX_BYTES, unless the chunks have
+    SHARED_MIN_WEIGHTS weights in W_hh: gates x proj) must have WIDE_ROWS rows, and the
+    weights [W_ih | W_hh] of a direction (gates x (inputs + proj)) take at most
+    FUSED_MAX_BYTES, unless the chunks have
     FUSED_MANY_ROWS rows. Called from Python: callers decide before the kernel call whether
     torch computes the projection. It restates `direction_tasks`' chunk count rather than
     calling it: under torch.jit.trace the sizes arrive as tensors, which Numba can't take."""
