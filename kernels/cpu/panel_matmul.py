@@ -37,6 +37,8 @@ ROW_PANELS = 4
 PARALLEL_PACK_SIZE = 1 << 18
 # Rows of a transposed weight packed per task.
 PACK_ROWS = 64
+# Rows of W copied side by side into a panel (see `_pack_block`).
+PACK_GROUP = 8
 _TILE = TILE_ROWS * PANEL
 _WIDE_TILE = WIDE_ROWS * PANEL
 _ROW_TILE = ROW_PANELS * PANEL
@@ -95,12 +97,22 @@ def _pack_block(W, transposed, panels, d, block, depth_offset):
         panel = panels[d, block]
         first = block * PANEL
         width = min(PANEL, W.shape[1] - first)
-        for j in range(width):
-            for k in range(depth):
-                panel[depth_offset + k, j] = W[d, first + j, k]
-        for j in range(width, PANEL):
-            for k in range(depth):
-                panel[depth_offset + k, j] = 0
+        if width == PANEL:
+            # Down the depth for PACK_GROUP rows of W at a time, writing whole panel rows:
+            # 2.4-2.7x faster than one W row at a time (LSTM H128: 512 x 128 in 18 against
+            # 49 us, a sixth of a T100 batch-1 forward). All 16 rows at once thrashed L1 when
+            # W's rows were 4 KiB apart (4096 x 1024: 3.9 against 2.2 ms).
+            for j0 in range(0, PANEL, PACK_GROUP):
+                for k in range(depth):
+                    for j in range(j0, j0 + PACK_GROUP):
+                        panel[depth_offset + k, j] = W[d, first + j, k]
+        else:
+            for j in range(width):
+                for k in range(depth):
+                    panel[depth_offset + k, j] = W[d, first + j, k]
+            for j in range(width, PANEL):
+                for k in range(depth):
+                    panel[depth_offset + k, j] = 0
 
 
 @njit(**PARALLEL_JIT_OPTIONS)
