@@ -265,6 +265,8 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
         ALONE,
         HELPER,
         OWNER,
+        SHARED_MAX_ROWS,
+        SHARED_MIN_WEIGHTS,
         WIDE_ROWS,
         chunk_bounds,
         chunk_claims,
@@ -309,6 +311,14 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
                     assert rows[0][0] == 0 and rows[-1][1] == batch
                     assert all(first < last for first, last in rows)
                     assert all(a[1] == b[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
+    # From SHARED_MIN_WEIGHTS weights, one shared chunk while the chunks would have at most
+    # SHARED_MAX_ROWS rows.
+    big = SHARED_MIN_WEIGHTS
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big, False) == (2, 1, 2)
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS + 2, 2, big, False) == (2, 2, 2)
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big - 1, False) == (2, 2, 2)
+    assert direction_tasks(2, 40, 4, big, True) == (4, 1, 2)
+    assert direction_tasks(1, 40, 1, big, False) == (1, 1, 1)
     # 8 long rows and 24 short ones: equal work puts the boundary well before the middle.
     lengths = np.array([100] * 8 + [10] * 24)
     batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)

@@ -751,6 +751,7 @@ def test_fused_input_projection_rule():
     assert fuses_input_projection(24, 1, 2, 512, 1024, 4096, 4)
     assert fuses_input_projection(32, 2, 2, 512, 1024, 4096, 4)  # a thread per direction
     assert not fuses_input_projection(16, 2, 4, 512, 1024, 4096, 4)  # shared, 16 rows
+    assert fuses_input_projection(128, 1, 2, 512, 1024, 4096, 4)  # 64-row chunks, not shared
 
 
 SHARED = [

@@ -161,8 +161,12 @@ HELPER_MIN_WEIGHTS = 1 << 15
 # 68 GFLOP/s (16 rows; 107 with 4 MiB of weights). LSTM T50 I512 H1024 inference forward, same
 # process, against row chunks with torch's input projection: B32 1.11x (1.26x with the
 # projection fused, which one 32-row chunk allows), B48 1.13x, B64 1.24x fused (as fast as
-# fused 32-row chunks); at H768 (9.4 MiB) sharing lost (0.94x).
+# fused 32-row chunks); at H768 (9.4 MiB) sharing lost (0.94x). Only while the row chunks would
+# have at most SHARED_MAX_ROWS rows: module level, T20, sharing against not at B96 and B128
+# (48- and 64-row chunks) read 0.98-1.02x, and with many rows the owner's gate math alone
+# would keep the helpers waiting (and past their patience, see `shared_product`).
 SHARED_MIN_WEIGHTS = 1 << 22
+SHARED_MAX_ROWS = 4 * WIDE_ROWS
 
 
 @njit(**_JIT)
@@ -173,7 +177,8 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     left with a single chunk (batch 1) but several threads gets them all, one owner and helpers
     that share its per-step products, when those have at least HELPER_MIN_WEIGHTS weights
     (`product_weights`: W_hh's per direction). From SHARED_MIN_WEIGHTS weights a direction keeps
-    its whole batch as one chunk shared that way, whatever the batch.
+    its whole batch as one chunk shared that way, unless its chunks would have more than
+    SHARED_MAX_ROWS rows.
 
     With uneven batch sizes (packed sequences) and at least WIDE_ROWS rows per chunk, a
     direction's rows split into two chunks per task instead, which the tasks claim at run time
@@ -185,7 +190,7 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged.)"""
     workers = max(1, threads // directions)
     n_chunks = max(1, min(workers, batch))
-    if product_weights >= SHARED_MIN_WEIGHTS:
+    if product_weights >= SHARED_MIN_WEIGHTS and batch // n_chunks <= SHARED_MAX_ROWS:
         n_chunks = 1
     elif n_chunks == 1 and product_weights < HELPER_MIN_WEIGHTS:
         workers = 1
@@ -225,9 +230,9 @@ def fuses_input_projection(
     FUSED_MANY_ROWS rows. Called from Python: callers decide before the kernel call whether
     torch computes the projection. It restates `direction_tasks`' chunk count rather than
     calling it: under torch.jit.trace the sizes arrive as tensors, which Numba can't take."""
-    workers = max(1, threads // directions)
-    shared = gates * proj >= SHARED_MIN_WEIGHTS  # one chunk of the whole batch
-    rows = batch if shared else batch // max(1, min(workers, batch))
+    rows = batch // max(1, min(max(1, threads // directions), batch))
+    if gates * proj >= SHARED_MIN_WEIGHTS and rows <= SHARED_MAX_ROWS:
+        rows = batch  # one chunk of the whole batch, its products shared
     if inputs == 0 or rows < WIDE_ROWS:
         return False
     return rows >= FUSED_MANY_ROWS or gates * (inputs + proj) * itemsize <= FUSED_MAX_BYTES
