@@ -21,13 +21,25 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import autograd as fastrnn_autograd
-from .autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction, apply_layer
+from .autograd import (
+    GRULayerFunction,
+    LSTMLayerFunction,
+    RNNLayerFunction,
+    apply_layer,
+    check_shapes,
+)
 from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
 # directions) -> (y (N, D * P), new states (D, B, *))
 LayerRunner = Callable[
     [Tensor, np.ndarray, tuple[Tensor, ...], Sequence[Tensor | None]],
+    tuple[Tensor, tuple[Tensor, ...]],
+]
+# One layer of a one-step sequence, all directions: (x (B, I), states (D, B, *), per direction
+# [W_ih, W_hh, b_ih, b_hh, W_hr]) -> (y (B, D * H), new states (D, B, *))
+StepRunner = Callable[
+    [Tensor, tuple[Tensor, ...], list[list[Tensor | None]]],
     tuple[Tensor, tuple[Tensor, ...]],
 ]
 
@@ -81,6 +93,7 @@ def _type_name(t: Tensor) -> str:
 
 def _stacked(
     run_layer: LayerRunner,
+    run_step: StepRunner,
     input: Tensor,
     batch_sizes: Tensor | None,
     states: tuple[Tensor, ...],
@@ -93,24 +106,31 @@ def _stacked(
     bidirectional: bool,
     batch_first: bool,
 ) -> tuple[Tensor, ...]:
-    """Run every layer and direction; returns (output, *final states)."""
+    """Run every layer and direction; returns (output, *final states). A sequence of one
+    step (without a projection, on the CPU) runs as a cell per direction (`run_step`): the
+    layer kernels would pack every weight for a single product (see `_one_step`)."""
     _check_state_dtype(input, states)
     directions = 2 if bidirectional else 1
     layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)
+    one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(input)
     finals: list[list[Tensor]] = [[] for _ in states]
     for layer in range(num_layers):
         first = layer * directions
         per_direction = [
             _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
         ]
-        if directions == 1:  # the common case, without the per-weight lists (batch 1 shows them)
-            stacked = [None if w is None else w.unsqueeze(0) for w in per_direction[0]]
-        else:
-            stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
         layer_states = (
             states if num_layers == 1 else tuple(s[first : first + directions] for s in states)
         )
-        layer_input, new_states = run_layer(layer_input, sizes, layer_states, stacked)
+        if one_step:
+            _check_one_step(layer_input, sizes, layer_states, per_direction)
+            layer_input, new_states = run_step(layer_input, layer_states, per_direction)
+        else:
+            if directions == 1:  # the common case, without the per-weight lists (batch 1 shows)
+                stacked = [None if w is None else w.unsqueeze(0) for w in per_direction[0]]
+            else:
+                stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
+            layer_input, new_states = run_layer(layer_input, sizes, layer_states, stacked)
         for final, new in zip(finals, new_states, strict=True):
             final.append(new)
         if dropout > 0 and train and layer < num_layers - 1:
@@ -136,6 +156,67 @@ def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
 def _one_direction(*tensors: Tensor | None) -> list[Tensor | None]:
     """A cell's weights as a one-direction layer's: each (1, ...) (views), None kept."""
     return [_stack_directions([t]) for t in tensors]
+
+
+def _check_one_step(
+    x: Tensor, sizes: np.ndarray, states: tuple[Tensor, ...], weights: list[list[Tensor | None]]
+) -> None:
+    """The layer path's checks (`autograd._check_layer`) where a one-step layer runs as cells,
+    whose kernels index by these shapes without bounds checks."""
+    if int(sizes[0]) != x.shape[0]:
+        raise RuntimeError(
+            f"fastrnn: batch_sizes add up to {int(sizes.sum())}, input has {x.shape[0]} rows"
+        )
+    hidden = weights[0][1].shape[1]  # W_hh (G * H, H)
+    for W_ih, W_hh, *_ in weights:
+        rows = W_hh.shape[0]
+        check_shapes(
+            ("weight_ih", "weight_hh"),
+            [W_ih.shape, W_hh.shape],
+            [(rows, x.shape[1]), (rows, hidden)],
+        )
+    check_shapes(
+        ("hx[0]", "hx[1]"),
+        [state.shape for state in states],
+        [(len(weights), x.shape[0], hidden)] * len(states),
+    )
+
+
+def _one_step(outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each direction's h' (B, H) -> (y (B, D * H), h_n (D, B, H)), y not sharing h_n's memory
+    (as torch's results don't). One step as cells: LSTM T1 B1 forward 1.8x, B16 1.4x faster
+    than the layer kernels, GRU 1.6x, RNN 1.8-2.3x; fwd+bwd 1.25-1.5x (same process)."""
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
+    return y, torch.stack(outputs)
+
+
+def _lstm_step(x, states, weights):
+    h0, c0 = states
+    results = [
+        apply_layer(LSTMCellFunction, x, h0[d], c0[d], *w[:4]) for d, w in enumerate(weights)
+    ]
+    y, h_n = _one_step([h for h, _ in results])
+    return y, (h_n, torch.stack([c for _, c in results]))
+
+
+def _gru_step(x, states, weights):
+    y, h_n = _one_step(
+        [apply_layer(GRUCellFunction, x, states[0][d], *w[:4]) for d, w in enumerate(weights)]
+    )
+    return y, (h_n,)
+
+
+def _rnn_step_runner(relu: bool) -> StepRunner:
+    def run(x, states, weights):
+        y, h_n = _one_step(
+            [
+                apply_layer(RNNCellFunction, x, states[0][d], relu, *w[:4])
+                for d, w in enumerate(weights)
+            ]
+        )
+        return y, (h_n,)
+
+    return run
 
 
 def _run_lstm_layer(x, sizes, states, w):
@@ -183,6 +264,7 @@ def lstm(
     has_proj = per_layer_dir == 2 + 2 * int(has_biases) + 1
     output, h_n, c_n = _stacked(
         _run_lstm_layer,
+        _lstm_step,
         input,
         batch_sizes,
         (hx[0], hx[1]),
@@ -213,6 +295,7 @@ def gru(
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
     output, h_n = _stacked(
         _run_gru_layer,
+        _gru_step,
         input,
         batch_sizes,
         (hx,),
@@ -242,8 +325,10 @@ def rnn(
     nonlinearity: str = "tanh",
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
+    relu = nonlinearity == "relu"
     output, h_n = _stacked(
-        _rnn_layer_runner(nonlinearity == "relu"),
+        _rnn_layer_runner(relu),
+        _rnn_step_runner(relu),
         input,
         batch_sizes,
         (hx,),

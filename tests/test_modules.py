@@ -793,3 +793,93 @@ def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch):
     assert one.keys() == two.keys()
     for key in one:
         assert torch.equal(one[key], two[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequences of one step: each layer and direction runs as a cell (`functional._stacked`)
+# ---------------------------------------------------------------------------------------------
+ONE_STEP = [
+    ("LSTM", dict()),
+    ("LSTM", dict(bidirectional=True, layers=2, hx=True, dropout=0.3)),
+    ("LSTM", dict(bias=False, batch_first=True, dtype=F64)),
+    ("LSTM", dict(proj=3, hx=True)),  # a projection keeps the layer kernels
+    ("LSTM", dict(lengths=[1, 1, 1])),
+    ("LSTM", dict(unbatched=True, hx=True)),
+    ("GRU", dict()),
+    ("GRU", dict(bidirectional=True, layers=2, hx=True, bias=False)),
+    ("GRU", dict(lengths=[1, 1, 1], bidirectional=True)),
+    ("RNN_TANH", dict(layers=3, dropout=0.5, hx=True)),
+    ("RNN_RELU", dict(bidirectional=True, batch_first=True, dtype=F64)),
+]
+
+
+@pytest.mark.parametrize(
+    "mode, c",
+    ONE_STEP,
+    ids=[mode + "".join(f"-{k}{v}" for k, v in c.items()) for mode, c in ONE_STEP],
+)
+def test_one_step_sequences(mode, c, monkeypatch):
+    """T = 1: outputs, states and every gradient match torch.nn (dropout with the same RNG),
+    training and inference, and the cells ran (unless a projection keeps the layer path)."""
+    import fastrnn.functional as functional
+
+    steps = []
+    one_step = functional._one_step
+    monkeypatch.setattr(functional, "_one_step", lambda outs: steps.append(1) or one_step(outs))
+    ref, fast = make_mode_pair(
+        mode,
+        4,
+        5,
+        num_layers=c.get("layers", 1),
+        bias=c.get("bias", True),
+        batch_first=c.get("batch_first", False),
+        bidirectional=c.get("bidirectional", False),
+        dropout=c.get("dropout", 0.0),
+        dtype=c.get("dtype", F32),
+        **({"proj_size": c["proj"]} if c.get("proj") else {}),
+    )
+    x, hx = make_inputs(
+        mode,
+        T=1,
+        B=3,
+        I=4,
+        H=5,
+        layers=c.get("layers", 1),
+        bidirectional=c.get("bidirectional", False),
+        proj=c.get("proj", 0),
+        batch_first=c.get("batch_first", False),
+        unbatched=c.get("unbatched", False),
+        hx=c.get("hx", False),
+        dtype=c.get("dtype", F32),
+    )
+    lengths = c.get("lengths")
+    extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
+    compare_modules(ref, fast, x, hx, dropout_seed=7, **extra)
+    assert len(steps) == (0 if c.get("proj") else c.get("layers", 1))
+    ref.eval()
+    fast.eval()
+    with torch.no_grad():
+        compare_modules(ref, fast, x, hx, backward=False, **extra)
+
+
+def test_one_step_checks_shapes():
+    """The functional API's one-step path checks what its cell kernels index by: a wrong
+    weight or state shape, or batch sizes that don't match the rows, raise a RuntimeError."""
+    import fastrnn.functional as functional
+
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(4, 5)
+    weights = [p.detach() for p in ref.parameters()]
+    W_ih, W_hh, b_ih, b_hh = weights
+    x, h = torch.randn(1, 3, 4), torch.zeros(1, 3, 5)
+    out, h_n = functional.gru(x, h, weights, True, 1, 0.0, False, False)
+    ref_out, ref_h = ref(x, h)
+    assert_close(out, ref_out.detach())
+    assert_close(h_n, ref_h.detach())
+    args = (True, 1, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="weight_ih has shape"):
+        functional.gru(x, h, [torch.randn(15, 6), W_hh, b_ih, b_hh], *args)
+    with pytest.raises(RuntimeError, match="hx\\[0\\] has shape"):
+        functional.gru(x, torch.zeros(1, 2, 5), weights, *args)
+    with pytest.raises(RuntimeError, match="batch_sizes add up to 2"):
+        functional.gru(x[0], h, weights, *args, batch_sizes=torch.tensor([2]))
