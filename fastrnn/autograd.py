@@ -189,10 +189,12 @@ def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
 
 
 def _features_side_by_side(y: Tensor) -> Tensor:
-    """(D, N, P) -> (N, D * P) (a view for D = 1)."""
+    """(D, N, P) -> contiguous (N, D * P) (a view for D = 1). With P = 1, `reshape` returned a
+    strided view, and dropout draws its mask in memory order: the next layer's mask then
+    differed from torch's (and the output wasn't contiguous, as torch's is)."""
     if y.shape[0] == 1:
         return y[0]
-    return y.permute(1, 0, 2).reshape(y.shape[1], y.shape[0] * y.shape[2])
+    return y.permute(1, 0, 2).reshape(y.shape[1], y.shape[0] * y.shape[2]).contiguous()
 
 
 def _per_direction(dy: Tensor, directions: int) -> Tensor:

@@ -316,6 +316,18 @@ def test_dropout_training_reproducible(mode, layers, bidirectional, packed, dtyp
     assert not torch.allclose(fast_res2["y"], fast_res["y"]), "fastrnn ignores the RNG state"
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_hidden_size_one_bidirectional_dropout(mode, packed):
+    """H = 1, bidirectional: the layer outputs (N, 2) must be laid out as torch's, or the
+    dropout masks between layers (drawn in memory order) differ. Found by a random sweep."""
+    ref, fast = make_mode_pair(mode, 3, 1, num_layers=3, bidirectional=True, dropout=0.4)
+    x, hx = make_inputs(mode, T=4, B=3, I=3, H=1, layers=3, bidirectional=True, hx=True)
+    kw = dict(lengths=[4, 2, 3], enforce_sorted=False) if packed else {}
+    fast_res, _ = compare_modules(ref, fast, x, hx, dropout_seed=7, **kw)
+    assert fast_res["y"].is_contiguous()
+
+
 @pytest.mark.parametrize("mode", ALL_MODES)
 def test_dropout_eval_mode_is_deterministic(mode):
     ref, fast = make_mode_pair(mode, 4, 5, num_layers=3, bidirectional=True, dropout=0.7)
