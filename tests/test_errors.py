@@ -103,6 +103,9 @@ FORWARD_CASES = [
     case("LSTM", LSTM2, lambda: (r(3, 4), (z(2, 1, 5), z(2, 1, 5))), "LSTM-unbatched-hx-3D"),
     case("LSTM", LSTM2, lambda: (r(3, 4), (z(2, 6), z(2, 5))), "LSTM-unbatched-h0-hidden"),
     case("LSTM", LSTM2, lambda: (r(3, 2, 4), z(2, 2, 5)), "LSTM-hx-tensor-not-tuple"),
+    # found by a random sweep: torch's checks index hx[0] and hx[1] of the tensor
+    case("LSTM", LSTM2, lambda: (r(3, 2, 4), z(1, 2, 5)), "LSTM-hx-tensor-one-row"),
+    case("LSTM", LSTM2, lambda: (r(3, 2, 4), torch.tensor(0.0)), "LSTM-hx-tensor-0D"),
     # dtype: input vs weights
     case("LSTM", LSTM2, lambda: (r(3, 2, 4, dtype=F64),), "LSTM-f64-input-f32-weights"),
     case("GRU", GRU2, lambda: (r(3, 2, 4, dtype=F64),), "GRU-f64-input-f32-weights"),
