@@ -109,9 +109,9 @@ def _stacked(
     """Run every layer and direction; returns (output, *final states). A sequence of one
     step (without a projection, on the CPU) runs as a cell per direction (`run_step`): the
     layer kernels would pack every weight for a single product (see `_one_step`)."""
-    _check_state_dtype(input, states)
     directions = 2 if bidirectional else 1
-    layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)
+    layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
+    _check_state_dtype(input, states)
     one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(input)
     finals: list[list[Tensor]] = [[] for _ in states]
     for layer in range(num_layers):

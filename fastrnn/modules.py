@@ -85,6 +85,30 @@ def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence) -> bool:
     return True
 
 
+_ONEDNN_PRIMITIVE_ERROR = (
+    "could not create a primitive descriptor for the LSTM forward propagation primitive. Run "
+    "workload with environment variable ONEDNN_VERBOSE=all to get additional diagnostic "
+    "information."
+)
+
+
+def _check_onednn_state_dtypes(
+    input: Tensor, states: tuple[Tensor, ...], batch_first: bool
+) -> None:
+    """torch runs a dense float32 LSTM without projection through oneDNN, which rejects states of
+    another dtype with its own messages (before any matmul could name the dtypes): float64 or
+    an integer state 'get_mkldnn_dtype', float16 / bfloat16 a primitive-descriptor error. Not
+    for an empty sequence or batch, which torch reports otherwise."""
+    steps, batch = input.shape[:2] if not batch_first else (input.shape[1], input.shape[0])
+    if input.dtype != torch.float32 or steps == 0 or batch == 0:
+        return
+    dtypes = {state.dtype for state in states}
+    if dtypes - {torch.float32, torch.float16, torch.bfloat16}:
+        raise RuntimeError("get_mkldnn_dtype: unsupported data type")
+    if dtypes & {torch.float16, torch.bfloat16}:
+        raise RuntimeError(_ONEDNN_PRIMITIVE_ERROR)
+
+
 class _SequenceForward:
     """torch's forward-argument handling for the three sequence modules, on fastrnn kernels.
 
@@ -210,6 +234,8 @@ class LSTM(_SequenceForward, _TorchLSTM):
                     f"({input.size(0)}x{input.size(1)} and {weight.size(1)}x{weight.size(0)})"
                 )
         super()._check(input, states, batch_sizes)
+        if batch_sizes is None and self.proj_size == 0 and weight.dtype == torch.float32:
+            _check_onednn_state_dtypes(input, states, self.batch_first)
 
     def _states_result(self, states):
         return (states[0], states[1])
