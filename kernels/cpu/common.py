@@ -226,10 +226,10 @@ def fuses_input_projection(
     `direction_tasks` makes (the whole batch when its threads share the products, from
     SHARED_MIN_WEIGHTS weights in W_hh: gates x proj) must have WIDE_ROWS rows, and the
     weights [W_ih | W_hh] of a direction (gates x (inputs + proj)) take at most
-    FUSED_MAX_BYTES, unless the chunks have
-    FUSED_MANY_ROWS rows. Called from Python: callers decide before the kernel call whether
-    torch computes the projection. It restates `direction_tasks`' chunk count rather than
-    calling it: under torch.jit.trace the sizes arrive as tensors, which Numba can't take."""
+    FUSED_MAX_BYTES, unless the chunks have FUSED_MANY_ROWS rows. Called from Python: callers
+    decide before the kernel call whether torch computes the projection. It restates
+    `direction_tasks`' chunk count rather than calling it: under torch.jit.trace the sizes
+    arrive as tensors, which Numba can't take."""
     rows = batch // max(1, min(max(1, threads // directions), batch))
     if gates * proj >= SHARED_MIN_WEIGHTS and rows <= SHARED_MAX_ROWS:
         rows = batch  # one chunk of the whole batch, its products shared
