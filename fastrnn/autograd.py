@@ -87,7 +87,7 @@ def apply_layer(function: type[torch.autograd.Function], *args):
     `torch.compiler.disable`d copy: dynamo can't trace into Numba, so fastrnn runs eagerly there
     (a graph break). In eager mode that wrapper would only cost ~5 us a call."""
     if torch.compiler.is_compiling():
-        return _apply_layer_eagerly(function, *args)
+        return _apply_layer_eagerly()(function, *args)
     return _apply_layer(function, *args)
 
 
@@ -114,7 +114,12 @@ def _apply_layer(function: type[torch.autograd.Function], *args):
     return function.forward(_InferenceContext(), *args)
 
 
-_apply_layer_eagerly = torch.compiler.disable(_apply_layer)
+@functools.cache
+def _apply_layer_eagerly():
+    """`_apply_layer` as a `torch.compiler.disable`d function, made on first use: making it
+    imports torch._dynamo, 1.1 s of every process's `import fastrnn` when made at import (a
+    process that compiles has imported it already)."""
+    return torch.compiler.disable(_apply_layer)
 
 
 def _check_layer(
