@@ -60,6 +60,39 @@ def make_inputs(
     return x, state
 
 
+def make_case(mode, c, *, T, B, I, H):
+    """`make_mode_pair` and `make_inputs` for a configuration dict c (optional keys layers,
+    bias, batch_first, bidirectional, dropout, dtype, proj, hx, unbatched; torch's defaults):
+    (ref, fast, x, hx)."""
+    ref, fast = make_mode_pair(
+        mode,
+        I,
+        H,
+        num_layers=c.get("layers", 1),
+        bias=c.get("bias", True),
+        batch_first=c.get("batch_first", False),
+        bidirectional=c.get("bidirectional", False),
+        dropout=c.get("dropout", 0.0),
+        dtype=c.get("dtype", F32),
+        **({"proj_size": c["proj"]} if c.get("proj") else {}),
+    )
+    x, hx = make_inputs(
+        mode,
+        T=T,
+        B=B,
+        I=I,
+        H=H,
+        layers=c.get("layers", 1),
+        bidirectional=c.get("bidirectional", False),
+        proj=c.get("proj", 0),
+        batch_first=c.get("batch_first", False),
+        unbatched=c.get("unbatched", False),
+        hx=c.get("hx", False),
+        dtype=c.get("dtype", F32),
+    )
+    return ref, fast, x, hx
+
+
 def _id(mode, layers, bidirectional, batch_first, bias, proj, dtype, inp, hx, T, B):
     parts = [mode, f"L{layers}", "bi" if bidirectional else "uni"]
     if batch_first:
@@ -711,30 +744,7 @@ def test_fused_input_projection(mode, c, threads, monkeypatch):
     assert recurrence_cpu.fuses_input_projection(
         np.array([B]), torch.zeros(1, I), torch.zeros(D, gates, width), torch.zeros(D, B, width)
     )
-    ref, fast = make_mode_pair(
-        mode,
-        I,
-        H,
-        num_layers=c.get("layers", 1),
-        bias=c.get("bias", True),
-        batch_first=c.get("batch_first", False),
-        bidirectional=c.get("bidirectional", False),
-        dtype=c.get("dtype", F32),
-        **({"proj_size": c["proj"]} if c.get("proj") else {}),
-    )
-    x, hx = make_inputs(
-        mode,
-        T=T,
-        B=B,
-        I=I,
-        H=H,
-        layers=c.get("layers", 1),
-        bidirectional=c.get("bidirectional", False),
-        proj=c.get("proj", 0),
-        batch_first=c.get("batch_first", False),
-        hx=c.get("hx", False),
-        dtype=c.get("dtype", F32),
-    )
+    ref, fast, x, hx = make_case(mode, c, T=T, B=B, I=I, H=H)
     lengths = c.get("lengths")
     extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
     compare_modules(ref, fast, x, hx, **extra)
@@ -838,32 +848,7 @@ def test_one_step_sequences(mode, c, monkeypatch):
     steps = []
     one_step = functional._one_step
     monkeypatch.setattr(functional, "_one_step", lambda outs: steps.append(1) or one_step(outs))
-    ref, fast = make_mode_pair(
-        mode,
-        4,
-        5,
-        num_layers=c.get("layers", 1),
-        bias=c.get("bias", True),
-        batch_first=c.get("batch_first", False),
-        bidirectional=c.get("bidirectional", False),
-        dropout=c.get("dropout", 0.0),
-        dtype=c.get("dtype", F32),
-        **({"proj_size": c["proj"]} if c.get("proj") else {}),
-    )
-    x, hx = make_inputs(
-        mode,
-        T=1,
-        B=3,
-        I=4,
-        H=5,
-        layers=c.get("layers", 1),
-        bidirectional=c.get("bidirectional", False),
-        proj=c.get("proj", 0),
-        batch_first=c.get("batch_first", False),
-        unbatched=c.get("unbatched", False),
-        hx=c.get("hx", False),
-        dtype=c.get("dtype", F32),
-    )
+    ref, fast, x, hx = make_case(mode, c, T=1, B=3, I=4, H=5)
     lengths = c.get("lengths")
     extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
     compare_modules(ref, fast, x, hx, dropout_seed=7, **extra)
