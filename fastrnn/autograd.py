@@ -133,13 +133,7 @@ def _check_layer(
 ) -> None:
     """Shapes the kernels index without bounds checks: a mismatch raises here instead of reading
     out of bounds (e.g. after a weight was replaced by one of another shape)."""
-    problem = batch_sizes_problem(batch_sizes, int(x.shape[0]))  # a tensor while tracing
-    if problem == 1:
-        raise RuntimeError(
-            f"fastrnn: batch_sizes add up to {int(batch_sizes.sum())}, input has {x.shape[0]} rows"
-        )
-    if problem:
-        raise RuntimeError("fastrnn: batch_sizes must be non-negative and non-increasing")
+    check_batch_sizes(batch_sizes, x)
     directions, rows_hidden = W_hh.shape[0], W_hh.shape[1]
     batch = int(batch_sizes[0])
     shapes = [W_ih.shape, W_hh.shape, *(state.shape for state in states)]
@@ -149,6 +143,17 @@ def _check_layer(
         *((directions, batch, size) for size in state_sizes),
     ]
     check_shapes(("weight_ih", "weight_hh", "hx[0]", "hx[1]"), shapes, expected)
+
+
+def check_batch_sizes(batch_sizes: np.ndarray, x: Tensor) -> None:
+    """batch_sizes (T,) must describe x's rows: add up to them, non-negative, non-increasing."""
+    problem = batch_sizes_problem(batch_sizes, int(x.shape[0]))  # a tensor while tracing
+    if problem == 1:
+        raise RuntimeError(
+            f"fastrnn: batch_sizes add up to {int(batch_sizes.sum())}, input has {x.shape[0]} rows"
+        )
+    if problem:
+        raise RuntimeError("fastrnn: batch_sizes must be non-negative and non-increasing")
 
 
 def check_shapes(names: tuple[str, ...], shapes: list, expected: list) -> None:

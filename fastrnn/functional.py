@@ -26,6 +26,7 @@ from .autograd import (
     LSTMLayerFunction,
     RNNLayerFunction,
     apply_layer,
+    check_batch_sizes,
     check_shapes,
 )
 from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
@@ -163,10 +164,7 @@ def _check_one_step(
 ) -> None:
     """The layer path's checks (`autograd._check_layer`) where a one-step layer runs as cells,
     whose kernels index by these shapes without bounds checks."""
-    if int(sizes[0]) != x.shape[0]:
-        raise RuntimeError(
-            f"fastrnn: batch_sizes add up to {int(sizes.sum())}, input has {x.shape[0]} rows"
-        )
+    check_batch_sizes(sizes, x)
     hidden = weights[0][1].shape[1]  # W_hh (G * H, H)
     for W_ih, W_hh, *_ in weights:
         rows = W_hh.shape[0]
