@@ -16,6 +16,7 @@ import warnings
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
@@ -39,8 +40,39 @@ def _torch_chosen(input: Tensor) -> bool:
     return input.device.type == "cuda" and get_cuda_strategy() == "torch"
 
 
-def _unsupported_reason(input: Tensor, tensors: list[Tensor]) -> str | None:
-    """Why fastrnn has no kernel for this call (None if it has one)."""
+_TRANSFORM_REASON = (
+    "fastrnn's kernels don't run under torch.func transforms (grad, vmap, jvp, ...) or "
+    "forward-mode AD yet"
+)
+
+
+def _transform_reason(tensors: list[Tensor]) -> str | None:
+    """Why fastrnn can't run under a function transform: torch.func's (grad, vjp, jvp, vmap,
+    jacrev, ...) wrap tensors that its autograd.Functions can't take, and forward-mode AD
+    (dual tensors) needs a jvp they don't have. torch.nn's own implementation runs there."""
+    if torch._C._are_functorch_transforms_active():
+        return _TRANSFORM_REASON
+    if forward_ad._current_level >= 0 and any(
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+    ):
+        return _TRANSFORM_REASON
+    return None
+
+
+def _state_tensors(hx) -> list[Tensor]:
+    """The tensors of a forward's hx argument (a tensor, a tuple of them, or None)."""
+    if isinstance(hx, Tensor):
+        return [hx]
+    if isinstance(hx, (tuple, list)):
+        return [state for state in hx if isinstance(state, Tensor)]
+    return []
+
+
+def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | None:
+    """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights."""
+    reason = _transform_reason([input, *tensors, *_state_tensors(hx)])
+    if reason is not None:
+        return reason
     device = input.device.type
     if device == "cuda":
         reason = unavailable_reason()
@@ -72,13 +104,13 @@ def _warn_fallback(cls_name: str, reason: str) -> None:
         )
 
 
-def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence) -> bool:
+def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> bool:
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, Tensor):
         return False  # let the argument checks report it
     if _torch_chosen(data):
         return True
-    reason = _unsupported_reason(data, list(module._flat_weights))  # type: ignore[arg-type]
+    reason = _unsupported_reason(data, list(module._flat_weights), hx)  # type: ignore[arg-type]
     if reason is None:
         return False
     _warn_fallback(type(module).__name__, reason)
@@ -145,10 +177,13 @@ class _SequenceForward:
     def _check(self, input, states, batch_sizes) -> None:
         self.check_forward_args(input, self._states_result(states), batch_sizes)
 
+    def __prepare_scriptable__(self):
+        return _prepared_for_scripting(self)
+
     def forward(self, input, hx=None):
         """torch's forward semantics on fastrnn's kernels (torch's own code where there's no
         kernel; `super()` is the torch class next in the MRO)."""
-        if _fallback_needed(self, input):
+        if _fallback_needed(self, input, hx):
             return super().forward(input, hx)  # type: ignore[misc]
         return self._sequence_forward(input, hx)
 
@@ -322,10 +357,13 @@ class _CellForward:
     _name = ""
     _state_count = 1
 
+    def __prepare_scriptable__(self):
+        return _prepared_for_scripting(self)
+
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
         kernel; `super()` is the torch class next in the MRO)."""
-        if self._cell_fallback_needed(input):
+        if self._cell_fallback_needed(input, hx):
             return super().forward(input, hx)  # type: ignore[misc]
         return self._cell_forward(input, hx)
 
@@ -365,7 +403,7 @@ class _CellForward:
             result = tuple(r.squeeze(0) for r in result)
         return result if self._state_count == 2 else result[0]
 
-    def _cell_fallback_needed(self, input) -> bool:
+    def _cell_fallback_needed(self, input, hx) -> bool:
         if not isinstance(input, Tensor):
             return False
         if _torch_chosen(input):
@@ -373,7 +411,7 @@ class _CellForward:
         weights = [self.weight_ih, self.weight_hh]
         if self.bias:
             weights += [self.bias_ih, self.bias_hh]
-        reason = _unsupported_reason(input, weights)
+        reason = _unsupported_reason(input, weights, hx)
         if reason is None:
             return False
         _warn_fallback(type(self).__name__, reason)
@@ -434,15 +472,38 @@ _REPLACEMENTS: dict[type, type] = {
 }
 
 
-def _converted(module: nn.Module) -> nn.Module:
-    target = _REPLACEMENTS.get(type(module))
-    if target is None:
-        return module
+_TORCH_CLASSES: dict[type, type] = {fast: torch_cls for torch_cls, fast in _REPLACEMENTS.items()}
+
+
+def _as_class(module: nn.Module, target: type) -> nn.Module:
+    """A `target` instance sharing `module`'s state (parameters, buffers, hooks, flags) rather
+    than a copy: the Parameter objects stay the same, so optimizers built on the old module keep
+    working."""
     new = target.__new__(target)
-    # Share the state (parameters, buffers, hooks, flags) rather than copy it: the Parameter
-    # objects stay the same, so optimizers built on the old module keep working.
     new.__dict__.update(module.__dict__)
     return new
+
+
+def _converted(module: nn.Module) -> nn.Module:
+    target = _REPLACEMENTS.get(type(module))
+    return module if target is None else _as_class(module, target)
+
+
+def _prepared_for_scripting(module: nn.Module) -> nn.Module:
+    """What `torch.jit.script` compiles in place of a fastrnn module: TorchScript can't call
+    Numba, so the torch class with the same parameters (warning once). torch.jit.script puts it
+    in the scripted model and in the scripted model's Python original too, as it does with
+    every `__prepare_scriptable__` result. Subclasses are left as they are (their own forward
+    may need fastrnn's)."""
+    target = _TORCH_CLASSES.get(type(module))
+    if target is None:
+        return module
+    _warn_fallback(
+        type(module).__name__,
+        "torch.jit.script can't compile fastrnn's Numba kernels (the model scripted gets "
+        "torch's module in its place, with the same parameters)",
+    )
+    return _as_class(module, target)
 
 
 def convert(module: nn.Module) -> nn.Module:

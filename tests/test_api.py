@@ -566,6 +566,103 @@ def test_torch_jit_trace_records_the_layer():
         assert (traced(x2)[0] - ref(x2)[0]).abs().max().item() < 1e-5
 
 
+class _ScriptedModel(nn.Module):
+    """A model with a sequence module and a cell, for torch.jit.script (which reads its source)."""
+
+    def __init__(self, rnn: nn.Module, cell: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+        self.cell = cell
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.rnn(x)
+        return y.sum() + self.cell(x[0]).sum()
+
+
+def test_torch_jit_script_gets_torch_modules(monkeypatch):
+    """TorchScript can't compile Numba: a scripted model gets torch's modules in place of
+    fastrnn's (`__prepare_scriptable__`), sharing their parameters, with one warning each. The
+    scripted model computes torch's results and gradients, and saves and loads."""
+    monkeypatch.setattr(fastrnn.modules, "_warned", set())
+    ref_rnn, fast_rnn = make_pair("LSTM", 3, 4, num_layers=2)
+    ref_cell, fast_cell = make_pair("GRUCell", 3, 4)
+    ref, fast = _ScriptedModel(ref_rnn, ref_cell), _ScriptedModel(fast_rnn, fast_cell)
+    parameters = list(fast.parameters())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        scripted = torch.jit.script(fast)
+    messages = [str(m.message) for m in w if "fastrnn's Numba kernels" in str(m.message)]
+    assert len(messages) == 2 and any(m.startswith("LSTM:") for m in messages), messages
+    assert isinstance(scripted.rnn, torch.jit.ScriptModule)
+    assert type(fast.rnn) is nn.LSTM  # torch.jit.script swaps prepared submodules in place
+    assert all(a is b for a, b in zip(parameters, scripted.parameters(), strict=True))
+    x = _x(5, 2, 3)
+    loss, expected = scripted(x), ref(x)
+    assert_close(loss, expected)
+    loss.backward()
+    expected.backward()
+    for (name, a), b in zip(ref.named_parameters(), parameters, strict=True):
+        assert_close(b.grad, a.grad, name)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    assert_close(torch.jit.load(buffer)(x), expected)
+
+
+def _parameter_grads(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """torch.func.grad of sum(output) over the module's parameters, by functional_call."""
+
+    def loss(params):
+        out = torch.func.functional_call(module, params, (x,))
+        return (out[0] if isinstance(out, tuple) else out).sum()
+
+    return torch.func.grad(loss)(dict(module.named_parameters()))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_torch_func_transforms_run_torch_implementation(monkeypatch, name):
+    """Under torch.func's transforms (grad here; vmap and jvp alike) and forward-mode AD,
+    fastrnn's autograd.Functions can't run: torch's implementation does, with one warning, and
+    the results are torch's. Outside them the kernels run again."""
+    monkeypatch.setattr(fastrnn.modules, "_warned", set())
+    ref, fast = make_pair(name, 3, 4)
+    x = _x(2, 3) if "Cell" in name else _x(5, 2, 3)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = _parameter_grads(fast, x)
+    assert any("torch.func" in str(m.message) for m in w), [str(m.message) for m in w]
+    expected = _parameter_grads(ref, x)
+    for key in expected:
+        assert_close(got[key], expected[key], key)
+
+    import torch.autograd.forward_ad as forward_ad
+
+    state = torch.randn(1, 2, 4) if "Cell" not in name else torch.randn(2, 4)
+    hx = (state, state) if name.startswith("LSTM") else state
+    for dual_input in (True, False):  # a dual input, or only a dual state
+        results = []
+        for module in (ref, fast):
+            with forward_ad.dual_level():
+                if dual_input:
+                    args = (forward_ad.make_dual(x, torch.ones_like(x)), hx)
+                else:
+                    dual = forward_ad.make_dual(state, torch.ones_like(state))
+                    args = (x, (dual, state) if name.startswith("LSTM") else dual)
+                try:
+                    out = module(*args)
+                except NotImplementedError as error:  # torch's LSTM: oneDNN has no forward AD
+                    results.append(type(error))
+                    continue
+                out = out[0] if isinstance(out, tuple) else out
+                results.append(forward_ad.unpack_dual(out))
+        if results[0] is NotImplementedError:
+            assert name == "LSTM" and results[1] is NotImplementedError
+            continue
+        assert_close(results[1].primal, results[0].primal)
+        assert_close(results[1].tangent, results[0].tangent)
+    compare_modules(ref, fast, x)
+
+
 def test_modules_called_from_several_python_threads_at_once():
     """The kernels release the GIL and keep their per-call state (scratch buffers, batch-1
     helper counters) per thread or per call: four threads running forward+backward and
