@@ -10,12 +10,16 @@ so no BLAS runs inside them.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numba
 import numpy as np
 import torch
 from torch import Tensor
 
+from .kernels.cpu import gru as _gru_kernels
+from .kernels.cpu import lstm as _lstm_kernels
+from .kernels.cpu import rnn as _rnn_kernels
 from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
@@ -26,6 +30,39 @@ from .kernels.cpu.rnn import rnn_forward as _rnn_forward
 from .kernels.cpu.runtime import prefer_openmp_threading_layer
 
 prefer_openmp_threading_layer()
+
+# Set in a process forked from this one (`_after_fork_in_child`): its kernels then run on one
+# thread, without a parallel region.
+_forked = False
+_warned: set[str] = set()
+_FORKED_WARNING = (
+    "fastrnn: this process was forked from one that had imported fastrnn, and GNU OpenMP "
+    "(torch's and Numba's thread pools) can't run a parallel region after fork(), so fastrnn's "
+    "kernels run on one thread here. Start worker processes with the 'spawn' or 'forkserver' "
+    "method to keep them multi-threaded."
+)
+
+
+def _after_fork_in_child() -> None:
+    """A child of fork() inherits the parent's OpenMP state but not its threads: GNU OpenMP's
+    next parallel region there hangs (the parent had run torch's pool) or Numba terminates the
+    child ("fork() called from a process already using GNU OpenMP", the parent had run a
+    kernel), while torch itself carries on. So the child runs the kernels' serial twins
+    (`kernels/cpu/runtime.serial_twin`) on one thread, as in torch's Hogwild example
+    (`torch.multiprocessing` training processes forked from the main one)."""
+    global _forked, _lstm_forward, _lstm_backward, _gru_forward, _gru_backward
+    global _rnn_forward, _rnn_backward
+    _forked = True
+    _lstm_forward, _lstm_backward = (
+        _lstm_kernels.lstm_forward_serial,
+        _lstm_kernels.lstm_backward_serial,
+    )
+    _gru_forward, _gru_backward = _gru_kernels.gru_forward_serial, _gru_kernels.gru_backward_serial
+    _rnn_forward, _rnn_backward = _rnn_kernels.rnn_forward_serial, _rnn_kernels.rnn_backward_serial
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _available_cpus() -> int:
@@ -42,7 +79,13 @@ _CPUS = _available_cpus()
 
 def _threads() -> int:
     """Threads the kernels may use: torch's setting (what users tune), capped by Numba's pool and
-    by the CPUs this process may run on."""
+    by the CPUs this process may run on; one in a forked process (see `_after_fork_in_child`),
+    saying so once if torch would use more."""
+    if _forked:
+        if torch.get_num_threads() > 1 and _FORKED_WARNING not in _warned:
+            _warned.add(_FORKED_WARNING)
+            warnings.warn(_FORKED_WARNING, RuntimeWarning, stacklevel=2)
+        return 1
     return max(1, min(torch.get_num_threads(), numba.get_num_threads(), _CPUS))
 
 

@@ -663,6 +663,44 @@ def test_torch_func_transforms_run_torch_implementation(monkeypatch, name):
     compare_modules(ref, fast, x)
 
 
+def _forked_child(connection) -> None:
+    """In a forked process: fastrnn against torch.nn, the result sent back as a string."""
+    try:
+        torch.set_num_threads(1)  # torch's own pool can't run after fork() either
+        from fastrnn import recurrence_cpu
+
+        assert recurrence_cpu._forked, "the fork handler didn't run"
+        for name, kwargs in (("RNN", dict(bidirectional=True)), ("LSTM", dict(num_layers=2))):
+            ref, fast = make_pair(name, 3, 4, **kwargs)
+            compare_modules(ref, fast, _x(5, 2, 3))
+        connection.send("ok")
+    except BaseException as error:  # reported by the parent
+        connection.send(repr(error))
+
+
+def test_forked_process_runs_the_kernels():
+    """A process forked after the kernels (and torch's pool) ran, as torch.multiprocessing's
+    Hogwild training does: GNU OpenMP can't run a parallel region there (it hung, or Numba
+    terminated the child), so the child runs the kernels' serial twins, with torch.nn's
+    results."""
+    import multiprocessing
+
+    ref, fast = make_pair("RNN", 3, 4, bidirectional=True)
+    compare_modules(ref, fast, _x(5, 2, 3))  # the parent has used OpenMP
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads running
+        child = context.Process(target=_forked_child, args=(sender,))
+        child.start()
+    child.join(timeout=300)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked process hung")
+    assert child.exitcode == 0, child.exitcode
+    assert receiver.recv() == "ok"
+
+
 def test_modules_called_from_several_python_threads_at_once():
     """The kernels release the GIL and keep their per-call state (scratch buffers, batch-1
     helper counters) per thread or per call: four threads running forward+backward and

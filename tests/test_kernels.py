@@ -181,7 +181,7 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
         for depth, columns in ((0, 5), (3, 1), (7, 16), (20, 33), (33, 150)):
             W = rng.standard_normal((2, columns, depth)).astype(np_dtype)
             source = np.ascontiguousarray(W.transpose(0, 2, 1)) if transposed else W
-            panels = packed_panels(source, transposed)
+            panels = packed_panels(source, transposed, 2)
             a = rng.standard_normal((rows, depth)).astype(np_dtype)
             out = np.full((rows, columns), np.nan, dtype=np_dtype)
             matmul_panels(a, panels[1], out, 0, panels.shape[1])
@@ -248,7 +248,7 @@ def test_a_helper_with_no_owner_gives_up():
     from fastrnn.kernels.cpu.panel_matmul import packed_panels
     from fastrnn.kernels.cpu.shared_product import shared_matmul, sync_counters
 
-    panels = packed_panels(np.ones((1, 8, 4), dtype=np.float32), False)[0]
+    panels = packed_panels(np.ones((1, 8, 4), dtype=np.float32), False, 1)[0]
     out = np.zeros((1, 8), dtype=np.float32)
     sync = sync_counters(1, 1, True)[0]
     rows = np.ones((1, 4), dtype=np.float32)

@@ -42,6 +42,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_panels
+from .runtime import serial_twin
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
@@ -150,8 +151,8 @@ def gru_forward(
     step, and `projected` isn't read; W_ih (D, 0, 0): projected holds it, x and b_ih go unused."""
     offsets = step_offsets(batch_sizes)
     fused = W_ih.shape[1] > 0
-    hh_panels = packed_panels(W_hh, False)
-    ih_panels = packed_panels(W_ih, False)
+    hh_panels = packed_panels(W_hh, False, threads)
+    ih_panels = packed_panels(W_ih, False, threads)
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
@@ -261,7 +262,7 @@ def gru_backward(
     dx = d_input W_ih.
     """
     offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, True)
+    hh_panels = packed_panels(W_hh, True, threads)
     copy_states(dh0, dh_n)
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
@@ -292,3 +293,8 @@ def gru_backward(
                 per_direction,
             )
             chunk = next_chunk(claims, d, n_chunks, per_direction)
+
+
+# The kernels without a parallel region, for forked processes (see `runtime.serial_twin`).
+gru_forward_serial = serial_twin(gru_forward)
+gru_backward_serial = serial_twin(gru_backward)

@@ -42,6 +42,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_joint_panels, packed_panels
+from .runtime import serial_twin
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
@@ -171,8 +172,10 @@ def lstm_forward(
     (D, 0, 0) means gate_cache holds the input side's pre-activations, and x and bias go unused."""
     offsets = step_offsets(batch_sizes)
     fused = W_ih.shape[1] > 0
-    hh_panels = packed_joint_panels(W_ih, W_hh) if fused else packed_panels(W_hh, False)
-    hr_panels = packed_panels(W_hr, False)
+    hh_panels = (
+        packed_joint_panels(W_ih, W_hh, threads) if fused else packed_panels(W_hh, False, threads)
+    )
+    hr_panels = packed_panels(W_hr, False, threads)
     copy_states(h_n, h0)
     copy_states(c_n, c0)
     directions, batch, hidden = c0.shape
@@ -322,8 +325,8 @@ def lstm_backward(
     dW_hr = dh_total^T h_raw, per direction.
     """
     offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, True)
-    hr_panels = packed_panels(W_hr, True)
+    hh_panels = packed_panels(W_hh, True, threads)
+    hr_panels = packed_panels(W_hr, True, threads)
     copy_states(dh0, dh_n)
     copy_states(dc0, dc_n)
     directions, batch, hidden = c0.shape
@@ -363,3 +366,8 @@ def lstm_backward(
                 per_direction,
             )
             chunk = next_chunk(claims, d, n_chunks, per_direction)
+
+
+# The kernels without a parallel region, for forked processes (see `runtime.serial_twin`).
+lstm_forward_serial = serial_twin(lstm_forward)
+lstm_backward_serial = serial_twin(lstm_backward)

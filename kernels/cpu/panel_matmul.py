@@ -237,9 +237,10 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
 
 
 @njit(**JIT_OPTIONS)
-def _pack_into(W, transposed, panels, depth_offset):
-    """`pack_panels`, on the calling thread when the weights are small (see PARALLEL_PACK_SIZE)."""
-    if W.size < PARALLEL_PACK_SIZE:
+def _pack_into(W, transposed, panels, depth_offset, threads):
+    """`pack_panels`, on the calling thread when the weights are small (see PARALLEL_PACK_SIZE)
+    or the kernel has one thread (which then never enters a parallel region)."""
+    if W.size < PARALLEL_PACK_SIZE or threads <= 1:
         for d in range(W.shape[0]):
             for block in range(_pack_blocks(W, transposed)):
                 _pack_block(W, transposed, panels, d, block, depth_offset)
@@ -248,19 +249,20 @@ def _pack_into(W, transposed, panels, depth_offset):
 
 
 @njit(**JIT_OPTIONS)
-def packed_panels(W, transposed):
-    """A new (D, panel_count(N), K, PANEL) array holding `pack_panels(W, transposed)`."""
+def packed_panels(W, transposed, threads):
+    """A new (D, panel_count(N), K, PANEL) array holding `pack_panels(W, transposed)`, packed
+    by up to `threads` threads."""
     if transposed:
         columns, depth = W.shape[2], W.shape[1]
     else:
         columns, depth = W.shape[1], W.shape[2]
     panels = np.empty((W.shape[0], panel_count(columns), depth, PANEL), dtype=W.dtype)
-    _pack_into(W, transposed, panels, np.int64(0))
+    _pack_into(W, transposed, panels, np.int64(0), threads)
     return panels
 
 
 @njit(**JIT_OPTIONS)
-def packed_joint_panels(W_first, W_second):
+def packed_joint_panels(W_first, W_second, threads):
     """Panels (D, panel_count(N), K1 + K2, PANEL) of the side-by-side weights [W_first |
     W_second], each (D, N, K1) / (D, N, K2): one product of rows [a | b] gives a @ W_first^T +
     b @ W_second^T (the LSTM forward with its input projection fused, `lstm.lstm_forward`)."""
@@ -269,6 +271,6 @@ def packed_joint_panels(W_first, W_second):
         (W_first.shape[0], panel_count(W_first.shape[1]), depth + W_second.shape[2], PANEL),
         dtype=W_first.dtype,
     )
-    _pack_into(W_first, False, panels, np.int64(0))
-    _pack_into(W_second, False, panels, depth)
+    _pack_into(W_first, False, panels, np.int64(0), threads)
+    _pack_into(W_second, False, panels, depth, threads)
     return panels

@@ -36,6 +36,7 @@ from .common import (
     task_chunk,
 )
 from .panel_matmul import packed_joint_panels, packed_panels
+from .runtime import serial_twin
 from .shared_product import shared_matmul, work_plan
 
 _JIT = JIT_OPTIONS
@@ -112,7 +113,9 @@ def rnn_forward(batch_sizes, relu, x, W_ih, bias, W_hh, h0, y, h_n, threads):
     go unused."""
     offsets = step_offsets(batch_sizes)
     fused = W_ih.shape[1] > 0
-    hh_panels = packed_joint_panels(W_ih, W_hh) if fused else packed_panels(W_hh, False)
+    hh_panels = (
+        packed_joint_panels(W_ih, W_hh, threads) if fused else packed_panels(W_hh, False, threads)
+    )
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
     recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
@@ -175,7 +178,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     dx = d_pre W_ih.
     """
     offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, True)
+    hh_panels = packed_panels(W_hh, True, threads)
     copy_states(dh0, dh_n)
     directions = h0.shape[0]
     n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
@@ -203,3 +206,8 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
                 per_direction,
             )
             chunk = next_chunk(claims, d, n_chunks, per_direction)
+
+
+# The kernels without a parallel region, for forked processes (see `runtime.serial_twin`).
+rnn_forward_serial = serial_twin(rnn_forward)
+rnn_backward_serial = serial_twin(rnn_backward)

@@ -8,6 +8,7 @@ after each parallel region: see `prefer_openmp_threading_layer`.
 from __future__ import annotations
 
 import os
+import types
 
 import numba
 
@@ -26,3 +27,31 @@ def prefer_openmp_threading_layer() -> None:
     if "omp" in priority:
         priority.remove("omp")
         numba.config.THREADING_LAYER_PRIORITY = ["omp", *priority]
+
+
+def serial_twin(kernel):
+    """The same kernel compiled without `parallel=True` (its `prange` loops run as plain loops
+    on the calling thread), for processes where no OpenMP parallel region may run: a child
+    forked from a process that had used OpenMP hangs in GNU OpenMP's next parallel region, or
+    Numba terminates it ("fork() called from a process already using GNU OpenMP"). Callers
+    pass threads = 1, so the kernel also takes the one-thread paths inside (no helpers, the
+    packing on the calling thread).
+
+    A copy of the Python function under its own name: Numba's on-disk cache keys a function by
+    its module, qualified name and bytecode, not by its compile options, so compiling the same
+    function object again without `parallel` would share (and overwrite) the parallel cache
+    entries."""
+    function = kernel.py_func
+    twin = types.FunctionType(
+        function.__code__,
+        function.__globals__,
+        function.__name__ + "_serial",
+        function.__defaults__,
+        function.__closure__,
+    )
+    twin.__qualname__ = function.__qualname__ + "_serial"
+    twin.__doc__ = function.__doc__
+    twin.__module__ = function.__module__
+    dropped = ("parallel", "nopython")  # njit sets nopython itself, and warns if given it
+    options = {key: value for key, value in kernel.targetoptions.items() if key not in dropped}
+    return numba.njit(cache=True, **options)(twin)
