@@ -203,17 +203,17 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
                 assert np.isnan(out).all()
 
 
-@pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN"])
+@pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN", "RNN-units"])
 @pytest.mark.parametrize("batch", [1, 3, 33])
 @DIRECTIONS
 def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monkeypatch):
     """Splitting the work differently (row chunks, at batch 1 an owner and helpers sharing
-    each step's product column-wise, `shared_product`, and at packed batch 33 more chunks than
-    threads, claimed at run time; rows falling in 8-row, 4-row or one-row tiles) must not
-    change a single bit: every output element is summed in the same order whichever thread
-    computes it. threads=4 on Numba's 2-thread pool also runs
-    an owner and its helper one after the other on one thread, which must neither deadlock nor
-    lose work."""
+    each step's product column-wise, `shared_product`, or for the RNN with hidden 192 threads
+    splitting the units; at packed batch 33 more chunks than threads, claimed at run time;
+    rows falling in 8-row, 4-row or one-row tiles) must not change a single bit: every output
+    element is summed in the same order whichever thread computes it. threads=4 on Numba's
+    2-thread pool also runs an owner and its helper one after the other on one thread, which
+    must neither deadlock nor lose work."""
     import fastrnn
     from fastrnn.kernels.cpu.common import HELPER_MIN_WEIGHTS
 
@@ -221,10 +221,12 @@ def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monke
     import fastrnn.recurrence_cpu as recurrence_cpu
 
     torch.manual_seed(0)
-    kind, _, proj = cell.partition("-")
-    kwargs = {"proj_size": 64} if proj else {}
-    # hidden 190: every W_hh has enough weights for batch-1 helpers (HELPER_MIN_WEIGHTS)
-    model = getattr(fastrnn, kind)(5, 190, num_layers=2, bidirectional=directions == 2, **kwargs)
+    kind, _, variant = cell.partition("-")
+    kwargs = {"proj_size": 64} if variant == "proj" else {}
+    # hidden 190: every W_hh has enough weights for batch-1 helpers (HELPER_MIN_WEIGHTS), and
+    # the RNN's units don't split (not whole panels); hidden 192: they do
+    hidden = 192 if variant == "units" else 190
+    model = getattr(fastrnn, kind)(5, hidden, num_layers=2, bidirectional=directions == 2, **kwargs)
     lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
     x = torch.randn(6, batch, 5)
     results = []
@@ -239,6 +241,37 @@ def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monke
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             assert torch.equal(a, b)
+
+
+def test_unit_split_starts_when_its_helpers_arrive():
+    """`shared_product`'s unit split: task 0 runs alone until every helper has arrived, then
+    opens the split at a step boundary, which the helpers start at; a helper whose task 0
+    never starts closes the split and has nothing to do, after which task 0 stays alone."""
+    from fastrnn.kernels.cpu.common import splits_units
+    from fastrnn.kernels.cpu.shared_product import (
+        NO_STEPS,
+        close_split,
+        first_step,
+        opens_split,
+        unit_span,
+    )
+
+    sync = np.zeros((3, 8), dtype=np.int64)
+    assert first_step(sync, 0, 2, 0) == 0
+    assert not opens_split(sync, 2, 0)  # no helper yet
+    sync[0, 1] = 1  # the helper's arrival
+    assert opens_split(sync, 2, 5)
+    assert first_step(sync, 1, 2, 0) == 5  # (arrives once more: the split is open already)
+    idle = np.zeros((3, 8), dtype=np.int64)
+    assert first_step(idle, 1, 2, 0) == NO_STEPS  # task 0 never started: closes, ~2 ms
+    assert not opens_split(idle, 2, 0)
+    done = np.zeros((3, 8), dtype=np.int64)
+    close_split(done)
+    assert first_step(done, 1, 2, 0) == NO_STEPS
+    # units in whole panels: 2 tasks of 192 units, 4 of 100 (the last panel partial)
+    assert splits_units(192) and not splits_units(190)
+    assert [unit_span(i, 2, 192)[2:] for i in range(2)] == [(0, 96), (96, 192)]
+    assert [unit_span(i, 4, 100)[2:] for i in range(4)] == [(0, 16), (16, 48), (48, 80), (80, 100)]
 
 
 def test_a_helper_with_no_owner_gives_up():
@@ -264,6 +297,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
     from fastrnn.kernels.cpu.common import (
         ALONE,
         HELPER,
+        HELPER_MIN_WEIGHTS,
         OWNER,
         SHARED_MAX_ROWS,
         SHARED_MIN_WEIGHTS,
@@ -283,7 +317,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
         for directions in (1, 2):
             for threads in (1, 2, 3, 4, 8):
                 n_tasks, n_chunks, per_direction = direction_tasks(
-                    directions, batch, threads, 1 << 20, uneven
+                    directions, batch, threads, 1 << 20, uneven, HELPER_MIN_WEIGHTS, True
                 )
                 assert n_tasks == directions * per_direction
                 if uneven and per_direction > 1 and batch >= 2 * per_direction * WIDE_ROWS:
@@ -313,12 +347,17 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
                     assert all(a[1] == b[0] for a, b in zip(rows[:-1], rows[1:], strict=True))
     # From SHARED_MIN_WEIGHTS weights, one shared chunk while the chunks would have at most
     # SHARED_MAX_ROWS rows.
-    big = SHARED_MIN_WEIGHTS
-    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big, False) == (2, 1, 2)
-    assert direction_tasks(1, 2 * SHARED_MAX_ROWS + 2, 2, big, False) == (2, 2, 2)
-    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big - 1, False) == (2, 2, 2)
-    assert direction_tasks(2, 40, 4, big, True) == (4, 1, 2)
-    assert direction_tasks(1, 40, 1, big, False) == (1, 1, 1)
+    big, least = SHARED_MIN_WEIGHTS, HELPER_MIN_WEIGHTS
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big, False, least, True) == (2, 1, 2)
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS + 2, 2, big, False, least, True) == (2, 2, 2)
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big - 1, False, least, True) == (2, 2, 2)
+    assert direction_tasks(2, 40, 4, big, True, least, True) == (4, 1, 2)
+    assert direction_tasks(1, 40, 1, big, False, least, True) == (1, 1, 1)
+    # Batch 1: helpers from `min_weights` weights; none when the units can't split (RNN).
+    assert direction_tasks(1, 1, 2, least, False, least, True) == (2, 1, 2)
+    assert direction_tasks(1, 1, 2, least - 1, False, least, True) == (1, 1, 1)
+    assert direction_tasks(1, 1, 2, least, False, least, False) == (1, 1, 1)
+    assert direction_tasks(1, 2 * SHARED_MAX_ROWS, 2, big, False, least, False) == (2, 2, 2)
     # 8 long rows and 24 short ones: equal work puts the boundary well before the middle.
     lengths = np.array([100] * 8 + [10] * 24)
     batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)

@@ -797,7 +797,7 @@ def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch):
 
     gates = {"LSTM": 4, "GRU": 3}[mode] * hidden
     assert gates * hidden >= SHARED_MIN_WEIGHTS
-    assert direction_tasks(1, batch, 2, gates * hidden, packed) == (2, 1, 2)
+    assert direction_tasks(1, batch, 2, gates * hidden, packed, 1 << 15, True) == (2, 1, 2)
     T, I = 3, 8
     ref, fast = make_mode_pair(mode, I, hidden)
     x, hx = make_inputs(mode, T=T, B=batch, I=I, H=hidden, hx=True)

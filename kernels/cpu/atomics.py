@@ -88,3 +88,21 @@ def spin_pause(typingctx):
         return context.get_dummy_value()
 
     return types.none(), codegen
+
+
+@intrinsic
+def compare_exchange(typingctx, counters, row, column, expected, desired):
+    """Atomically set counters[row, column] to `desired` if it holds `expected` (int64, 2-D,
+    sequentially consistent); returns the value it held, so the exchange happened iff that
+    equals `expected`."""
+    if not _is_counters(counters):
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _counter_pointer(context, builder, signature, args)
+        old = context.cast(builder, args[3], signature.args[3], types.int64)
+        new = context.cast(builder, args[4], signature.args[4], types.int64)
+        result = builder.cmpxchg(pointer, old, new, "seq_cst", "seq_cst")
+        return builder.extract_value(result, 0)
+
+    return types.int64(counters, row, column, expected, desired), codegen

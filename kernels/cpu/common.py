@@ -71,6 +71,25 @@ def add_rows(out, values):
             out[r, j] += values[r, j]
 
 
+# Bytes per cache line: scratch that several threads write side by side starts on one.
+CACHE_LINE = 64
+
+
+@njit(**_JIT)
+def aligned_empty(shape, like):
+    """An uninitialised array of `shape` and like's dtype that starts on a cache line. Threads
+    that split a direction's units (`shared_product`) write neighbouring columns of the same
+    rows; np.empty inside Numba starts arrays 32 bytes into a line at times, and then every
+    row's boundary line was written from both cores (a unit split ran at 0.6x until this)."""
+    size = 1
+    for extent in shape:
+        size *= extent
+    spare = CACHE_LINE // like.itemsize
+    flat = np.empty(size + spare, dtype=like.dtype)
+    offset = (CACHE_LINE - flat.ctypes.data % CACHE_LINE) % CACHE_LINE // like.itemsize
+    return flat[offset : offset + size].reshape(shape)
+
+
 @njit(**_JIT)
 def fill_joint_rows(joint_rows, x, h, off, first, end, inputs):
     """joint_rows[r] = [x[off + r] | h[r]] for the rows r = first..end-1 of a step at row
@@ -154,6 +173,13 @@ HELPER = 2
 # against owner + helper: RNN H64 0.85x, GRU H64 0.97x, RNN H128 1.06x, GRU H128 1.17x,
 # LSTM H128 1.19x, LSTM H256 1.46x).
 HELPER_MIN_WEIGHTS = 1 << 15
+# The RNN's threads split a direction's hidden units instead (`shared_product.unit_span`),
+# from this many weights: T1000 B1 kernels, same process, alternating calls against one
+# thread sharing nothing, 2 threads: H128 (16K weights) forward 1.45x, backward 1.47x; H256
+# 1.20x (against owner and helper at 1.05x).
+UNIT_SPLIT_MIN_WEIGHTS = 1 << 14
+# Output columns per panel of the per-step product (`panel_matmul.PANEL`, which is this).
+UNIT_PANEL = 16
 # From this many weights per direction, a direction's threads share its per-step products at any
 # batch size, over one row chunk, instead of splitting its rows: each thread then streams half the
 # weights every step rather than all of them. At 16 MiB of float32 (LSTM H1024) the weights no
@@ -170,7 +196,15 @@ SHARED_MAX_ROWS = 4 * WIDE_ROWS
 
 
 @njit(**_JIT)
-def direction_tasks(directions, batch, threads, product_weights, uneven):
+def splits_units(hidden):
+    """Whether a direction's threads may split its hidden units (`shared_product.unit_span`):
+    each task's units must be whole panels of the product (the last one excepted), so that
+    its columns are a panel range."""
+    return hidden % UNIT_PANEL == 0
+
+
+@njit(**_JIT)
+def direction_tasks(directions, batch, threads, product_weights, uneven, min_weights, shares):
     """(tasks, row chunks per direction, tasks per direction): the threads are shared out between
     the directions of a layer first (each then runs its whole batch, the most efficient product
     shape), then between row chunks of a direction, down to one row per chunk. A direction
@@ -178,7 +212,9 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     that share its per-step products, when those have at least HELPER_MIN_WEIGHTS weights
     (`product_weights`: W_hh's per direction). From SHARED_MIN_WEIGHTS weights a direction keeps
     its whole batch as one chunk shared that way, unless its chunks would have more than
-    SHARED_MAX_ROWS rows.
+    SHARED_MAX_ROWS rows. `min_weights` is HELPER_MIN_WEIGHTS, or UNIT_SPLIT_MIN_WEIGHTS for
+    the RNN's unit split; `shares` False (an RNN whose units can't split, `splits_units`)
+    keeps every direction's threads to row chunks.
 
     With uneven batch sizes (packed sequences) and at least WIDE_ROWS rows per chunk, a
     direction's rows split into two chunks per task instead, which the tasks claim at run time
@@ -190,9 +226,10 @@ def direction_tasks(directions, batch, threads, product_weights, uneven):
     8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged.)"""
     workers = max(1, threads // directions)
     n_chunks = max(1, min(workers, batch))
-    if product_weights >= SHARED_MIN_WEIGHTS and batch // n_chunks <= SHARED_MAX_ROWS:
+    big = product_weights >= SHARED_MIN_WEIGHTS
+    if shares and big and batch // n_chunks <= SHARED_MAX_ROWS:
         n_chunks = 1
-    elif n_chunks == 1 and product_weights < HELPER_MIN_WEIGHTS:
+    elif n_chunks == 1 and (product_weights < min_weights or not shares):
         workers = 1
     per_direction = workers if n_chunks == 1 else n_chunks
     if uneven and n_chunks > 1 and batch >= 2 * n_chunks * WIDE_ROWS:

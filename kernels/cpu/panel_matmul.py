@@ -23,10 +23,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS, WIDE_ROWS
+from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS, UNIT_PANEL, WIDE_ROWS
 
 # Output columns per panel: two AVX2 registers of float32.
-PANEL = 16
+PANEL = UNIT_PANEL
 # Rows per register tile (`common.TILE_ROWS` = 4): TILE_ROWS * PANEL floats of accumulators,
 # 8 AVX2 or 4 AVX-512 registers; a wide tile (`common.WIDE_ROWS` = 8) keeps twice that.
 # The one-row form walks this many panels at once, for enough independent accumulators.

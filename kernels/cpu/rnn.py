@@ -20,24 +20,35 @@ from numba import njit, prange
 
 from ..math import tanh
 from .common import (
-    HELPER,
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
     ROW_JIT_OPTIONS,
     add_row,
+    aligned_empty,
     copy_previous_hidden,
     copy_row,
     copy_states,
     fill_joint_rows,
     next_chunk,
     previous_step_rows,
+    splits_units,
     step_offsets,
     step_span,
     task_chunk,
 )
 from .panel_matmul import packed_joint_panels, packed_panels
 from .runtime import serial_twin
-from .shared_product import shared_matmul, work_plan
+from .shared_product import (
+    NO_STEPS,
+    close_split,
+    exchange,
+    first_step,
+    opens_split,
+    split_matmul,
+    split_states,
+    unit_plan,
+    unit_span,
+)
 
 _JIT = JIT_OPTIONS
 _PARALLEL = PARALLEL_JIT_OPTIONS
@@ -72,37 +83,58 @@ def rnn_backward_row(h_out, dh_row, d_pre, hidden, relu, one, zero):
 
 @njit(**_JIT)
 def _forward_rows(
-    batch_sizes, offsets, reverse, relu, hh_panels, x, bias, joint_rows, y, h_n, recurrent,
-    first, last, role, sync, workers,
+    batch_sizes, offsets, reverse, relu, hh_panels, x, bias, joint_rows, y, h_n, h_state,
+    recurrent, first, last, index, workers, sync,
 ):  # fmt: skip
-    """One direction, rows first..last-1, every step (arrays without the direction axis).
-    recurrent (B, H) is the direction's scratch; a HELPER task only takes part in the
-    products (`shared_product`). With the input projection fused (joint_rows (B, I + H) has
-    columns), each step's product takes rows [x | h] through hh_panels, the joint panels of
-    [W_ih | W_hh], and y's rows start from bias (H) = b_ih + b_hh."""
+    """One direction, rows first..last-1, every step (arrays without the direction axis), the
+    units of task `index` of the `workers` tasks that split them (`shared_product`; all units
+    when workers = 1). recurrent (B, H) is the direction's scratch. Split, the products read
+    the states from h_state (2, B, H), one buffer per step parity (a task may start the next
+    product while another still reads this step's states), and h_n gets each task's units;
+    alone, h_n is the running state. With the input projection fused (joint_rows (B, I + H),
+    this task's own, has columns), each step's product takes rows [x | h] through hh_panels,
+    the joint panels of [W_ih | W_hh], and y's rows start from bias (H) = b_ih + b_hh."""
     hidden = h_n.shape[1]
     zero = np.zeros(1, dtype=y.dtype)[0]
     fused = joint_rows.shape[1] > 0
     inputs = x.shape[1]
-    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
-    for k in range(batch_sizes.shape[0]):
+    capable = workers > 1  # a unit-split direction: its states go through h_state
+    start = first_step(sync, index, workers, np.int64(0))
+    if start == NO_STEPS:
+        return
+    split = index > 0  # a helper starts split; task 0 alone, until `opens_split`
+    team = workers if split else 1
+    first_panel, end_panel, unit, end_unit = unit_span(index, team, hidden)
+    units = end_unit - unit
+    exchanges = np.int64(0)
+    for k in range(start, batch_sizes.shape[0]):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        if fused and role != HELPER:
-            fill_joint_rows(joint_rows, x, h_n, off, first, end, inputs)
-        rows = joint_rows[first:end] if fused else h_n[first:end]
-        if not shared_matmul(rows, hh_panels, recurrent[first:end], sync, product, role, workers):
-            return
-        product += 1
-        if role == HELPER:
-            continue
+        if capable and not split and opens_split(sync, workers, k):
+            split = True
+            team = workers
+            first_panel, end_panel, unit, end_unit = unit_span(index, team, hidden)
+            units = end_unit - unit
+        h_prev = h_state[k % 2] if capable else h_n
+        h_next = h_state[(k + 1) % 2] if capable else h_n
+        if fused:
+            fill_joint_rows(joint_rows, x, h_prev, off, first, end, inputs)
+        rows = joint_rows[first:end] if fused else h_prev[first:end]
+        split_matmul(rows, hh_panels, recurrent[first:end], team, first_panel, end_panel)
         for r in range(first, end):
-            out = y[off + r]
+            out = y[off + r, unit:end_unit]
             if fused:
-                copy_row(out, bias)
-            rnn_forward_row(out, recurrent[r], hidden, relu, zero)
-            copy_row(h_n[r], out)
+                copy_row(out, bias[unit:end_unit])
+            rnn_forward_row(out, recurrent[r, unit:end_unit], units, relu, zero)
+            copy_row(h_next[r, unit:end_unit], out)
+            if capable:
+                copy_row(h_n[r, unit:end_unit], out)
+        if split:
+            exchanges += 1
+            exchange(sync, index, team, exchanges)
+    if capable and not split:
+        close_split(sync)
 
 
 @njit(**_PARALLEL)
@@ -118,18 +150,25 @@ def rnn_forward(batch_sizes, relu, x, W_ih, bias, W_hh, h0, y, h_n, threads):
     )
     copy_states(h_n, h0)
     directions, batch, hidden = h0.shape
-    recurrent = np.empty((directions, batch, hidden), dtype=y.dtype)
-    joint_rows = np.empty((directions, batch, x.shape[1] + hidden if fused else 0), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
-        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
+    recurrent = aligned_empty((directions, batch, hidden), y)
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = unit_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], splits_units(hidden)
+    )
+    split = n_chunks == 1 and per_direction > 1
+    h_state = split_states(h0, split)
+    joint_rows = np.empty(
+        (directions, per_direction if split else 1, batch, x.shape[1] + hidden if fused else 0),
+        dtype=y.dtype,
     )
     for task in prange(n_tasks):
-        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        d, chunk, _ = task_chunk(task, n_chunks, per_direction)
+        index = task % per_direction if n_chunks == 1 else 0  # its part of the units
+        workers = per_direction if n_chunks == 1 else 1
         while chunk < n_chunks:
             _forward_rows(
-                batch_sizes, offsets, d == 1, relu, hh_panels[d], x, bias[d], joint_rows[d], y[d],
-                h_n[d], recurrent[d], bounds[chunk], bounds[chunk + 1], role, sync[d],
-                per_direction,
+                batch_sizes, offsets, d == 1, relu, hh_panels[d], x, bias[d],
+                joint_rows[d, index if split else 0], y[d], h_n[d], h_state[d], recurrent[d],
+                bounds[chunk], bounds[chunk + 1], index, workers, sync[d],
             )  # fmt: skip
             chunk = next_chunk(claims, d, n_chunks, per_direction)
 
@@ -137,31 +176,51 @@ def rnn_forward(batch_sizes, relu, x, W_ih, bias, W_hh, h0, y, h_n, threads):
 @njit(**_JIT)
 def _backward_rows(
     batch_sizes, offsets, reverse, relu, hh_panels, h0, y, dy, d_pre, h_prev, dh0, first, last,
-    role, sync, workers,
+    index, workers, sync,
 ):  # fmt: skip
-    """One direction, rows first..last-1, every step in reverse (no direction axis); a HELPER
-    task only takes part in the products."""
+    """One direction, rows first..last-1, every step in reverse (no direction axis), the units
+    of task `index` of `workers` (`shared_product`): its part of dh0 and of each step's d_pre;
+    the product after each step's exchange takes every unit of d_pre."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
     zero = np.zeros(1, dtype=y.dtype)[0]
-    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
-    for k in range(batch_sizes.shape[0] - 1, -1, -1):
+    capable = workers > 1
+    start = first_step(sync, index, workers, np.int64(batch_sizes.shape[0] - 1))
+    if start == NO_STEPS:
+        return
+    split = index > 0  # as in `_forward_rows`
+    team = workers if split else 1
+    first_panel, end_panel, unit, end_unit = unit_span(index, team, hidden)
+    units = end_unit - unit
+    exchanges = np.int64(0)
+    for k in range(start, -1, -1):
         t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
         if end == first:
             continue
-        if role != HELPER:
+        if capable and not split and opens_split(sync, workers, k):
+            split = True
+            team = workers
+            first_panel, end_panel, unit, end_unit = unit_span(index, team, hidden)
+            units = end_unit - unit
+        if index == 0:
             prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
             copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, end - first, h_prev)
-            for r in range(first, end):
-                dh_row = dh0[r]
-                add_row(dh_row, dy[off + r])
-                rnn_backward_row(y[off + r], dh_row, d_pre[off + r], hidden, relu, one, zero)
-        if not shared_matmul(
-            d_pre[off + first : off + end], hh_panels, dh0[first:end], sync, product, role,
-            workers,
-        ):  # fmt: skip
-            return
-        product += 1
+        for r in range(first, end):
+            dh_row = dh0[r, unit:end_unit]
+            add_row(dh_row, dy[off + r, unit:end_unit])
+            rnn_backward_row(
+                y[off + r, unit:end_unit], dh_row, d_pre[off + r, unit:end_unit], units, relu,
+                one, zero,
+            )  # fmt: skip
+        if split:
+            exchanges += 1
+            exchange(sync, index, team, exchanges)
+        split_matmul(
+            d_pre[off + first : off + end], hh_panels, dh0[first:end], team, first_panel,
+            end_panel,
+        )  # fmt: skip
+    if capable and not split:
+        close_split(sync)
 
 
 @njit(**_PARALLEL)
@@ -180,31 +239,19 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, t
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True, threads)
     copy_states(dh0, dh_n)
-    directions = h0.shape[0]
-    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
-        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
+    directions, hidden = h0.shape[0], h0.shape[2]
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = unit_plan(
+        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], splits_units(hidden)
     )
     for task in prange(n_tasks):
-        d, chunk, role = task_chunk(task, n_chunks, per_direction)
+        d, chunk, _ = task_chunk(task, n_chunks, per_direction)
+        index = task % per_direction if n_chunks == 1 else 0  # its part of the units
+        workers = per_direction if n_chunks == 1 else 1
         while chunk < n_chunks:
             _backward_rows(
-                batch_sizes,
-                offsets,
-                d == 1,
-                relu,
-                hh_panels[d],
-                h0[d],
-                y[d],
-                dy[d],
-                d_pre[d],
-                h_prev[d],
-                dh0[d],
-                bounds[chunk],
-                bounds[chunk + 1],
-                role,
-                sync[d],
-                per_direction,
-            )
+                batch_sizes, offsets, d == 1, relu, hh_panels[d], h0[d], y[d], dy[d], d_pre[d],
+                h_prev[d], dh0[d], bounds[chunk], bounds[chunk + 1], index, workers, sync[d],
+            )  # fmt: skip
             chunk = next_chunk(claims, d, n_chunks, per_direction)
 
 
