@@ -111,14 +111,22 @@ def work_plan(batch_sizes, directions, threads, product_weights, products):
     tasks per direction, chunk bounds, batch-1 helper counters, chunk claims), from
     `common.direction_tasks` (uneven batch sizes: packed input), `common.chunk_bounds`,
     `sync_counters` (for `products` per-step products) and `common.chunk_claims`."""
-    batch = batch_sizes[0]
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, product_weights, batch_sizes[-1] < batch,
-        HELPER_MIN_WEIGHTS, True,
-    )  # fmt: skip
-    bounds = chunk_bounds(n_chunks, batch_sizes)
+    n_tasks, n_chunks, per_direction, bounds = _tasks_and_chunks(
+        batch_sizes, directions, threads, product_weights, HELPER_MIN_WEIGHTS, True
+    )
     sync = sync_counters(directions, products, per_direction > n_chunks)
     return n_tasks, n_chunks, per_direction, bounds, sync, chunk_claims(directions)
+
+
+@njit(**JIT_OPTIONS)
+def _tasks_and_chunks(batch_sizes, directions, threads, product_weights, min_weights, shares):
+    """(tasks, row chunks per direction, tasks per direction, chunk bounds) of a layer:
+    `common.direction_tasks` (uneven batch sizes: packed input) and `common.chunk_bounds`."""
+    batch = batch_sizes[0]
+    n_tasks, n_chunks, per_direction = direction_tasks(
+        directions, batch, threads, product_weights, batch_sizes[-1] < batch, min_weights, shares
+    )
+    return n_tasks, n_chunks, per_direction, chunk_bounds(n_chunks, batch_sizes)
 
 
 # A task's first step when there is none for it (`first_step`).
@@ -226,12 +234,9 @@ def unit_plan(batch_sizes, directions, threads, product_weights, splittable):
     direction, tasks per direction, chunk bounds, counters (D, 1 + workers, SLOT), chunk
     claims); `splittable`: `common.splits_units`. A direction splits its units when it has one
     row chunk and several tasks."""
-    batch = batch_sizes[0]
-    n_tasks, n_chunks, per_direction = direction_tasks(
-        directions, batch, threads, product_weights, batch_sizes[-1] < batch,
-        UNIT_SPLIT_MIN_WEIGHTS, splittable,
-    )  # fmt: skip
-    bounds = chunk_bounds(n_chunks, batch_sizes)
+    n_tasks, n_chunks, per_direction, bounds = _tasks_and_chunks(
+        batch_sizes, directions, threads, product_weights, UNIT_SPLIT_MIN_WEIGHTS, splittable
+    )
     workers = per_direction if n_chunks == 1 else 1
     sync = np.zeros((directions, 1 + workers, SLOT), dtype=np.int64)  # see `first_step`
     return n_tasks, n_chunks, per_direction, bounds, sync, chunk_claims(directions)
