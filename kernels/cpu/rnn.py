@@ -88,10 +88,11 @@ def _forward_rows(
 ):  # fmt: skip
     """One direction, rows first..last-1, every step (arrays without the direction axis), the
     units of task `index` of the `workers` tasks that split them (`shared_product`; all units
-    when workers = 1). recurrent (B, H) is the direction's scratch. Split, the products read
+    when workers = 1; task 0 runs all of them until the split opens). recurrent (B, H) is the
+    direction's scratch. In a direction whose tasks may split (workers > 1), the products read
     the states from h_state (2, B, H), one buffer per step parity (a task may start the next
     product while another still reads this step's states), and h_n gets each task's units;
-    alone, h_n is the running state. With the input projection fused (joint_rows (B, I + H),
+    with one task, h_n is the running state. With the input projection fused (joint_rows (B, I + H),
     this task's own, has columns), each step's product takes rows [x | h] through hh_panels,
     the joint panels of [W_ih | W_hh], and y's rows start from bias (H) = b_ih + b_hh."""
     hidden = h_n.shape[1]
