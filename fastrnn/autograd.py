@@ -5,7 +5,8 @@ back to back; `batch_sizes` (T,) int64 numpy array, non-increasing; dense input 
 case N = T * B), the initial state(s) (D, B, P) and the layer's weights stacked over its D
 directions (D = 1, or 2 for a bidirectional layer, whose direction 1 runs in reverse): W_ih
 (D, G*H, I), W_hh (D, G*H, P), b_ih / b_hh (D, G*H) or None, W_hr (D, P, H) or None. Stacking is
-a copy made per call (never cached: weights may change in place between calls); the output is
+a copy made per call (never cached: weights may change in place between calls); a one-direction
+layer passes its weights as they are, without the D axis (`_direction_axis`). The output is
 (N, D*P), the directions' features side by side as torch orders them.
 
 Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx) run in torch
@@ -44,7 +45,7 @@ def _recurrence(x: Tensor) -> ModuleType:
         return recurrence_cuda
     if CUDA_KERNELS_ON_CPU:
         return recurrence_cuda
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise RuntimeError(f"fastrnn has no kernel for device '{x.device.type}'")
     return recurrence_cpu
 
@@ -271,6 +272,24 @@ def _weight_grads(
     return dx, dW_ih, dW_hh, db_ih, db_hh
 
 
+def _direction_axis(ctx, *weights: Tensor | None) -> list[Tensor | None]:
+    """A layer's weights as (D, ...) stacks. A one-direction layer may pass its weights without
+    the D axis (W_hh 2-D): adding it here, where autograd doesn't record it, saves the autograd
+    view (~3 us each, plus a backward node) that stacking outside the Function cost a batch-1
+    training step; `_gradients_as_given` takes it off their gradients again."""
+    ctx.one_direction = weights[1] is not None and weights[1].dim() == 2
+    if not ctx.one_direction:
+        return list(weights)
+    return [None if w is None else w.unsqueeze(0) for w in weights]
+
+
+def _gradients_as_given(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Weight gradients shaped as the Function got the weights (see `_direction_axis`)."""
+    if not ctx.one_direction:
+        return grads
+    return tuple(None if g is None else g[0] for g in grads)
+
+
 def _states_like(*tensors: Tensor) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
@@ -281,6 +300,8 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
+        given = (W_ih, W_hh, W_hr)
+        W_ih, W_hh, b_ih, b_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh, W_hr)
         hidden = W_hh.shape[1] // 4
         proj = W_hr.shape[1] if W_hr is not None else hidden
         _check_layer(x, batch_sizes, (h0, c0), (proj, hidden), W_ih, W_hh, 4)
@@ -306,7 +327,7 @@ class LSTMLayerFunction(torch.autograd.Function):
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
         )
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y)
+            ctx.save_for_backward(x, h0, c0, *given, y)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
             ctx.batch_sizes = batch_sizes
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
@@ -317,6 +338,7 @@ class LSTMLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
         x, h0, c0, W_ih, W_hh, W_hr, y = ctx.saved_tensors
+        W_ih, W_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, W_hr)
         directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
         projected = W_hr is not None
         # dead once backward returns: reused buffers (see `scratch`)
@@ -349,7 +371,8 @@ class LSTMLayerFunction(torch.autograd.Function):
             ctx, d_gates, d_gates, x, h_prev, W_ih, y, h0
         )
         dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
-        return dx, None, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr
+        weight_grads = _gradients_as_given(ctx, dW_ih, dW_hh, db_ih, db_hh, dW_hr)
+        return dx, None, dh0, dc0, *weight_grads
 
 
 class GRULayerFunction(torch.autograd.Function):
@@ -357,6 +380,8 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+        given = (W_ih, W_hh)
+        W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
         recurrence = _recurrence(x)
@@ -372,7 +397,7 @@ class GRULayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
         recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, W_ih, W_hh, y)
+            ctx.save_for_backward(x, h0, *given, y)
             ctx.gate_cache = gate_cache
             ctx.batch_sizes = batch_sizes
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
@@ -383,6 +408,7 @@ class GRULayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
+        W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)
         d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
@@ -402,10 +428,8 @@ class GRULayerFunction(torch.autograd.Function):
             d_recurrent,
             dh0,
         )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
-            ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0
-        )
-        return dx, None, dh0, dW_ih, dW_hh, db_ih, db_hh
+        dx, *weight_grads = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0)
+        return dx, None, dh0, *_gradients_as_given(ctx, *weight_grads)
 
 
 class RNNLayerFunction(torch.autograd.Function):
@@ -414,6 +438,8 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
+        given = (W_ih, W_hh)
+        W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
         recurrence, bias = _recurrence(x), _summed_bias(b_ih, b_hh)
@@ -424,7 +450,7 @@ class RNNLayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
         recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, W_ih, W_hh, y)
+            ctx.save_for_backward(x, h0, *given, y)
             ctx.batch_sizes, ctx.relu = batch_sizes, relu
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
         return _features_side_by_side(y), h_n
@@ -434,6 +460,7 @@ class RNNLayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_n):
         x, h0, W_ih, W_hh, y = ctx.saved_tensors
+        W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)
         d_pre = scratch("d_gates", (directions, rows, hidden), x)
@@ -451,5 +478,5 @@ class RNNLayerFunction(torch.autograd.Function):
             h_prev,
             dh0,
         )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih, y, h0)
-        return dx, None, None, dh0, dW_ih, dW_hh, db_ih, db_hh
+        dx, *weight_grads = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih, y, h0)
+        return dx, None, None, dh0, *_gradients_as_given(ctx, *weight_grads)

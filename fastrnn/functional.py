@@ -13,6 +13,7 @@ same RNG state gives the same masks as torch.nn.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ from .autograd import (
 from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
-# directions) -> (y (N, D * P), new states (D, B, *))
+# directions, or one direction's as they are) -> (y (N, D * P), new states (D, B, *))
 LayerRunner = Callable[
     [Tensor, np.ndarray, tuple[Tensor, ...], Sequence[Tensor | None]],
     tuple[Tensor, tuple[Tensor, ...]],
@@ -57,7 +58,14 @@ def _time_major_rows(
     if steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     rows = input.contiguous().reshape(steps * batch, input.shape[2])
-    return rows, np.full(steps, batch, dtype=np.int64)
+    return rows, _dense_batch_sizes(steps, batch)
+
+
+@functools.lru_cache(maxsize=256)
+def _dense_batch_sizes(steps: int, batch: int) -> np.ndarray:
+    """batch_sizes of dense input, (steps,) all `batch`, made once per shape (np.full costs
+    ~1.5 us of a batch-1 forward); nothing writes them."""
+    return np.full(steps, batch, dtype=np.int64)
 
 
 def _layer_weights(
@@ -127,8 +135,8 @@ def _stacked(
             _check_one_step(layer_input, sizes, layer_states, per_direction)
             layer_input, new_states = run_step(layer_input, layer_states, per_direction)
         else:
-            if directions == 1:  # the common case, without the per-weight lists (batch 1 shows)
-                stacked = [None if w is None else w.unsqueeze(0) for w in per_direction[0]]
+            if directions == 1:  # the layer Functions take one direction's weights as they are
+                stacked = per_direction[0]
             else:
                 stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
             layer_input, new_states = run_layer(layer_input, sizes, layer_states, stacked)
@@ -146,17 +154,10 @@ def _stacked(
 
 
 def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
-    """One weight of every direction of a layer -> (D, ...) (a view for D = 1)."""
+    """One weight of both directions of a layer -> (2, ...)."""
     if tensors[0] is None:
         return None
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(0)
     return torch.stack(tensors)  # type: ignore[arg-type]
-
-
-def _one_direction(*tensors: Tensor | None) -> list[Tensor | None]:
-    """A cell's weights as a one-direction layer's: each (1, ...) (views), None kept."""
-    return [_stack_directions([t]) for t in tensors]
 
 
 def _check_one_step(
@@ -373,7 +374,7 @@ def _check_cell_args(
 def _cell_kernels(input: Tensor) -> bool:
     """One step on the CPU runs the cell kernels (torch GEMMs + fused gate math); CUDA tensors
     (and the tests' simulated CUDA path) run the one-step layer path."""
-    return input.device.type == "cpu" and not fastrnn_autograd.CUDA_KERNELS_ON_CPU
+    return input.is_cpu and not fastrnn_autograd.CUDA_KERNELS_ON_CPU
 
 
 def lstm_cell(
@@ -403,7 +404,10 @@ def lstm_cell(
         sizes,
         hx[0].unsqueeze(0),
         hx[1].unsqueeze(0),
-        *_one_direction(W_ih, W_hh, b_ih, b_hh),
+        W_ih,
+        W_hh,
+        b_ih,
+        b_hh,
         None,
     )
     return h_n[0], c_n[0]
@@ -422,9 +426,7 @@ def gru_cell(
     if _cell_kernels(input):
         return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = apply_layer(
-        GRULayerFunction, input, sizes, hx.unsqueeze(0), *_one_direction(W_ih, W_hh, b_ih, b_hh)
-    )
+    _, h_n = apply_layer(GRULayerFunction, input, sizes, hx.unsqueeze(0), W_ih, W_hh, b_ih, b_hh)
     return h_n[0]
 
 
@@ -449,6 +451,9 @@ def rnn_cell(
         sizes,
         relu,
         hx.unsqueeze(0),
-        *_one_direction(W_ih, W_hh, b_ih, b_hh),
+        W_ih,
+        W_hh,
+        b_ih,
+        b_hh,
     )
     return h_n[0]

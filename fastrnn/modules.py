@@ -37,7 +37,7 @@ _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCe
 
 def _torch_chosen(input: Tensor) -> bool:
     """The user asked for torch's own GPU implementation (set_cuda_strategy("torch"))."""
-    return input.device.type == "cuda" and get_cuda_strategy() == "torch"
+    return input.is_cuda and get_cuda_strategy() == "torch"
 
 
 _TRANSFORM_REASON = (
@@ -46,14 +46,16 @@ _TRANSFORM_REASON = (
 )
 
 
-def _transform_reason(tensors: list[Tensor]) -> str | None:
+def _transform_reason(input: Tensor, weights: list[Tensor], hx) -> str | None:
     """Why fastrnn can't run under a function transform: torch.func's (grad, vjp, jvp, vmap,
     jacrev, ...) wrap tensors that its autograd.Functions can't take, and forward-mode AD
-    (dual tensors) needs a jvp they don't have. torch.nn's own implementation runs there."""
+    (dual tensors) needs a jvp they don't have. torch.nn's own implementation runs there.
+    (Dual tensors are looked for only while a dual level is open.)"""
     if torch._C._are_functorch_transforms_active():
         return _TRANSFORM_REASON
     if forward_ad._current_level >= 0 and any(
-        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+        for t in (input, *weights, *_state_tensors(hx))
     ):
         return _TRANSFORM_REASON
     return None
@@ -69,11 +71,18 @@ def _state_tensors(hx) -> list[Tensor]:
 
 
 def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | None:
-    """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights."""
-    reason = _transform_reason([input, *tensors, *_state_tensors(hx)])
+    """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights.
+    Runs on every forward: a batch-1 forward takes ~0.2 ms, so this keeps to cheap properties
+    (`is_cpu` rather than `device.type`, which builds a string)."""
+    reason = _transform_reason(input, tensors, hx)
     if reason is not None:
         return reason
-    device = input.device.type
+    if input.is_cpu:
+        device = "cpu"
+    elif input.is_cuda:
+        device = "cuda"
+    else:
+        device = input.device.type
     if device == "cuda":
         reason = unavailable_reason()
         if reason is not None:
@@ -87,8 +96,9 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | 
         autocast_dtype = torch.get_autocast_dtype(device)
         if device == "cpu" or autocast_dtype not in (torch.float16, torch.bfloat16):
             return f"fastrnn does not run under {device.upper()} autocast to {autocast_dtype} yet"
+    input_device = input.device
     for t in tensors:
-        if t.device != input.device or t.dtype not in dtypes:
+        if t.device != input_device or t.dtype not in dtypes:
             return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"
     return None
 
@@ -110,7 +120,7 @@ def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> b
         return False  # let the argument checks report it
     if _torch_chosen(data):
         return True
-    reason = _unsupported_reason(data, list(module._flat_weights), hx)  # type: ignore[arg-type]
+    reason = _unsupported_reason(data, module._flat_weights, hx)  # type: ignore[arg-type]
     if reason is None:
         return False
     _warn_fallback(type(module).__name__, reason)
@@ -186,6 +196,25 @@ class _SequenceForward:
         if _fallback_needed(self, input, hx):
             return super().forward(input, hx)  # type: ignore[misc]
         return self._sequence_forward(input, hx)
+
+    def _update_flat_weights(self) -> None:
+        """torch's `_update_flat_weights` (re-read the weights if one was replaced, as weight
+        drop does) with its check done directly on `_parameters` where that gives the same
+        answer: this exact class (parametrizations make a subclass with properties), every
+        weight a registered Parameter that no instance attribute shadows. torch's check, through
+        `Module.__getattr__`, cost ~6 us a call (3 % of a batch-1 forward)."""
+        parameters, instance = self._parameters, self.__dict__
+        if type(self) in _TORCH_CLASSES:
+            for ref, name in zip(self._flat_weight_refs, self._flat_weights_names, strict=False):
+                weight = parameters.get(name)
+                if weight is None or name in instance:
+                    break  # not the usual case: torch's own check
+                if ref is not None and ref() is not weight:
+                    self._init_flat_weights()
+                    return
+            else:
+                return
+        super()._update_flat_weights()  # type: ignore[misc]
 
     def _sequence_forward(self, input, hx):
         self._update_flat_weights()

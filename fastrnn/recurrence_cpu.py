@@ -9,6 +9,7 @@ so no BLAS runs inside them.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -20,6 +21,7 @@ from torch import Tensor
 from .kernels.cpu import gru as _gru_kernels
 from .kernels.cpu import lstm as _lstm_kernels
 from .kernels.cpu import rnn as _rnn_kernels
+from .kernels.cpu.common import WIDE_ROWS
 from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
@@ -94,16 +96,29 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+@functools.lru_cache(maxsize=64)
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array with no elements for an absent argument (W_hr, the unfused projection's x,
+    W_ih and bias), made once: np.empty costs ~1 us, and a batch-1 call makes up to four."""
+    return np.empty(shape, dtype)
+
+
 def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.ndarray:
-    return _np(W) if W is not None else np.empty(shape, dtype=_np(like).dtype)
+    return _np(W) if W is not None else _empty(shape, _NUMPY_DTYPES[like.dtype])
 
 
 def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
     """Whether `lstm_forward` / `gru_forward` / `rnn_forward` should get x, W_ih and bias to
     compute the input projection in their per-step products, rather than gate_cache / projected /
     y filled with it (the kernels' rule, `kernels.cpu.common.fuses_input_projection`)."""
+    batch = int(batch_sizes[0])
+    if batch < WIDE_ROWS:
+        return False  # the rule's row chunks never have more rows than the batch
     return _fuses_input_projection(
-        int(batch_sizes[0]),
+        batch,
         W_hh.shape[0],
         _threads(),
         x.shape[1],
@@ -118,9 +133,9 @@ def _fused_inputs(x, W_ih, bias, directions: int, dtype) -> tuple[np.ndarray, ..
     ones of the same types when it isn't (one compiled form of each kernel serves both)."""
     if W_ih is None:
         return (
-            np.empty((0, 0), dtype),
-            np.empty((directions, 0, 0), dtype),
-            np.empty((directions, 0), dtype),
+            _empty((0, 0), dtype),
+            _empty((directions, 0, 0), dtype),
+            _empty((directions, 0), dtype),
         )
     bias_np = _np(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
     return _np(x), _np(W_ih), bias_np
@@ -146,7 +161,7 @@ def lstm_forward(
     directions, hidden = W_hh.shape[0], c0.shape[2]
     _lstm_forward(
         batch_sizes,
-        *_fused_inputs(x, W_ih, bias, directions, _np(h0).dtype),
+        *_fused_inputs(x, W_ih, bias, directions, _NUMPY_DTYPES[h0.dtype]),
         _np(W_hh),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
         _np(h0),
@@ -208,7 +223,7 @@ def gru_forward(
     """As `recurrence_cuda.gru_forward`; given x (N, I), W_ih (D, 3H, I) and bias = b_ih (D, 3H)
     or None, the kernel computes the input projection step by step and `projected` isn't read."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
-    dtype = _np(h0).dtype
+    dtype = _NUMPY_DTYPES[h0.dtype]
     if b_hh is not None:
         b_hh_np = _np(b_hh)
     else:
@@ -249,7 +264,7 @@ def gru_backward(
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
     """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
     the kernel computes the input projection itself and y's input isn't read."""
-    inputs = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _np(h0).dtype)
+    inputs = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _NUMPY_DTYPES[h0.dtype])
     _rnn_forward(batch_sizes, relu, *inputs, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
 
 
