@@ -210,6 +210,8 @@ def _features_side_by_side(y: Tensor) -> Tensor:
 
 def _per_direction(dy: Tensor, directions: int) -> Tensor:
     """(N, D * P) -> contiguous (D, N, P)."""
+    if directions == 1:
+        return dy.contiguous().unsqueeze(0)
     return (
         dy.reshape(dy.shape[0], directions, dy.shape[1] // directions).permute(1, 0, 2).contiguous()
     )
