@@ -18,7 +18,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .autograd import _first_order_only, check_shapes
-from .autograd import _weight_grads as layer_weight_grads
 from .kernels.cpu.cells import (
     gru_cell_backward,
     gru_cell_forward,
@@ -55,15 +54,18 @@ def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
 
 def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tensor, W_ih, W_hh):
     """dx, dh (through W_hh only), dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients
-    (B, G*H) on the input and the recurrent side: the layer Functions' rules (`autograd`) on a
-    one-direction view, plus dh."""
-    d_in = d_input.unsqueeze(0)
-    d_rec = d_in if d_recurrent is d_input else d_recurrent.unsqueeze(0)
-    dx, *per_direction = layer_weight_grads(
-        ctx, d_in, d_rec, x, h.detach().unsqueeze(0), W_ih.unsqueeze(0)
-    )
-    dW_ih, dW_hh, db_ih, db_hh = (None if g is None else g[0] for g in per_direction)
-    dh = d_recurrent @ W_hh.detach() if ctx.needs_input_grad[1] else None
+    (B, G*H) on the input and the recurrent side (the same tensor for LSTM and RNN), each
+    gradient only where its input needs one. Plain 2-D products: going through the layer
+    Functions' (D, ...) rules cost a batch-1 backward ~10 us in views and batched matmuls."""
+    need = ctx.needs_input_grad
+    dx = d_input @ W_ih.detach() if need[0] else None
+    dh = d_recurrent @ W_hh.detach() if need[1] else None
+    dW_ih = d_input.t() @ x.detach() if need[ctx.W_ih_index] else None
+    dW_hh = d_recurrent.t() @ h.detach() if need[ctx.W_ih_index + 1] else None
+    if not ctx.has_bias:
+        return dx, dh, dW_ih, dW_hh, None, None
+    db_ih = d_input.sum(0)
+    db_hh = db_ih.clone() if d_recurrent is d_input else d_recurrent.sum(0)
     return dx, dh, dW_ih, dW_hh, db_ih, db_hh
 
 

@@ -392,15 +392,31 @@ class _CellForward:
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
         kernel; `super()` is the torch class next in the MRO)."""
-        if self._cell_fallback_needed(input, hx):
+        weights = self._weights()
+        if self._cell_fallback_needed(input, hx, weights):
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._cell_forward(input, hx)
+        return self._cell_forward(input, hx, weights)
 
-    def _step(self, x, states) -> tuple[Tensor, ...]:
-        """One step on the kernels: x (B, I), states -> the new state(s) as a tuple."""
+    def _weights(self) -> list[Tensor | None]:
+        """[W_ih, W_hh, b_ih, b_hh] (the biases None without bias), straight from `_parameters`
+        where attribute access would return the same (this exact class, all four registered,
+        none shadowed by an instance attribute): four `Module.__getattr__` calls cost ~3 us of
+        a batch-1 step."""
+        parameters = self._parameters
+        if (
+            type(self) in _TORCH_CLASSES
+            and self.__dict__.keys().isdisjoint(_CELL_WEIGHTS)
+            and all(name in parameters for name in _CELL_WEIGHTS)
+        ):
+            return [parameters[name] for name in _CELL_WEIGHTS]
+        return [getattr(self, name) for name in _CELL_WEIGHTS]
+
+    def _step(self, x, states, weights) -> tuple[Tensor, ...]:
+        """One step on the kernels: x (B, I), states, [W_ih, W_hh, b_ih, b_hh] -> the new
+        state(s) as a tuple."""
         raise NotImplementedError
 
-    def _cell_forward(self, input, hx):
+    def _cell_forward(self, input, hx, weights):
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
@@ -427,24 +443,24 @@ class _CellForward:
             states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         else:
             states = hx.unsqueeze(0)
-        result = self._step(input, states)
+        result = self._step(input, states, weights)
         if not batched:
             result = tuple(r.squeeze(0) for r in result)
         return result if self._state_count == 2 else result[0]
 
-    def _cell_fallback_needed(self, input, hx) -> bool:
+    def _cell_fallback_needed(self, input, hx, weights) -> bool:
         if not isinstance(input, Tensor):
             return False
         if _torch_chosen(input):
             return True
-        weights = [self.weight_ih, self.weight_hh]
-        if self.bias:
-            weights += [self.bias_ih, self.bias_hh]
-        reason = _unsupported_reason(input, weights, hx)
+        reason = _unsupported_reason(input, weights if self.bias else weights[:2], hx)
         if reason is None:
             return False
         _warn_fallback(type(self).__name__, reason)
         return True
+
+
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 class LSTMCell(_CellForward, _TorchLSTMCell):
@@ -453,10 +469,8 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
     _name = "LSTMCell"
     _state_count = 2
 
-    def _step(self, x, states):
-        return functional.lstm_cell(
-            x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        )
+    def _step(self, x, states, weights):
+        return functional.lstm_cell(x, states, *weights)
 
 
 class GRUCell(_CellForward, _TorchGRUCell):
@@ -464,11 +478,8 @@ class GRUCell(_CellForward, _TorchGRUCell):
 
     _name = "GRUCell"
 
-    def _step(self, x, states):
-        h = functional.gru_cell(
-            x, states, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
-        )
-        return (h,)
+    def _step(self, x, states, weights):
+        return (functional.gru_cell(x, states, *weights),)
 
 
 class RNNCell(_CellForward, _TorchRNNCell):
@@ -476,19 +487,10 @@ class RNNCell(_CellForward, _TorchRNNCell):
 
     _name = "RNNCell"
 
-    def _step(self, x, states):
+    def _step(self, x, states, weights):
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        h = functional.rnn_cell(
-            x,
-            states,
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
-            self.nonlinearity,
-        )
-        return (h,)
+        return (functional.rnn_cell(x, states, *weights, self.nonlinearity),)
 
 
 _REPLACEMENTS: dict[type, type] = {
