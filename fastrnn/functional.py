@@ -14,12 +14,14 @@ same RNG state gives the same masks as torch.nn.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import _VF, Tensor
+from torch.autograd import forward_ad
 
 from . import autograd as fastrnn_autograd
 from .autograd import (
@@ -44,6 +46,72 @@ StepRunner = Callable[
     [Tensor, tuple[Tensor, ...], list[list[Tensor | None]]],
     tuple[Tensor, tuple[Tensor, ...]],
 ]
+
+
+_TRANSFORM_REASON = (
+    "fastrnn's kernels don't run under torch.func transforms (grad, vmap, jvp, ...) or "
+    "forward-mode AD yet"
+)
+_warned: set[str] = set()
+
+
+def transform_reason(input: Tensor, weights: Sequence[Tensor | None], hx) -> str | None:
+    """Why fastrnn can't run under a function transform: torch.func's (grad, vjp, jvp, vmap,
+    jacrev, ...) wrap tensors that its autograd.Functions can't take, and forward-mode AD
+    (dual tensors) needs a jvp they don't have; torch's own implementation runs there.
+    (Dual tensors are looked for only while a dual level is open.)"""
+    if torch._C._are_functorch_transforms_active():
+        return _TRANSFORM_REASON
+    if forward_ad._current_level >= 0 and any(
+        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+        for t in (input, *weights, *_state_tensors(hx))
+    ):
+        return _TRANSFORM_REASON
+    return None
+
+
+def _state_tensors(hx) -> list[Tensor]:
+    """The tensors of an hx argument (a tensor, a tuple of them, or None)."""
+    if isinstance(hx, Tensor):
+        return [hx]
+    if isinstance(hx, (tuple, list)):
+        return [state for state in hx if isinstance(state, Tensor)]
+    return []
+
+
+def warn_fallback(who: str, reason: str, instead: str, stacklevel: int = 3) -> None:
+    """Warn once per `who` and `reason` that `instead` (torch's implementation) runs."""
+    key = f"{who}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"{key}; running {instead} instead.", UserWarning, stacklevel=stacklevel)
+
+
+def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) -> bool:
+    """Whether `name` (lstm, gru_cell, ...) hands this call to torch._VF's function of that
+    name: under a function transform (`transform_reason`), warning once."""
+    reason = transform_reason(input, weights, hx)
+    if reason is None:
+        return False
+    warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", 4)
+    return True
+
+
+def _torch_sequence(
+    name: str,
+    input: Tensor,
+    hx,
+    weights: Sequence[Tensor],
+    flags: tuple,
+    batch_first: bool,
+    batch_sizes: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """torch._VF's `name` (lstm, gru, rnn_tanh, rnn_relu) on the same arguments; flags:
+    (has_biases, num_layers, dropout, train, bidirectional)."""
+    function = getattr(_VF, name)
+    if batch_sizes is None:
+        return tuple(function(input, hx, weights, *flags, batch_first))
+    return tuple(function(input, batch_sizes, hx, weights, *flags))
 
 
 def _time_major_rows(
@@ -258,6 +326,12 @@ def lstm(
     """
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
+    if _torch_runs("lstm", input, weights, hx):
+        flags = (has_biases, num_layers, dropout, train, bidirectional)
+        output, h_n, c_n = _torch_sequence(
+            "lstm", input, hx, weights, flags, batch_first, batch_sizes
+        )
+        return output, h_n, c_n
     directions = 2 if bidirectional else 1
     per_layer_dir = len(weights) // (num_layers * directions)
     has_proj = per_layer_dir == 2 + 2 * int(has_biases) + 1
@@ -292,6 +366,10 @@ def gru(
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
+    if _torch_runs("gru", input, weights, hx):
+        flags = (has_biases, num_layers, dropout, train, bidirectional)
+        output, h_n = _torch_sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
+        return output, h_n
     output, h_n = _stacked(
         _run_gru_layer,
         _gru_step,
@@ -325,6 +403,11 @@ def rnn(
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
     relu = nonlinearity == "relu"
+    name = "rnn_relu" if relu else "rnn_tanh"
+    if _torch_runs(name, input, weights, hx):
+        flags = (has_biases, num_layers, dropout, train, bidirectional)
+        output, h_n = _torch_sequence(name, input, hx, weights, flags, batch_first, batch_sizes)
+        return output, h_n
     output, h_n = _stacked(
         _rnn_layer_runner(relu),
         _rnn_step_runner(relu),
@@ -393,6 +476,9 @@ def lstm_cell(
         )
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
+    if _torch_runs("lstm_cell", input, (W_ih, W_hh, b_ih, b_hh), hx):
+        h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
+        return h, c
     hidden = W_hh.shape[1]
     _check_cell_args(input, hx, W_ih, (hidden, hidden))
     if _cell_kernels(input):
@@ -422,6 +508,8 @@ def gru_cell(
     b_hh: Tensor | None = None,
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
+    if _torch_runs("gru_cell", input, (W_ih, W_hh, b_ih, b_hh), hx):
+        return _VF.gru_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     if _cell_kernels(input):
         return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
@@ -440,8 +528,11 @@ def rnn_cell(
     nonlinearity: str = "tanh",
 ) -> Tensor:
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
-    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     relu = nonlinearity == "relu"
+    name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
+    if _torch_runs(name, input, (W_ih, W_hh, b_ih, b_hh), hx):
+        return getattr(_VF, name)(input, hx, W_ih, W_hh, b_ih, b_hh)
+    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     if _cell_kernels(input):
         return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]

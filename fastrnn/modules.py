@@ -12,11 +12,8 @@ a warning issued once per reason.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
@@ -28,7 +25,6 @@ _KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
 }
-_warned: set[str] = set()
 
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
 _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
@@ -40,41 +36,11 @@ def _torch_chosen(input: Tensor) -> bool:
     return input.is_cuda and get_cuda_strategy() == "torch"
 
 
-_TRANSFORM_REASON = (
-    "fastrnn's kernels don't run under torch.func transforms (grad, vmap, jvp, ...) or "
-    "forward-mode AD yet"
-)
-
-
-def _transform_reason(input: Tensor, weights: list[Tensor], hx) -> str | None:
-    """Why fastrnn can't run under a function transform: torch.func's (grad, vjp, jvp, vmap,
-    jacrev, ...) wrap tensors that its autograd.Functions can't take, and forward-mode AD
-    (dual tensors) needs a jvp they don't have. torch.nn's own implementation runs there.
-    (Dual tensors are looked for only while a dual level is open.)"""
-    if torch._C._are_functorch_transforms_active():
-        return _TRANSFORM_REASON
-    if forward_ad._current_level >= 0 and any(
-        isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
-        for t in (input, *weights, *_state_tensors(hx))
-    ):
-        return _TRANSFORM_REASON
-    return None
-
-
-def _state_tensors(hx) -> list[Tensor]:
-    """The tensors of a forward's hx argument (a tensor, a tuple of them, or None)."""
-    if isinstance(hx, Tensor):
-        return [hx]
-    if isinstance(hx, (tuple, list)):
-        return [state for state in hx if isinstance(state, Tensor)]
-    return []
-
-
 def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | None:
     """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights.
     Runs on every forward: a batch-1 forward takes ~0.2 ms, so this keeps to cheap properties
     (`is_cpu` rather than `device.type`, which builds a string)."""
-    reason = _transform_reason(input, tensors, hx)
+    reason = functional.transform_reason(input, tensors, hx)
     if reason is not None:
         return reason
     if input.is_cpu:
@@ -104,14 +70,7 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | 
 
 
 def _warn_fallback(cls_name: str, reason: str) -> None:
-    key = f"{cls_name}: {reason}"
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(
-            f"{key}; running torch's own {cls_name} implementation instead.",
-            UserWarning,
-            stacklevel=3,
-        )
+    functional.warn_fallback(cls_name, reason, f"torch's own {cls_name} implementation", 4)
 
 
 def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> bool:

@@ -583,7 +583,7 @@ def test_torch_jit_script_gets_torch_modules(monkeypatch):
     """TorchScript can't compile Numba: a scripted model gets torch's modules in place of
     fastrnn's (`__prepare_scriptable__`), sharing their parameters, with one warning each. The
     scripted model computes torch's results and gradients, and saves and loads."""
-    monkeypatch.setattr(fastrnn.modules, "_warned", set())
+    monkeypatch.setattr(fastrnn.functional, "_warned", set())
     ref_rnn, fast_rnn = make_pair("LSTM", 3, 4, num_layers=2)
     ref_cell, fast_cell = make_pair("GRUCell", 3, 4)
     ref, fast = _ScriptedModel(ref_rnn, ref_cell), _ScriptedModel(fast_rnn, fast_cell)
@@ -624,7 +624,7 @@ def test_torch_func_transforms_run_torch_implementation(monkeypatch, name):
     """Under torch.func's transforms (grad here; vmap and jvp alike) and forward-mode AD,
     fastrnn's autograd.Functions can't run: torch's implementation does, with one warning, and
     the results are torch's. Outside them the kernels run again."""
-    monkeypatch.setattr(fastrnn.modules, "_warned", set())
+    monkeypatch.setattr(fastrnn.functional, "_warned", set())
     ref, fast = make_pair(name, 3, 4)
     x = _x(2, 3) if "Cell" in name else _x(5, 2, 3)
     with warnings.catch_warnings(record=True) as w:
@@ -661,6 +661,85 @@ def test_torch_func_transforms_run_torch_implementation(monkeypatch, name):
         assert_close(results[1].primal, results[0].primal)
         assert_close(results[1].tangent, results[0].tangent)
     compare_modules(ref, fast, x)
+
+
+_FUNCTIONAL_CASES = [
+    "lstm",
+    "gru",
+    "rnn_tanh",
+    "rnn_relu",
+    "lstm_cell",
+    "gru_cell",
+    "rnn_relu_cell",
+]
+
+
+def _functional_call(name: str, x, state, weights):
+    """fastrnn.functional's `name` and torch._VF's, as (fastrnn's, torch's) closures over x."""
+    relu = "relu" in name
+    if name.endswith("_cell"):
+        base = name.removesuffix("_cell")
+        kind = base.split("_")[0]
+        fast = getattr(fastrnn.functional, f"{kind}_cell")
+        kwargs = {"nonlinearity": "relu" if relu else "tanh"} if kind == "rnn" else {}
+        return (
+            lambda x: fast(x, state, *weights, **kwargs),
+            lambda x: getattr(torch._VF, name)(x, state, *weights),
+        )
+    flags = (True, 1, 0.0, True, False)
+    if name.startswith("rnn"):
+        nonlinearity = "relu" if relu else "tanh"
+        return (
+            lambda x: fastrnn.functional.rnn(x, state, weights, *flags, False, None, nonlinearity),
+            lambda x: getattr(torch._VF, name)(x, state, weights, *flags, False),
+        )
+    return (
+        lambda x: getattr(fastrnn.functional, name)(x, state, weights, *flags),
+        lambda x: getattr(torch._VF, name)(x, state, weights, *flags, False),
+    )
+
+
+@pytest.mark.parametrize("name", _FUNCTIONAL_CASES)
+def test_functional_api_under_transforms_runs_torch(monkeypatch, name):
+    """fastrnn.functional called directly under torch.func (grad over the input, vmap over a
+    batch of inputs) and with a dual input hands the call to torch._VF's function, warning
+    once; the results are torch's. (Before, its autograd.Functions raised there.)"""
+    monkeypatch.setattr(fastrnn.functional, "_warned", set())
+    torch.manual_seed(0)
+    cell = name.endswith("_cell")
+    gates = {"lstm": 4, "gru": 3}.get(name.split("_")[0], 1)
+    weights = [torch.randn(gates * 4, 3), torch.randn(gates * 4, 4)]
+    weights += [torch.randn(gates * 4), torch.randn(gates * 4)]
+    h = torch.randn(2, 4) if cell else torch.randn(1, 2, 4)
+    state = (h, torch.randn_like(h)) if name.startswith("lstm") else h
+    x = torch.randn(2, 3) if cell else torch.randn(5, 2, 3)
+    fast, ref = _functional_call(name, x, state, weights)
+
+    def first(out):
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        got = torch.func.grad(lambda x: first(fast(x)).sin().sum())(x)
+    assert any("torch._VF" in str(m.message) for m in w), [str(m.message) for m in w]
+    assert_close(got, torch.func.grad(lambda x: first(ref(x)).sin().sum())(x))
+
+    import torch.autograd.forward_ad as forward_ad
+
+    tangent = torch.randn_like(x)
+    if name == "lstm":  # torch's (oneDNN) LSTM has no forward AD: the same error
+        for function in (fast, ref):
+            with forward_ad.dual_level(), pytest.raises(NotImplementedError, match="forward AD"):
+                function(forward_ad.make_dual(x, tangent))
+        return
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, tangent)
+        got = forward_ad.unpack_dual(first(fast(dual)))
+    with forward_ad.dual_level():
+        expected = forward_ad.unpack_dual(first(ref(forward_ad.make_dual(x, tangent))))
+    assert_close(got.primal, expected.primal)
+    assert_close(got.tangent, expected.tangent)
+    assert_close(first(fast(x)), first(ref(x)))  # outside a transform: the kernels
 
 
 def _forked_child(connection) -> None:
