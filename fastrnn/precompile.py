@@ -7,6 +7,11 @@ under a second. Run this once where the first call's latency matters, e.g. in a 
     python -m fastrnn.precompile                  # float32
     python -m fastrnn.precompile float32 float64
     python -m fastrnn.precompile --device cuda float32 float16   # both GPU strategies
+    python -m fastrnn.precompile --forked         # also the kernels of forked processes
+
+`--forked` adds the single-threaded twins that a process forked from one using fastrnn runs
+(Hogwild training with torch.multiprocessing, `multiprocessing` with "fork"); each child
+would otherwise compile them on first use.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 import torch
 
 from .modules import GRU, LSTM, RNN
+from .recurrence_cpu import serial_kernels
 from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -30,9 +36,12 @@ def _run_cells(dtype: torch.dtype, device: str) -> None:
         output.float().sum().backward()
 
 
-def precompile(dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> dict[str, float]:
+def precompile(
+    dtypes: tuple[str, ...] = ("float32",), device: str = "cpu", forked: bool = False
+) -> dict[str, float]:
     """Run a tiny forward+backward of every cell for each dtype (on CUDA: with each kernel
-    strategy that applies); returns seconds per dtype."""
+    strategy that applies; on the CPU with `forked`, also with the serial twins that forked
+    processes run); returns seconds per dtype."""
     seconds = {}
     for name in dtypes:
         dtype = _DTYPES[name]
@@ -41,6 +50,9 @@ def precompile(dtypes: tuple[str, ...] = ("float32",), device: str = "cpu") -> d
         start = time.perf_counter()
         if device == "cpu":
             _run_cells(dtype, device)
+            if forked:
+                with serial_kernels():
+                    _run_cells(dtype, device)
         else:
             before = get_cuda_strategy()
             try:
@@ -59,13 +71,20 @@ def main(argv: list[str] | None = None) -> int:
     # list against `choices` as one value, so `python -m fastrnn.precompile` alone failed
     parser.add_argument("dtypes", nargs="*", help=f"any of {sorted(_DTYPES)} (float32)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--forked",
+        action="store_true",
+        help="also the CPU kernels that processes forked from a fastrnn process run",
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.dtypes if name not in _DTYPES]
     if unknown:
         parser.error(f"unknown dtype {unknown[0]!r} (choose from {', '.join(sorted(_DTYPES))})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
-    for name, took in precompile(tuple(args.dtypes or ["float32"]), args.device).items():
+    for name, took in precompile(
+        tuple(args.dtypes or ["float32"]), args.device, args.forked
+    ).items():
         print(f"fastrnn {args.device} kernels for {name}: ready ({took:.1f} s)")
     return 0
 

@@ -9,9 +9,11 @@ so no BLAS runs inside them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 
 import numba
 import numpy as np
@@ -36,6 +38,7 @@ prefer_openmp_threading_layer()
 # Set in a process forked from this one (`_after_fork_in_child`): its kernels then run on one
 # thread, without a parallel region.
 _forked = False
+_serial = False  # inside `serial_kernels`
 _warned: set[str] = set()
 _FORKED_WARNING = (
     "fastrnn: this process was forked from one that had imported fastrnn, and GNU OpenMP "
@@ -45,6 +48,17 @@ _FORKED_WARNING = (
 )
 
 
+def _kernel_set(serial: bool) -> dict:
+    """The six kernels this module calls, by their global names here: the parallel ones, or
+    their serial twins (`kernels/cpu/runtime.serial_twin`)."""
+    suffix = "_serial" if serial else ""
+    kernels = {}
+    for module, cell in ((_lstm_kernels, "lstm"), (_gru_kernels, "gru"), (_rnn_kernels, "rnn")):
+        for part in ("forward", "backward"):
+            kernels[f"_{cell}_{part}"] = getattr(module, f"{cell}_{part}{suffix}")
+    return kernels
+
+
 def _after_fork_in_child() -> None:
     """A child of fork() inherits the parent's OpenMP state but not its threads: GNU OpenMP's
     next parallel region there hangs (the parent had run torch's pool) or Numba terminates the
@@ -52,15 +66,25 @@ def _after_fork_in_child() -> None:
     kernel), while torch itself carries on. So the child runs the kernels' serial twins
     (`kernels/cpu/runtime.serial_twin`) on one thread, as in torch's Hogwild example
     (`torch.multiprocessing` training processes forked from the main one)."""
-    global _forked, _lstm_forward, _lstm_backward, _gru_forward, _gru_backward
-    global _rnn_forward, _rnn_backward
+    global _forked
     _forked = True
-    _lstm_forward, _lstm_backward = (
-        _lstm_kernels.lstm_forward_serial,
-        _lstm_kernels.lstm_backward_serial,
-    )
-    _gru_forward, _gru_backward = _gru_kernels.gru_forward_serial, _gru_kernels.gru_backward_serial
-    _rnn_forward, _rnn_backward = _rnn_kernels.rnn_forward_serial, _rnn_kernels.rnn_backward_serial
+    globals().update(_kernel_set(serial=True))
+
+
+@contextlib.contextmanager
+def serial_kernels() -> Iterator[None]:
+    """Run the serial twins on one thread inside this block, as a forked child does
+    (`python -m fastrnn.precompile --forked` compiles them into the cache this way)."""
+    global _serial
+    before = _serial
+    _serial = True
+    globals().update(_kernel_set(serial=True))
+    try:
+        yield
+    finally:
+        _serial = before
+        if not (_forked or before):
+            globals().update(_kernel_set(serial=False))
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
@@ -87,6 +111,8 @@ def _threads() -> int:
         if torch.get_num_threads() > 1 and _FORKED_WARNING not in _warned:
             _warned.add(_FORKED_WARNING)
             warnings.warn(_FORKED_WARNING, RuntimeWarning, stacklevel=2)
+        return 1
+    if _serial:
         return 1
     return max(1, min(torch.get_num_threads(), numba.get_num_threads(), _CPUS))
 

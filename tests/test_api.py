@@ -757,6 +757,21 @@ def _forked_child(connection) -> None:
         connection.send(repr(error))
 
 
+def test_serial_kernels_run_the_twins_on_one_thread():
+    """`recurrence_cpu.serial_kernels` (what a forked child runs, and what precompile --forked
+    compiles): the serial twins, one thread, torch's results; the parallel kernels after."""
+    from fastrnn import recurrence_cpu
+
+    parallel = recurrence_cpu._rnn_forward
+    with recurrence_cpu.serial_kernels():
+        assert recurrence_cpu._rnn_forward is recurrence_cpu._rnn_kernels.rnn_forward_serial
+        assert recurrence_cpu._threads() == 1
+        ref, fast = make_pair("RNN", 3, 4, bidirectional=True)
+        compare_modules(ref, fast, _x(5, 2, 3))
+    assert recurrence_cpu._rnn_forward is parallel
+    assert not recurrence_cpu._serial
+
+
 def test_forked_process_runs_the_kernels():
     """A process forked after the kernels (and torch's pool) ran, as torch.multiprocessing's
     Hogwild training does: GNU OpenMP can't run a parallel region there (it hung, or Numba

@@ -30,3 +30,24 @@ def test_precompile_names_an_unknown_dtype(capsys):
 def test_precompile_refuses_what_has_no_kernel():
     with pytest.raises(ValueError, match="no float16 CPU kernels"):
         precompile(("float16",))
+
+
+def test_precompile_forked_also_runs_the_serial_twins(monkeypatch, capsys):
+    """`--forked` runs the cells a second time inside `serial_kernels` (the twins on one
+    thread, what a forked child calls); without it only the parallel kernels run."""
+    from fastrnn import precompile as module
+    from fastrnn import recurrence_cpu
+
+    calls = []
+
+    def record(dtype, device):
+        calls.append((recurrence_cpu._serial, recurrence_cpu._rnn_forward.__name__))
+
+    monkeypatch.setattr(module, "_run_cells", record)
+    assert main(["--forked"]) == 0
+    assert calls == [(False, "rnn_forward"), (True, "rnn_forward_serial")]
+    assert recurrence_cpu._rnn_forward.__name__ == "rnn_forward"  # restored
+    calls.clear()
+    assert main([]) == 0
+    assert calls == [(False, "rnn_forward")]
+    assert "ready" in capsys.readouterr().out
