@@ -53,6 +53,7 @@ _TRANSFORM_REASON = (
     "forward-mode AD yet"
 )
 _warned: set[str] = set()
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def transform_reason(input: Tensor, weights: Sequence[Tensor | None], hx) -> str | None:
@@ -89,8 +90,11 @@ def warn_fallback(who: str, reason: str, instead: str, stacklevel: int = 3) -> N
 
 def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) -> bool:
     """Whether `name` (lstm, gru_cell, ...) hands this call to torch._VF's function of that
-    name: under a function transform (`transform_reason`), warning once."""
+    name, warning once: under a function transform (`transform_reason`), or for a CPU input
+    of a dtype without CPU kernels (float16, bfloat16; torch reports the ones it rejects)."""
     reason = transform_reason(input, weights, hx)
+    if reason is None and _cell_kernels(input) and input.dtype not in _CPU_KERNEL_DTYPES:
+        reason = f"fastrnn has no CPU kernel for {input.dtype}"
     if reason is None:
         return False
     warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", 4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import pytest
@@ -740,6 +741,43 @@ def test_functional_api_under_transforms_runs_torch(monkeypatch, name):
     assert_close(got.primal, expected.primal)
     assert_close(got.tangent, expected.tangent)
     assert_close(first(fast(x)), first(ref(x)))  # outside a transform: the kernels
+
+
+@pytest.mark.parametrize("name", _FUNCTIONAL_CASES)
+def test_functional_api_runs_torch_for_dtypes_without_kernels(monkeypatch, name):
+    """fastrnn.functional called with float16 or bfloat16 CPU tensors (no CPU kernels) hands
+    the call to torch._VF's function, warning once, as the modules do; an integer input gets
+    torch's own error."""
+    monkeypatch.setattr(fastrnn.functional, "_warned", set())
+    for dtype in (torch.float16, torch.bfloat16, torch.int64):
+        torch.manual_seed(0)
+        cell = name.endswith("_cell")
+        gates = {"lstm": 4, "gru": 3}.get(name.split("_")[0], 1)
+        weight_dtype = torch.float32 if dtype == torch.int64 else dtype
+        weights = [torch.randn(gates * 4, n, dtype=weight_dtype) for n in (3, 4)]
+        weights += [torch.randn(gates * 4, dtype=weight_dtype) for _ in range(2)]
+        h = torch.randn(2, 4) if cell else torch.randn(1, 2, 4)
+        h = h.to(weight_dtype)
+        state = (h, h.clone()) if name.startswith("lstm") else h
+        x = (torch.randn(2, 3) if cell else torch.randn(5, 2, 3)).to(dtype)
+        fast, ref = _functional_call(name, x, state, weights)
+        if dtype == torch.int64:
+            with pytest.raises(RuntimeError) as expected:
+                ref(x)
+            with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+                fast(x)
+            continue
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            got = fast(x)
+        assert any(f"no CPU kernel for {dtype}" in str(m.message) for m in w)
+        expected = ref(x)
+        for a, b in zip(
+            got if isinstance(got, tuple) else (got,),
+            expected if isinstance(expected, tuple) else (expected,),
+            strict=True,
+        ):
+            assert a.dtype == dtype and torch.equal(a, b)
 
 
 def _forked_child(connection) -> None:
