@@ -664,17 +664,6 @@ def test_torch_func_transforms_run_torch_implementation(monkeypatch, name):
     compare_modules(ref, fast, x)
 
 
-_FUNCTIONAL_CASES = [
-    "lstm",
-    "gru",
-    "rnn_tanh",
-    "rnn_relu",
-    "lstm_cell",
-    "gru_cell",
-    "rnn_relu_cell",
-]
-
-
 def _functional_call(name: str, x, state, weights):
     """fastrnn.functional's `name` and torch._VF's, as (fastrnn's, torch's) closures over x."""
     relu = "relu" in name
@@ -700,7 +689,7 @@ def _functional_call(name: str, x, state, weights):
     )
 
 
-@pytest.mark.parametrize("name", _FUNCTIONAL_CASES)
+@pytest.mark.parametrize("name", _TORCH_RNN_OPS)
 def test_functional_api_under_transforms_runs_torch(monkeypatch, name):
     """fastrnn.functional called directly under torch.func (grad over the input, vmap over a
     batch of inputs) and with a dual input hands the call to torch._VF's function, warning
@@ -743,7 +732,7 @@ def test_functional_api_under_transforms_runs_torch(monkeypatch, name):
     assert_close(first(fast(x)), first(ref(x)))  # outside a transform: the kernels
 
 
-@pytest.mark.parametrize("name", _FUNCTIONAL_CASES)
+@pytest.mark.parametrize("name", _TORCH_RNN_OPS)
 def test_functional_api_runs_torch_for_dtypes_without_kernels(monkeypatch, name):
     """fastrnn.functional called with float16 or bfloat16 CPU tensors (no CPU kernels) hands
     the call to torch._VF's function, warning once, as the modules do; an integer input gets
