@@ -2,7 +2,9 @@
 
 A step has no recurrence to keep inside a kernel: both products run as torch GEMMs
 (x @ W_ih^T + b and h @ W_hh^T) and the gate math as one fused single-threaded Numba pass
-(`kernels/cpu/cells.py`), which saves and reuses the activated gates in backward. Backward
+(`kernels/cpu/cells.py`), which saves and reuses the activated gates in backward; up to
+SMALL_BATCH rows that pass computes the products too (`*_cell_forward_small`), faster than
+torch's addmm on such skinny products. Backward
 runs that pass's gradient kernel and then torch GEMMs for dx, dh, dW_ih, dW_hh. Shapes: x (B, I),
 h and c (B, H), W_ih (G*H, I), W_hh (G*H, H), biases (G*H,) or None; G = 4, 3, 1.
 
@@ -19,14 +21,18 @@ from torch.autograd.function import once_differentiable
 
 from .autograd import _first_order_only, check_shapes
 from .kernels.cpu.cells import (
+    SMALL_BATCH,
     gru_cell_backward,
     gru_cell_forward,
+    gru_cell_forward_small,
     lstm_cell_backward,
     lstm_cell_forward,
+    lstm_cell_forward_small,
     rnn_cell_backward,
     rnn_cell_forward,
+    rnn_cell_forward_small,
 )
-from .recurrence_cpu import _np
+from .recurrence_cpu import _NUMPY_DTYPES, _empty, _np
 
 
 def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> None:
@@ -52,6 +58,20 @@ def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias, rows, W.t())
 
 
+def _product_inputs(x, h, W_ih, W_hh, b_ih, b_hh) -> list:
+    """The arrays a `*_cell_forward_small` kernel computes the products from (SMALL_BATCH rows
+    or fewer: its own dot products beat torch's addmm there); an absent bias as an empty
+    array."""
+    arrays = [_np(x), _np(h), _np(W_ih), _np(W_hh)]
+    for bias in (b_ih, b_hh):
+        arrays.append(_np(bias) if bias is not None else _empty((0,), _NUMPY_DTYPES[x.dtype]))
+    return arrays
+
+
+def _new_rows(like: Tensor, rows: int, columns: int) -> Tensor:
+    return torch.empty((rows, columns), dtype=like.dtype)
+
+
 def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tensor, W_ih, W_hh):
     """dx, dh (through W_hh only), dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients
     (B, G*H) on the input and the recurrent side (the same tensor for LSTM and RNN), each
@@ -75,11 +95,19 @@ class LSTMCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, c, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 4)
-        gates = _product(x, W_ih, b_ih)
-        rec = _product(h, W_hh, b_hh)
-        c_new = torch.empty(c.shape, dtype=c.dtype)
-        h_new = torch.empty(c.shape, dtype=c.dtype)
-        lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
+        c_new = torch.empty_like(c, memory_format=torch.contiguous_format)
+        h_new = torch.empty_like(c_new)
+        if x.shape[0] <= SMALL_BATCH:
+            gates = _new_rows(x, x.shape[0], W_ih.shape[0])
+            rec = torch.empty_like(gates)
+            lstm_cell_forward_small(
+                *_product_inputs(x, h, W_ih, W_hh, b_ih, b_hh), gates.numpy(), rec.numpy(),
+                _np(c), c_new.numpy(), h_new.numpy(),
+            )  # fmt: skip
+        else:
+            gates = _product(x, W_ih, b_ih)
+            rec = _product(h, W_hh, b_hh)
+            lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new)
             ctx.gates = gates
@@ -91,8 +119,8 @@ class LSTMCellFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh, dc):
         x, h, c, W_ih, W_hh, c_new = ctx.saved_tensors
-        d_gates = torch.empty(ctx.gates.shape, dtype=c.dtype)
-        dc_prev = torch.empty(c.shape, dtype=c.dtype)
+        d_gates = torch.empty_like(ctx.gates)
+        dc_prev = torch.empty_like(c, memory_format=torch.contiguous_format)
         lstm_cell_backward(
             ctx.gates.numpy(), _np(c), c_new.numpy(), _np(dh), _np(dc), d_gates.numpy(),
             dc_prev.numpy(),
@@ -109,17 +137,26 @@ class GRUCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 3)
-        projected = _product(x, W_ih, b_ih)
-        rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
         if b_hh is None:
             b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
         else:
             b_hh_np = _np(b_hh)
-        cache = torch.empty((h.shape[0], 4 * h.shape[1]), dtype=h.dtype)
-        h_new = torch.empty(h.shape, dtype=h.dtype)
-        gru_cell_forward(
-            projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
-        )
+        cache = _new_rows(h, h.shape[0], 4 * h.shape[1])
+        h_new = torch.empty_like(h, memory_format=torch.contiguous_format)
+        if x.shape[0] <= SMALL_BATCH:
+            projected = _new_rows(x, x.shape[0], W_ih.shape[0])
+            rec = torch.empty_like(projected)
+            arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, None)
+            arrays[-1] = b_hh_np  # b_hn enters the reset gate, not rec
+            gru_cell_forward_small(
+                *arrays, projected.numpy(), rec.numpy(), cache.numpy(), h_new.numpy()
+            )
+        else:
+            projected = _product(x, W_ih, b_ih)
+            rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
+            gru_cell_forward(
+                projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
+            )
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h, W_ih, W_hh)
             ctx.cache = cache
@@ -132,9 +169,9 @@ class GRUCellFunction(torch.autograd.Function):
     def backward(ctx, dh):
         x, h, W_ih, W_hh = ctx.saved_tensors
         rows, hidden = h.shape
-        d_input = torch.empty((rows, 3 * hidden), dtype=h.dtype)
-        d_recurrent = torch.empty((rows, 3 * hidden), dtype=h.dtype)
-        dh_direct = torch.empty(h.shape, dtype=h.dtype)
+        d_input = _new_rows(h, rows, 3 * hidden)
+        d_recurrent = torch.empty_like(d_input)
+        dh_direct = torch.empty_like(h, memory_format=torch.contiguous_format)
         gru_cell_backward(
             ctx.cache.numpy(), _np(h), _np(dh), d_input.numpy(), d_recurrent.numpy(),
             dh_direct.numpy(),
@@ -153,8 +190,14 @@ class RNNCellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, h, relu, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, 1)
-        h_new = _product(x, W_ih, b_ih)
-        rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
+        if x.shape[0] <= SMALL_BATCH:
+            h_new = _new_rows(x, x.shape[0], W_ih.shape[0])
+            rec = torch.empty_like(h_new)
+            arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, b_hh)
+            rnn_cell_forward_small(*arrays, h_new.numpy(), rec.numpy(), relu)
+        else:
+            h_new = _product(x, W_ih, b_ih)
+            rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h, W_ih, W_hh, h_new)
             ctx.relu = relu
@@ -166,7 +209,7 @@ class RNNCellFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh):
         x, h, W_ih, W_hh, h_new = ctx.saved_tensors
-        d_pre = torch.empty(h_new.shape, dtype=h_new.dtype)
+        d_pre = torch.empty_like(h_new)
         rnn_cell_backward(h_new.numpy(), _np(dh), ctx.relu, d_pre.numpy())
         dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h, W_ih, W_hh)
         return dx, dh_prev, None, dW_ih, dW_hh, db_ih, db_hh

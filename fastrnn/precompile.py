@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from .modules import GRU, LSTM, RNN
+from .kernels.cpu.cells import SMALL_BATCH
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 from .recurrence_cpu import serial_kernels
 from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 
@@ -34,6 +35,14 @@ def _run_cells(dtype: torch.dtype, device: str) -> None:
         x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
         output, _ = module(x)
         output.float().sum().backward()
+    if device != "cpu":
+        return  # CUDA cells run the layer path compiled above
+    for cell in (LSTMCell(2, 3), GRUCell(2, 3), RNNCell(2, 3)):
+        cell = cell.to(dtype=dtype)
+        for batch in (1, SMALL_BATCH + 1):  # both product paths (`kernels.cpu.cells`)
+            x = torch.randn(batch, 2, dtype=dtype, requires_grad=True)
+            output = cell(x)
+            (output[0] if isinstance(output, tuple) else output).sum().backward()
 
 
 def precompile(

@@ -526,6 +526,30 @@ def test_cell_parity(cell, bias, unbatched, hx_given, dtype):
     assert fast_res["h"].shape == (*batch, H)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
+def test_cell_parity_on_both_product_paths(cell, bias):
+    """Up to SMALL_BATCH rows the cell kernels compute the products themselves, from one more
+    row torch's addmm does: both match torch, including every gradient, and with strided
+    (non-contiguous) input and states."""
+    from fastrnn.kernels.cpu.cells import SMALL_BATCH
+
+    for B in (1, SMALL_BATCH, SMALL_BATCH + 1):
+        ref, fast = make_mode_pair(cell, 6, 5, bias=bias)
+        gen = torch.Generator().manual_seed(B)
+        x = torch.randn(B, 12, generator=gen)[:, ::2]  # strided columns
+        h = torch.randn(B, 10, generator=gen)[:, 1::2]
+        hx = (h, torch.randn(B, 5, generator=gen)) if cell == "LSTMCell" else h
+        assert not x.is_contiguous() and not h.is_contiguous()
+        with torch.no_grad():
+            got, expected = fast(x, hx), ref(x, hx)
+        for a, b in zip(
+            *(r if isinstance(r, tuple) else (r,) for r in (got, expected)), strict=True
+        ):
+            assert_close(a, b, f"B{B} strided")
+        compare_modules(ref, fast, x, hx)  # (on contiguous copies) outputs and every gradient
+
+
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
 def test_cell_unrolled_sequence(cell):
     """A cell applied step by step (the typical use) matches torch including all grads."""
