@@ -118,8 +118,12 @@ def _threads() -> int:
 
 
 def _np(t: Tensor) -> np.ndarray:
-    """Zero-copy numpy view of a tensor's data (copied first only if not contiguous)."""
-    return t.detach().contiguous().numpy()
+    """Zero-copy numpy view of a tensor's data (copied first only if not contiguous).
+    `numpy(force=True)` detaches in C++: 1.3 us against 1.9 for `detach().numpy()`, and a
+    batch-1 fwd+bwd converts ~20 tensors."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy(force=True)
 
 
 _NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
