@@ -9,7 +9,7 @@ runs that pass's gradient kernel and then torch GEMMs for dx, dh, dW_ih, dW_hh. 
 h and c (B, H), W_ih (G*H, I), W_hh (G*H, H), biases (G*H,) or None; G = 4, 3, 1.
 
 On one step this beats the layer kernels: their parallel region and per-call weight packing
-(sessions 1-2: per-thread BLAS calls) cost more than the work (see the README's facts).
+(sessions 1-2: per-thread BLAS calls) cost more than the work (see bench/performance-notes.md).
 CUDA tensors take the layer path (`autograd`).
 """
 
