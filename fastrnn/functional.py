@@ -93,7 +93,12 @@ def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) 
     name, warning once: under a function transform (`transform_reason`), or for a CPU input
     of a dtype without CPU kernels (float16, bfloat16; torch reports the ones it rejects)."""
     reason = transform_reason(input, weights, hx)
-    if reason is None and _cell_kernels(input) and input.dtype not in _CPU_KERNEL_DTYPES:
+    if (
+        reason is None
+        and isinstance(input, Tensor)
+        and _cell_kernels(input)
+        and input.dtype not in _CPU_KERNEL_DTYPES
+    ):
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
     if reason is None:
         return False
@@ -430,6 +435,14 @@ def rnn(
     return output, h_n
 
 
+def _not_matrices(*tensors: Tensor) -> bool:
+    """Whether a cell's input or a state isn't 2-D (B, *): torch's modules pass such calls
+    on (an unbatched input with 2-D states becomes 3-D states), and torch._VF's cell then
+    raises or broadcasts as it does; the kernels take only (B, *) rows, so these calls (and
+    arguments that aren't tensors) get torch._VF's own result or error."""
+    return any(not isinstance(t, Tensor) or t.dim() != 2 for t in tensors)
+
+
 def _check_cell_args(
     input: Tensor, states: Sequence[Tensor], W_ih: Tensor, hidden_sizes: Sequence[int]
 ) -> None:
@@ -480,7 +493,8 @@ def lstm_cell(
         )
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
-    if _torch_runs("lstm_cell", input, (W_ih, W_hh, b_ih, b_hh), hx):
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs("lstm_cell", input, weights, hx) or _not_matrices(input, *hx):
         h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
         return h, c
     hidden = W_hh.shape[1]
@@ -512,7 +526,7 @@ def gru_cell(
     b_hh: Tensor | None = None,
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
-    if _torch_runs("gru_cell", input, (W_ih, W_hh, b_ih, b_hh), hx):
+    if _torch_runs("gru_cell", input, (W_ih, W_hh, b_ih, b_hh), hx) or _not_matrices(input, hx):
         return _VF.gru_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     if _cell_kernels(input):
@@ -534,7 +548,7 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     relu = nonlinearity == "relu"
     name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
-    if _torch_runs(name, input, (W_ih, W_hh, b_ih, b_hh), hx):
+    if _torch_runs(name, input, (W_ih, W_hh, b_ih, b_hh), hx) or _not_matrices(input, hx):
         return getattr(_VF, name)(input, hx, W_ih, W_hh, b_ih, b_hh)
     _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
     if _cell_kernels(input):

@@ -428,3 +428,20 @@ def test_cell_weight_replaced_by_wrong_shape_raises_not_crashes(cls, name, shape
         setattr(cell, name, torch.nn.Parameter(torch.randn(*shape)))
     with pytest.raises(RuntimeError):
         cell(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("state_rows", [1, 2, 4])
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cell_unbatched_input_with_2d_states_is_torchs(cls, state_rows):
+    """An unbatched (1-D) input with 2-D states: torch's cells turn the states 3-D and then
+    raise, or (RNNCell, states (H, H)) broadcast to a result. The cell kernels take only (B, *)
+    rows (a 3-D state once reached Numba as a typing error); fastrnn gives torch's outcome."""
+    ref, fast = make_pair(cls, 3, 4)
+    for hidden in (4, 5):
+        x = torch.randn(3)
+        h = torch.randn(state_rows, hidden)
+        hx = (h, torch.randn(state_rows, hidden)) if cls == "LSTMCell" else h
+        expected = capture_exception(lambda hx=hx, x=x: ref(x, hx))
+        assert capture_exception(lambda hx=hx, x=x: fast(x, hx)) == expected
+        if expected is None:
+            assert_close(fast(x, hx), ref(x, hx))
