@@ -172,9 +172,25 @@ def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
             )
 
 
+# torch's scalar type names, as its dtype errors print them
+_TYPE_NAMES = {
+    torch.float32: "Float",
+    torch.float64: "Double",
+    torch.float16: "Half",
+    torch.bfloat16: "BFloat16",
+    torch.int64: "Long",
+    torch.int32: "Int",
+    torch.int16: "Short",
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
 def _type_name(t: Tensor) -> str:
-    names = {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half"}
-    return names.get(t.dtype, str(t.dtype).removeprefix("torch."))
+    return _TYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 
 def _stacked(
@@ -444,9 +460,16 @@ def _not_matrices(*tensors: Tensor) -> bool:
 
 
 def _check_cell_args(
-    input: Tensor, states: Sequence[Tensor], W_ih: Tensor, hidden_sizes: Sequence[int]
+    input: Tensor,
+    states: Sequence[Tensor],
+    W_ih: Tensor,
+    hidden_sizes: Sequence[int],
+    hidden_first: bool = False,
 ) -> None:
-    """torch's checks of `_VF.*_cell`, with its messages, in its order."""
+    """torch's checks of `_VF.*_cell`, with its messages, in its order: the shapes, then the
+    dtypes of the products' inputs in the order torch's cell computes them (its LSTM and RNN
+    cells h W_hh^T first, `hidden_first`). An LSTM's c isn't a product's input: the caller
+    handles its dtype."""
     input_size = W_ih.shape[1]
     if input.size(1) != input_size:
         raise RuntimeError(
@@ -463,7 +486,7 @@ def _check_cell_args(
                 f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
                 f"expected {hidden}"
             )
-    for tensor in (input, *states):
+    for tensor in (states[0], input) if hidden_first else (input, states[0]):
         if tensor.dtype != W_ih.dtype:
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
@@ -498,7 +521,12 @@ def lstm_cell(
         h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
         return h, c
     hidden = W_hh.shape[1]
-    _check_cell_args(input, hx, W_ih, (hidden, hidden))
+    _check_cell_args(input, hx, W_ih, (hidden, hidden), hidden_first=True)
+    if hx[1].dtype != W_ih.dtype:  # torch promotes the results to c's dtype (or raises)
+        reason = f"fastrnn has no kernel for a {hx[1].dtype} cell state with {W_ih.dtype} weights"
+        warn_fallback("fastrnn.functional.lstm_cell", reason, "torch._VF.lstm_cell")
+        h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
+        return h, c
     if _cell_kernels(input):
         return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
@@ -550,7 +578,7 @@ def rnn_cell(
     name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
     if _torch_runs(name, input, (W_ih, W_hh, b_ih, b_hh), hx) or _not_matrices(input, hx):
         return getattr(_VF, name)(input, hx, W_ih, W_hh, b_ih, b_hh)
-    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],), hidden_first=True)
     if _cell_kernels(input):
         return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]

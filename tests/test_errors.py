@@ -6,6 +6,7 @@ same seed) and compares ``(type(exc), str(exc))``. Every case is one where torch
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -445,3 +446,33 @@ def test_cell_unbatched_input_with_2d_states_is_torchs(cls, state_rows):
         assert capture_exception(lambda hx=hx, x=x: fast(x, hx)) == expected
         if expected is None:
             assert_close(fast(x, hx), ref(x, hx))
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("cls", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_input_and_state_dtypes_get_torchs_outcome(cls):
+    """Every mix of input, state and module dtype (float32/64, float16, bfloat16): torch's
+    error type and message (its dtype names, and its cells' order: LSTM and RNN cells compute
+    h W_hh^T first), or torch's result (an LSTMCell's c of another dtype promotes)."""
+    cell = cls.endswith("Cell")
+    for x_dtype, h_dtype, module_dtype in itertools.product(_DTYPES, _DTYPES, _DTYPES[:2]):
+        torch.manual_seed(0)
+        ref, fast = make_pair(cls, 3, 4)
+        ref, fast = ref.to(module_dtype), fast.to(module_dtype)
+        x = (torch.randn(2, 3) if cell else torch.randn(5, 2, 3)).to(x_dtype)
+        h = (torch.randn(2, 4) if cell else torch.randn(1, 2, 4)).to(h_dtype)
+        hx = (h, h.clone()) if cls.startswith("LSTM") else h
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = capture_exception(lambda x=x, hx=hx, ref=ref: ref(x, hx))
+            assert capture_exception(lambda x=x, hx=hx, fast=fast: fast(x, hx)) == expected
+    # c alone of another dtype: torch's LSTMCell promotes its results
+    ref, fast = make_pair("LSTMCell", 3, 4)
+    x, h, c = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, expected = fast(x, (h, c)), ref(x, (h, c))
+    for a, b in zip(got, expected, strict=True):
+        assert_close(a, b)
