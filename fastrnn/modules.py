@@ -235,9 +235,10 @@ class LSTM(_SequenceForward, _TorchLSTM):
         return (h, c)
 
     def _states_tuple(self, hx):
-        if isinstance(hx, Tensor):
-            # A tensor where (h, c) belongs: torch's checks index hx[0] and hx[1], so one with
-            # fewer than two rows raises torch's own IndexError, here too.
+        if not isinstance(hx, (tuple, list)):
+            # A tensor (or anything else) where (h, c) belongs: torch's checks index hx[0] and
+            # hx[1], so a tensor with fewer than two rows raises torch's own IndexError, here
+            # too, and an int its TypeError.
             _ = (hx[0], hx[1])
         # All of them: functional.lstm rejects a number other than two, as torch does.
         return tuple(hx)

@@ -74,6 +74,7 @@ FORWARD_CASES = [
     case("RNN", A(4, 5, 2, bidirectional=True), lambda: (r(3, 2, 4), z(2, 2, 5)), "RNN-bi-hx-dirs"),
     case("GRU", A(4, 5, batch_first=True), lambda: (r(2, 3, 4), z(1, 3, 5)), "GRU-bf-hx-batch"),
     # LSTM (h0, c0)
+    case("LSTM", LSTM2, lambda: (r(3, 2, 4), 3), "LSTM-int-hx"),
     case("LSTM", LSTM2, lambda: (r(3, 2, 4), (z(2, 3, 5), z(2, 2, 5))), "LSTM-h0-batch"),
     case("LSTM", LSTM2, lambda: (r(3, 2, 4), (z(2, 2, 5), z(2, 3, 5))), "LSTM-c0-batch"),
     case("LSTM", LSTM2, lambda: (r(3, 2, 4), (z(2, 2, 6), z(2, 2, 5))), "LSTM-h0-hidden"),
