@@ -212,6 +212,7 @@ def _stacked(
     step (without a projection, on the CPU) runs as a cell per direction (`run_step`): the
     layer kernels would pack every weight for a single product (see `_one_step`)."""
     directions = 2 if bidirectional else 1
+    _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
     layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
     _check_state_dtype(input, states)
     one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(input)
@@ -244,6 +245,21 @@ def _stacked(
         if batch_first:
             output = output.transpose(0, 1)
     return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
+
+
+def _check_weight_count(
+    weights: Sequence[Tensor], has_biases: bool, has_proj: bool, layer_directions: int
+) -> None:
+    """torch's check of the flat weight list (its messages): a whole number of per
+    layer-direction groups [W_ih, W_hh, (b_ih, b_hh), (W_hr)], one group each. (Reached
+    through the functional API; the modules always pass their own complete list.)"""
+    stride = 2 + 2 * int(has_biases) + int(has_proj)
+    if len(weights) % stride:
+        raise RuntimeError(
+            f"MatrixRef: ArrayRef size {len(weights)} not divisible by stride {stride}"
+        )
+    if len(weights) != stride * layer_directions:
+        raise RuntimeError("got an incorrect number of RNN parameters")
 
 
 def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
@@ -357,9 +373,8 @@ def lstm(
             "lstm", input, hx, weights, flags, batch_first, batch_sizes
         )
         return output, h_n, c_n
-    directions = 2 if bidirectional else 1
-    per_layer_dir = len(weights) // (num_layers * directions)
-    has_proj = per_layer_dir == 2 + 2 * int(has_biases) + 1
+    # torch's rule: a projection makes h narrower than c (proj_size < hidden_size)
+    has_proj = hx[0].shape[-1] != hx[1].shape[-1]
     output, h_n, c_n = _stacked(
         _run_lstm_layer,
         _lstm_step,

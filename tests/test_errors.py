@@ -7,6 +7,7 @@ same seed) and compares ``(type(exc), str(exc))``. Every case is one where torch
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import pytest
@@ -477,3 +478,25 @@ def test_input_and_state_dtypes_get_torchs_outcome(cls):
         got, expected = fast(x, (h, c)), ref(x, (h, c))
     for a, b in zip(got, expected, strict=True):
         assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "weights_of,has_biases,num_layers,message",
+    [
+        (lambda w: w[:-1], True, 2, "MatrixRef: ArrayRef size 15 not divisible by stride 4"),
+        (lambda w: w + w[:4], True, 2, "got an incorrect number of RNN parameters"),
+        (lambda w: w, True, 1, "got an incorrect number of RNN parameters"),
+        (lambda w: w[:7], False, 2, "MatrixRef: ArrayRef size 7 not divisible by stride 2"),
+    ],
+    ids=["one-missing", "extra-group", "fewer-layers", "no-bias-flag-mismatch"],
+)
+def test_functional_weight_count_errors(weights_of, has_biases, num_layers, message):
+    """fastrnn.functional checks the flat weight list as torch does (torch's messages) instead
+    of indexing past its end; an LSTM has a projection when h is narrower than c (torch's
+    rule), not when the list's length happens to fit one."""
+    weights = weights_of(list(torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)._flat_weights))
+    h = torch.zeros(4, 2, 4)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        fastrnn.functional.lstm(
+            torch.randn(5, 2, 3), (h, h), weights, has_biases, num_layers, 0.0, False, True
+        )
