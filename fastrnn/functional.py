@@ -466,47 +466,53 @@ def rnn(
     return output, h_n
 
 
-def _not_matrices(*tensors: Tensor) -> bool:
-    """Whether a cell's input or a state isn't 2-D (B, *): torch's modules pass such calls
-    on (an unbatched input with 2-D states becomes 3-D states), and torch._VF's cell then
-    raises or broadcasts as it does; the kernels take only (B, *) rows, so these calls (and
-    arguments that aren't tensors) get torch._VF's own result or error."""
-    return any(not isinstance(t, Tensor) or t.dim() != 2 for t in tensors)
-
-
-def _check_cell_args(
+def _well_formed_cell(
     input: Tensor,
     states: Sequence[Tensor],
     W_ih: Tensor,
-    hidden_sizes: Sequence[int],
-    hidden_first: bool = False,
-) -> None:
-    """torch's checks of `_VF.*_cell`, with its messages, in its order: the shapes, then the
-    dtypes of the products' inputs in the order torch's cell computes them (its LSTM and RNN
-    cells h W_hh^T first, `hidden_first`). An LSTM's c isn't a product's input: the caller
-    handles its dtype."""
-    input_size = W_ih.shape[1]
-    if input.size(1) != input_size:
-        raise RuntimeError(
-            f"input has inconsistent input_size: got {input.size(1)} expected {input_size}"
-        )
-    for index, (state, hidden) in enumerate(zip(states, hidden_sizes, strict=True)):
-        if input.size(0) != state.size(0):
-            raise RuntimeError(
-                f"Input batch size {input.size(0)} doesn't match hidden{index} batch size "
-                f"{state.size(0)}"
-            )
-        if state.size(1) != hidden:
-            raise RuntimeError(
-                f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, "
-                f"expected {hidden}"
-            )
-    for tensor in (states[0], input) if hidden_first else (input, states[0]):
-        if tensor.dtype != W_ih.dtype:
-            raise RuntimeError(
-                "mat1 and mat2 must have the same dtype, but got "
-                f"{_type_name(tensor)} and {_type_name(W_ih)}"
-            )
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    gates: int,
+) -> bool:
+    """Whether a cell call is what the cell kernels take: input (B, I), states (B, H), W_ih
+    (G*H, I), W_hh (G*H, H), both biases (G*H,) or neither, one dtype and device throughout.
+    Anything else goes to torch._VF's cell (`_cell_by_torch`), which raises torch's own error
+    or, where torch accepts it (a broadcastable bias, an LSTM c of another dtype), computes
+    torch's result."""
+    tensors = (input, *states, W_ih, W_hh)
+    if (b_ih is None) != (b_hh is None):
+        return False
+    biases = () if b_ih is None else (b_ih, b_hh)
+    if not all(isinstance(t, Tensor) for t in (*tensors, *biases)):
+        return False
+    if input.dim() != 2 or W_ih.dim() != 2 or W_hh.dim() != 2:
+        return False
+    batch, inputs = input.shape
+    hidden = W_hh.shape[1]
+    rows = gates * hidden
+    if W_ih.shape != (rows, inputs) or W_hh.shape[0] != rows:
+        return False
+    if any(state.shape != (batch, hidden) for state in states):
+        return False
+    if any(bias.shape != (rows,) for bias in biases):
+        return False
+    dtype, device = W_ih.dtype, input.device
+    return all(t.dtype == dtype and t.device == device for t in (*tensors, *biases))
+
+
+def _cell_by_torch(name: str, input: Tensor, hx, *weights: Tensor | None):
+    """torch._VF's `name` cell on a call the cell kernels don't take as it is: torch's error,
+    or (where torch accepts the call) its result, with a warning once."""
+    result = getattr(_VF, name)(input, hx, *weights)
+    warn_fallback(
+        f"fastrnn.functional.{name}",
+        "fastrnn's cell kernels take (B, I) input, (B, H) states, weights and biases of "
+        "their exact shapes, one dtype",
+        f"torch._VF.{name}",
+        4,
+    )
+    return result
 
 
 def _cell_kernels(input: Tensor) -> bool:
@@ -532,15 +538,11 @@ def lstm_cell(
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
     weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs("lstm_cell", input, weights, hx) or _not_matrices(input, *hx):
-        h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs("lstm_cell", input, weights, hx):
+        h, c = _VF.lstm_cell(input, hx, *weights)
         return h, c
-    hidden = W_hh.shape[1]
-    _check_cell_args(input, hx, W_ih, (hidden, hidden), hidden_first=True)
-    if hx[1].dtype != W_ih.dtype:  # torch promotes the results to c's dtype (or raises)
-        reason = f"fastrnn has no kernel for a {hx[1].dtype} cell state with {W_ih.dtype} weights"
-        warn_fallback("fastrnn.functional.lstm_cell", reason, "torch._VF.lstm_cell")
-        h, c = _VF.lstm_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
+    if not _well_formed_cell(input, hx, *weights, 4):
+        h, c = _cell_by_torch("lstm_cell", input, hx, *weights)
         return h, c
     if _cell_kernels(input):
         return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
@@ -569,9 +571,11 @@ def gru_cell(
     b_hh: Tensor | None = None,
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
-    if _torch_runs("gru_cell", input, (W_ih, W_hh, b_ih, b_hh), hx) or _not_matrices(input, hx):
-        return _VF.gru_cell(input, hx, W_ih, W_hh, b_ih, b_hh)
-    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],))
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs("gru_cell", input, weights, hx):
+        return _VF.gru_cell(input, hx, *weights)
+    if not _well_formed_cell(input, (hx,), *weights, 3):
+        return _cell_by_torch("gru_cell", input, hx, *weights)
     if _cell_kernels(input):
         return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
@@ -591,9 +595,11 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     relu = nonlinearity == "relu"
     name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
-    if _torch_runs(name, input, (W_ih, W_hh, b_ih, b_hh), hx) or _not_matrices(input, hx):
-        return getattr(_VF, name)(input, hx, W_ih, W_hh, b_ih, b_hh)
-    _check_cell_args(input, (hx,), W_ih, (W_hh.shape[1],), hidden_first=True)
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs(name, input, weights, hx):
+        return getattr(_VF, name)(input, hx, *weights)
+    if not _well_formed_cell(input, (hx,), *weights, 1):
+        return _cell_by_torch(name, input, hx, *weights)
     if _cell_kernels(input):
         return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]

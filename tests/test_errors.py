@@ -500,3 +500,47 @@ def test_functional_weight_count_errors(weights_of, has_biases, num_layers, mess
         fastrnn.functional.lstm(
             torch.randn(5, 2, 3), (h, h), weights, has_biases, num_layers, 0.0, False, True
         )
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_functional_cells_on_malformed_arguments_are_torchs(kind):
+    """fastrnn.functional's cells with weights, biases, input or states of the wrong size
+    (alone or several at once) give torch._VF's outcome: the error torch raises first, or its
+    result where torch's broadcasting accepts the call."""
+    import random
+
+    rng = random.Random(kind)
+    gates = {"lstm": 4, "gru": 3}.get(kind, 1)
+    for _ in range(40):
+
+        def size(n: int) -> int:
+            return n + rng.choice([0, 0, 0, 1])
+
+        W_ih, W_hh = torch.randn(size(gates * 4), size(3)), torch.randn(size(gates * 4), size(4))
+        biases = (torch.randn(size(gates * 4)), torch.randn(size(gates * 4)))
+        if rng.random() < 0.2:
+            biases = (None, None)
+        x, h = torch.randn(size(2), 3), torch.randn(2, size(4))
+        hx = (h, torch.randn(2, 4)) if kind == "lstm" else h
+        args = (x, hx, W_ih, W_hh, *biases)
+        expected = capture_exception(lambda args=args: _vf_cell(kind, args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert capture_exception(lambda args=args: _fastrnn_cell(kind, args)) == expected
+            if expected is None:
+                got, want = _fastrnn_cell(kind, args), _vf_cell(kind, args)
+                pairs = zip(
+                    *(r if isinstance(r, tuple) else (r,) for r in (got, want)), strict=True
+                )
+                for a, b in pairs:
+                    assert_close(a, b)
+
+
+def _vf_cell(kind: str, args: tuple):
+    return getattr(torch._VF, f"{kind}_cell")(*args)
+
+
+def _fastrnn_cell(kind: str, args: tuple):
+    if kind.startswith("rnn"):
+        return fastrnn.functional.rnn_cell(*args, kind.split("_")[1])
+    return getattr(fastrnn.functional, f"{kind}_cell")(*args)
