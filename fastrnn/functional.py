@@ -102,7 +102,8 @@ def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) 
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
     if reason is None:
         return False
-    warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", 4)
+    # frames: warn_fallback, this, `_torch_sequence` / `_torch_cell`, the API function
+    warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", 5)
     return True
 
 
@@ -114,9 +115,12 @@ def _torch_sequence(
     flags: tuple,
     batch_first: bool,
     batch_sizes: Tensor | None,
-) -> tuple[Tensor, ...]:
-    """torch._VF's `name` (lstm, gru, rnn_tanh, rnn_relu) on the same arguments; flags:
-    (has_biases, num_layers, dropout, train, bidirectional)."""
+) -> tuple[Tensor, ...] | None:
+    """torch._VF's `name` (lstm, gru, rnn_tanh, rnn_relu) on the same arguments where fastrnn
+    hands the call over (`_torch_runs`), else None; flags: (has_biases, num_layers, dropout,
+    train, bidirectional)."""
+    if not _torch_runs(name, input, weights, hx):
+        return None
     function = getattr(_VF, name)
     if batch_sizes is None:
         return tuple(function(input, hx, weights, *flags, batch_first))
@@ -367,11 +371,10 @@ def lstm(
     """
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
-    if _torch_runs("lstm", input, weights, hx):
-        flags = (has_biases, num_layers, dropout, train, bidirectional)
-        output, h_n, c_n = _torch_sequence(
-            "lstm", input, hx, weights, flags, batch_first, batch_sizes
-        )
+    flags = (has_biases, num_layers, dropout, train, bidirectional)
+    by_torch = _torch_sequence("lstm", input, hx, weights, flags, batch_first, batch_sizes)
+    if by_torch is not None:
+        output, h_n, c_n = by_torch
         return output, h_n, c_n
     # torch's rule: a projection makes h narrower than c (proj_size < hidden_size)
     has_proj = hx[0].shape[-1] != hx[1].shape[-1]
@@ -406,9 +409,10 @@ def gru(
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
-    if _torch_runs("gru", input, weights, hx):
-        flags = (has_biases, num_layers, dropout, train, bidirectional)
-        output, h_n = _torch_sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
+    flags = (has_biases, num_layers, dropout, train, bidirectional)
+    by_torch = _torch_sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
+    if by_torch is not None:
+        output, h_n = by_torch
         return output, h_n
     output, h_n = _stacked(
         _run_gru_layer,
@@ -444,9 +448,10 @@ def rnn(
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
     relu = nonlinearity == "relu"
     name = "rnn_relu" if relu else "rnn_tanh"
-    if _torch_runs(name, input, weights, hx):
-        flags = (has_biases, num_layers, dropout, train, bidirectional)
-        output, h_n = _torch_sequence(name, input, hx, weights, flags, batch_first, batch_sizes)
+    flags = (has_biases, num_layers, dropout, train, bidirectional)
+    by_torch = _torch_sequence(name, input, hx, weights, flags, batch_first, batch_sizes)
+    if by_torch is not None:
+        output, h_n = by_torch
         return output, h_n
     output, h_n = _stacked(
         _rnn_layer_runner(relu),
@@ -477,7 +482,7 @@ def _well_formed_cell(
 ) -> bool:
     """Whether a cell call is what the cell kernels take: input (B, I), states (B, H), W_ih
     (G*H, I), W_hh (G*H, H), both biases (G*H,) or neither, one dtype and device throughout.
-    Anything else goes to torch._VF's cell (`_cell_by_torch`), which raises torch's own error
+    Anything else goes to torch._VF's cell (`_torch_cell`), which raises torch's own error
     or, where torch accepts it (a broadcastable bias, an LSTM c of another dtype), computes
     torch's result."""
     tensors = (input, *states, W_ih, W_hh)
@@ -501,10 +506,17 @@ def _well_formed_cell(
     return all(t.dtype == dtype and t.device == device for t in (*tensors, *biases))
 
 
-def _cell_by_torch(name: str, input: Tensor, hx, *weights: Tensor | None):
-    """torch._VF's `name` cell on a call the cell kernels don't take as it is: torch's error,
-    or (where torch accepts the call) its result, with a warning once."""
-    result = getattr(_VF, name)(input, hx, *weights)
+def _torch_cell(name: str, input: Tensor, hx, states: Sequence[Tensor], weights: tuple, gates: int):
+    """torch._VF's `name` cell on a call fastrnn hands over, else None: under a function
+    transform or for a dtype without CPU kernels (`_torch_runs`), and any call the cell
+    kernels don't take as it is (`_well_formed_cell`), which gets torch's error or, where
+    torch accepts the call, its result, with a warning once."""
+    cell = getattr(_VF, name)
+    if _torch_runs(name, input, weights, hx):
+        return cell(input, hx, *weights)
+    if _well_formed_cell(input, states, *weights, gates):
+        return None
+    result = cell(input, hx, *weights)
     warn_fallback(
         f"fastrnn.functional.{name}",
         "fastrnn's cell kernels take (B, I) input, (B, H) states, weights and biases of "
@@ -537,12 +549,9 @@ def lstm_cell(
         )
     if len(hx) != 2:
         raise RuntimeError("lstm_cell expects two hidden states")
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs("lstm_cell", input, weights, hx):
-        h, c = _VF.lstm_cell(input, hx, *weights)
-        return h, c
-    if not _well_formed_cell(input, hx, *weights, 4):
-        h, c = _cell_by_torch("lstm_cell", input, hx, *weights)
+    by_torch = _torch_cell("lstm_cell", input, hx, hx, (W_ih, W_hh, b_ih, b_hh), 4)
+    if by_torch is not None:
+        h, c = by_torch
         return h, c
     if _cell_kernels(input):
         return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
@@ -571,11 +580,9 @@ def gru_cell(
     b_hh: Tensor | None = None,
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs("gru_cell", input, weights, hx):
-        return _VF.gru_cell(input, hx, *weights)
-    if not _well_formed_cell(input, (hx,), *weights, 3):
-        return _cell_by_torch("gru_cell", input, hx, *weights)
+    by_torch = _torch_cell("gru_cell", input, hx, (hx,), (W_ih, W_hh, b_ih, b_hh), 3)
+    if by_torch is not None:
+        return by_torch
     if _cell_kernels(input):
         return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
@@ -595,11 +602,9 @@ def rnn_cell(
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     relu = nonlinearity == "relu"
     name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs(name, input, weights, hx):
-        return getattr(_VF, name)(input, hx, *weights)
-    if not _well_formed_cell(input, (hx,), *weights, 1):
-        return _cell_by_torch(name, input, hx, *weights)
+    by_torch = _torch_cell(name, input, hx, (hx,), (W_ih, W_hh, b_ih, b_hh), 1)
+    if by_torch is not None:
+        return by_torch
     if _cell_kernels(input):
         return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
