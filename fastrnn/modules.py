@@ -36,6 +36,22 @@ def _torch_chosen(input: Tensor) -> bool:
     return input.is_cuda and get_cuda_strategy() == "torch"
 
 
+def _registered_weights(module: nn.Module, names) -> list[Tensor | None] | None:
+    """The weights `names` straight from the module's `_parameters` (None where registered
+    as None), or None where attribute access might give something else: a subclass (a
+    parametrization makes one, with properties), a name not registered as a parameter (weight
+    drop deletes it and sets a plain tensor), or an instance attribute of that name."""
+    if type(module) not in _TORCH_CLASSES:
+        return None
+    parameters, instance = module._parameters, module.__dict__
+    weights = []
+    for name in names:
+        if name in instance or name not in parameters:
+            return None
+        weights.append(parameters[name])
+    return weights
+
+
 def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | None:
     """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights.
     Runs on every forward: a batch-1 forward takes ~0.2 ms, so this keeps to cheap properties
@@ -158,22 +174,17 @@ class _SequenceForward:
 
     def _update_flat_weights(self) -> None:
         """torch's `_update_flat_weights` (re-read the weights if one was replaced, as weight
-        drop does) with its check done directly on `_parameters` where that gives the same
-        answer: this exact class (parametrizations make a subclass with properties), every
-        weight a registered Parameter that no instance attribute shadows. torch's check, through
-        `Module.__getattr__`, cost ~6 us a call (3 % of a batch-1 forward)."""
-        parameters, instance = self._parameters, self.__dict__
-        if type(self) in _TORCH_CLASSES:
-            for ref, name in zip(self._flat_weight_refs, self._flat_weights_names, strict=False):
-                weight = parameters.get(name)
-                if weight is None or name in instance:
-                    break  # not the usual case: torch's own check
-                if ref is not None and ref() is not weight:
-                    self._init_flat_weights()
-                    return
-            else:
+        drop does) with its check done on `_parameters` where that gives the same answer
+        (`_registered_weights`). torch's check, through `Module.__getattr__`, cost ~6 us a
+        call (3 % of a batch-1 forward)."""
+        weights = _registered_weights(self, self._flat_weights_names)
+        if weights is None:
+            super()._update_flat_weights()  # type: ignore[misc]
+            return
+        for ref, weight in zip(self._flat_weight_refs, weights, strict=False):
+            if weight is not None and ref is not None and ref() is not weight:
+                self._init_flat_weights()
                 return
-        super()._update_flat_weights()  # type: ignore[misc]
 
     def _sequence_forward(self, input, hx):
         self._update_flat_weights()
@@ -358,18 +369,11 @@ class _CellForward:
         return self._cell_forward(input, hx, weights)
 
     def _weights(self) -> list[Tensor | None]:
-        """[W_ih, W_hh, b_ih, b_hh] (the biases None without bias), straight from `_parameters`
-        where attribute access would return the same (this exact class, all four registered,
-        none shadowed by an instance attribute): four `Module.__getattr__` calls cost ~3 us of
-        a batch-1 step."""
-        parameters = self._parameters
-        if (
-            type(self) in _TORCH_CLASSES
-            and self.__dict__.keys().isdisjoint(_CELL_WEIGHTS)
-            and all(name in parameters for name in _CELL_WEIGHTS)
-        ):
-            return [parameters[name] for name in _CELL_WEIGHTS]
-        return [getattr(self, name) for name in _CELL_WEIGHTS]
+        """[W_ih, W_hh, b_ih, b_hh] (the biases None without bias), from `_parameters` where
+        that is what attribute access gives (`_registered_weights`): four
+        `Module.__getattr__` calls cost ~3 us of a batch-1 step."""
+        weights = _registered_weights(self, _CELL_WEIGHTS)
+        return weights if weights is not None else [getattr(self, n) for n in _CELL_WEIGHTS]
 
     def _step(self, x, states, weights) -> tuple[Tensor, ...]:
         """One step on the kernels: x (B, I), states, [W_ih, W_hh, b_ih, b_hh] -> the new
