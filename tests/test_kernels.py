@@ -165,6 +165,25 @@ def test_kernels_run_on_numbas_openmp_layer():
     assert numba.threading_layer() == "omp"
 
 
+def test_wide_tile_only_where_avx512_holds_it():
+    """The 8-row tile keeps 8 x 16 float32 accumulators: 8 AVX-512 registers, or all 16 AVX2 ones
+    (spilled on every k, half the speed of 4-row tiles on a Zen 3 core). The choice follows the
+    CPU Numba compiles for, checked here against the CPU's own flags."""
+    import os
+
+    from fastrnn.kernels.cpu.common import WIDE_TILE_FITS, wide_tile_fits
+
+    assert WIDE_TILE_FITS == wide_tile_fits()
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME"):
+        pytest.skip("Numba compiles for a CPU set by the environment, not this one")
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to compare with")
+    assert WIDE_TILE_FITS == ("avx512f" in flags)
+
+
 @pytest.mark.parametrize("np_dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["W", "W^T"])
 def test_panel_matmul_matches_numpy(np_dtype, transposed):

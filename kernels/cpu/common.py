@@ -158,8 +158,31 @@ TILE_ROWS = 4
 # Rows per wide tile of the same product, used while a chunk has that many rows left: 8
 # accumulator registers load each panel row once for twice the FMAs of a TILE_ROWS tile.
 # 8 x 256 @ 256 x 1024 on one core: 98-106 against 74-84 GFLOP/s (same bits: each output is the
-# same k-ordered FMA chain).
+# same k-ordered FMA chain). Only where a panel is one vector register (AVX-512, see
+# `wide_tile_fits`); chunking rules still count in WIDE_ROWS rows everywhere.
 WIDE_ROWS = 8
+
+
+def wide_tile_fits() -> bool:
+    """Whether the machine Numba compiles for has AVX-512 (a 16-float panel is one zmm register).
+
+    The wide tile keeps WIDE_ROWS x 16 float32 accumulators: 8 zmm registers with AVX-512, but
+    16 ymm registers with AVX2, all there are, so LLVM spills them to the stack on every k. On a
+    Zen 3 core (AVX2) the 8-row tile ran 8-80 x 256-512 @ 256-512 x 1024-2048 at 28-32 GFLOP/s
+    against 60-80 for the 4-row tile (and a 5- or 6-row tile no better), so there every row
+    goes through TILE_ROWS tiles. Read from Numba's own target settings, so that a cache built
+    for another CPU (Numba keys its cache on the CPU name and features) never mixes the forms.
+    """
+    from numba.core import codegen, config
+
+    features = config.CPU_FEATURES
+    if features is None:
+        features = codegen.get_host_cpu_features()
+    return "+avx512f" in features.split(",")
+
+
+# Read once at import: a compile-time constant for `panel_matmul.matmul_panels`.
+WIDE_TILE_FITS = wide_tile_fits()
 
 # Roles of a task within its direction (see `shared_product`): alone on its row chunk, or the
 # owner or a helper of a direction's single row chunk, sharing its per-step products.

@@ -23,7 +23,14 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 from numba.np.numpy_support import carray
 
-from .common import JIT_OPTIONS, PARALLEL_JIT_OPTIONS, TILE_ROWS, UNIT_PANEL, WIDE_ROWS
+from .common import (
+    JIT_OPTIONS,
+    PARALLEL_JIT_OPTIONS,
+    TILE_ROWS,
+    UNIT_PANEL,
+    WIDE_ROWS,
+    WIDE_TILE_FITS,
+)
 
 # Output columns per panel: two AVX2 registers of float32.
 PANEL = UNIT_PANEL
@@ -178,7 +185,9 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
     # tile's rows are spelled out rather than looped over: with an inner loop over the panels
     # of the one-row form instead, LLVM kept the accumulators in memory (512 x 128: 13.6-16.0
     # against 3.6 us), so the 8-row and the 4-row tile are two written-out loops.
-    wide = count // WIDE_ROWS * WIDE_ROWS  # rows taken by WIDE_ROWS-row tiles
+    # Rows taken by WIDE_ROWS-row tiles: none where they don't fit the vector registers
+    # (AVX2, `common.wide_tile_fits`); the same sums either way.
+    wide = count // WIDE_ROWS * WIDE_ROWS if WIDE_TILE_FITS else 0
     tiled = count if (count - wide) % TILE_ROWS != 1 else count - 1
     acc = carray(_stack_buffer(_WIDE_TILE, rows), (_WIDE_TILE,))
     for p in range(first_panel, end_panel):
