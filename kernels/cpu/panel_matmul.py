@@ -216,9 +216,14 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
                     acc[5 * PANEL + j] += a5 * w
                     acc[6 * PANEL + j] += a6 * w
                     acc[7 * PANEL + j] += a7 * w
-            for r in range(WIDE_ROWS):
-                for j in range(width):
-                    out[first + r, column + j] = acc[r * PANEL + j]
+            if width == PANEL:
+                for r in range(WIDE_ROWS):
+                    for j in range(PANEL):
+                        out[first + r, column + j] = acc[r * PANEL + j]
+            else:
+                for r in range(WIDE_ROWS):
+                    for j in range(width):
+                        out[first + r, column + j] = acc[r * PANEL + j]
         for first in range(wide, tiled, TILE_ROWS):
             # A short tile repeats its last row and stores only the real ones.
             r1 = min(first + 1, count - 1)
@@ -237,9 +242,17 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
                     acc[PANEL + j] += a1 * w
                     acc[2 * PANEL + j] += a2 * w
                     acc[3 * PANEL + j] += a3 * w
-            for r in range(min(TILE_ROWS, count - first)):
-                for j in range(width):
-                    out[first + r, column + j] = acc[r * PANEL + j]
+            # A whole panel's store in a loop of constant length: with the store loop's length
+            # known only at run time the tile ran 7-14 % slower on a Zen 3 core (8-120 x
+            # 256-512 @ 256-512 x 1024-2048, interleaved: 54-63 against 58-71 GFLOP/s).
+            if width == PANEL:
+                for r in range(min(TILE_ROWS, count - first)):
+                    for j in range(PANEL):
+                        out[first + r, column + j] = acc[r * PANEL + j]
+            else:
+                for r in range(min(TILE_ROWS, count - first)):
+                    for j in range(width):
+                        out[first + r, column + j] = acc[r * PANEL + j]
     if tiled < count:
         for p in range(first_panel, end_panel, ROW_PANELS):
             _one_row(rows[count - 1], panels, p, end_panel, out[count - 1])
