@@ -756,11 +756,20 @@ def test_fused_input_projection(mode, c, threads, monkeypatch):
     """Batch 17: every row chunk has >= 8 rows, so the CPU forwards compute the input projection
     inside their per-step products (asserted below); outputs, states and every gradient must
     still match torch.nn, training and inference, dense and packed."""
+    import functools
+
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
+    from fastrnn.kernels.cpu.common import fuses_input_projection
 
     monkeypatch.setattr(recurrence_cpu, "_threads", lambda: threads)
+    # The rule fuses only with AVX-512's wide tiles; the fused kernels are tested on every CPU.
+    monkeypatch.setattr(
+        recurrence_cpu,
+        "_fuses_input_projection",
+        functools.partial(fuses_input_projection, wide_tiles=True),
+    )
     B, T, I, H = 17, 9, 6, 7
     D = 2 if c.get("bidirectional") else 1
     width = c.get("proj") or H
@@ -779,8 +788,15 @@ def test_fused_input_projection(mode, c, threads, monkeypatch):
 def test_fused_input_projection_rule():
     """The fused forward needs WIDE_ROWS rows in every row chunk and joint weights within
     FUSED_MAX_BYTES (or FUSED_MANY_ROWS rows per chunk)."""
-    from fastrnn.kernels.cpu.common import FUSED_MAX_BYTES, fuses_input_projection
+    import functools
 
+    from fastrnn.kernels.cpu import common
+
+    FUSED_MAX_BYTES = common.FUSED_MAX_BYTES
+    # Without AVX-512's wide tiles never (the input GEMM measured faster there).
+    assert not common.fuses_input_projection(16, 1, 2, 128, 256, 1024, 4, wide_tiles=False)
+    assert not common.fuses_input_projection(128, 1, 2, 512, 1024, 4096, 4, wide_tiles=False)
+    fuses_input_projection = functools.partial(common.fuses_input_projection, wide_tiles=True)
     assert fuses_input_projection(16, 1, 2, 128, 256, 1024, 4)
     assert not fuses_input_projection(15, 1, 2, 128, 256, 1024, 4)  # a 7-row chunk
     assert fuses_input_projection(16, 2, 2, 128, 256, 1024, 4)  # one thread per direction

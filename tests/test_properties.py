@@ -37,7 +37,7 @@ def module_configs(draw, packed: bool):
     mode = draw(st.sampled_from(sorted(MODES)))
     T = draw(st.integers(1, 7))
     # 8-24 rows: row chunks of >= 8 rows, where the CPU forwards compute the input projection
-    # in their per-step products (`kernels.cpu.common.fuses_input_projection`)
+    # in their per-step products on AVX-512 CPUs (`kernels.cpu.common.fuses_input_projection`)
     B = draw(st.integers(1, 4) | st.integers(8, 24))
     I = draw(st.integers(1, 5))
     H = draw(st.integers(1, 6))

@@ -278,7 +278,14 @@ FUSED_MANY_ROWS = 3 * WIDE_ROWS
 
 
 def fuses_input_projection(
-    batch: int, directions: int, threads: int, inputs: int, proj: int, gates: int, itemsize: int
+    batch: int,
+    directions: int,
+    threads: int,
+    inputs: int,
+    proj: int,
+    gates: int,
+    itemsize: int,
+    wide_tiles: bool = WIDE_TILE_FITS,
 ) -> bool:
     """Whether a forward kernel (`lstm.lstm_forward`, `gru.gru_forward`, `rnn.rnn_forward`)
     should take the input projection into its per-step products for a layer of `directions`
@@ -289,7 +296,16 @@ def fuses_input_projection(
     FUSED_MAX_BYTES, unless the chunks have FUSED_MANY_ROWS rows. Called from Python: callers
     decide before the kernel call whether torch computes the projection. It restates
     `direction_tasks`' chunk count rather than calling it: under torch.jit.trace the sizes
-    arrive as tensors, which Numba can't take."""
+    arrive as tensors, which Numba can't take.
+
+    Only with the wide tiles (`wide_tiles`, AVX-512; the numbers above are from such a core): on
+    a Zen 3 core (AVX2, 4-row tiles only), module level, same process, fused against torch's
+    input GEMM, two runs each, forward / fwd+bwd: LSTM B16 I128 H256 0.82-0.83x / 1.00-1.05x,
+    B64 I256 H512 1.00-1.01x / 1.00x, T50 B32 I512 H1024 0.91-0.94x / 0.87-0.94x; GRU 0.90x /
+    0.95x, 1.00x / 1.05x, 0.99x / 0.98x; RNN 1.00x / 1.00x, 0.99x / 1.01x, 0.95x / 0.97x. There
+    the GEMM (oneDNN's AVX2 kernel) stays."""
+    if not wide_tiles:
+        return False
     rows = batch // max(1, min(max(1, threads // directions), batch))
     if gates * proj >= SHARED_MIN_WEIGHTS and rows <= SHARED_MAX_ROWS:
         rows = batch  # one chunk of the whole batch, its products shared
