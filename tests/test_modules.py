@@ -830,11 +830,23 @@ def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch):
     """With SHARED_MIN_WEIGHTS weights in W_hh, a direction's threads share every per-step
     product over one chunk of the whole batch (owner and helpers, `shared_product`) instead of
     splitting the rows: the results must match torch.nn, and be bitwise those of one thread."""
+    import functools
+
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
-    from fastrnn.kernels.cpu.common import SHARED_MIN_WEIGHTS, direction_tasks
+    from fastrnn.kernels.cpu.common import (
+        SHARED_MIN_WEIGHTS,
+        direction_tasks,
+        fuses_input_projection,
+    )
 
+    # The rule fuses only with AVX-512's wide tiles; the fused kernels are tested on every CPU.
+    monkeypatch.setattr(
+        recurrence_cpu,
+        "_fuses_input_projection",
+        functools.partial(fuses_input_projection, wide_tiles=True),
+    )
     gates = {"LSTM": 4, "GRU": 3}[mode] * hidden
     assert gates * hidden >= SHARED_MIN_WEIGHTS
     assert direction_tasks(1, batch, 2, gates * hidden, packed, 1 << 15, True) == (2, 1, 2)
