@@ -728,6 +728,22 @@ def test_inference_without_caches_packed(kind, kwargs):
 # ---------------------------------------------------------------------------------------------
 # Forwards with the input projection computed in the kernels' per-step products
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def wide_tile_fusing(monkeypatch):
+    """The fusing rule as on an AVX-512 CPU: it fuses only with the wide tiles
+    (`kernels.cpu.common.fuses_input_projection`), and the fused kernels are tested on every CPU."""
+    import functools
+
+    import fastrnn.recurrence_cpu as recurrence_cpu
+    from fastrnn.kernels.cpu.common import fuses_input_projection
+
+    monkeypatch.setattr(
+        recurrence_cpu,
+        "_fuses_input_projection",
+        functools.partial(fuses_input_projection, wide_tiles=True),
+    )
+
+
 FUSED = [
     ("LSTM", dict()),
     ("LSTM", dict(bidirectional=True, layers=2, hx=True)),
@@ -752,24 +768,15 @@ FUSED = [
     FUSED,
     ids=[mode + "".join(f"-{k}{v}" for k, v in c.items()) for mode, c in FUSED],
 )
-def test_fused_input_projection(mode, c, threads, monkeypatch):
+def test_fused_input_projection(mode, c, threads, monkeypatch, wide_tile_fusing):
     """Batch 17: every row chunk has >= 8 rows, so the CPU forwards compute the input projection
     inside their per-step products (asserted below); outputs, states and every gradient must
     still match torch.nn, training and inference, dense and packed."""
-    import functools
-
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
-    from fastrnn.kernels.cpu.common import fuses_input_projection
 
     monkeypatch.setattr(recurrence_cpu, "_threads", lambda: threads)
-    # The rule fuses only with AVX-512's wide tiles; the fused kernels are tested on every CPU.
-    monkeypatch.setattr(
-        recurrence_cpu,
-        "_fuses_input_projection",
-        functools.partial(fuses_input_projection, wide_tiles=True),
-    )
     B, T, I, H = 17, 9, 6, 7
     D = 2 if c.get("bidirectional") else 1
     width = c.get("proj") or H
@@ -826,27 +833,15 @@ SHARED = [
 
 
 @pytest.mark.parametrize("mode, hidden, batch, packed", SHARED)
-def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch):
+def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch, wide_tile_fusing):
     """With SHARED_MIN_WEIGHTS weights in W_hh, a direction's threads share every per-step
     product over one chunk of the whole batch (owner and helpers, `shared_product`) instead of
     splitting the rows: the results must match torch.nn, and be bitwise those of one thread."""
-    import functools
-
     import numpy as np
 
     import fastrnn.recurrence_cpu as recurrence_cpu
-    from fastrnn.kernels.cpu.common import (
-        SHARED_MIN_WEIGHTS,
-        direction_tasks,
-        fuses_input_projection,
-    )
+    from fastrnn.kernels.cpu.common import SHARED_MIN_WEIGHTS, direction_tasks
 
-    # The rule fuses only with AVX-512's wide tiles; the fused kernels are tested on every CPU.
-    monkeypatch.setattr(
-        recurrence_cpu,
-        "_fuses_input_projection",
-        functools.partial(fuses_input_projection, wide_tiles=True),
-    )
     gates = {"LSTM": 4, "GRU": 3}[mode] * hidden
     assert gates * hidden >= SHARED_MIN_WEIGHTS
     assert direction_tasks(1, batch, 2, gates * hidden, packed, 1 << 15, True) == (2, 1, 2)
