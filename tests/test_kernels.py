@@ -320,7 +320,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
         OWNER,
         SHARED_MAX_ROWS,
         SHARED_MIN_WEIGHTS,
-        WIDE_ROWS,
+        SPLIT_MIN_ROWS,
         chunk_bounds,
         chunk_claims,
         direction_tasks,
@@ -339,7 +339,7 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
                     directions, batch, threads, 1 << 20, uneven, HELPER_MIN_WEIGHTS, True
                 )
                 assert n_tasks == directions * per_direction
-                if uneven and per_direction > 1 and batch >= 2 * per_direction * WIDE_ROWS:
+                if uneven and per_direction > 1 and batch >= 2 * per_direction * SPLIT_MIN_ROWS:
                     assert n_chunks == 2 * per_direction
                 bounds = chunk_bounds(n_chunks, batch_sizes)
                 claims = chunk_claims(directions)

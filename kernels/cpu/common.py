@@ -159,7 +159,8 @@ TILE_ROWS = 4
 # accumulator registers load each panel row once for twice the FMAs of a TILE_ROWS tile.
 # 8 x 256 @ 256 x 1024 on one core: 98-106 against 74-84 GFLOP/s (same bits: each output is the
 # same k-ordered FMA chain). Only where a panel is one vector register (AVX-512, see
-# `wide_tile_fits`); chunking rules still count in WIDE_ROWS rows everywhere.
+# `wide_tile_fits`); the chunking rules count in WIDE_ROWS rows, except packed batches'
+# run-time chunks (`SPLIT_MIN_ROWS`).
 WIDE_ROWS = 8
 
 
@@ -183,6 +184,13 @@ def wide_tile_fits() -> bool:
 
 # Read once at import: a compile-time constant for `panel_matmul.matmul_panels`.
 WIDE_TILE_FITS = wide_tile_fits()
+# Rows a run-time chunk of a packed batch keeps at least (`direction_tasks`): the widest register
+# tile this CPU runs, so that splitting the rows finer costs no tile its full height. With only
+# TILE_ROWS tiles (AVX2), the T100 B16 I128 H256 forwards at lengths 50-100, torch-normalised
+# over three alternations of two processes on a Zen 3: LSTM 2.11-2.29x against 1.82-2.20x, GRU
+# 2.11-2.34x against 1.84-2.25x, RNN 2.08-2.45x against 1.93-2.07x with the WIDE_ROWS rule
+# (fwd+bwd likewise; B20 and B24 within the noise of it).
+SPLIT_MIN_ROWS = WIDE_ROWS if WIDE_TILE_FITS else TILE_ROWS
 
 # Roles of a task within its direction (see `shared_product`): alone on its row chunk, or the
 # owner or a helper of a direction's single row chunk, sharing its per-step products.
@@ -239,14 +247,15 @@ def direction_tasks(directions, batch, threads, product_weights, uneven, min_wei
     the RNN's unit split; `shares` False (an RNN whose units can't split, `splits_units`)
     keeps every direction's threads to row chunks.
 
-    With uneven batch sizes (packed sequences) and at least WIDE_ROWS rows per chunk, a
+    With uneven batch sizes (packed sequences) and at least SPLIT_MIN_ROWS rows per chunk, a
     direction's rows split into two chunks per task instead, which the tasks claim at run time
     (`task_chunk`, `next_chunk`): the thread that got the long rows does one chunk while the
     other does the short ones and then the rest. (T100 B16 H256, lengths 50-100, 2 threads,
     with 4-row tiles only: the LSTM forward kernel took 4.05-4.15 ms against 4.71-4.73 with
-    one fixed chunk per thread. Since the 8-row tiles, chunks below WIDE_ROWS rows lose them:
-    same process, B16 5.31 against 5.94 ms and B24 7.65 against 8.32 without splitting below
-    8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged.)"""
+    one fixed chunk per thread. With the 8-row tiles (AVX-512), chunks below WIDE_ROWS rows
+    lose them: same process, B16 5.31 against 5.94 ms and B24 7.65 against 8.32 without
+    splitting below 8 rows; B20 6.72 against 6.52, B12 and B >= 32 unchanged. Hence
+    SPLIT_MIN_ROWS, the tile height the CPU runs.)"""
     workers = max(1, threads // directions)
     n_chunks = max(1, min(workers, batch))
     big = product_weights >= SHARED_MIN_WEIGHTS
@@ -255,7 +264,7 @@ def direction_tasks(directions, batch, threads, product_weights, uneven, min_wei
     elif n_chunks == 1 and (product_weights < min_weights or not shares):
         workers = 1
     per_direction = workers if n_chunks == 1 else n_chunks
-    if uneven and n_chunks > 1 and batch >= 2 * n_chunks * WIDE_ROWS:
+    if uneven and n_chunks > 1 and batch >= 2 * n_chunks * SPLIT_MIN_ROWS:
         n_chunks *= 2
     return directions * per_direction, n_chunks, per_direction
 
