@@ -183,13 +183,15 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
     if meta.get("sgemm_peak_gflops"):
         start_end = meta.get("sgemm_peak_gflops_start_end")
         measured = (
-            f" (the higher of {start_end[0]:.0f} before and {start_end[1]:.0f} after the run)"
+            f" (the best of all measurements; {start_end[0]:.0f} before the run, "
+            f"{start_end[1]:.0f} after it)"
             if start_end
             else ""
         )
         lines.append(
             f"roofline  : numpy sgemm {meta['sgemm_peak_gflops']:.0f} GFLOP/s with "
-            f"{t['torch_num_threads']} threads{measured} (the '% sgemm peak' column)"
+            f"{t['torch_num_threads']} threads{measured}; the '% sgemm peak' column judges "
+            "each case by sgemm measured just before and after it (the higher)"
         )
     return lines
 
@@ -293,8 +295,15 @@ def _gflops_cell(case: dict) -> str:
     return f"{g:.1f}"
 
 
+def case_peak(case: dict, run_peak: float | None) -> float | None:
+    """The sgemm GFLOP/s a case is judged by: measured beside it (the higher of just before and
+    just after it), else the run's (results written before session 10 have only that)."""
+    return case.get("sgemm_peak_gflops") or run_peak
+
+
 def _peak_cell(case: dict, peak: float | None) -> str:
     g = case.get("gflops", {}).get("fastrnn_fwdbwd")
+    peak = case_peak(case, peak)
     if not peak or g is None or not math.isfinite(g) or case["status"] == "error":
         return "-"
     return f"{100 * g / peak:.0f}%"
@@ -430,7 +439,8 @@ def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: l
         "(each torch call against the fastrnn call right after it, robust to a machine whose "
         "speed drifts during the run). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
         "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median; % sgemm peak: that "
-        "against the machine's measured sgemm throughput.",
+        "against the machine's sgemm throughput measured just before and after the case (the "
+        "higher).",
         "",
         markdown_table(cases, meta.get("sgemm_peak_gflops")),
     ]
@@ -533,7 +543,8 @@ def write_grid_plot(path: Path, cases: list[dict], peak: float | None, title: st
         if speedup is None or not math.isfinite(speedup):
             continue
         g = c.get("gflops", {}).get("fastrnn_fwdbwd")
-        pct = 100 * g / peak if peak and g is not None else float("nan")
+        case_roof = case_peak(c, peak)
+        pct = 100 * g / case_roof if case_roof and g is not None else float("nan")
         key = (c["config"]["cell"], s["H"], s["I"], s["T"])
         series.setdefault(key, []).append((s["B"], speedup, pct))
     series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}

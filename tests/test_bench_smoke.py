@@ -18,6 +18,13 @@ def test_bench_quick_run(tmp_path):
     record = json.loads((tmp_path / "smoke.json").read_text())
     assert "parity failed" not in done.stdout
     assert len(record["cases"]) == 3
+    for case in record["cases"]:  # each case judged by sgemm measured beside it
+        before, after = case["sgemm_peak_gflops_before_after"]
+        assert before > 0 and after > 0
+        assert case["sgemm_peak_gflops"] == max(before, after)
+    assert record["meta"]["sgemm_peak_gflops"] >= max(
+        c["sgemm_peak_gflops"] for c in record["cases"]
+    )
 
 
 def test_cells_benchmark_runs(capsys):
