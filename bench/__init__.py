@@ -12,6 +12,7 @@ Modules:
 - :mod:`bench.timing`  -- warm-up, interleaved (ABAB...) timing, adaptive repetitions, statistics
 - :mod:`bench.report`  -- machine metadata, console / markdown tables, JSON and the plot
 - :mod:`bench.cli`     -- the command line (``python -m bench``)
+- :mod:`bench.sweep`   -- a random parity sweep against torch.nn (``python -m bench.sweep``)
 """
 
 __all__ = ["main"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +36,65 @@ def test_cells_benchmark_runs(capsys):
     out = capsys.readouterr().out
     for cell in cells.CELLS:
         assert cell in out
+
+
+def _tiny_config(cell: str = "gru", dtype: str = "float32"):
+    from bench.sweep import SweepConfig
+
+    return SweepConfig(
+        cell=cell, T=3, B=2, I=3, H=4, layers=1, bidirectional=False, batch_first=False,
+        bias=True, nonlinearity="tanh", proj_size=0, lengths=[3, 2], enforce_sorted=True,
+        hx=True, dtype=dtype, seed=5,
+    )  # fmt: skip
+
+
+def _skewed_gru(float32_only: bool, by_threads: bool = False):
+    """fastrnn.GRU with an output made wrong on purpose: off by 1e-3 (in float32 only, when
+    `float32_only`), or by the kernel thread count."""
+    import numba
+
+    import fastrnn
+
+    class Skewed(fastrnn.GRU):
+        def forward(self, input, hx=None):
+            out, h = super().forward(input, hx)
+            if by_threads:
+                return out, h * numba.get_num_threads()
+            if float32_only and h.dtype != torch.float32:
+                return out, h
+            return out, h + 1e-3
+
+    return Skewed
+
+
+def test_sweep_verdicts():
+    """`bench.sweep.check` passes fastrnn itself, calls a float32-only gap that float64 doesn't
+    have 'sensitive', and fails a gap float64 shows too, or results that change with the
+    kernel thread count."""
+    import numba
+
+    import fastrnn
+    from bench.sweep import check
+
+    ref, threads = torch.nn.GRU, numba.get_num_threads()
+    assert check(_tiny_config(), ref, fastrnn.GRU, threads)["verdict"] == "ok"
+    assert check(_tiny_config("lstm"), torch.nn.LSTM, fastrnn.LSTM, threads)["verdict"] == "ok"
+    sensitive = check(_tiny_config(), ref, _skewed_gru(float32_only=True), threads)
+    assert sensitive["verdict"] == "sensitive" and "h_n" in sensitive["why"]
+    wrong = check(_tiny_config(), ref, _skewed_gru(float32_only=False), threads)
+    assert wrong["verdict"] == "fail" and "float64 differs too" in wrong["why"]
+    wrong64 = check(_tiny_config(dtype="float64"), ref, _skewed_gru(False), threads)
+    assert wrong64["verdict"] == "fail"
+    if threads > 1:  # the sweep compares against one kernel thread
+        by_threads = check(_tiny_config(), ref, _skewed_gru(False, by_threads=True), threads)
+        assert by_threads["verdict"] == "fail" and "kernel thread" in by_threads["why"]
+
+
+def test_sweep_command(tmp_path):
+    cmd = [sys.executable, "-m", "bench.sweep", "--max-cases", "20", "--seconds", "120"]
+    cmd += ["--json", str(tmp_path / "sweep.json")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(record["cases"]) == 20
+    assert record["counts"]["fail"] == 0
