@@ -324,6 +324,26 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
     return res
 
 
+def uncached_kernels(cells: list[str]) -> list[str]:
+    """The CPU kernels of `cells` that Numba's on-disk cache has nothing for yet (a fresh
+    install): their first call compiles them. Best effort, from Numba's internal cache layout;
+    an empty list when it can't tell."""
+    try:
+        from fastrnn.kernels.cpu import gru, lstm, rnn
+
+        modules = {"lstm": lstm, "gru": gru, "rnn": rnn}
+        names = [f"{cell}_{part}" for cell in cells for part in ("forward", "backward")]
+        return [
+            name
+            for name in names
+            if not Path(
+                getattr(modules[name.split("_")[0]], name)._cache._cache_file._index_path
+            ).exists()
+        ]
+    except Exception:  # noqa: BLE001 - Numba's cache internals changed: say nothing
+        return []
+
+
 def _case_roofline(args) -> float | None:
     """numpy's sgemm GFLOP/s right now, with torch's thread count (CPU runs only)."""
     if args.device != "cpu":
@@ -444,6 +464,13 @@ def main(argv=None) -> int:
     print("fastrnn benchmark (torch.nn vs fastrnn)")
     for line in R.header_lines(meta, settings):
         print(line)
+    uncached = uncached_kernels(cells) if args.device == "cpu" else []
+    if uncached:
+        print(
+            f"first use: fastrnn compiles {len(uncached)} kernels for this machine before their "
+            "first case (72 s for all six on 2 Zen 3 cores; cached on disk afterwards; "
+            "`python -m fastrnn.precompile` does it ahead of time)"
+        )
     print(flush=True)
 
     case_cfgs = [

@@ -46,7 +46,7 @@ class SweepConfig:
     cell: str
     T: int
     B: int
-    I: int  # noqa: E741 - the math's own name for the input size
+    I: int  # the input size (the math's own name)
     H: int
     layers: int
     bidirectional: bool

@@ -1,6 +1,6 @@
 """Compile fastrnn's kernels ahead of time into Numba's on-disk cache.
 
-The first call of each kernel in a fresh environment compiles it (about 30 s for LSTM and GRU
+The first call of each kernel in a fresh environment compiles it (30-50 s for LSTM and GRU
 forward+backward together on a 2-core machine); later processes load it from the cache in well
 under a second. Run this once where the first call's latency matters, e.g. in a Docker build:
 

@@ -98,3 +98,18 @@ def test_sweep_command(tmp_path):
     record = json.loads((tmp_path / "sweep.json").read_text())
     assert len(record["cases"]) == 20
     assert record["counts"]["fail"] == 0
+
+
+def test_uncached_kernels_are_named(monkeypatch):
+    """The benchmark names the kernels it will compile first (no cache index on disk)."""
+    from bench import cli
+
+    monkeypatch.setattr(cli.Path, "exists", lambda self: False)
+    assert cli.uncached_kernels(["lstm", "rnn"]) == [
+        "lstm_forward",
+        "lstm_backward",
+        "rnn_forward",
+        "rnn_backward",
+    ]
+    monkeypatch.setattr(cli.Path, "exists", lambda self: True)
+    assert cli.uncached_kernels(["gru"]) == []
