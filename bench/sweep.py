@@ -26,14 +26,14 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numba
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from bench.cases import CLASS_NAMES, fastrnn_classes, torch_classes
+from bench.cases import CLASS_NAMES, build_modules, fastrnn_classes, torch_classes
 from bench.parity import compare
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
@@ -59,6 +59,11 @@ class SweepConfig:
     hx: bool
     dtype: str
     seed: int
+    device: str = "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     def module_kwargs(self) -> dict:
         kw = dict(
@@ -178,23 +183,15 @@ def run(module: torch.nn.Module, cfg: SweepConfig, dtype: torch.dtype) -> dict:
     return results
 
 
-def _pair(cfg: SweepConfig, ref_cls, fast_cls, dtype: torch.dtype):
-    torch.manual_seed(cfg.seed)
-    ref = ref_cls(**cfg.module_kwargs())
-    fast = fast_cls(**cfg.module_kwargs())
-    fast.load_state_dict(ref.state_dict())
-    return ref.to(dtype), fast.to(dtype)
-
-
 def _differences(got: dict, ref: dict, rtol: float) -> dict:
     return {k: compare(ref[k], got.get(k), rtol) for k in ref}
 
 
 def check(cfg: SweepConfig, ref_cls, fast_cls, threads: int) -> dict:
     """The verdict on one configuration: 'ok', 'sensitive' or 'fail', with the details."""
-    dtype = getattr(torch, cfg.dtype)
+    dtype = cfg.torch_dtype
     rtol = TOLERANCE[dtype]
-    ref, fast = _pair(cfg, ref_cls, fast_cls, dtype)
+    ref, fast = build_modules(cfg, ref_cls, fast_cls)
     expected = run(ref, cfg, dtype)
     got = run(fast, cfg, dtype)
     diffs = _differences(got, expected, rtol)
@@ -220,7 +217,7 @@ def check(cfg: SweepConfig, ref_cls, fast_cls, threads: int) -> dict:
     if dtype != torch.float32:
         return {**verdict, "verdict": "fail", "why": why}
     # float64 on both sides: the same algorithm agrees there, whatever float32 rounding did.
-    ref64, fast64 = _pair(cfg, ref_cls, fast_cls, torch.float64)
+    ref64, fast64 = build_modules(replace(cfg, dtype="float64"), ref_cls, fast_cls)
     truth = run(ref64, cfg, torch.float64)
     agree = _differences(run(fast64, cfg, torch.float64), truth, TOLERANCE[torch.float64])
     if not all(d.ok for d in agree.values()):
