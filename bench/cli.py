@@ -223,7 +223,7 @@ def _fwdbwd_runner(module, source: C.InputSource):
     return run, reset
 
 
-def _runners(mode: str, ref, fast, source: C.InputSource) -> dict:
+def runners(mode: str, ref, fast, source: C.InputSource) -> dict:
     """torch and fastrnn callables for one mode; inputs are built here, outside timing."""
     if mode == "fwd":  # inference: eval mode, no autograd graph
         ref.eval()
@@ -282,7 +282,7 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
         if res["status"] != "error":
             for mode in ("fwd", "fwdbwd"):
                 try:
-                    m = measure(_runners(mode, ref, fast, source), timer, policy, interleave)
+                    m = measure(runners(mode, ref, fast, source), timer, policy, interleave)
                 except Exception as exc:  # noqa: BLE001
                     res.update(status="error", error=f"timing {mode}: {type(exc).__name__}: {exc}")
                     break

@@ -113,3 +113,22 @@ def test_uncached_kernels_are_named(monkeypatch):
     ]
     monkeypatch.setattr(cli.Path, "exists", lambda self: True)
     assert cli.uncached_kernels(["gru"]) == []
+
+
+def test_limits_bounds_add_up():
+    """`bench.limits`: the batch-1 bound is T per-step products plus the GEMMs at the given
+    peak, the backward adds its own products and three GEMMs; a packed bound is the GEMM work."""
+    from bench import cases as C
+    from bench import limits
+
+    dense = limits.Target("gru", C.Size(5, 1, 3, 4), False, 1.0, 1.0)
+    b = limits.bounds(dense, tokens=5, threads=2, peak_gflops=100.0)
+    assert b["step_fwd_s"] > 0 and b["step_bwd_s"] > 0
+    assert b["projection_s"] == 2.0 * 5 * 3 * 4 * 3 / 100e9
+    assert abs(b["fwd_s"] - (5 * b["step_fwd_s"] + b["projection_s"])) < 1e-15
+    backward = 5 * b["step_bwd_s"] + b["weight_grads_s"]
+    assert abs(b["fwdbwd_s"] - (b["fwd_s"] + backward)) < 1e-15
+    packed = limits.Target("lstm", C.Size(4, 2, 3, 4), True, 1.0, 1.0)
+    b = limits.bounds(packed, tokens=7, threads=2, peak_gflops=100.0)
+    flops = C.forward_flops(C.CaseConfig("lstm", C.Size(4, 2, 3, 4), packed=True), 7)
+    assert b["fwd_s"] == flops / 100e9 and b["fwdbwd_s"] == 3 * b["fwd_s"]
