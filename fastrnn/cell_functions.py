@@ -112,6 +112,9 @@ class LSTMCellFunction(torch.autograd.Function):
             ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new)
             ctx.gates = gates
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
+            # c' is saved for the backward: the caller gets a copy it may change in place,
+            # as torch's cell allows
+            c_new = c_new.clone()
         return h_new, c_new
 
     @staticmethod
@@ -202,6 +205,7 @@ class RNNCellFunction(torch.autograd.Function):
             ctx.save_for_backward(x, h, W_ih, W_hh, h_new)
             ctx.relu = relu
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
+            h_new = h_new.clone()  # saved for the backward: see LSTMCellFunction's c'
         return h_new
 
     @staticmethod
