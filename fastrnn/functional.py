@@ -243,11 +243,12 @@ def _stacked(
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
     output = layer_input
-    if directions == 1 and not one_step and output.requires_grad:
+    if directions == 1 and not one_step and (output.requires_grad or torch.jit.is_tracing()):
         # The layer Function saved this output for its backward and returned it as a view:
         # autograd would refuse an in-place change of it (`out += skip`, `relu_`), which
         # torch.nn allows. A copy of its own lets the user change it (the two-direction
-        # output is such a copy already; one step's comes from the cell Functions).
+        # output is such a copy already; one step's comes from the cell Functions). Always
+        # while tracing: torch.jit.trace checks its graph again under no_grad.
         output = output.clone()
     if batch_sizes is None:
         steps = sizes.shape[0]

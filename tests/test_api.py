@@ -554,17 +554,29 @@ def test_torch_compile_graph_breaks_around_fastrnn(backend):
         assert (compiled(x)[0] - ref(x)[0]).abs().max().item() < 1e-5
 
 
-def test_torch_jit_trace_records_the_layer():
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("steps", [1, 5])
+def test_torch_jit_trace_records_the_layer(name, steps):
+    """torch.jit.trace with its default check (it traces again under no_grad and compares the
+    graphs): the traced model gives torch.nn's outputs and gradients on new inputs of the
+    example's shape."""
     torch.manual_seed(0)
-    fast = fastrnn.GRU(8, 16).eval()
-    ref = torch.nn.GRU(8, 16).eval()
+    fast = getattr(fastrnn, name)(8, 16)
+    ref = getattr(torch.nn, name)(8, 16)
     ref.load_state_dict(fast.state_dict())
-    x = torch.randn(5, 3, 8)
-    with torch.no_grad(), warnings.catch_warnings():
+    x = torch.randn(steps, 3, 8)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(fast, (x,), check_trace=False)
-        x2 = torch.randn(5, 3, 8)
-        assert (traced(x2)[0] - ref(x2)[0]).abs().max().item() < 1e-5
+        traced = torch.jit.trace(fast, (x,))
+    x2 = torch.randn(steps, 3, 8, requires_grad=True)
+    y = traced(x2)[0]
+    y.sum().backward()
+    grad = x2.grad
+    x2.grad = None
+    y_ref = ref(x2)[0]
+    y_ref.sum().backward()
+    assert (y - y_ref).abs().max().item() < 1e-5
+    assert (grad - x2.grad).abs().max().item() < 1e-5
 
 
 class _ScriptedModel(nn.Module):
