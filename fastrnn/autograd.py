@@ -261,16 +261,22 @@ def _weight_grads(
     summed; GRU's differ in the n block). h_prev: the states the rows consumed, or empty with
     y and h0 given (`_recurrent_weight_grad`)."""
     need = ctx.needs_input_grad
+    shared = d_recurrent is d_input
     dx = _input_grad(d_input, W_ih) if need[0] else None
     dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[ctx.W_ih_index] else None
+    db_ih = d_input.sum(1) if ctx.has_bias else None
+    if d_recurrent.shape[2] < d_input.shape[2]:
+        # only the last block given (the GRU's n block, `kernels.cpu.gru.gru_backward`): the
+        # rest is d_input's, which nothing reads any more, so it becomes the recurrent side
+        d_input[:, :, d_input.shape[2] - d_recurrent.shape[2] :] = d_recurrent
+        d_recurrent = d_input
     if need[ctx.W_ih_index + 1]:
         dW_hh = _recurrent_weight_grad(d_recurrent, h_prev, y, h0)
     else:
         dW_hh = None
     if not ctx.has_bias:
         return dx, dW_ih, dW_hh, None, None
-    db_ih = d_input.sum(1)
-    db_hh = db_ih.clone() if d_recurrent is d_input else d_recurrent.sum(1)
+    db_hh = db_ih.clone() if shared else d_recurrent.sum(1)
     return dx, dW_ih, dW_hh, db_ih, db_hh
 
 
@@ -414,7 +420,9 @@ class GRULayerFunction(torch.autograd.Function):
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)
         d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
-        d_recurrent = scratch("d_recurrent", (directions, rows, 3 * hidden), x)
+        # the CPU kernel writes only the recurrent side's n block (the rest equals d_input's)
+        recurrent_width = hidden if _recurrence(x) is recurrence_cpu else 3 * hidden
+        d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
         h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
         (dh0,) = _states_like(h0)
         _recurrence(x).gru_backward(

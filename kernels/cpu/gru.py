@@ -204,8 +204,9 @@ def _backward_rows(
     dy,
     h_prev,
     d_input,
-    d_recurrent,
+    dn_recurrent,
     dh0,
+    step_rows,
     through_weights,
     first,
     last,
@@ -214,7 +215,8 @@ def _backward_rows(
     workers,
 ):
     """One direction, rows first..last-1, every step in reverse (no direction axis).
-    through_weights (B, H) is the direction's scratch; a HELPER task only takes part in the
+    step_rows (B, 3H) and through_weights (B, H) are the direction's scratch: a step's
+    recurrent-side gradients and their product with W_hh; a HELPER task only takes part in the
     products."""
     hidden = h0.shape[1]
     one = np.ones(1, dtype=y.dtype)[0]
@@ -232,12 +234,13 @@ def _backward_rows(
                 add_row(dh_row, dy[off + r])
                 consumed = consumed_row(y, h0, offsets, prev, prev_rows, r)
                 gru_backward_row(
-                    gate_cache[off + r], consumed, dh_row, d_input[off + r],
-                    d_recurrent[off + r], hidden, one,
+                    gate_cache[off + r], consumed, dh_row, d_input[off + r], step_rows[r],
+                    hidden, one,
                 )  # fmt: skip
+                copy_row(dn_recurrent[off + r], step_rows[r, 2 * hidden :])
         if not shared_matmul(
-            d_recurrent[off + first : off + end], hh_panels, through_weights[first:end], sync,
-            product, role, workers,
+            step_rows[first:end], hh_panels, through_weights[first:end], sync, product, role,
+            workers,
         ):  # fmt: skip
             return
         product += 1
@@ -247,25 +250,28 @@ def _backward_rows(
 
 @njit(**_PARALLEL)
 def gru_backward(
-    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0, threads
+    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, dn_recurrent, dh0, threads
 ):
     """Backward of `gru_forward`, per step; the caller does the GEMMs over all rows.
 
     Takes W_hh (D, 3H, H) as `gru_forward` does; the per-step product runs on it as
     transposed panels.
 
-    In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H) and d_recurrent (D, N, 3H), the
-    gradients of the gate pre-activations on the input and on the recurrent side (equal but for
-    the n block, scaled by r on the recurrent side); h_prev (D, N, H), the state each row
-    consumed (or (D, 0, H): not written); dh0 (D, B, H). So, per direction, dW_ih = d_input^T x,
-    db_ih = sum(d_input), dW_hh = d_recurrent^T h_prev, db_hh = sum(d_recurrent),
-    dx = d_input W_ih.
+    In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H), the gradients of the gate
+    pre-activations on the input side, and dn_recurrent (D, N, H), the n block of those on the
+    recurrent side (dn scaled by r; its r and z blocks are d_input's); h_prev (D, N, H), the
+    state each row consumed (or (D, 0, H): not written); dh0 (D, B, H). So, per direction,
+    dW_ih = d_input^T x, db_ih = sum(d_input), dx = d_input W_ih, and with d_recurrent =
+    d_input whose n block is replaced by dn_recurrent, dW_hh = d_recurrent^T h_prev and db_hh =
+    sum(d_recurrent). (A full recurrent-side copy cost N x 2H floats more: 26 MB of a T100 B64
+    H512 fwd+bwd.)
     """
     offsets = step_offsets(batch_sizes)
     hh_panels = packed_panels(W_hh, True, threads)
     copy_states(dh0, dh_n)
     directions, batch, hidden = h0.shape
     through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
+    step_rows = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
     n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
         batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
     )
@@ -283,8 +289,9 @@ def gru_backward(
                 dy[d],
                 h_prev[d],
                 d_input[d],
-                d_recurrent[d],
+                dn_recurrent[d],
                 dh0[d],
+                step_rows[d],
                 through_weights[d],
                 bounds[chunk],
                 bounds[chunk + 1],
