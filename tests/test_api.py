@@ -796,6 +796,31 @@ def _forked_child(connection) -> None:
         connection.send(repr(error))
 
 
+def test_kernel_threads_follow_torch_and_numba_settings():
+    """The kernels' thread count: torch's setting, capped by Numba's (read without its locks
+    once its pool runs) and by the CPUs."""
+    import numba
+
+    from fastrnn import recurrence_cpu
+
+    ref, fast = make_pair("RNN", 3, 4)
+    compare_modules(ref, fast, _x(5, 2, 3))  # Numba's pool has started
+    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    cpus = recurrence_cpu._CPUS
+    try:
+        numba.set_num_threads(1)
+        assert recurrence_cpu._numba_threads() == 1 and recurrence_cpu._threads() == 1
+        numba.set_num_threads(numba_before)
+        assert recurrence_cpu._numba_threads() == numba_before
+        torch.set_num_threads(1)
+        assert recurrence_cpu._threads() == 1
+        torch.set_num_threads(64)
+        assert recurrence_cpu._threads() == min(numba_before, cpus)
+    finally:
+        torch.set_num_threads(torch_before)
+        numba.set_num_threads(numba_before)
+
+
 def test_serial_kernels_run_the_twins_on_one_thread():
     """`recurrence_cpu.serial_kernels` (what a forked child runs, and what precompile --forked
     compiles): the serial twins, one thread, torch's results; the parallel kernels after."""
