@@ -22,7 +22,6 @@ LSTM, GRU and RNN fwd+bwd, float32, cold on 2 Zen 3 cores: 49 s in one process, 
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 
 from .kernels.cpu.cells import SMALL_BATCH
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
-from .recurrence_cpu import serial_kernels
+from .recurrence_cpu import available_cpus, serial_kernels
 from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
@@ -92,13 +91,6 @@ def precompile(
     return seconds
 
 
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
 def precompile_in_processes(
     dtypes: tuple[str, ...] = ("float32",),
     parts: tuple[str, ...] = PARTS,
@@ -108,7 +100,7 @@ def precompile_in_processes(
     """`precompile` of the CPU kernels in `jobs` processes at once (default: the usable CPUs),
     the parts grouped as `part_groups` says; returns the seconds it took. Raises RuntimeError
     with a process's output if one fails."""
-    groups = part_groups(parts, jobs or usable_cpus())
+    groups = part_groups(parts, jobs or available_cpus())
     start = time.perf_counter()
 
     def compile_group(group: tuple[str, ...]) -> None:
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     dtypes = tuple(args.dtypes or ["float32"])
-    jobs = len(part_groups(args.parts, args.jobs or usable_cpus()))
+    jobs = len(part_groups(args.parts, args.jobs or available_cpus()))
     if args.device == "cpu" and jobs > 1:
         if torch.float16 in (_DTYPES[name] for name in dtypes):
             parser.error("fastrnn has no float16 CPU kernels")

@@ -91,7 +91,8 @@ if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork()
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
+    """The CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
@@ -100,7 +101,7 @@ def _available_cpus() -> int:
 
 # More threads than CPUs never helps, and it would hurt the batch-1 helpers, which spin while
 # they wait for the owner (`kernels/cpu/shared_product.py`).
-_CPUS = _available_cpus()
+_CPUS = available_cpus()
 
 
 try:  # Numba's reader of its thread count, for `_numba_threads`
