@@ -14,7 +14,10 @@ Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx)
 products and the fused gate math) runs in fastrnn's kernels for the tensors' device:
 `recurrence_cpu` (Numba CPU) or `recurrence_cuda` (numba-cuda), which take the same arguments.
 
-Double backward is not supported: it raises a RuntimeError instead of returning a wrong value.
+Double backward (create_graph=True: gradient penalties, Hessian-vector products, second-order
+meta-learning) takes a slow path: the backward recomputes the layer with plain torch ops
+(`reference`) and lets autograd differentiate that, so the gradients have a graph of their own
+(`_double_backward_through`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import recurrence_cpu, recurrence_cuda
+from . import recurrence_cpu, recurrence_cuda, reference
 from .kernels.cpu.common import batch_sizes_problem
 from .scratch import scratch
 
@@ -50,21 +53,82 @@ def _recurrence(x: Tensor) -> ModuleType:
     return recurrence_cpu
 
 
-_DOUBLE_BACKWARD = (
-    "fastrnn: double backward (differentiating a gradient, create_graph=True) is not supported"
-)
+def _double_backward_through(recompute):
+    """Decorator of a Function's backward: the kernels' backward as it is, unless autograd
+    records the gradients' own graph (create_graph=True), which that backward can't give.
+    Then `recompute(ctx)` -> (the forward's arguments, its outputs) runs the Function again
+    with plain torch ops (`reference`, slow: a Python loop over the steps), from the saved
+    inputs, and autograd differentiates that with create_graph=True: gradients equal to the
+    first-order ones up to rounding, differentiable again like torch.nn's."""
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return backward(ctx, *grads)
+            arguments, outputs = recompute(ctx)
+            wanted = [i for i, a in enumerate(arguments) if ctx.needs_input_grad[i]]
+            given = [(o, g) for o, g in zip(outputs, grads, strict=True) if o.requires_grad]
+            found = torch.autograd.grad(
+                [o for o, _ in given],
+                [arguments[i] for i in wanted],
+                [g for _, g in given],
+                create_graph=True,
+                allow_unused=True,
+            )
+            result: list[Tensor | None] = [None] * len(arguments)
+            for i, gradient in zip(wanted, found, strict=True):
+                result[i] = gradient
+            return tuple(result)
+
+        return wrapper
+
+    return decorate
 
 
-def _first_order_only(backward):
-    """Raise on create_graph=True instead of returning gradients that can't be differentiated."""
+def reference_directions(run, directions: int, weights: list[Tensor | None]) -> tuple[Tensor, ...]:
+    """A layer's outputs (y (N, D * P), *states (D, B, *)) from `run(d, weights of direction
+    d)` -> (y_d, *states_d), the weights given as the layer Functions take them (one direction
+    without the D axis, see `_direction_axis`)."""
+    one = weights[1] is not None and weights[1].dim() == 2
+    results = [
+        run(d, [w if w is None or one else w[d] for w in weights]) for d in range(directions)
+    ]
+    y = torch.cat([r[0] for r in results], 1)
+    return (y, *(torch.stack([r[k] for r in results]) for k in range(1, len(results[0]))))
 
-    @functools.wraps(backward)
-    def wrapper(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError(_DOUBLE_BACKWARD)
-        return backward(ctx, *grads)
 
-    return wrapper
+def _lstm_reference(ctx):
+    x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh = ctx.saved_tensors
+    sizes = ctx.batch_sizes
+
+    def run(d, w):
+        return reference.lstm_layer(x, sizes, d == 1, *w, h0[d], c0[d])
+
+    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh, W_hr])
+    return [x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr], outputs
+
+
+def _gru_reference(ctx):
+    x, h0, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
+    sizes = ctx.batch_sizes
+
+    def run(d, w):
+        return reference.gru_layer(x, sizes, d == 1, *w, h0[d])
+
+    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
+    return [x, sizes, h0, W_ih, W_hh, b_ih, b_hh], outputs
+
+
+def _rnn_reference(ctx):
+    x, h0, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
+    sizes, relu = ctx.batch_sizes, ctx.relu
+
+    def run(d, w):
+        return reference.rnn_layer(x, sizes, d == 1, relu, *w, h0[d])
+
+    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
+    return [x, sizes, relu, h0, W_ih, W_hh, b_ih, b_hh], outputs
 
 
 class _InferenceContext:
@@ -308,7 +372,7 @@ class LSTMLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
-        given = (W_ih, W_hh, W_hr)
+        given, biases = (W_ih, W_hh, W_hr), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh, W_hr)
         hidden = W_hh.shape[1] // 4
         proj = W_hr.shape[1] if W_hr is not None else hidden
@@ -335,17 +399,17 @@ class LSTMLayerFunction(torch.autograd.Function):
             batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
         )
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, c0, *given, y)
+            ctx.save_for_backward(x, h0, c0, *given, y, *biases)
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
             ctx.batch_sizes = batch_sizes
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
         return _features_side_by_side(y), h_n, c_n
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_lstm_reference)
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, W_ih, W_hh, W_hr, y = ctx.saved_tensors
+        x, h0, c0, W_ih, W_hh, W_hr, y, _, _ = ctx.saved_tensors
         W_ih, W_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, W_hr)
         directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
         projected = W_hr is not None
@@ -388,7 +452,7 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
-        given = (W_ih, W_hh)
+        given = (W_ih, W_hh, b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
@@ -405,17 +469,17 @@ class GRULayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
         recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given, y)
+            ctx.save_for_backward(x, h0, *given[:2], y, *given[2:])
             ctx.gate_cache = gate_cache
             ctx.batch_sizes = batch_sizes
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
         return _features_side_by_side(y), h_n
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_gru_reference)
     @once_differentiable
     def backward(ctx, dy, dh_n):
-        x, h0, W_ih, W_hh, y = ctx.saved_tensors
+        x, h0, W_ih, W_hh, y, _, _ = ctx.saved_tensors
         W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)
@@ -448,7 +512,7 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
-        given = (W_ih, W_hh)
+        given = (W_ih, W_hh, b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
@@ -460,16 +524,16 @@ class RNNLayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
         recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given, y)
+            ctx.save_for_backward(x, h0, *given[:2], y, *given[2:])
             ctx.batch_sizes, ctx.relu = batch_sizes, relu
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
         return _features_side_by_side(y), h_n
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_rnn_reference)
     @once_differentiable
     def backward(ctx, dy, dh_n):
-        x, h0, W_ih, W_hh, y = ctx.saved_tensors
+        x, h0, W_ih, W_hh, y, _, _ = ctx.saved_tensors
         W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
         directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
         # dead once backward returns: reused buffers (see `scratch`)

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .autograd import _first_order_only, check_shapes
+from . import reference
+from .autograd import _double_backward_through, check_shapes
 from .kernels.cpu.cells import (
     SMALL_BATCH,
     gru_cell_backward,
@@ -89,6 +90,31 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
     return dx, dh, dW_ih, dW_hh, db_ih, db_hh
 
 
+def _one_step(ctx, x: Tensor) -> list[int]:
+    """The batch sizes of one step of x's rows, for `reference`'s layers."""
+    return [x.shape[0]]
+
+
+def _lstm_cell_reference(ctx):
+    x, h, c, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
+    _, h_new, c_new = reference.lstm_layer(
+        x, _one_step(ctx, x), False, W_ih, W_hh, b_ih, b_hh, None, h, c
+    )
+    return [x, h, c, W_ih, W_hh, b_ih, b_hh], (h_new, c_new)
+
+
+def _gru_cell_reference(ctx):
+    x, h, W_ih, W_hh, b_ih, b_hh = ctx.saved_tensors
+    _, h_new = reference.gru_layer(x, _one_step(ctx, x), False, W_ih, W_hh, b_ih, b_hh, h)
+    return [x, h, W_ih, W_hh, b_ih, b_hh], (h_new,)
+
+
+def _rnn_cell_reference(ctx):
+    x, h, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
+    _, h_new = reference.rnn_layer(x, _one_step(ctx, x), False, ctx.relu, W_ih, W_hh, b_ih, b_hh, h)
+    return [x, h, ctx.relu, W_ih, W_hh, b_ih, b_hh], (h_new,)
+
+
 class LSTMCellFunction(torch.autograd.Function):
     """(x, h, c, W_ih, W_hh, b_ih, b_hh) -> (h', c')."""
 
@@ -109,7 +135,7 @@ class LSTMCellFunction(torch.autograd.Function):
             rec = _product(h, W_hh, b_hh)
             lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new)
+            ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new, b_ih, b_hh)
             ctx.gates = gates
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
             # c' is saved for the backward: the caller gets a copy it may change in place,
@@ -118,10 +144,10 @@ class LSTMCellFunction(torch.autograd.Function):
         return h_new, c_new
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_lstm_cell_reference)
     @once_differentiable
     def backward(ctx, dh, dc):
-        x, h, c, W_ih, W_hh, c_new = ctx.saved_tensors
+        x, h, c, W_ih, W_hh, c_new, _, _ = ctx.saved_tensors
         d_gates = torch.empty_like(ctx.gates)
         dc_prev = torch.empty_like(c, memory_format=torch.contiguous_format)
         lstm_cell_backward(
@@ -161,16 +187,16 @@ class GRUCellFunction(torch.autograd.Function):
                 projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
             )
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, W_ih, W_hh)
+            ctx.save_for_backward(x, h, W_ih, W_hh, b_ih, b_hh)
             ctx.cache = cache
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 2
         return h_new
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_gru_cell_reference)
     @once_differentiable
     def backward(ctx, dh):
-        x, h, W_ih, W_hh = ctx.saved_tensors
+        x, h, W_ih, W_hh, _, _ = ctx.saved_tensors
         rows, hidden = h.shape
         d_input = _new_rows(h, rows, 3 * hidden)
         d_recurrent = torch.empty_like(d_input)
@@ -202,17 +228,17 @@ class RNNCellFunction(torch.autograd.Function):
             h_new = _product(x, W_ih, b_ih)
             rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, W_ih, W_hh, h_new)
+            ctx.save_for_backward(x, h, W_ih, W_hh, h_new, b_ih, b_hh)
             ctx.relu = relu
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
             h_new = h_new.clone()  # saved for the backward: see LSTMCellFunction's c'
         return h_new
 
     @staticmethod
-    @_first_order_only
+    @_double_backward_through(_rnn_cell_reference)
     @once_differentiable
     def backward(ctx, dh):
-        x, h, W_ih, W_hh, h_new = ctx.saved_tensors
+        x, h, W_ih, W_hh, h_new, _, _ = ctx.saved_tensors
         d_pre = torch.empty_like(h_new)
         rnn_cell_backward(h_new.numpy(), _np(dh), ctx.relu, d_pre.numpy())
         dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h, W_ih, W_hh)

@@ -164,3 +164,38 @@ def test_gradcheck_module_via_functional_call():
     for a, b in zip(fn(fast)(x, *params), fn(ref)(x, *params), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
     assert torch.autograd.gradcheck(fn(fast), (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "mode,layers,bidirectional,proj,lengths",
+    [
+        pytest.param("LSTM", 1, False, 0, None, id="LSTM"),
+        pytest.param("LSTM", 1, True, 1, [3, 1], id="LSTM-bi-proj-packed"),
+        pytest.param("GRU", 2, False, 0, None, id="GRU-L2"),
+        pytest.param("RNN_TANH", 1, True, 0, [2, 3], id="RNN_TANH-bi-packed"),
+        pytest.param("LSTMCell", 1, False, 0, None, id="LSTMCell"),
+        pytest.param("GRUCell", 1, False, 0, None, id="GRUCell"),
+        pytest.param("RNNCell_TANH", 1, False, 0, None, id="RNNCell_TANH"),
+    ],
+)
+def test_gradgradcheck(mode, layers, bidirectional, proj, lengths):
+    """Second derivatives (create_graph=True) against finite differences of the first, with
+    respect to the input, the states and every weight."""
+    I, H, T, B = 2, 2, 3, 2
+    D = 2 if bidirectional else 1
+    extra = {"proj_size": proj} if proj else {}
+    if "Cell" in mode:
+        _, fast = make_mode_pair(mode, I, H, dtype=F64)
+        x = _rand(B, I)
+        states = (_rand(B, H, seed=1, scale=0.5),)
+        if mode == "LSTMCell":
+            states = (*states, _rand(B, H, seed=2, scale=0.5))
+    else:
+        _, fast = make_mode_pair(
+            mode, I, H, num_layers=layers, bidirectional=bidirectional, dtype=F64, **extra
+        )
+        x = _rand(T, B, I)
+        states = _states(mode, layers, D, B, H, proj)
+    fn = _module_fn(fast, len(states), lengths, enforce_sorted=False)
+    inputs = (x, *states, *fast.parameters())
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
