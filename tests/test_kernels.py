@@ -382,3 +382,32 @@ def test_row_chunks_cover_the_batch_and_balance_packed_work():
     batch_sizes = np.array([(lengths > t).sum() for t in range(100)], dtype=np.int64)
     bounds = chunk_bounds(2, batch_sizes)
     assert (bounds[0], bounds[1]) == (0, 4)
+
+
+def test_float64_products_use_vector_tiles():
+    """float64 products on AVX2 go through the directly written vector tiles (`_narrow_matmul`):
+    the float32 forms spilled their 16 accumulators there, or ran scalar. The compiled code
+    must hold packed double FMAs on ymm registers. (A fresh compile: the on-disk cache keeps no
+    assembly.)"""
+    import platform
+    import re
+
+    import numba
+
+    from fastrnn.kernels.cpu import panel_matmul
+    from fastrnn.kernels.cpu.common import WIDE_TILE_FITS
+
+    if platform.machine() not in ("x86_64", "AMD64") or WIDE_TILE_FITS:
+        pytest.skip("the narrow float64 tiles are for x86-64 without AVX-512")
+    fresh = numba.njit(error_model="numpy", fastmath={"contract"})(
+        panel_matmul._narrow_matmul.py_func
+    )
+    W = np.ones((1, 40, 24))
+    panels = panel_matmul.packed_panels(W, False, 1)[0]
+    for rows in (1, 5):
+        a = np.arange(rows * 24, dtype=np.float64).reshape(rows, 24)
+        out = np.empty((rows, 40))
+        fresh(a, panels, out, 0, panels.shape[0])
+        np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-14)
+    asm = "\n".join(fresh.inspect_asm().values())
+    assert len(re.findall(r"vfmadd\w*pd\s+.*ymm", asm)) >= 8

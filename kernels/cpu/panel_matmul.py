@@ -18,9 +18,10 @@ it can prove for an alloca but not for a heap array next to the input arrays.
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 from numba.np.numpy_support import carray
 
 from .common import (
@@ -38,6 +39,16 @@ PANEL = UNIT_PANEL
 # 8 AVX2 or 4 AVX-512 registers; a wide tile (`common.WIDE_ROWS` = 8) keeps twice that.
 # The one-row form walks this many panels at once, for enough independent accumulators.
 ROW_PANELS = 4
+# The float64 products on a CPU without the wide tiles (AVX2) take tiles of NARROW_ROWS rows x
+# one panel, and single rows NARROW_PANELS panels at a time (`_narrow_matmul`): a float64 panel
+# row is four ymm registers there, so the float32 forms' 4 x 16 accumulators filled all 16
+# registers and LLVM spilled them every k (12 x 256 @ 256 x 1024: 25 GFLOP/s on a Zen 3 core),
+# while its vectorisers left 2- and 3-row forms written like the others scalar (4-5 GFLOP/s).
+# These tiles are vector code written directly (`_vector_tile`). Three rows: 12 accumulators
+# plus the panel row's 4 registers, which it reuses, spilled again (16 GFLOP/s); a single row's
+# panels are read once, straight into the FMAs, so three panels fit.
+NARROW_ROWS = 2
+NARROW_PANELS = 3
 # Weights smaller than this (elements) are packed by the calling thread: waking the pool for a
 # second parallel region cost more than the copy (LSTM H = 128: ~15 us a call, most of a T = 1
 # kernel call).
@@ -49,6 +60,7 @@ PACK_GROUP = 8
 _TILE = TILE_ROWS * PANEL
 _WIDE_TILE = WIDE_ROWS * PANEL
 _ROW_TILE = ROW_PANELS * PANEL
+_NARROW_TILE = max(NARROW_ROWS, NARROW_PANELS) * PANEL
 # Only FMA contraction: the full fastmath set (no-NaN, no-inf assumptions) was no faster here
 # (same speed and bits in a same-process A/B) and would let LLVM drop NaN handling.
 _JIT = {**JIT_OPTIONS, "fastmath": {"contract"}}
@@ -66,6 +78,141 @@ def _stack_buffer(typingctx, size, like):
         return cgutils.alloca_once(builder, context.get_value_type(dtype), size=count)
 
     return types.CPointer(dtype)(size, like), codegen
+
+
+def _emit_vector_tile(context, builder, dtype, row_pointers, panel_pointers, depth, out):
+    """IR of sum over k < depth of row[k] * panel[k, :] for every row pointer (elements at a
+    byte stride each, as (pointer, stride)) and panel pointer (PANEL contiguous elements a k),
+    in vector accumulators (one FMA each per vector and k, k in order), stored to out (a
+    CPointer): row r, panel p at ((r * P + p) * PANEL)."""
+    element = context.get_value_type(dtype)
+    lanes = 32 // (dtype.bitwidth // 8)  # one 256-bit register
+    vector = ir.VectorType(element, lanes)
+    per_panel = PANEL // lanes
+    i64 = ir.IntType(64)
+    suffix = f"v{lanes}f{dtype.bitwidth}"
+    fma = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), f"llvm.fma.{suffix}"
+    )
+    zero = ir.Constant(vector, [0.0] * lanes)
+    splat = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+    count = len(row_pointers) * len(panel_pointers) * per_panel
+    entry = builder.block
+    loop = builder.append_basic_block("vector_tile.loop")
+    done = builder.append_basic_block("vector_tile.done")
+    builder.cbranch(builder.icmp_signed(">", depth, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    accumulators = [builder.phi(vector) for _ in range(count)]
+    for acc in accumulators:
+        acc.add_incoming(zero, entry)
+    broadcasts = []
+    for pointer, stride in row_pointers:
+        address = builder.gep(pointer, [builder.mul(k, stride)])
+        value = builder.load(builder.bitcast(address, element.as_pointer()))
+        lane = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(i64, 0))
+        broadcasts.append(builder.shuffle_vector(lane, ir.Constant(vector, None), splat))
+    weights = []
+    for pointer in panel_pointers:
+        base = builder.gep(pointer, [builder.mul(k, ir.Constant(i64, PANEL))])
+        for q in range(per_panel):
+            address = builder.gep(base, [ir.Constant(i64, q * lanes)])
+            load = builder.load(builder.bitcast(address, vector.as_pointer()))
+            load.align = dtype.bitwidth // 8
+            weights.append(load)
+    updated = []
+    for r, broadcast in enumerate(broadcasts):
+        for w, weight in enumerate(weights):
+            acc = accumulators[r * len(weights) + w]
+            updated.append(builder.call(fma, [broadcast, weight, acc]))
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    end = builder.block
+    k.add_incoming(k_next, end)
+    for acc, new in zip(accumulators, updated, strict=True):
+        acc.add_incoming(new, end)
+    builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for new in updated:  # every phi first: they must lead the block
+        result = builder.phi(vector)
+        result.add_incoming(zero, entry)
+        result.add_incoming(new, end)
+        results.append(result)
+    for i, result in enumerate(results):
+        address = builder.gep(out, [ir.Constant(i64, i * lanes)])
+        store = builder.store(result, builder.bitcast(address, vector.as_pointer()))
+        store.align = dtype.bitwidth // 8
+
+
+def _array_parts(context, builder, array_type, value):
+    array = context.make_array(array_type)(context, builder, value)
+    shape = cgutils.unpack_tuple(builder, array.shape, array_type.ndim)
+    strides = cgutils.unpack_tuple(builder, array.strides, array_type.ndim)
+    return array.data, shape, strides
+
+
+def _is_float_array(t, ndim):
+    return (
+        isinstance(t, types.Array) and t.ndim == ndim and t.dtype in (types.float32, types.float64)
+    )
+
+
+@intrinsic
+def _vector_tile(typingctx, rows, row_indices, panels, panel_indices, out):
+    """out[(r * P + p) * PANEL + j] = sum over k of rows[row_indices[r], k] * panels[
+    panel_indices[p], k, j] (tuples of R and P indices, R * P * PANEL accumulators in vector
+    registers; each sum an FMA chain in k order, as every form of `matmul_panels`).
+    rows (M, K) any layout; panels (n, K, PANEL) C-contiguous; out a CPointer of their dtype."""
+    if not (
+        _is_float_array(rows, 2)
+        and _is_float_array(panels, 3)
+        and panels.layout == "C"
+        and panels.dtype == rows.dtype
+        and isinstance(row_indices, types.UniTuple)
+        and isinstance(panel_indices, types.UniTuple)
+        and isinstance(out, types.CPointer)
+        and out.dtype == rows.dtype
+    ):
+        return None
+    dtype = rows.dtype
+
+    def codegen(context, builder, signature, args):
+        rows_value, row_tuple, panels_value, panel_tuple, out_pointer = args
+        i64 = ir.IntType(64)
+        byte = ir.IntType(8).as_pointer()
+        row_data, row_shape, row_strides = _array_parts(
+            context, builder, signature.args[0], rows_value
+        )
+        panel_data, panel_shape, _ = _array_parts(context, builder, signature.args[2], panels_value)
+        depth = row_shape[1]
+        row_bytes = builder.bitcast(row_data, byte)
+        row_pointers = []
+        for index in cgutils.unpack_tuple(builder, row_tuple, signature.args[1].count):
+            index = context.cast(builder, index, signature.args[1].dtype, types.int64)
+            start = builder.gep(row_bytes, [builder.mul(index, row_strides[0])])
+            row_pointers.append((start, row_strides[1]))
+        panel_size = builder.mul(panel_shape[1], ir.Constant(i64, PANEL))
+        panel_pointers = []
+        for index in cgutils.unpack_tuple(builder, panel_tuple, signature.args[3].count):
+            index = context.cast(builder, index, signature.args[3].dtype, types.int64)
+            panel_pointers.append(builder.gep(panel_data, [builder.mul(index, panel_size)]))
+        _emit_vector_tile(context, builder, dtype, row_pointers, panel_pointers, depth, out_pointer)
+        return context.get_dummy_value()
+
+    return types.none(rows, row_indices, panels, panel_indices, out), codegen
+
+
+def _narrow(rows):
+    """Whether products of `rows`' dtype take `_narrow_matmul` (float64 without the wide
+    tiles). A constant of each compiled form (see the overload)."""
+    return False
+
+
+@overload(_narrow)
+def _overload_narrow(rows):
+    narrow = rows.dtype.bitwidth == 64 and not WIDE_TILE_FITS
+    return lambda rows: narrow
 
 
 @njit(**JIT_OPTIONS)
@@ -161,6 +308,35 @@ def _one_row(row, panels, first_panel, end_panel, out_row):
 
 
 @njit(**_JIT)
+def _narrow_matmul(rows, panels, out, first_panel, end_panel):
+    """`matmul_panels` in NARROW_ROWS-row tiles of one panel (a short tile repeats its last
+    row), or for a single row NARROW_PANELS panels at a time (a short group repeats its last
+    panel), all in `_vector_tile`'s registers."""
+    count = rows.shape[0]
+    columns = out.shape[1]
+    pointer = _stack_buffer(_NARROW_TILE, rows)
+    acc = carray(pointer, (_NARROW_TILE,))
+    if count == 1:
+        for p in range(first_panel, end_panel, NARROW_PANELS):
+            last = end_panel - 1
+            group = (p, min(p + 1, last), min(p + 2, last))
+            _vector_tile(rows, (0,), panels, group, pointer)
+            for q in range(min(NARROW_PANELS, end_panel - p)):
+                column = (p + q) * PANEL
+                for j in range(min(PANEL, columns - column)):
+                    out[0, column + j] = acc[q * PANEL + j]
+        return
+    for p in range(first_panel, end_panel):
+        column = p * PANEL
+        width = min(PANEL, columns - column)
+        for first in range(0, count, NARROW_ROWS):
+            _vector_tile(rows, (first, min(first + 1, count - 1)), panels, (p,), pointer)
+            for r in range(min(NARROW_ROWS, count - first)):
+                for j in range(width):
+                    out[first + r, column + j] = acc[r * PANEL + j]
+
+
+@njit(**_JIT)
 def matmul_panels(rows, panels, out, first_panel, end_panel):
     """out (M, N) = rows (M, K) @ W^T in the columns of panels first_panel..end_panel-1 (all of
     them: 0, panel_count(N)), W given as `pack_panels` panels (panel_count(N), K, PANEL).
@@ -179,6 +355,9 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
         for r in range(count):
             for j in range(first_panel * PANEL, min(columns, end_panel * PANEL)):
                 out[r, j] = 0
+        return
+    if _narrow(rows):
+        _narrow_matmul(rows, panels, out, first_panel, end_panel)
         return
     # The tile loops are written here, not called: a call per tile passes three arrays (with
     # their reference counting), which cost ~30 % at K = 256 (74 against 110 GFLOP/s). And each
