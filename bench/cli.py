@@ -25,7 +25,7 @@ import torch
 from bench import cases as C
 from bench import report as R
 from bench.parity import check_parity
-from bench.roofline import sgemm_peak_gflops
+from bench.roofline import gemm_name, sgemm_peak_gflops
 from bench.timing import OtherLoad, RepPolicy, make_timer, measure
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -345,10 +345,13 @@ def uncached_kernels(cells: list[str]) -> list[str]:
 
 
 def _case_roofline(args) -> float | None:
-    """numpy's sgemm GFLOP/s right now, with torch's thread count (CPU runs only)."""
+    """numpy's GEMM GFLOP/s in the run's dtype right now, with torch's thread count (CPU runs
+    only)."""
     if args.device != "cpu":
         return None
-    return sgemm_peak_gflops(torch.get_num_threads(), n=1024 if args.quick else 2048, repeats=3)
+    return sgemm_peak_gflops(
+        torch.get_num_threads(), n=1024 if args.quick else 2048, repeats=3, dtype=args.dtype
+    )
 
 
 def main(argv=None) -> int:
@@ -458,8 +461,9 @@ def main(argv=None) -> int:
     meta = R.collect_metadata(args.device, fast_version, fast_file)
     threads_start = meta["threads"]
     if args.device == "cpu":
+        meta["peak_gemm"] = gemm_name(args.dtype)
         meta["sgemm_peak_gflops"] = sgemm_peak_gflops(
-            torch.get_num_threads(), n=1024 if args.quick else 2048
+            torch.get_num_threads(), n=1024 if args.quick else 2048, dtype=args.dtype
         )
     print("fastrnn benchmark (torch.nn vs fastrnn)")
     for line in R.header_lines(meta, settings):
@@ -534,12 +538,13 @@ def main(argv=None) -> int:
         beside = [p for r in results for p in r["sgemm_peak_gflops_before_after"]]
         meta["sgemm_peak_gflops_start_end"] = [start_peak, end_peak]
         meta["sgemm_peak_gflops"] = max(start_peak, *beside)
+        gemm = meta["peak_gemm"]
         print(
-            f"roofline  : numpy sgemm {min(beside):.0f}-{max(beside):.0f} GFLOP/s measured beside "
-            f"the cases ({start_peak:.0f} before the run); each case's '% sgemm peak' uses the "
+            f"roofline  : numpy {gemm} {min(beside):.0f}-{max(beside):.0f} GFLOP/s measured beside "
+            f"the cases ({start_peak:.0f} before the run); each case's '% {gemm} peak' uses the "
             "higher of its own before and after"
         )
-    print(R.console_table(results, meta.get("sgemm_peak_gflops")))
+    print(R.console_table(results, meta.get("sgemm_peak_gflops"), meta.get("peak_gemm", "sgemm")))
     note_lines = R.notes(results, threads_start, threads_end)
     if args.device == "cuda":
         note_lines += [
@@ -589,7 +594,16 @@ def main(argv=None) -> int:
             else:
                 print(f"note: plot skipped: {why}")
             grid_path = args.out / f"{stem}-vs-batch.png"
-            if R.write_grid_plot(grid_path, results, meta.get("sgemm_peak_gflops"), title) is None:
+            if (
+                R.write_grid_plot(
+                    grid_path,
+                    results,
+                    meta.get("sgemm_peak_gflops"),
+                    title,
+                    meta.get("peak_gemm", "sgemm"),
+                )
+                is None
+            ):
                 written.append(grid_path)
         print("wrote " + ", ".join(str(p) for p in written))
 

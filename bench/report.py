@@ -188,10 +188,11 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
             if start_end
             else ""
         )
+        gemm = meta.get("peak_gemm", "sgemm")
         lines.append(
-            f"roofline  : numpy sgemm {meta['sgemm_peak_gflops']:.0f} GFLOP/s with "
-            f"{t['torch_num_threads']} threads{measured}; the '% sgemm peak' column judges "
-            "each case by sgemm measured just before and after it (the higher)"
+            f"roofline  : numpy {gemm} {meta['sgemm_peak_gflops']:.0f} GFLOP/s with "
+            f"{t['torch_num_threads']} threads{measured}; the '% {gemm} peak' column judges "
+            f"each case by {gemm} measured just before and after it (the higher)"
         )
     return lines
 
@@ -352,9 +353,16 @@ def table_rows(cases: list[dict], spread: str, peak: float | None = None) -> lis
     return rows
 
 
-def console_table(cases: list[dict], peak: float | None = None) -> str:
+def columns(gemm: str = "sgemm") -> tuple[str, ...]:
+    """The table's column names, the roofline's named after the GEMM it measured
+    (`bench.roofline.gemm_name`)."""
+    return tuple(c.replace("sgemm", gemm) for c in COLUMNS)
+
+
+def console_table(cases: list[dict], peak: float | None = None, gemm: str = "sgemm") -> str:
     rows = table_rows(cases, spread="pct", peak=peak)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(COLUMNS)]
+    names = columns(gemm)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(names)]
     left = {0}
 
     def line(cells):
@@ -363,14 +371,14 @@ def console_table(cases: list[dict], peak: float | None = None) -> str:
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
-    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
+    out = [line(names), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows]
     return "\n".join(out)
 
 
-def markdown_table(cases: list[dict], peak: float | None = None) -> str:
+def markdown_table(cases: list[dict], peak: float | None = None, gemm: str = "sgemm") -> str:
     rows = table_rows(cases, spread="range", peak=peak)
-    header = [h.replace("|", "\\|") for h in COLUMNS]  # the pipes in "max|Δ|"
+    header = [h.replace("|", "\\|") for h in columns(gemm)]  # the pipes in "max|Δ|"
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(out)
@@ -427,6 +435,7 @@ def notes(
 
 
 def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: list[str]) -> str:
+    gemm = meta.get("peak_gemm", "sgemm")
     out = [f"# fastrnn benchmark: {meta['device']}, {meta['date'][:10]}", ""]
     out += [
         f"- {ln.split(':', 1)[0].strip()}: {ln.split(':', 1)[1].strip()}"
@@ -438,11 +447,11 @@ def markdown_report(meta: dict, settings: dict, cases: list[dict], note_lines: l
         "median (> 1: fastrnn is faster), and in parentheses the p25–p75 of the per-pair ratios "
         "(each torch call against the fastrnn call right after it, robust to a machine whose "
         "speed drifts during the run). GFLOP/s: GEMM FLOPs of fwd+bwd (3x forward, forward = "
-        "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median; % sgemm peak: that "
-        "against the machine's sgemm throughput measured just before and after the case (the "
-        "higher).",
+        "2·tokens·G·H·(I+H) per layer-direction) / fastrnn fwd+bwd median; % "
+        f"{gemm} peak: that against the machine's {gemm} throughput (the run's dtype) measured "
+        "just before and after the case (the higher).",
         "",
-        markdown_table(cases, meta.get("sgemm_peak_gflops")),
+        markdown_table(cases, meta.get("sgemm_peak_gflops"), gemm),
     ]
     if note_lines:
         out += ["", "Notes:", ""] + [f"- {ln}" for ln in note_lines]
@@ -526,9 +535,11 @@ def write_plot(path: Path, cases: list[dict], title: str) -> str | None:
     return None
 
 
-def write_grid_plot(path: Path, cases: list[dict], peak: float | None, title: str) -> str | None:
-    """Speed-up (fwd+bwd) and % of sgemm peak against batch, one line per (cell, hidden size);
-    drawn when the run covers at least two batch sizes for some (cell, H, I, T)."""
+def write_grid_plot(
+    path: Path, cases: list[dict], peak: float | None, title: str, gemm: str = "sgemm"
+) -> str | None:
+    """Speed-up (fwd+bwd) and % of the GEMM peak (`gemm`) against batch, one line per (cell,
+    hidden size); drawn when the run covers at least two batch sizes for some (cell, H, I, T)."""
     try:
         import matplotlib
 
@@ -562,7 +573,7 @@ def write_grid_plot(path: Path, cases: list[dict], peak: float | None, title: st
         ax.grid(True, alpha=0.3)
     ax1.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax1.set_ylabel("fwd+bwd speed-up vs torch")
-    ax2.set_ylabel("fastrnn fwd+bwd, % of measured sgemm peak")
+    ax2.set_ylabel(f"fastrnn fwd+bwd, % of measured {gemm} peak")
     ax1.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
