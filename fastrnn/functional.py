@@ -56,11 +56,25 @@ _warned: set[str] = set()
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+_EXPORT_REASON = (
+    "torch.export can't record fastrnn's Numba kernels (an exported program runs without "
+    "Python); the exported program gets torch's implementation"
+)
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return is_exporting is not None and is_exporting()
+
+
 def transform_reason(input: Tensor, weights: Sequence[Tensor | None], hx) -> str | None:
     """Why fastrnn can't run under a function transform: torch.func's (grad, vjp, jvp, vmap,
     jacrev, ...) wrap tensors that its autograd.Functions can't take, and forward-mode AD
-    (dual tensors) needs a jvp they don't have; torch's own implementation runs there.
+    (dual tensors) needs a jvp they don't have; torch.export traces the model into a graph of
+    torch ops, which Numba kernels can't be part of. torch's own implementation runs there.
     (Dual tensors are looked for only while a dual level is open.)"""
+    if _exporting():
+        return _EXPORT_REASON
     if torch._C._are_functorch_transforms_active():
         return _TRANSFORM_REASON
     if forward_ad._current_level >= 0 and any(

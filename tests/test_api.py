@@ -579,6 +579,50 @@ def test_torch_jit_trace_records_the_layer(name, steps):
     assert (grad - x2.grad).abs().max().item() < 1e-5
 
 
+class _ExportedModel(nn.Module):
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x)
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,shape",
+    [
+        ("LSTM", {"num_layers": 2, "batch_first": True}, (3, 5, 4)),
+        ("LSTM", {"proj_size": 3, "bidirectional": True}, (5, 3, 4)),
+        ("GRU", {}, (5, 3, 4)),
+        ("RNN", {"nonlinearity": "relu"}, (5, 4)),
+        ("LSTMCell", {}, (3, 4)),
+        ("GRUCell", {}, (3, 4)),
+        ("RNNCell", {}, (4,)),
+    ],
+)
+def test_torch_export_records_torchs_implementation(name, kwargs, shape, monkeypatch):
+    """torch.export traces a model into a program of torch ops, which Numba kernels can't be
+    part of (torch.nn's modules export; fastrnn's crashed in the tracer): under export fastrnn
+    runs torch's own implementation, warning once, so the exported program computes torch.nn's
+    results on new inputs."""
+    monkeypatch.setattr(fastrnn.functional, "_warned", set())
+    ref, fast = make_pair(name, 4, 6, **kwargs)
+    x = torch.randn(shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(_ExportedModel(fast).eval(), (x,))
+    assert any("torch.export" in str(w.message) for w in caught)
+    assert not any("fastrnn" in str(node.target) for node in program.graph.nodes)
+    x2 = torch.randn(shape)
+    with torch.no_grad():
+        assert (program.module()(x2) - _ExportedModel(ref)(x2)).abs().max().item() < 1e-5
+    # and outside export, fastrnn's own kernels again
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x2)
+
+
 class _ScriptedModel(nn.Module):
     """A model with a sequence module and a cell, for torch.jit.script (which reads its source)."""
 
