@@ -527,6 +527,69 @@ def _well_formed_cell(
     return all(t.dtype == dtype and t.device == device for t in (*tensors, *biases))
 
 
+def plain_cell_call(
+    input: Tensor,
+    states: Sequence[Tensor],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    gates: int,
+) -> bool:
+    """Whether a cell call is the plain case the cell kernels take as it is, checked in one
+    cheap pass: a CPU float32 / float64 input (B, I) that is a plain Tensor, states (B, H) the
+    same, weights of their exact shapes and the same dtype, and nothing active that hands calls
+    to torch (a torch.func transform, forward-mode AD, torch.export, tracing, torch.compile, CPU
+    autocast, the tests' CUDA hook). The cells then skip the full checks (`_torch_cell`, the
+    modules' fallback checks), which cost a one-row call ~20-40 us of the ~70 it took; anything
+    else takes the full path and gets its errors, fallbacks and warnings there."""
+    if type(input) is not Tensor or not input.is_cpu or input.dim() != 2:
+        return False
+    dtype = input.dtype
+    if dtype not in _CPU_KERNEL_DTYPES or fastrnn_autograd.CUDA_KERNELS_ON_CPU:
+        return False
+    batch, inputs = input.shape
+    hidden = W_hh.shape[-1] if isinstance(W_hh, Tensor) else -1
+    for state in states:
+        if type(state) is not Tensor or state.dtype != dtype or not state.is_cpu:
+            return False
+        if state.shape != (batch, hidden):
+            return False
+    rows = gates * hidden
+    for weight, shape in ((W_ih, (rows, inputs)), (W_hh, (rows, hidden))):
+        if not isinstance(weight, Tensor) or weight.dtype != dtype or not weight.is_cpu:
+            return False
+        if weight.shape != shape:
+            return False
+    if (b_ih is None) != (b_hh is None):
+        return False
+    for bias in () if b_ih is None else (b_ih, b_hh):
+        if not isinstance(bias, Tensor) or bias.dtype != dtype or not bias.is_cpu:
+            return False
+        if bias.shape != (rows,):
+            return False
+    return not (
+        torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or _exporting()
+        or torch.is_autocast_enabled("cpu")
+    )
+
+
+def plain_cell_step(
+    kind: str, input: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor | None]
+) -> tuple[Tensor, ...]:
+    """One step of the cell `kind` (lstm, gru, rnn_tanh, rnn_relu) on the cell kernels, for a
+    call `plain_cell_call` accepted: the new state(s) as a tuple."""
+    if kind == "lstm":
+        return apply_layer(LSTMCellFunction, input, states[0], states[1], *weights)
+    if kind == "gru":
+        return (apply_layer(GRUCellFunction, input, states[0], *weights),)
+    return (apply_layer(RNNCellFunction, input, states[0], kind == "rnn_relu", *weights),)
+
+
 def _torch_cell(name: str, input: Tensor, hx, states: Sequence[Tensor], weights: tuple, gates: int):
     """torch._VF's `name` cell on a call fastrnn hands over, else None: under a function
     transform or for a dtype without CPU kernels (`_torch_runs`), and any call the cell

@@ -360,13 +360,40 @@ class _CellForward:
     def __prepare_scriptable__(self):
         return _prepared_for_scripting(self)
 
+    _gates = 1
+
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
-        kernel; `super()` is the torch class next in the MRO)."""
+        kernel; `super()` is the torch class next in the MRO). The plain case (a batched CPU
+        call the kernels take as it is, `functional.plain_cell_call`) goes straight to them."""
         weights = self._weights()
+        kind = self._kernel_kind()
+        if kind is not None and isinstance(input, Tensor) and input.dim() == 2:
+            states = self._plain_states(input, hx)
+            if states is not None and functional.plain_cell_call(
+                input, states, *weights, self._gates
+            ):
+                result = functional.plain_cell_step(kind, input, states, weights)
+                return result if self._state_count == 2 else result[0]
         if self._cell_fallback_needed(input, hx, weights):
             return super().forward(input, hx)  # type: ignore[misc]
         return self._cell_forward(input, hx, weights)
+
+    def _kernel_kind(self) -> str | None:
+        """The cell kernels' name for this cell (`functional.plain_cell_step`)."""
+        raise NotImplementedError
+
+    def _plain_states(self, input: Tensor, hx) -> tuple[Tensor, ...] | None:
+        """The states of a batched call as the cell kernels take them (zeros for hx=None), or
+        None where hx isn't the plain form (then the full path checks it)."""
+        if hx is None:
+            zeros = torch.zeros(input.shape[0], self.hidden_size, dtype=input.dtype)
+            return (zeros,) * self._state_count
+        if self._state_count == 1:
+            return (hx,) if type(hx) is Tensor else None
+        if type(hx) in (tuple, list) and len(hx) == 2:
+            return (hx[0], hx[1])
+        return None
 
     def _weights(self) -> list[Tensor | None]:
         """[W_ih, W_hh, b_ih, b_hh] (the biases None without bias), from `_parameters` where
@@ -432,6 +459,10 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
 
     _name = "LSTMCell"
     _state_count = 2
+    _gates = 4
+
+    def _kernel_kind(self) -> str | None:
+        return "lstm"
 
     def _step(self, x, states, weights):
         return functional.lstm_cell(x, states, *weights)
@@ -441,6 +472,10 @@ class GRUCell(_CellForward, _TorchGRUCell):
     """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
 
     _name = "GRUCell"
+    _gates = 3
+
+    def _kernel_kind(self) -> str | None:
+        return "gru"
 
     def _step(self, x, states, weights):
         return (functional.gru_cell(x, states, *weights),)
@@ -450,6 +485,10 @@ class RNNCell(_CellForward, _TorchRNNCell):
     """`torch.nn.RNNCell` (tanh or relu) on fastrnn's kernels: h = cell(x, h)."""
 
     _name = "RNNCell"
+
+    def _kernel_kind(self) -> str | None:
+        nonlinearity = self.nonlinearity
+        return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
 
     def _step(self, x, states, weights):
         if self.nonlinearity not in ("tanh", "relu"):

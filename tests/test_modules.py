@@ -550,6 +550,43 @@ def test_cell_parity_on_both_product_paths(cell, bias):
         compare_modules(ref, fast, x, hx)  # (on contiguous copies) outputs and every gradient
 
 
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
+def test_cell_plain_path_is_the_full_path(cell, bias, hx_given, monkeypatch):
+    """A plain batched call goes straight to the cell kernels (`functional.plain_cell_call`),
+    skipping the full checks: it must give the full path's results and gradients bitwise, and
+    must be what runs (the full path's checks are not called)."""
+    from fastrnn import functional
+
+    _, fast = make_mode_pair(cell, 6, 5, bias=bias)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 6, generator=gen, requires_grad=True)
+    hx = None
+    if hx_given:
+        h = torch.randn(3, 5, generator=gen, requires_grad=True)
+        hx = (h, torch.randn(3, 5, generator=gen)) if cell == "LSTMCell" else h
+
+    def run():
+        fast.zero_grad(set_to_none=True)
+        x.grad = None
+        out = fast(x, hx)
+        outs = out if isinstance(out, tuple) else (out,)
+        sum(o.sum() for o in outs).backward()
+        return [o.detach() for o in outs] + [x.grad] + [p.grad for p in fast.parameters()]
+
+    full_checks = []
+    original = functional._torch_cell
+    monkeypatch.setattr(functional, "_torch_cell", lambda *a: full_checks.append(1) or original(*a))
+    plain = run()
+    assert not full_checks, "the plain call went through the full checks"
+    monkeypatch.setattr(type(fast), "_kernel_kind", lambda self: None)
+    full = run()
+    assert full_checks, "the full path didn't run"
+    for a, b in zip(plain, full, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
 def test_cell_unrolled_sequence(cell):
     """A cell applied step by step (the typical use) matches torch including all grads."""
