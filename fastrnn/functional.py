@@ -256,20 +256,29 @@ def _stacked(
             final.append(new)
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    output = layer_input
-    if directions == 1 and not one_step and (output.requires_grad or torch.jit.is_tracing()):
-        # The layer Function saved this output for its backward and returned it as a view:
-        # autograd would refuse an in-place change of it (`out += skip`, `relu_`), which
-        # torch.nn allows. A copy of its own lets the user change it (the two-direction
-        # output is such a copy already; one step's comes from the cell Functions). Always
-        # while tracing: torch.jit.trace checks its graph again under no_grad.
+    output = _sequence_output(
+        layer_input, sizes, directions == 1 and not one_step, batch_sizes is None, batch_first
+    )
+    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
+
+
+def _sequence_output(
+    output: Tensor, sizes: np.ndarray, saved: bool, dense: bool, batch_first: bool
+) -> Tensor:
+    """The last layer's rows (N, D * P) as the module returns them: (T, B, D * P) for dense
+    input (batch-first if asked), the rows for packed. `saved`: the rows are the output a layer
+    Function saved for its backward, returned as a view: autograd would refuse an in-place
+    change of it (`out += skip`, `relu_`), which torch.nn allows, so a graph-recording call gets
+    a copy of its own (two directions' output is such a copy already; one step's comes from the
+    cell Functions). Always while tracing: torch.jit.trace checks its graph again under
+    no_grad."""
+    if saved and (output.requires_grad or torch.jit.is_tracing()):
         output = output.clone()
-    if batch_sizes is None:
-        steps = sizes.shape[0]
-        output = output.view(steps, -1, output.shape[1])
+    if dense:
+        output = output.view(sizes.shape[0], -1, output.shape[1])
         if batch_first:
             output = output.transpose(0, 1)
-    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
+    return output
 
 
 def _check_weight_count(
@@ -527,34 +536,33 @@ def _well_formed_cell(
     return all(t.dtype == dtype and t.device == device for t in (*tensors, *biases))
 
 
-def plain_cell_call(
+def _plain_arguments(
     input: Tensor,
+    inputs: int,
     states: Sequence[Tensor],
+    state_shape: tuple[int, ...],
     W_ih: Tensor,
     W_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     gates: int,
 ) -> bool:
-    """Whether a cell call is the plain case the cell kernels take as it is, checked in one
-    cheap pass: a CPU float32 / float64 input (B, I) that is a plain Tensor, states (B, H) the
-    same, weights of their exact shapes and the same dtype, and nothing active that hands calls
-    to torch (a torch.func transform, forward-mode AD, torch.export, tracing, torch.compile, CPU
-    autocast, the tests' CUDA hook). The cells then skip the full checks (`_torch_cell`, the
-    modules' fallback checks), which cost a one-row call ~20-40 us of the ~70 it took; anything
-    else takes the full path and gets its errors, fallbacks and warnings there."""
-    if type(input) is not Tensor or not input.is_cpu or input.dim() != 2:
+    """The checks `plain_cell_call` and `plain_sequence_call` share: a plain CPU float32 /
+    float64 input, states of `state_shape` and the input's dtype, weights of their exact
+    shapes (`inputs` features, G * H rows) and dtype, and nothing active that hands calls to
+    torch (a torch.func transform, forward-mode AD, torch.export, tracing, torch.compile, CPU
+    autocast, the tests' CUDA hook)."""
+    if type(input) is not Tensor or not input.is_cpu:
         return False
     dtype = input.dtype
     if dtype not in _CPU_KERNEL_DTYPES or fastrnn_autograd.CUDA_KERNELS_ON_CPU:
         return False
-    batch, inputs = input.shape
-    hidden = W_hh.shape[-1] if isinstance(W_hh, Tensor) else -1
     for state in states:
         if type(state) is not Tensor or state.dtype != dtype or not state.is_cpu:
             return False
-        if state.shape != (batch, hidden):
+        if state.shape != state_shape:
             return False
+    hidden = state_shape[-1]
     rows = gates * hidden
     for weight, shape in ((W_ih, (rows, inputs)), (W_hh, (rows, hidden))):
         if not isinstance(weight, Tensor) or weight.dtype != dtype or not weight.is_cpu:
@@ -576,6 +584,78 @@ def plain_cell_call(
         or _exporting()
         or torch.is_autocast_enabled("cpu")
     )
+
+
+def plain_cell_call(
+    input: Tensor,
+    states: Sequence[Tensor],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    gates: int,
+) -> bool:
+    """Whether a cell call is the plain case the cell kernels take as it is, checked in one
+    cheap pass (`_plain_arguments`): input (B, I), states (B, H). The cells then skip the full
+    checks (`_torch_cell`, the modules' fallback checks), which cost a one-row call ~20-40 us
+    of the ~70 it took; anything else takes the full path and gets its errors, fallbacks and
+    warnings there."""
+    if type(input) is not Tensor or input.dim() != 2 or not isinstance(W_hh, Tensor):
+        return False
+    batch, inputs = input.shape
+    state_shape = (batch, W_hh.shape[-1])
+    return _plain_arguments(input, inputs, states, state_shape, W_ih, W_hh, b_ih, b_hh, gates)
+
+
+def plain_sequence_call(
+    input: Tensor,
+    batch_first: bool,
+    states: Sequence[Tensor],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    gates: int,
+) -> bool:
+    """Whether a call of a one-layer, one-direction module without projection is the plain
+    case (`_plain_arguments`): dense input (T, B, I), or (B, T, I) batch-first, with T and B
+    >= 1, states (1, B, H). The module then skips its full checks and fallbacks
+    (`plain_sequence`): a one-step call (streaming inference) spent ~80 us of its ~120-160
+    there."""
+    if type(input) is not Tensor or input.dim() != 3 or not isinstance(W_hh, Tensor):
+        return False
+    steps, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+    if steps == 0 or batch == 0:
+        return False
+    state_shape = (1, batch, W_hh.shape[-1])
+    inputs = input.shape[2]
+    return _plain_arguments(input, inputs, states, state_shape, W_ih, W_hh, b_ih, b_hh, gates)
+
+
+def plain_sequence(
+    kind: str,
+    input: Tensor,
+    batch_first: bool,
+    states: tuple[Tensor, ...],
+    weights: Sequence[Tensor | None],
+) -> tuple[Tensor, ...]:
+    """(output, *final states) of a call `plain_sequence_call` accepted, for the cell `kind`
+    (lstm, gru, rnn_tanh, rnn_relu): what `_stacked` computes for one layer and direction."""
+    layer_input, sizes = _time_major_rows(input, None, batch_first)
+    one_step = sizes.shape[0] == 1
+    layer_weights = [*weights, None]
+    if kind == "lstm":
+        run_layer, run_step = _run_lstm_layer, _lstm_step
+    elif kind == "gru":
+        run_layer, run_step = _run_gru_layer, _gru_step
+    else:
+        relu = kind == "rnn_relu"
+        run_layer, run_step = _rnn_layer_runner(relu), _rnn_step_runner(relu)
+    if one_step:
+        output, new_states = run_step(layer_input, states, [layer_weights])
+    else:
+        output, new_states = run_layer(layer_input, sizes, states, layer_weights)
+    return (_sequence_output(output, sizes, not one_step, True, batch_first), *new_states)
 
 
 def plain_cell_step(

@@ -167,10 +167,47 @@ class _SequenceForward:
 
     def forward(self, input, hx=None):
         """torch's forward semantics on fastrnn's kernels (torch's own code where there's no
-        kernel; `super()` is the torch class next in the MRO)."""
+        kernel; `super()` is the torch class next in the MRO). The plain case (one layer and
+        direction, dense CPU input the kernels take as it is, `functional.plain_sequence_call`)
+        goes straight to them."""
+        plain = self._plain_forward(input, hx)
+        if plain is not None:
+            return plain
         if _fallback_needed(self, input, hx):
             return super().forward(input, hx)  # type: ignore[misc]
         return self._sequence_forward(input, hx)
+
+    def _kernel_kind(self) -> str | None:
+        """The kernels' name for this cell (`functional.plain_sequence`)."""
+        raise NotImplementedError
+
+    def _plain_forward(self, input, hx):
+        """The result of a plain call (see `forward`), or None for the full path."""
+        if self.num_layers != 1 or self.bidirectional or getattr(self, "proj_size", 0):
+            return None
+        if type(input) is not Tensor or input.dim() != 3:
+            return None
+        kind = self._kernel_kind()
+        weights = _registered_weights(self, self._flat_weights_names)
+        if kind is None or weights is None:
+            return None
+        if not self.bias:
+            weights = [*weights, None, None]
+        if hx is None:
+            batch = input.shape[0] if self.batch_first else input.shape[1]
+            zeros = torch.zeros(1, batch, self.hidden_size, dtype=input.dtype)
+            states = (zeros,) * self._state_count
+        elif self._state_count == 1:
+            states = (hx,)
+        elif type(hx) in (tuple, list) and len(hx) == 2:
+            states = (hx[0], hx[1])
+        else:
+            return None
+        gates = {"lstm": 4, "gru": 3}.get(kind, 1)
+        if not functional.plain_sequence_call(input, self.batch_first, states, *weights, gates):
+            return None
+        output, *final = functional.plain_sequence(kind, input, self.batch_first, states, weights)
+        return output, self._states_result(tuple(final))
 
     def _update_flat_weights(self) -> None:
         """torch's `_update_flat_weights` (re-read the weights if one was replaced, as weight
@@ -229,6 +266,9 @@ class LSTM(_SequenceForward, _TorchLSTM):
 
     _name = "LSTM"
     _state_count = 2
+
+    def _kernel_kind(self) -> str | None:
+        return "lstm"
 
     def _zero_states(self, batch, like):
         directions = 2 if self.bidirectional else 1
@@ -305,6 +345,9 @@ class GRU(_SequenceForward, _TorchGRU):
 
     _name = "GRU"
 
+    def _kernel_kind(self) -> str | None:
+        return "gru"
+
     def _zero_states(self, batch, like):
         directions = 2 if self.bidirectional else 1
         shape = (self.num_layers * directions, batch, self.hidden_size)
@@ -331,6 +374,10 @@ class RNN(_SequenceForward, _TorchRNN):
 
     _name = "RNN"
     _dims_error_noun = " tensor"
+
+    def _kernel_kind(self) -> str | None:
+        nonlinearity = self.nonlinearity
+        return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
 
     _zero_states = GRU._zero_states
 

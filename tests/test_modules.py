@@ -550,6 +550,52 @@ def test_cell_parity_on_both_product_paths(cell, bias):
         compare_modules(ref, fast, x, hx)  # (on contiguous copies) outputs and every gradient
 
 
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["tm", "bf"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_sequence_plain_path_is_the_full_path(
+    mode, bias, hx_given, batch_first, steps, monkeypatch
+):
+    """A one-layer, one-direction call on dense CPU input goes straight to the kernels
+    (`functional.plain_sequence_call`), skipping the modules' full checks: it must give the
+    full path's outputs, states and gradients bitwise (one step through the cell kernels,
+    more through the layer kernels), and be what runs."""
+    from fastrnn import modules
+
+    _, fast = make_mode_pair(mode, 6, 5, bias=bias, batch_first=batch_first)
+    gen = torch.Generator().manual_seed(steps)
+    shape = (3, steps, 6) if batch_first else (steps, 3, 6)
+    x = torch.randn(shape, generator=gen, requires_grad=True)
+    hx = None
+    if hx_given:
+        h = torch.randn(1, 3, 5, generator=gen, requires_grad=True)
+        hx = (h, torch.randn(1, 3, 5, generator=gen)) if mode == "LSTM" else h
+
+    def run():
+        fast.zero_grad(set_to_none=True)
+        x.grad = None
+        y, final = fast(x, hx)
+        finals = final if isinstance(final, tuple) else (final,)
+        (y.sum() + sum(f.sum() for f in finals)).backward()
+        grads = [x.grad] + [p.grad for p in fast.parameters()]
+        return [y.detach(), *(f.detach() for f in finals), *grads]
+
+    full_checks = []
+    original = modules._fallback_needed
+    monkeypatch.setattr(
+        modules, "_fallback_needed", lambda *a: full_checks.append(1) or original(*a)
+    )
+    plain = run()
+    assert not full_checks, "the plain call went through the full checks"
+    monkeypatch.setattr(modules._SequenceForward, "_plain_forward", lambda self, i, h: None)
+    full = run()
+    assert full_checks, "the full path didn't run"
+    for a, b in zip(plain, full, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "nohx"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell_TANH", "RNNCell_RELU"])
