@@ -31,6 +31,15 @@ _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
 
 
+# Gate blocks of each kernel kind (`functional.plain_cell_step`, `functional.plain_sequence`).
+_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def _rnn_kind(nonlinearity: str) -> str | None:
+    """The kernel kind of an Elman RNN or cell, None for a nonlinearity torch would reject."""
+    return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
+
+
 def _torch_chosen(input: Tensor) -> bool:
     """The user asked for torch's own GPU implementation (set_cuda_strategy("torch"))."""
     return input.is_cuda and get_cuda_strategy() == "torch"
@@ -203,7 +212,7 @@ class _SequenceForward:
             states = (hx[0], hx[1])
         else:
             return None
-        gates = {"lstm": 4, "gru": 3}.get(kind, 1)
+        gates = _GATES[kind]
         if not functional.plain_sequence_call(input, self.batch_first, states, *weights, gates):
             return None
         output, *final = functional.plain_sequence(kind, input, self.batch_first, states, weights)
@@ -376,8 +385,7 @@ class RNN(_SequenceForward, _TorchRNN):
     _dims_error_noun = " tensor"
 
     def _kernel_kind(self) -> str | None:
-        nonlinearity = self.nonlinearity
-        return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
+        return _rnn_kind(self.nonlinearity)
 
     _zero_states = GRU._zero_states
 
@@ -407,8 +415,6 @@ class _CellForward:
     def __prepare_scriptable__(self):
         return _prepared_for_scripting(self)
 
-    _gates = 1
-
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
         kernel; `super()` is the torch class next in the MRO). The plain case (a batched CPU
@@ -418,7 +424,7 @@ class _CellForward:
         if kind is not None and isinstance(input, Tensor) and input.dim() == 2:
             states = self._plain_states(input, hx)
             if states is not None and functional.plain_cell_call(
-                input, states, *weights, self._gates
+                input, states, *weights, _GATES[kind]
             ):
                 result = functional.plain_cell_step(kind, input, states, weights)
                 return result if self._state_count == 2 else result[0]
@@ -506,7 +512,6 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
 
     _name = "LSTMCell"
     _state_count = 2
-    _gates = 4
 
     def _kernel_kind(self) -> str | None:
         return "lstm"
@@ -519,7 +524,6 @@ class GRUCell(_CellForward, _TorchGRUCell):
     """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
 
     _name = "GRUCell"
-    _gates = 3
 
     def _kernel_kind(self) -> str | None:
         return "gru"
@@ -534,8 +538,7 @@ class RNNCell(_CellForward, _TorchRNNCell):
     _name = "RNNCell"
 
     def _kernel_kind(self) -> str | None:
-        nonlinearity = self.nonlinearity
-        return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
+        return _rnn_kind(self.nonlinearity)
 
     def _step(self, x, states, weights):
         if self.nonlinearity not in ("tanh", "relu"):
