@@ -86,7 +86,7 @@ def _double_backward_through(recompute):
     return decorate
 
 
-def reference_directions(run, directions: int, weights: list[Tensor | None]) -> tuple[Tensor, ...]:
+def _reference_directions(run, directions: int, weights: list[Tensor | None]) -> tuple[Tensor, ...]:
     """A layer's outputs (y (N, D * P), *states (D, B, *)) from `run(d, weights of direction
     d)` -> (y_d, *states_d), the weights given as the layer Functions take them (one direction
     without the D axis, see `_direction_axis`)."""
@@ -105,7 +105,7 @@ def _lstm_reference(ctx):
     def run(d, w):
         return reference.lstm_layer(x, sizes, d == 1, *w, h0[d], c0[d])
 
-    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh, W_hr])
+    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh, W_hr])
     return [x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr], outputs
 
 
@@ -116,7 +116,7 @@ def _gru_reference(ctx):
     def run(d, w):
         return reference.gru_layer(x, sizes, d == 1, *w, h0[d])
 
-    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
+    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
     return [x, sizes, h0, W_ih, W_hh, b_ih, b_hh], outputs
 
 
@@ -127,7 +127,7 @@ def _rnn_reference(ctx):
     def run(d, w):
         return reference.rnn_layer(x, sizes, d == 1, relu, *w, h0[d])
 
-    outputs = reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
+    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
     return [x, sizes, relu, h0, W_ih, W_hh, b_ih, b_hh], outputs
 
 
@@ -452,7 +452,7 @@ class GRULayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
-        given = (W_ih, W_hh, b_ih, b_hh)
+        given, biases = (W_ih, W_hh), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
         directions, hidden = W_hh.shape[0], W_hh.shape[2]
@@ -469,7 +469,7 @@ class GRULayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
         recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given[:2], y, *given[2:])
+            ctx.save_for_backward(x, h0, *given, y, *biases)
             ctx.gate_cache = gate_cache
             ctx.batch_sizes = batch_sizes
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
@@ -512,7 +512,7 @@ class RNNLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
-        given = (W_ih, W_hh, b_ih, b_hh)
+        given, biases = (W_ih, W_hh), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
         _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
         y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
@@ -524,7 +524,7 @@ class RNNLayerFunction(torch.autograd.Function):
         inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
         recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given[:2], y, *given[2:])
+            ctx.save_for_backward(x, h0, *given, y, *biases)
             ctx.batch_sizes, ctx.relu = batch_sizes, relu
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
         return _features_side_by_side(y), h_n

@@ -90,28 +90,23 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
     return dx, dh, dW_ih, dW_hh, db_ih, db_hh
 
 
-def _one_step(ctx, x: Tensor) -> list[int]:
-    """The batch sizes of one step of x's rows, for `reference`'s layers."""
-    return [x.shape[0]]
-
-
 def _lstm_cell_reference(ctx):
     x, h, c, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
     _, h_new, c_new = reference.lstm_layer(
-        x, _one_step(ctx, x), False, W_ih, W_hh, b_ih, b_hh, None, h, c
+        x, [x.shape[0]], False, W_ih, W_hh, b_ih, b_hh, None, h, c
     )
     return [x, h, c, W_ih, W_hh, b_ih, b_hh], (h_new, c_new)
 
 
 def _gru_cell_reference(ctx):
     x, h, W_ih, W_hh, b_ih, b_hh = ctx.saved_tensors
-    _, h_new = reference.gru_layer(x, _one_step(ctx, x), False, W_ih, W_hh, b_ih, b_hh, h)
+    _, h_new = reference.gru_layer(x, [x.shape[0]], False, W_ih, W_hh, b_ih, b_hh, h)
     return [x, h, W_ih, W_hh, b_ih, b_hh], (h_new,)
 
 
 def _rnn_cell_reference(ctx):
     x, h, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    _, h_new = reference.rnn_layer(x, _one_step(ctx, x), False, ctx.relu, W_ih, W_hh, b_ih, b_hh, h)
+    _, h_new = reference.rnn_layer(x, [x.shape[0]], False, ctx.relu, W_ih, W_hh, b_ih, b_hh, h)
     return [x, h, ctx.relu, W_ih, W_hh, b_ih, b_hh], (h_new,)
 
 

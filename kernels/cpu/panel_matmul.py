@@ -311,7 +311,8 @@ def _one_row(row, panels, first_panel, end_panel, out_row):
 def _narrow_matmul(rows, panels, out, first_panel, end_panel):
     """`matmul_panels` in NARROW_ROWS-row tiles of one panel (a short tile repeats its last
     row), or for a single row NARROW_PANELS panels at a time (a short group repeats its last
-    panel), all in `_vector_tile`'s registers."""
+    panel), all in `_vector_tile`'s registers. (The index tuples spell NARROW_ROWS = 2 and
+    NARROW_PANELS = 3 out: `_vector_tile` takes their lengths as compile-time constants.)"""
     count = rows.shape[0]
     columns = out.shape[1]
     pointer = _stack_buffer(_NARROW_TILE, rows)
