@@ -161,14 +161,18 @@ def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.n
 def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
     """Whether `lstm_forward` / `gru_forward` / `rnn_forward` should get x, W_ih and bias to
     compute the input projection in their per-step products, rather than gate_cache / projected /
-    y filled with it (the kernels' rule, `kernels.cpu.common.fuses_input_projection`)."""
+    y filled with it (the kernels' rule, `kernels.cpu.common.fuses_input_projection`).
+
+    The rule is asked for the CPUs this process may use, not the thread setting of this call:
+    the fused product sums [x | h] in one FMA chain where torch's GEMM sums x's part apart, so a
+    decision that followed the thread count gave other bits with 1 thread than with 2."""
     batch = int(batch_sizes[0])
     if batch < WIDE_ROWS:
         return False  # the rule's row chunks never have more rows than the batch
     return _fuses_input_projection(
         batch,
         W_hh.shape[0],
-        _threads(),
+        _CPUS,
         x.shape[1],
         h0.shape[2],
         W_hh.shape[1],

@@ -21,6 +21,7 @@ import os
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+import pytest
 import torch  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
@@ -277,3 +278,19 @@ def capture_exception(fn):
     except Exception as exc:  # noqa: BLE001 - we compare whatever was raised
         return type(exc), str(exc)
     return None
+
+
+@pytest.fixture
+def wide_tile_fusing(monkeypatch):
+    """The fusing rule as on an AVX-512 CPU: it fuses only with the wide tiles
+    (`kernels.cpu.common.fuses_input_projection`), and the fused kernels are tested on every CPU."""
+    import functools
+
+    import fastrnn.recurrence_cpu as recurrence_cpu
+    from fastrnn.kernels.cpu.common import fuses_input_projection
+
+    monkeypatch.setattr(
+        recurrence_cpu,
+        "_fuses_input_projection",
+        functools.partial(fuses_input_projection, wide_tiles=True),
+    )

@@ -223,16 +223,21 @@ def test_panel_matmul_matches_numpy(np_dtype, transposed):
 
 
 @pytest.mark.parametrize("cell", ["LSTM", "LSTM-proj", "GRU", "RNN", "RNN-units"])
-@pytest.mark.parametrize("batch", [1, 3, 33])
+@pytest.mark.parametrize("batch", [1, 3, 9, 33])
 @DIRECTIONS
-def test_thread_counts_give_bitwise_equal_results(cell, batch, directions, monkeypatch):
+def test_thread_counts_give_bitwise_equal_results(
+    cell, batch, directions, monkeypatch, wide_tile_fusing
+):
     """Splitting the work differently (row chunks, at batch 1 an owner and helpers sharing
     each step's product column-wise, `shared_product`, or for the RNN with hidden 192 threads
     splitting the units; at packed batch 33 more chunks than threads, claimed at run time;
     rows falling in 8-row, 4-row or one-row tiles) must not change a single bit: every output
     element is summed in the same order whichever thread computes it. threads=4 on Numba's
     2-thread pool also runs an owner and its helper one after the other on one thread, which
-    must neither deadlock nor lose work."""
+    must neither deadlock nor lose work. Batch 9 with the wide tiles' rule (`wide_tile_fusing`,
+    as on an AVX-512 CPU): one 9-row chunk could fuse the input projection into the per-step
+    product where two chunks of 4-5 rows could not, and the two sums differ in the last bits;
+    the decision must not follow the thread count."""
     import fastrnn
     from fastrnn.kernels.cpu.common import HELPER_MIN_WEIGHTS
 

@@ -811,22 +811,6 @@ def test_inference_without_caches_packed(kind, kwargs):
 # ---------------------------------------------------------------------------------------------
 # Forwards with the input projection computed in the kernels' per-step products
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def wide_tile_fusing(monkeypatch):
-    """The fusing rule as on an AVX-512 CPU: it fuses only with the wide tiles
-    (`kernels.cpu.common.fuses_input_projection`), and the fused kernels are tested on every CPU."""
-    import functools
-
-    import fastrnn.recurrence_cpu as recurrence_cpu
-    from fastrnn.kernels.cpu.common import fuses_input_projection
-
-    monkeypatch.setattr(
-        recurrence_cpu,
-        "_fuses_input_projection",
-        functools.partial(fuses_input_projection, wide_tiles=True),
-    )
-
-
 FUSED = [
     ("LSTM", dict()),
     ("LSTM", dict(bidirectional=True, layers=2, hx=True)),
