@@ -23,6 +23,8 @@ meta-learning) takes a slow path: the backward recomputes the layer with plain t
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Sequence
 from types import ModuleType
 
 import numpy as np
@@ -554,3 +556,132 @@ class RNNLayerFunction(torch.autograd.Function):
         )
         dx, *weight_grads = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih, y, h0)
         return dx, None, None, dh0, *_gradients_as_given(ctx, *weight_grads)
+
+
+# The layer Functions by cell kind, and the order of their arguments.
+LAYER_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {
+    "lstm": LSTMLayerFunction,
+    "gru": GRULayerFunction,
+    "rnn_tanh": RNNLayerFunction,
+    "rnn_relu": RNNLayerFunction,
+}
+
+
+class _RecordingContext:
+    """Stands in for autograd's ctx where a layer Function's forward and backward run outside
+    autograd, as the halves of one op (`layer_forward`, `layer_backward`)."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors: tuple[Tensor | None, ...] = ()
+
+    def save_for_backward(self, *tensors: Tensor | None) -> None:
+        self.saved_tensors = tensors
+
+
+def _function_arguments(cell: str, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr) -> tuple:
+    """The arguments of `LAYER_FUNCTIONS[cell]` in its own order."""
+    if cell == "lstm":
+        return (x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    if cell == "gru":
+        return (x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh)
+    return (x, batch_sizes, cell == "rnn_relu", h0, W_ih, W_hh, b_ih, b_hh)
+
+
+def layer_forward(
+    cell: str,
+    x: Tensor,
+    batch_sizes: np.ndarray,
+    h0: Tensor,
+    c0: Tensor | None,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    W_hr: Tensor | None,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer's forward as a plain function (the first half of the `fastrnn::layer` op):
+    -> (y (N, D * P), h_n (D, B, P), c_n (D, B, H) (LSTM; else empty), gate_cache, cell_cache).
+    With `training`, the caches are what `layer_backward` needs (LSTM: activated gates
+    (D, N, 4H) and cells (D, N, H); GRU: gates (D, N, 4H); RNN: none), else empty; all fresh
+    tensors (no scratch buffer leaves). cell: lstm, gru, rnn_tanh or rnn_relu; weights as the
+    layer Functions take them (stacked (D, ...), or one direction's without the D axis)."""
+    arguments = _function_arguments(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    ctx = _RecordingContext((training,) * len(arguments))
+    outputs = LAYER_FUNCTIONS[cell].forward(ctx, *arguments)
+    y, h_n = outputs[0], outputs[1]
+    c_n = outputs[2] if cell == "lstm" else x.new_empty(0)
+    gate_cache = getattr(ctx, "gate_cache", None) if training else None
+    cell_cache = getattr(ctx, "cell_cache", None) if training else None
+    return (
+        y,
+        h_n,
+        c_n,
+        x.new_empty(0) if gate_cache is None else gate_cache,
+        x.new_empty(0) if cell_cache is None else cell_cache,
+    )
+
+
+def layer_backward(
+    cell: str,
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor | None,
+    x: Tensor,
+    batch_sizes: np.ndarray,
+    h0: Tensor,
+    c0: Tensor | None,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    W_hr: Tensor | None,
+    y: Tensor,
+    gate_cache: Tensor,
+    cell_cache: Tensor,
+    needs: Sequence[bool],
+) -> list[Tensor | None]:
+    """The backward of `layer_forward` from its inputs, its output y (N, D * P) and caches:
+    -> [dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent or not wanted;
+    needs: whether each of x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr wants its gradient."""
+    directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
+    y_rows = y.unsqueeze(0) if directions == 1 else _per_direction(y, directions)
+    need_x, need_h0, need_c0, *need_weights = needs
+    need_weights = list(need_weights)
+    ctx = _RecordingContext(())
+    ctx.batch_sizes, ctx.has_bias = batch_sizes, b_ih is not None
+    if cell == "lstm":
+        ctx.saved_tensors = (x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh)
+        ctx.gate_cache, ctx.cell_cache, ctx.W_ih_index = gate_cache, cell_cache, 4
+        ctx.needs_input_grad = (need_x, False, need_h0, need_c0, *need_weights)
+        grads = (dy, dh_n, dc_n)
+    else:
+        ctx.saved_tensors = (x, h0, W_ih, W_hh, y_rows, b_ih, b_hh)
+        if cell == "gru":
+            ctx.gate_cache, ctx.W_ih_index = gate_cache, 3
+            ctx.needs_input_grad = (need_x, False, need_h0, *need_weights[:4])
+        else:
+            ctx.relu, ctx.W_ih_index = cell == "rnn_relu", 4
+            ctx.needs_input_grad = (need_x, False, False, need_h0, *need_weights[:4])
+        grads = (dy, dh_n)
+    with torch.no_grad():
+        results = _first_order_backward(LAYER_FUNCTIONS[cell])(ctx, *grads)
+    if cell == "lstm":
+        dx, _, dh0, dc0, *weight_grads = results
+    elif cell == "gru":
+        (dx, _, dh0, *weight_grads), dc0 = results, None
+        weight_grads.append(None)
+    else:
+        (dx, _, _, dh0, *weight_grads), dc0 = results, None
+        weight_grads.append(None)
+    wanted = [need_x, need_h0, need_c0, *need_weights]
+    grads_out = [dx, dh0, dc0, *weight_grads]
+    return [g if want else None for g, want in zip(grads_out, wanted, strict=True)]
+
+
+@functools.cache
+def _first_order_backward(function: type[torch.autograd.Function]):
+    """A layer Function's kernel backward, without its double-backward and
+    once-differentiable wrappers."""
+    return inspect.unwrap(function.backward)

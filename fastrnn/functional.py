@@ -33,6 +33,7 @@ from .autograd import (
     check_shapes,
 )
 from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
+from .ops import layer as layer_op
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
 # directions, or one direction's as they are) -> (y (N, D * P), new states (D, B, *))
@@ -262,6 +263,70 @@ def _stacked(
     return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
 
 
+def compiling() -> bool:
+    """Under torch.compile (not torch.export): the layers run as `ops.layer`, which a compiled
+    graph holds as one opaque op."""
+    return torch.compiler.is_compiling() and not _exporting()
+
+
+def compiled_sequence(
+    kind: str,
+    input: Tensor,
+    states: tuple[Tensor, ...],
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+    batch_sizes: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """`_stacked` as torch.compile traces it: every layer is one `fastrnn::layer` op (kind:
+    lstm, gru, rnn_tanh, rnn_relu), and everything around it is tensor code that dynamo
+    records (no numpy, no Functions). Returns (output, *final states)."""
+    directions = 2 if bidirectional else 1
+    has_proj = kind == "lstm" and states[0].shape[-1] != states[1].shape[-1]
+    _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
+    if batch_sizes is None:
+        steps_first = input.transpose(0, 1) if batch_first else input
+        steps, batch = steps_first.shape[0], steps_first.shape[1]
+        if steps == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        rows = steps_first.reshape(steps * batch, steps_first.shape[2]).contiguous()
+        sizes = torch.full((steps,), batch, dtype=torch.int64)
+    else:
+        rows, sizes = input.contiguous(), batch_sizes
+    _check_state_dtype(input, states)
+    finals: list[list[Tensor]] = [[] for _ in states]
+    for layer in range(num_layers):
+        first = layer * directions
+        per_direction = [
+            _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
+        ]
+        if directions == 1:
+            stacked = per_direction[0]
+        else:
+            stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
+        layer_states = [s[first : first + directions].contiguous() for s in states]
+        tensors = [rows, *layer_states, *(w for w in stacked if w is not None)]
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        c0 = layer_states[1] if kind == "lstm" else None
+        y, h_n, c_n, _, _ = layer_op(kind, rows, sizes, layer_states[0], c0, *stacked, training)
+        finals[0].append(h_n)
+        if kind == "lstm":
+            finals[1].append(c_n)
+        rows = y
+        if dropout > 0 and train and layer < num_layers - 1:
+            rows = F.dropout(rows, dropout, training=True)
+    output = rows
+    if batch_sizes is None:
+        output = output.view(steps, batch, output.shape[1])
+        if batch_first:
+            output = output.transpose(0, 1)
+    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
+
+
 def _sequence_output(
     output: Tensor, sizes: np.ndarray, saved: bool, dense: bool, batch_first: bool
 ) -> Tensor:
@@ -401,6 +466,12 @@ def lstm(
     """
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
+    if compiling():
+        output, h_n, c_n = compiled_sequence(
+            "lstm", input, (hx[0], hx[1]), weights, has_biases, num_layers, dropout, train,
+            bidirectional, batch_first, batch_sizes,
+        )  # fmt: skip
+        return output, h_n, c_n
     flags = (has_biases, num_layers, dropout, train, bidirectional)
     by_torch = _torch_sequence("lstm", input, hx, weights, flags, batch_first, batch_sizes)
     if by_torch is not None:
@@ -439,6 +510,12 @@ def gru(
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
+    if compiling():
+        output, h_n = compiled_sequence(
+            "gru", input, (hx,), weights, has_biases, num_layers, dropout, train,
+            bidirectional, batch_first, batch_sizes,
+        )  # fmt: skip
+        return output, h_n
     flags = (has_biases, num_layers, dropout, train, bidirectional)
     by_torch = _torch_sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
     if by_torch is not None:
@@ -478,6 +555,12 @@ def rnn(
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
     relu = nonlinearity == "relu"
     name = "rnn_relu" if relu else "rnn_tanh"
+    if compiling():
+        output, h_n = compiled_sequence(
+            name, input, (hx,), weights, has_biases, num_layers, dropout, train,
+            bidirectional, batch_first, batch_sizes,
+        )  # fmt: skip
+        return output, h_n
     flags = (has_biases, num_layers, dropout, train, bidirectional)
     by_torch = _torch_sequence(name, input, hx, weights, flags, batch_first, batch_sizes)
     if by_torch is not None:

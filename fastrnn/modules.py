@@ -12,11 +12,13 @@ a warning issued once per reason.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import dynamo, functional
 from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
@@ -111,6 +113,26 @@ def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> b
     return True
 
 
+@functools.cache
+def _run_eagerly():
+    """`_SequenceForward._eager_forward` as a `torch.compiler.disable`d function, made on first
+    use (making it imports torch._dynamo, which a process that compiles has imported already)."""
+    return torch.compiler.disable(_SequenceForward._eager_forward)
+
+
+def _compiled_kernels(input, weights) -> bool:
+    """Whether a call traced by torch.compile can run on fastrnn's kernels: a CPU (or, with
+    numba-cuda, CUDA) input of a kernel dtype, weights of that dtype and device, no autocast."""
+    if not isinstance(input, Tensor) or _torch_chosen(input):
+        return False
+    device = "cpu" if input.is_cpu else "cuda" if input.is_cuda else None
+    if device is None or input.dtype not in _KERNEL_DTYPES[device]:
+        return False
+    if torch.is_autocast_enabled(device) or (device == "cuda" and unavailable_reason()):
+        return False
+    return all(w.dtype == input.dtype and w.device == input.device for w in weights)
+
+
 _ONEDNN_PRIMITIVE_ERROR = (
     "could not create a primitive descriptor for the LSTM forward propagation primitive. Run "
     "workload with environment variable ONEDNN_VERBOSE=all to get additional diagnostic "
@@ -179,6 +201,18 @@ class _SequenceForward:
         kernel; `super()` is the torch class next in the MRO). The plain case (one layer and
         direction, dense CPU input the kernels take as it is, `functional.plain_sequence_call`)
         goes straight to them."""
+        if functional.compiling():
+            # torch.compile records each layer as one `fastrnn::layer` op (`functional`);
+            # inputs without a kernel trace torch's implementation instead. Packed input runs
+            # eagerly (a graph break): torch's checks of it read batch_sizes' values.
+            if isinstance(input, PackedSequence):
+                return _run_eagerly()(self, input, hx)
+            if _compiled_kernels(input, self._flat_weights):
+                return self._sequence_forward(input, hx)
+            return super().forward(input, hx)  # type: ignore[misc]
+        return self._eager_forward(input, hx)
+
+    def _eager_forward(self, input, hx):
         plain = self._plain_forward(input, hx)
         if plain is not None:
             return plain
@@ -588,6 +622,9 @@ def _prepared_for_scripting(module: nn.Module) -> nn.Module:
         "torch's module in its place, with the same parameters)",
     )
     return _as_class(module, target)
+
+
+dynamo.allow_modules(LSTM, GRU, RNN)
 
 
 def convert(module: nn.Module) -> nn.Module:
