@@ -88,49 +88,11 @@ def _double_backward_through(recompute):
     return decorate
 
 
-def _reference_directions(run, directions: int, weights: list[Tensor | None]) -> tuple[Tensor, ...]:
-    """A layer's outputs (y (N, D * P), *states (D, B, *)) from `run(d, weights of direction
-    d)` -> (y_d, *states_d), the weights given as the layer Functions take them (one direction
-    without the D axis, see `_direction_axis`)."""
-    one = weights[1] is not None and weights[1].dim() == 2
-    results = [
-        run(d, [w if w is None or one else w[d] for w in weights]) for d in range(directions)
-    ]
-    y = torch.cat([r[0] for r in results], 1)
-    return (y, *(torch.stack([r[k] for r in results]) for k in range(1, len(results[0]))))
-
-
-def _lstm_reference(ctx):
+def _reference_recompute(ctx):
+    """(the layer Function's arguments, its outputs recomputed by `reference.layer`)."""
     x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh = ctx.saved_tensors
-    sizes = ctx.batch_sizes
-
-    def run(d, w):
-        return reference.lstm_layer(x, sizes, d == 1, *w, h0[d], c0[d])
-
-    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh, W_hr])
-    return [x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr], outputs
-
-
-def _gru_reference(ctx):
-    x, h0, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    sizes = ctx.batch_sizes
-
-    def run(d, w):
-        return reference.gru_layer(x, sizes, d == 1, *w, h0[d])
-
-    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
-    return [x, sizes, h0, W_ih, W_hh, b_ih, b_hh], outputs
-
-
-def _rnn_reference(ctx):
-    x, h0, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    sizes, relu = ctx.batch_sizes, ctx.relu
-
-    def run(d, w):
-        return reference.rnn_layer(x, sizes, d == 1, relu, *w, h0[d])
-
-    outputs = _reference_directions(run, h0.shape[0], [W_ih, W_hh, b_ih, b_hh])
-    return [x, sizes, relu, h0, W_ih, W_hh, b_ih, b_hh], outputs
+    arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr]
+    return arguments, reference.layer(*arguments)
 
 
 class _InferenceContext:
@@ -166,7 +128,8 @@ def _apply_layer(function: type[torch.autograd.Function], *args):
     Under CUDA autocast, the layer runs as torch's cuDNN RNN does there: input, states and
     weights cast to the autocast dtype (differentiably, so float32 parameters get float32
     gradients), results in that dtype."""
-    autocast_dtype = cuda_autocast_dtype(args[0]) if isinstance(args[0], Tensor) else None
+    first = next((a for a in args if isinstance(a, Tensor)), None)
+    autocast_dtype = cuda_autocast_dtype(first) if first is not None else None
     if autocast_dtype is not None:
         cast = [
             a.to(autocast_dtype) if isinstance(a, Tensor) and a.is_floating_point() else a
@@ -328,7 +291,7 @@ def _weight_grads(
     y and h0 given (`_recurrent_weight_grad`)."""
     need = ctx.needs_input_grad
     shared = d_recurrent is d_input
-    dx = _input_grad(d_input, W_ih) if need[0] else None
+    dx = _input_grad(d_input, W_ih) if need[1] else None  # need[0]: the cell kind
     dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[ctx.W_ih_index] else None
     db_ih = d_input.sum(1) if ctx.has_bias else None
     if d_recurrent.shape[2] < d_input.shape[2]:
@@ -368,203 +331,158 @@ def _states_like(*tensors: Tensor) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
-class LSTMLayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (D, B, P), c0 (D, B, H), W_ih, W_hh, b_ih, b_hh, W_hr) -> y (N, D * P),
-    h_n (D, B, P), c_n (D, B, H)."""
+def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr):
+    """LSTM: the input projection goes into the gate cache (or into the kernel's products),
+    which keeps the activated gates, and the cell cache the cells, for a backward."""
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
+    proj = W_hr.shape[1] if W_hr is not None else hidden
+    _check_layer(x, batch_sizes, (h0, c0), (proj, hidden), W_ih, W_hh, 4)
+    if W_hr is not None and tuple(W_hr.shape) != (directions, proj, hidden):
+        raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
+    cache_rows = _cache_rows(ctx, x)
+    fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+    # fused, the kernel only writes the activated gates, for a backward
+    gate_rows = cache_rows if fused else rows
+    gate_cache = _buffer(ctx, "gates", (directions, gate_rows, W_hh.shape[1]), x)
+    if not fused:
+        _input_projection(x, W_ih, bias, gate_cache)
+    y = x.new_empty((directions, rows, h0.shape[2]))
+    h_n, c_n = _states_like(h0, c0)
+    # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
+    cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
+    inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    recurrence.lstm_forward(
+        batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
+    )
+    return y, (h_n, c_n), gate_cache, cell_cache
+
+
+def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+    """GRU: the input side's projection (with b_ih) stays apart from the recurrent side (with
+    b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward."""
+    _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
+    directions, hidden = W_hh.shape[0], W_hh.shape[2]
+    fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+    rows = 0 if fused else x.shape[0]
+    projected = _buffer(ctx, "projected", (directions, rows, 3 * hidden), x)
+    if not fused:
+        _input_projection(x, W_ih, b_ih, projected)
+    y = x.new_empty((directions, x.shape[0], hidden))
+    (h_n,) = _states_like(h0)
+    gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
+    b_hh = None if b_hh is None else b_hh.detach()
+    inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
+    recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
+    return y, (h_n,), gate_cache, None
+
+
+def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu):
+    """Elman RNN: the input projection goes into y, which the kernel turns into the states
+    (all a backward needs)."""
+    _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
+    y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
+    (h_n,) = _states_like(h0)
+    fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+    if not fused:
+        _input_projection(x, W_ih, bias, y)
+    inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
+    return y, (h_n,), None, None
+
+
+def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
+    """-> (d_input, d_recurrent, h_prev, dh0, dc0, dW_hr): the LSTM's gate gradients (one
+    tensor for both sides), and its projection's gradient."""
+    directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
+    projected = W_hr is not None
+    # dead once backward returns: reused buffers (see `scratch`)
+    d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
+    h_prev = _previous_states(directions, x, ctx.batch_sizes, proj)
+    extra_rows = rows if projected else 0
+    dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
+    h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
+    dh0, dc0 = _states_like(h0, c0)
+    recurrence.lstm_backward(
+        ctx.batch_sizes, W_hh, W_hr, h0, c0, y, ctx.gate_cache, ctx.cell_cache,
+        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0,
+    )  # fmt: skip
+    dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
+    return d_gates, d_gates, h_prev, dh0, dc0, dW_hr
+
+
+def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+    # dead once backward returns: reused buffers (see `scratch`)
+    d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
+    # the CPU kernel writes only the recurrent side's n block (the rest equals d_input's)
+    recurrent_width = hidden if recurrence is recurrence_cpu else 3 * hidden
+    d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
+    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    (dh0,) = _states_like(h0)
+    recurrence.gru_backward(
+        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
+    )
+    return d_input, d_recurrent, h_prev, dh0, None, None
+
+
+def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+    # dead once backward returns: reused buffers (see `scratch`)
+    d_pre = scratch("d_gates", (directions, rows, hidden), x)
+    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    (dh0,) = _states_like(h0)
+    recurrence.rnn_backward(
+        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0
+    )
+    return d_pre, d_pre, h_prev, dh0, None, None
+
+
+class LayerFunction(torch.autograd.Function):
+    """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
+    b_hh, W_hr) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTM]. cell: lstm, gru,
+    rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer` and `ops.layer`."""
 
     @staticmethod
-    def forward(ctx, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
+    def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
         given, biases = (W_ih, W_hh, W_hr), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh, W_hr)
-        hidden = W_hh.shape[1] // 4
-        proj = W_hr.shape[1] if W_hr is not None else hidden
-        _check_layer(x, batch_sizes, (h0, c0), (proj, hidden), W_ih, W_hh, 4)
-        if W_hr is not None and tuple(W_hr.shape) != (W_hh.shape[0], proj, hidden):
-            raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
-        directions, rows = W_hh.shape[0], x.shape[0]
         recurrence = _recurrence(x)
-        bias = _summed_bias(b_ih, b_hh)
-        cache_rows = _cache_rows(ctx, x)
-        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
-        # fused, the kernel only writes the activated gates, for a backward
-        gate_rows = cache_rows if fused else rows
-        gate_cache = _buffer(ctx, "gates", (directions, gate_rows, W_hh.shape[1]), x)
-        if not fused:
-            _input_projection(x, W_ih, bias, gate_cache)
-        y = x.new_empty((directions, rows, h0.shape[2]))
-        h_n, c_n = _states_like(h0, c0)
-        # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
-        cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
-        inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
-        recurrence.lstm_forward(
-            batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
-        )
+        if cell == "lstm":
+            bias = _summed_bias(b_ih, b_hh)
+            run = _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr)
+        elif cell == "gru":
+            run = _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh)
+        else:
+            bias = _summed_bias(b_ih, b_hh)
+            relu = cell == "rnn_relu"
+            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu)
+        y, states, gate_cache, cell_cache = run
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, *given, y, *biases)
+            ctx.cell, ctx.batch_sizes = cell, batch_sizes
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
-            ctx.batch_sizes = batch_sizes
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
-        return _features_side_by_side(y), h_n, c_n
+            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+        return (_features_side_by_side(y), *states)
 
     @staticmethod
-    @_double_backward_through(_lstm_reference)
+    @_double_backward_through(_reference_recompute)
     @once_differentiable
-    def backward(ctx, dy, dh_n, dc_n):
+    def backward(ctx, dy, dh_n, dc_n=None):
         x, h0, c0, W_ih, W_hh, W_hr, y, _, _ = ctx.saved_tensors
         W_ih, W_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, W_hr)
-        directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
-        projected = W_hr is not None
-        # dead once backward returns: reused buffers (see `scratch`)
-        d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
-        h_prev = _previous_states(directions, x, ctx.batch_sizes, proj)
-        extra_rows = rows if projected else 0
-        dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
-        h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
-        dh0, dc0 = _states_like(h0, c0)
-        _recurrence(x).lstm_backward(
-            ctx.batch_sizes,
-            W_hh,
-            W_hr,
-            h0,
-            c0,
-            y,
-            ctx.gate_cache,
-            ctx.cell_cache,
-            _per_direction(dy, directions),
-            dh_n,
-            dc_n,
-            d_gates,
-            h_prev,
-            dh_total,
-            h_raw,
-            dh0,
-            dc0,
-        )
-        dx, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
-            ctx, d_gates, d_gates, x, h_prev, W_ih, y, h0
-        )
-        dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
-        weight_grads = _gradients_as_given(ctx, dW_ih, dW_hh, db_ih, db_hh, dW_hr)
-        return dx, None, dh0, dc0, *weight_grads
-
-
-class GRULayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (D, B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, D * H), h_n (D, B, H)."""
-
-    @staticmethod
-    def forward(ctx, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
-        given, biases = (W_ih, W_hh), (b_ih, b_hh)
-        W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
-        _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
-        directions, hidden = W_hh.shape[0], W_hh.shape[2]
         recurrence = _recurrence(x)
-        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
-        rows = 0 if fused else x.shape[0]
-        projected = _buffer(ctx, "projected", (directions, rows, 3 * hidden), x)
-        if not fused:
-            _input_projection(x, W_ih, b_ih, projected)
-        y = x.new_empty((directions, x.shape[0], hidden))
-        (h_n,) = _states_like(h0)
-        gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
-        b_hh = None if b_hh is None else b_hh.detach()
-        inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
-        recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given, y, *biases)
-            ctx.gate_cache = gate_cache
-            ctx.batch_sizes = batch_sizes
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
-        return _features_side_by_side(y), h_n
-
-    @staticmethod
-    @_double_backward_through(_gru_reference)
-    @once_differentiable
-    def backward(ctx, dy, dh_n):
-        x, h0, W_ih, W_hh, y, _, _ = ctx.saved_tensors
-        W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
-        directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        # dead once backward returns: reused buffers (see `scratch`)
-        d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
-        # the CPU kernel writes only the recurrent side's n block (the rest equals d_input's)
-        recurrent_width = hidden if _recurrence(x) is recurrence_cpu else 3 * hidden
-        d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
-        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
-        (dh0,) = _states_like(h0)
-        _recurrence(x).gru_backward(
-            ctx.batch_sizes,
-            W_hh,
-            h0,
-            y,
-            ctx.gate_cache,
-            _per_direction(dy, directions),
-            dh_n,
-            h_prev,
-            d_input,
-            d_recurrent,
-            dh0,
-        )
+        dy = _per_direction(dy, W_hh.shape[0])
+        if ctx.cell == "lstm":
+            run = _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
+        elif ctx.cell == "gru":
+            run = _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
+        else:
+            run = _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
+        d_input, d_recurrent, h_prev, dh0, dc0, dW_hr = run
         dx, *weight_grads = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0)
-        return dx, None, dh0, *_gradients_as_given(ctx, *weight_grads)
-
-
-class RNNLayerFunction(torch.autograd.Function):
-    """(x (N, I), h0 (D, B, H), W_ih, W_hh, b_ih, b_hh) -> y (N, D * H), h_n (D, B, H);
-    tanh or relu."""
-
-    @staticmethod
-    def forward(ctx, x, batch_sizes, relu, h0, W_ih, W_hh, b_ih, b_hh):
-        given, biases = (W_ih, W_hh), (b_ih, b_hh)
-        W_ih, W_hh, b_ih, b_hh = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh)
-        _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
-        y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
-        recurrence, bias = _recurrence(x), _summed_bias(b_ih, b_hh)
-        (h_n,) = _states_like(h0)
-        fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
-        if not fused:
-            _input_projection(x, W_ih, bias, y)
-        inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
-        recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, *given, y, *biases)
-            ctx.batch_sizes, ctx.relu = batch_sizes, relu
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 4
-        return _features_side_by_side(y), h_n
-
-    @staticmethod
-    @_double_backward_through(_rnn_reference)
-    @once_differentiable
-    def backward(ctx, dy, dh_n):
-        x, h0, W_ih, W_hh, y, _, _ = ctx.saved_tensors
-        W_ih, W_hh = _direction_axis(ctx, W_ih, W_hh)
-        directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-        # dead once backward returns: reused buffers (see `scratch`)
-        d_pre = scratch("d_gates", (directions, rows, hidden), x)
-        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
-        (dh0,) = _states_like(h0)
-        _recurrence(x).rnn_backward(
-            ctx.batch_sizes,
-            ctx.relu,
-            W_hh,
-            h0,
-            y,
-            _per_direction(dy, directions),
-            dh_n,
-            d_pre,
-            h_prev,
-            dh0,
-        )
-        dx, *weight_grads = _weight_grads(ctx, d_pre, d_pre, x, h_prev, W_ih, y, h0)
-        return dx, None, None, dh0, *_gradients_as_given(ctx, *weight_grads)
-
-
-# The layer Functions by cell kind, and the order of their arguments.
-LAYER_FUNCTIONS: dict[str, type[torch.autograd.Function]] = {
-    "lstm": LSTMLayerFunction,
-    "gru": GRULayerFunction,
-    "rnn_tanh": RNNLayerFunction,
-    "rnn_relu": RNNLayerFunction,
-}
+        weight_grads = _gradients_as_given(ctx, *weight_grads, dW_hr)
+        return None, dx, None, dh0, dc0, *weight_grads
 
 
 class _RecordingContext:
@@ -577,15 +495,6 @@ class _RecordingContext:
 
     def save_for_backward(self, *tensors: Tensor | None) -> None:
         self.saved_tensors = tensors
-
-
-def _function_arguments(cell: str, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr) -> tuple:
-    """The arguments of `LAYER_FUNCTIONS[cell]` in its own order."""
-    if cell == "lstm":
-        return (x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
-    if cell == "gru":
-        return (x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh)
-    return (x, batch_sizes, cell == "rnn_relu", h0, W_ih, W_hh, b_ih, b_hh)
 
 
 def layer_forward(
@@ -601,25 +510,23 @@ def layer_forward(
     W_hr: Tensor | None,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One layer's forward as a plain function (the first half of the `fastrnn::layer` op):
-    -> (y (N, D * P), h_n (D, B, P), c_n (D, B, H) (LSTM; else empty), gate_cache, cell_cache).
-    With `training`, the caches are what `layer_backward` needs (LSTM: activated gates
-    (D, N, 4H) and cells (D, N, H); GRU: gates (D, N, 4H); RNN: none), else empty; all fresh
-    tensors (no scratch buffer leaves). cell: lstm, gru, rnn_tanh or rnn_relu; weights as the
-    layer Functions take them (stacked (D, ...), or one direction's without the D axis)."""
-    arguments = _function_arguments(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
-    ctx = _RecordingContext((training,) * len(arguments))
-    outputs = LAYER_FUNCTIONS[cell].forward(ctx, *arguments)
-    y, h_n = outputs[0], outputs[1]
-    c_n = outputs[2] if cell == "lstm" else x.new_empty(0)
+    """`LayerFunction`'s forward as a plain function (the first half of the `fastrnn::layer`
+    op): -> (y (N, D * P), h_n (D, B, P), c_n (D, B, H) (LSTM; else empty), gate_cache,
+    cell_cache). With `training`, the caches are what `layer_backward` needs (LSTM: activated
+    gates (D, N, 4H) and cells (D, N, H); GRU: gates (D, N, 4H); RNN: none), else empty; all
+    fresh tensors (no scratch buffer leaves)."""
+    ctx = _RecordingContext((training,) * 10)
+    outputs = LayerFunction.forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    empty = x.new_empty(0)
+    c_n = outputs[2] if cell == "lstm" else empty
     gate_cache = getattr(ctx, "gate_cache", None) if training else None
     cell_cache = getattr(ctx, "cell_cache", None) if training else None
     return (
-        y,
-        h_n,
+        outputs[0],
+        outputs[1],
         c_n,
-        x.new_empty(0) if gate_cache is None else gate_cache,
-        x.new_empty(0) if cell_cache is None else cell_cache,
+        empty.clone() if gate_cache is None else gate_cache,
+        empty.clone() if cell_cache is None else cell_cache,
     )
 
 
@@ -648,40 +555,20 @@ def layer_backward(
     directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
     y_rows = y.unsqueeze(0) if directions == 1 else _per_direction(y, directions)
     need_x, need_h0, need_c0, *need_weights = needs
-    need_weights = list(need_weights)
-    ctx = _RecordingContext(())
-    ctx.batch_sizes, ctx.has_bias = batch_sizes, b_ih is not None
-    if cell == "lstm":
-        ctx.saved_tensors = (x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh)
-        ctx.gate_cache, ctx.cell_cache, ctx.W_ih_index = gate_cache, cell_cache, 4
-        ctx.needs_input_grad = (need_x, False, need_h0, need_c0, *need_weights)
-        grads = (dy, dh_n, dc_n)
-    else:
-        ctx.saved_tensors = (x, h0, W_ih, W_hh, y_rows, b_ih, b_hh)
-        if cell == "gru":
-            ctx.gate_cache, ctx.W_ih_index = gate_cache, 3
-            ctx.needs_input_grad = (need_x, False, need_h0, *need_weights[:4])
-        else:
-            ctx.relu, ctx.W_ih_index = cell == "rnn_relu", 4
-            ctx.needs_input_grad = (need_x, False, False, need_h0, *need_weights[:4])
-        grads = (dy, dh_n)
+    ctx = _RecordingContext((False, need_x, False, need_h0, need_c0, *need_weights))
+    ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh)
+    ctx.cell, ctx.batch_sizes = cell, batch_sizes
+    ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
+    ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+    grads = (dy, dh_n, dc_n) if cell == "lstm" else (dy, dh_n)
     with torch.no_grad():
-        results = _first_order_backward(LAYER_FUNCTIONS[cell])(ctx, *grads)
-    if cell == "lstm":
-        dx, _, dh0, dc0, *weight_grads = results
-    elif cell == "gru":
-        (dx, _, dh0, *weight_grads), dc0 = results, None
-        weight_grads.append(None)
-    else:
-        (dx, _, _, dh0, *weight_grads), dc0 = results, None
-        weight_grads.append(None)
-    wanted = [need_x, need_h0, need_c0, *need_weights]
-    grads_out = [dx, dh0, dc0, *weight_grads]
-    return [g if want else None for g, want in zip(grads_out, wanted, strict=True)]
+        _, dx, _, dh0, dc0, *weight_grads = _first_order_backward()(ctx, *grads)
+    gradients = [dx, dh0, dc0, *weight_grads]
+    return [g if want else None for g, want in zip(gradients, needs, strict=True)]
 
 
 @functools.cache
-def _first_order_backward(function: type[torch.autograd.Function]):
-    """A layer Function's kernel backward, without its double-backward and
-    once-differentiable wrappers."""
-    return inspect.unwrap(function.backward)
+def _first_order_backward():
+    """`LayerFunction`'s kernel backward, without its double-backward and once-differentiable
+    wrappers."""
+    return inspect.unwrap(LayerFunction.backward)

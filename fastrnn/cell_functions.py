@@ -9,7 +9,7 @@ runs that pass's gradient kernel and then torch GEMMs for dx, dh, dW_ih, dW_hh. 
 h and c (B, H), W_ih (G*H, I), W_hh (G*H, H), biases (G*H,) or None; G = 4, 3, 1.
 
 On one step this beats the layer kernels: their parallel region and per-call weight packing
-(sessions 1-2: per-thread BLAS calls) cost more than the work (see bench/performance-notes.md).
+(per-thread BLAS calls) cost more than the work (see bench/decisions.md).
 CUDA tensors take the layer path (`autograd`).
 """
 
@@ -92,22 +92,23 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
 
 def _lstm_cell_reference(ctx):
     x, h, c, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    _, h_new, c_new = reference.lstm_layer(
-        x, [x.shape[0]], False, W_ih, W_hh, b_ih, b_hh, None, h, c
+    _, h_new, c_new = reference.layer(
+        "lstm", x, [x.shape[0]], h[None], c[None], W_ih, W_hh, b_ih, b_hh, None
     )
-    return [x, h, c, W_ih, W_hh, b_ih, b_hh], (h_new, c_new)
+    return [x, h, c, W_ih, W_hh, b_ih, b_hh], (h_new[0], c_new[0])
 
 
 def _gru_cell_reference(ctx):
     x, h, W_ih, W_hh, b_ih, b_hh = ctx.saved_tensors
-    _, h_new = reference.gru_layer(x, [x.shape[0]], False, W_ih, W_hh, b_ih, b_hh, h)
-    return [x, h, W_ih, W_hh, b_ih, b_hh], (h_new,)
+    _, h_new = reference.layer("gru", x, [x.shape[0]], h[None], None, W_ih, W_hh, b_ih, b_hh, None)
+    return [x, h, W_ih, W_hh, b_ih, b_hh], (h_new[0],)
 
 
 def _rnn_cell_reference(ctx):
     x, h, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    _, h_new = reference.rnn_layer(x, [x.shape[0]], False, ctx.relu, W_ih, W_hh, b_ih, b_hh, h)
-    return [x, h, ctx.relu, W_ih, W_hh, b_ih, b_hh], (h_new,)
+    kind = "rnn_relu" if ctx.relu else "rnn_tanh"
+    _, h_new = reference.layer(kind, x, [x.shape[0]], h[None], None, W_ih, W_hh, b_ih, b_hh, None)
+    return [x, h, ctx.relu, W_ih, W_hh, b_ih, b_hh], (h_new[0],)
 
 
 class LSTMCellFunction(torch.autograd.Function):

@@ -25,9 +25,7 @@ from torch.autograd import forward_ad
 
 from . import autograd as fastrnn_autograd
 from .autograd import (
-    GRULayerFunction,
-    LSTMLayerFunction,
-    RNNLayerFunction,
+    LayerFunction,
     apply_layer,
     check_batch_sizes,
     check_shapes,
@@ -397,53 +395,29 @@ def _one_step(outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
     return y, torch.stack(outputs)
 
 
-def _lstm_step(x, states, weights):
-    h0, c0 = states
-    results = [
-        apply_layer(LSTMCellFunction, x, h0[d], c0[d], *w[:4]) for d, w in enumerate(weights)
-    ]
-    y, h_n = _one_step([h for h, _ in results])
-    return y, (h_n, torch.stack([c for _, c in results]))
+@functools.cache
+def _step_runner(kind: str) -> StepRunner:
+    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`)."""
 
-
-def _gru_step(x, states, weights):
-    y, h_n = _one_step(
-        [apply_layer(GRUCellFunction, x, states[0][d], *w[:4]) for d, w in enumerate(weights)]
-    )
-    return y, (h_n,)
-
-
-def _rnn_step_runner(relu: bool) -> StepRunner:
     def run(x, states, weights):
-        y, h_n = _one_step(
-            [
-                apply_layer(RNNCellFunction, x, states[0][d], relu, *w[:4])
-                for d, w in enumerate(weights)
-            ]
-        )
-        return y, (h_n,)
+        results = [
+            plain_cell_step(kind, x, [s[d] for s in states], w[:4]) for d, w in enumerate(weights)
+        ]
+        y, h_n = _one_step([r[0] for r in results])
+        others = (torch.stack([r[k] for r in results]) for k in range(1, len(states)))
+        return y, (h_n, *others)
 
     return run
 
 
-def _run_lstm_layer(x, sizes, states, w):
-    h0, c0 = states
-    W_ih, W_hh, b_ih, b_hh, W_hr = w
-    y, h_n, c_n = apply_layer(LSTMLayerFunction, x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
-    return y, (h_n, c_n)
+@functools.cache
+def _layer_runner(kind: str) -> LayerRunner:
+    """The `LayerRunner` of a cell kind: its layer Function on the layer's states."""
 
-
-def _run_gru_layer(x, sizes, states, w):
-    W_ih, W_hh, b_ih, b_hh, _ = w
-    y, h_n = apply_layer(GRULayerFunction, x, sizes, states[0], W_ih, W_hh, b_ih, b_hh)
-    return y, (h_n,)
-
-
-def _rnn_layer_runner(relu: bool) -> LayerRunner:
     def run(x, sizes, states, w):
-        W_ih, W_hh, b_ih, b_hh, _ = w
-        y, h_n = apply_layer(RNNLayerFunction, x, sizes, relu, states[0], W_ih, W_hh, b_ih, b_hh)
-        return y, (h_n,)
+        c0 = states[1] if len(states) == 2 else None
+        y, *new_states = apply_layer(LayerFunction, kind, x, sizes, states[0], c0, *w)
+        return y, tuple(new_states)
 
     return run
 
@@ -480,8 +454,8 @@ def lstm(
     # torch's rule: a projection makes h narrower than c (proj_size < hidden_size)
     has_proj = hx[0].shape[-1] != hx[1].shape[-1]
     output, h_n, c_n = _stacked(
-        _run_lstm_layer,
-        _lstm_step,
+        _layer_runner("lstm"),
+        _step_runner("lstm"),
         input,
         batch_sizes,
         (hx[0], hx[1]),
@@ -522,8 +496,8 @@ def gru(
         output, h_n = by_torch
         return output, h_n
     output, h_n = _stacked(
-        _run_gru_layer,
-        _gru_step,
+        _layer_runner("gru"),
+        _step_runner("gru"),
         input,
         batch_sizes,
         (hx,),
@@ -567,8 +541,8 @@ def rnn(
         output, h_n = by_torch
         return output, h_n
     output, h_n = _stacked(
-        _rnn_layer_runner(relu),
-        _rnn_step_runner(relu),
+        _layer_runner(name),
+        _step_runner(name),
         input,
         batch_sizes,
         (hx,),
@@ -727,13 +701,7 @@ def plain_sequence(
     layer_input, sizes = _time_major_rows(input, None, batch_first)
     one_step = sizes.shape[0] == 1
     layer_weights = [*weights, None]
-    if kind == "lstm":
-        run_layer, run_step = _run_lstm_layer, _lstm_step
-    elif kind == "gru":
-        run_layer, run_step = _run_gru_layer, _gru_step
-    else:
-        relu = kind == "rnn_relu"
-        run_layer, run_step = _rnn_layer_runner(relu), _rnn_step_runner(relu)
+    run_layer, run_step = _layer_runner(kind), _step_runner(kind)
     if one_step:
         output, new_states = run_step(layer_input, states, [layer_weights])
     else:
@@ -804,7 +772,8 @@ def lstm_cell(
         return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n, c_n = apply_layer(
-        LSTMLayerFunction,
+        LayerFunction,
+        "lstm",
         input,
         sizes,
         hx[0].unsqueeze(0),
@@ -833,7 +802,8 @@ def gru_cell(
     if _cell_kernels(input):
         return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = apply_layer(GRULayerFunction, input, sizes, hx.unsqueeze(0), W_ih, W_hh, b_ih, b_hh)
+    h0 = hx.unsqueeze(0)
+    _, h_n = apply_layer(LayerFunction, "gru", input, sizes, h0, None, W_ih, W_hh, b_ih, b_hh, None)
     return h_n[0]
 
 
@@ -856,14 +826,6 @@ def rnn_cell(
         return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n = apply_layer(
-        RNNLayerFunction,
-        input,
-        sizes,
-        relu,
-        hx.unsqueeze(0),
-        W_ih,
-        W_hh,
-        b_ih,
-        b_hh,
+        LayerFunction, name[:-5], input, sizes, hx.unsqueeze(0), None, W_ih, W_hh, b_ih, b_hh, None
     )
     return h_n[0]

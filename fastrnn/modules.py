@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dynamo, functional
+from .cells import SPECS
 from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
@@ -31,10 +32,6 @@ _KERNEL_DTYPES = {
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
 _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
-
-
-# Gate blocks of each kernel kind (`functional.plain_cell_step`, `functional.plain_sequence`).
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def _rnn_kind(nonlinearity: str) -> str | None:
@@ -246,7 +243,7 @@ class _SequenceForward:
             states = (hx[0], hx[1])
         else:
             return None
-        gates = _GATES[kind]
+        gates = SPECS[kind].gates
         if not functional.plain_sequence_call(input, self.batch_first, states, *weights, gates):
             return None
         output, *final = functional.plain_sequence(kind, input, self.batch_first, states, weights)
@@ -458,7 +455,7 @@ class _CellForward:
         if kind is not None and isinstance(input, Tensor) and input.dim() == 2:
             states = self._plain_states(input, hx)
             if states is not None and functional.plain_cell_call(
-                input, states, *weights, _GATES[kind]
+                input, states, *weights, SPECS[kind].gates
             ):
                 result = functional.plain_cell_step(kind, input, states, weights)
                 return result if self._state_count == 2 else result[0]

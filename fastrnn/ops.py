@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .autograd import layer_backward as _layer_backward
 from .autograd import layer_forward as _layer_forward
+from .cells import SPECS
 
 _NO_GRADIENT = "fastrnn::layer has no gradient of a gradient (double backward) yet"
 
@@ -52,8 +53,7 @@ def layer(
 
 def _directions_and_hidden(cell: str, W_hh: Tensor, c0: Tensor | None) -> tuple[int, int]:
     directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
-    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
-    return directions, W_hh.shape[-2] // gates
+    return directions, W_hh.shape[-2] // SPECS[cell].gates
 
 
 @layer.register_fake

@@ -1,30 +1,28 @@
-"""Plain-torch, step-by-step reference of one layer-direction of each cell.
+"""Plain-torch, step-by-step reference of one layer, with the signature of the layer op
+(`ops.layer`, `autograd.LayerFunction`): what the tests compare the kernels with.
 
-Readable on purpose: a loop over time with the textbook formulas, differentiable by autograd, and
-never called from the library's hot path. Tests compare the kernels (outputs and, through
-autograd, every gradient) against these functions.
+Readable on purpose: a loop over time with each cell's textbook step (`cells.SPECS[kind].step`),
+differentiable by autograd, and never called from the library's hot path (only to build the graph
+of a double backward).
 
 Layout (same as the kernels): x (N, I) holds the rows of every step back to back, step t having
 `batch_sizes[t]` rows (non-increasing); a dense (T, B, I) input is x.reshape(T * B, I) with every
 batch size B. Row r of step t continues row r of the previous processed step, or starts from
-h0[r] (c0[r]) if that step had no row r.
+h0[r] (c0[r]) if that step had no row r. Direction 1 of a bidirectional layer runs in reverse.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from .cells import SPECS, ReferenceStep
 
-def _run_layer(
-    x: Tensor,
-    batch_sizes: Tensor,
-    reverse: bool,
-    states: tuple[Tensor, ...],
-    step: Callable[[Tensor, tuple[Tensor, ...]], tuple[Tensor, tuple[Tensor, ...]]],
+
+def _direction(
+    x: Tensor, batch_sizes, reverse: bool, states: tuple[Tensor, ...], step: ReferenceStep, weights
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One direction: y (N, P) and its final states."""
     sizes = [int(b) for b in batch_sizes]
     offsets = [0]
     for size in sizes:
@@ -34,93 +32,38 @@ def _run_layer(
     current = list(states)
     for t in order:
         rows = sizes[t]
-        out, new = step(x[offsets[t] : offsets[t] + rows], tuple(s[:rows] for s in current))
+        x_t = x[offsets[t] : offsets[t] + rows]
+        out, new = step(x_t, tuple(s[:rows] for s in current), *weights)
         outputs[t] = out
         current = [torch.cat([n, s[rows:]]) for n, s in zip(new, current, strict=True)]
     return torch.cat(outputs), tuple(current)  # type: ignore[arg-type]
 
 
-def lstm_layer(
+def layer(
+    cell: str,
     x: Tensor,
-    batch_sizes: Tensor,
-    reverse: bool,
+    batch_sizes,
+    h0: Tensor,
+    c0: Tensor | None,
     W_ih: Tensor,
     W_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     W_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """LSTM, gates i, f, g, o. Returns y (N, P), h_n (B, P), c_n (B, H)."""
-
-    def step(x_t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        h, c = state
-        gates = x_t @ W_ih.T + h @ W_hh.T
-        if b_ih is not None:
-            gates = gates + b_ih + b_hh
-        i, f, g, o = gates.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        if W_hr is not None:
-            h = h @ W_hr.T
-        return h, (h, c)
-
-    y, (h_n, c_n) = _run_layer(x, batch_sizes, reverse, (h0, c0), step)
-    return y, h_n, c_n
-
-
-def gru_layer(
-    x: Tensor,
-    batch_sizes: Tensor,
-    reverse: bool,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    h0: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """GRU, gates r, z, n, "reset after" (torch/cuDNN). Returns y (N, H), h_n (B, H)."""
-
-    def step(x_t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        (h,) = state
-        xi = x_t @ W_ih.T
-        hh = h @ W_hh.T
-        if b_ih is not None:
-            xi = xi + b_ih
-            hh = hh + b_hh
-        x_r, x_z, x_n = xi.chunk(3, dim=1)
-        h_r, h_z, h_n = hh.chunk(3, dim=1)
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        h = (1 - z) * n + z * h
-        return h, (h,)
-
-    y, (h_n,) = _run_layer(x, batch_sizes, reverse, (h0,), step)
-    return y, h_n
-
-
-def rnn_layer(
-    x: Tensor,
-    batch_sizes: Tensor,
-    reverse: bool,
-    relu: bool,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    h0: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Elman RNN, h' = tanh or relu of (W_ih x + b_ih + W_hh h + b_hh). Returns y, h_n."""
-
-    def step(x_t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-        (h,) = state
-        pre = x_t @ W_ih.T + h @ W_hh.T
-        if b_ih is not None:
-            pre = pre + b_ih + b_hh
-        h = torch.relu(pre) if relu else torch.tanh(pre)
-        return h, (h,)
-
-    y, (h_n,) = _run_layer(x, batch_sizes, reverse, (h0,), step)
-    return y, h_n
+) -> tuple[Tensor, ...]:
+    """One layer, all directions: cell lstm / gru / rnn_tanh / rnn_relu; x (N, I); batch_sizes
+    (T,) (any sequence of ints); h0 (D, B, P), c0 (D, B, H) (LSTM, else None); weights stacked
+    (D, ...) or one direction's without the D axis. Returns y (N, D * P), h_n (D, B, P) and,
+    for the LSTM, c_n (D, B, H)."""
+    spec = SPECS[cell]
+    one = W_hh.dim() == 2
+    directions = 1 if one else W_hh.shape[0]
+    outputs, finals = [], []
+    for d in range(directions):
+        weights = [w if w is None or one else w[d] for w in (W_ih, W_hh, b_ih, b_hh, W_hr)]
+        states = (h0[d], c0[d]) if spec.states == 2 else (h0[d],)
+        y, final = _direction(x, batch_sizes, d == 1, states, spec.step, weights)
+        outputs.append(y)
+        finals.append(final)
+    y = torch.cat(outputs, 1)
+    return (y, *(torch.stack([f[k] for f in finals]) for k in range(spec.states)))

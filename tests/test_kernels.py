@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastrnn import reference
-from fastrnn.autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction
+from fastrnn.autograd import LayerFunction
 
 BATCH_SIZES = {
     "dense": [3, 3, 3, 3, 3],
@@ -43,86 +43,47 @@ def _compare(fast_out, ref_out, leaves, dtype):
         assert err <= TOL[dtype], err
 
 
-def _reference_layer(run_direction, directions):
-    """Run the reference per direction (d = 1 reversed) and lay results out like the kernels."""
-    outs = [run_direction(d, d == 1) for d in range(directions)]
-    y = torch.cat([o[0] for o in outs], dim=1)
-    states = [torch.stack([o[k] for o in outs]) for k in range(1, len(outs[0]))]
-    return (y, *states)
+LAYER_CASES = [
+    ("lstm", True, 0),
+    ("lstm", False, 2),
+    ("lstm", True, 2),
+    ("gru", True, 0),
+    ("gru", False, 0),
+    ("rnn_tanh", True, 0),
+    ("rnn_relu", True, 0),
+    ("rnn_relu", False, 0),
+]
+
+
+LAYER_IDS = [f"{c}-{'bias' if b else 'nobias'}-proj{p}" for c, b, p in LAYER_CASES]
 
 
 @DTYPES
 @DIRECTIONS
 @LAYOUTS
-@pytest.mark.parametrize("proj", [0, 2], ids=["noproj", "proj"])
-def test_lstm_layer(layout, directions, dtype, proj):
+@pytest.mark.parametrize("cell, bias, proj", LAYER_CASES, ids=LAYER_IDS)
+def test_layer_function_matches_reference(cell, bias, proj, layout, directions, dtype):
+    """`LayerFunction` against `reference.layer`, called with the same arguments (the same
+    signature): outputs, final states and, through autograd, every gradient."""
+    from fastrnn.cells import SPECS
+
+    spec = SPECS[cell]
     sizes = BATCH_SIZES[layout]
     hidden, inp, D = 5, 3, directions
     P = proj or hidden
+    rows = spec.gates * hidden
     g = torch.Generator().manual_seed(0)
     x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
-    h0, c0 = _leaf(g, (D, sizes[0], P), dtype, 0.5), _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
-    W_ih, W_hh = _leaf(g, (D, 4 * hidden, inp), dtype), _leaf(g, (D, 4 * hidden, P), dtype)
-    b_ih, b_hh = _leaf(g, (D, 4 * hidden), dtype), _leaf(g, (D, 4 * hidden), dtype)
+    h0 = _leaf(g, (D, sizes[0], P), dtype, 0.5)
+    c0 = _leaf(g, (D, sizes[0], hidden), dtype, 0.5) if spec.states == 2 else None
+    W_ih, W_hh = _leaf(g, (D, rows, inp), dtype), _leaf(g, (D, rows, P), dtype)
+    b_ih = _leaf(g, (D, rows), dtype) if bias else None
+    b_hh = _leaf(g, (D, rows), dtype) if bias else None
     W_hr = _leaf(g, (D, P, hidden), dtype) if proj else None
-    bs = np.array(sizes, dtype=np.int64)
-    fast = LSTMLayerFunction.apply(x, bs, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
-
-    def run(d, reverse):
-        w_hr = W_hr[d] if proj else None
-        return reference.lstm_layer(
-            x, torch.tensor(sizes), reverse, W_ih[d], W_hh[d], b_ih[d], b_hh[d], w_hr, h0[d], c0[d]
-        )
-
-    leaves = [x, h0, c0, W_ih, W_hh, b_ih, b_hh] + ([W_hr] if proj else [])
-    _compare(fast, _reference_layer(run, D), leaves, dtype)
-
-
-@DTYPES
-@DIRECTIONS
-@LAYOUTS
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_gru_layer(layout, directions, dtype, bias):
-    sizes = BATCH_SIZES[layout]
-    hidden, inp, D = 4, 3, directions
-    g = torch.Generator().manual_seed(0)
-    x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
-    h0 = _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
-    W_ih, W_hh = _leaf(g, (D, 3 * hidden, inp), dtype), _leaf(g, (D, 3 * hidden, hidden), dtype)
-    b_ih, b_hh = _leaf(g, (D, 3 * hidden), dtype), _leaf(g, (D, 3 * hidden), dtype)
-    biases = (b_ih, b_hh) if bias else (None, None)
-    bs = np.array(sizes, dtype=np.int64)
-    fast = GRULayerFunction.apply(x, bs, h0, W_ih, W_hh, *biases)
-
-    def run(d, reverse):
-        b = (b_ih[d], b_hh[d]) if bias else (None, None)
-        return reference.gru_layer(x, torch.tensor(sizes), reverse, W_ih[d], W_hh[d], *b, h0[d])
-
-    leaves = [x, h0, W_ih, W_hh] + ([b_ih, b_hh] if bias else [])
-    _compare(fast, _reference_layer(run, D), leaves, dtype)
-
-
-@DTYPES
-@DIRECTIONS
-@LAYOUTS
-@pytest.mark.parametrize("relu", [False, True], ids=["tanh", "relu"])
-def test_rnn_layer(layout, directions, dtype, relu):
-    sizes = BATCH_SIZES[layout]
-    hidden, inp, D = 4, 3, directions
-    g = torch.Generator().manual_seed(0)
-    x = _leaf(g, (sum(sizes), inp), dtype, 1.0)
-    h0 = _leaf(g, (D, sizes[0], hidden), dtype, 0.5)
-    W_ih, W_hh = _leaf(g, (D, hidden, inp), dtype), _leaf(g, (D, hidden, hidden), dtype)
-    b_ih, b_hh = _leaf(g, (D, hidden), dtype), _leaf(g, (D, hidden), dtype)
-    bs = np.array(sizes, dtype=np.int64)
-    fast = RNNLayerFunction.apply(x, bs, relu, h0, W_ih, W_hh, b_ih, b_hh)
-
-    def run(d, reverse):
-        return reference.rnn_layer(
-            x, torch.tensor(sizes), reverse, relu, W_ih[d], W_hh[d], b_ih[d], b_hh[d], h0[d]
-        )
-
-    _compare(fast, _reference_layer(run, D), [x, h0, W_ih, W_hh, b_ih, b_hh], dtype)
+    arguments = (cell, x, np.array(sizes, dtype=np.int64), h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
+    fast = LayerFunction.apply(*arguments)
+    leaves = [t for t in (x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr) if t is not None]
+    _compare(fast, reference.layer(*arguments), leaves, dtype)
 
 
 @pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bi"])
@@ -143,7 +104,7 @@ def test_work_split_across_threads_matches_one_thread(directions):
         outs = []
         for threads in (1, before):
             numba.set_num_threads(threads)
-            outs.append(LSTMLayerFunction.apply(x, bs, h0, c0, *W, None))
+            outs.append(LayerFunction.apply("lstm", x, bs, h0, c0, *W, None))
     finally:
         numba.set_num_threads(before)
     for a, b in zip(*outs, strict=True):
@@ -161,7 +122,8 @@ def test_kernels_run_on_numbas_openmp_layer():
     assert numba.config.THREADING_LAYER_PRIORITY[0] == "omp"
     h0 = torch.zeros(1, 8, 4)
     W = [torch.randn(1, 4, 3), torch.randn(1, 4, 4), None, None]
-    RNNLayerFunction.apply(torch.randn(16, 3), np.full(2, 8, dtype=np.int64), False, h0, *W)
+    sizes = np.full(2, 8, dtype=np.int64)
+    LayerFunction.apply("rnn_tanh", torch.randn(16, 3), sizes, h0, None, *W, None)
     assert numba.threading_layer() == "omp"
 
 

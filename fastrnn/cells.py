@@ -1,0 +1,85 @@
+"""One description per cell: what every other layer of fastrnn takes as a parameter.
+
+A cell kind is named as torch._VF names its function (lstm, gru, rnn_tanh, rnn_relu). Its spec
+holds the gate count G (W_ih and W_hh have G * H rows, in torch's gate order), the number of
+states it carries, whether it can project h (LSTM's proj_size), and its reference step: the
+textbook formulas in plain torch, which `reference.layer` loops over time and the tests compare
+the kernels with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# (x_t (B, I), states ((B, P)[, (B, H)]), W_ih (G*H, I), W_hh (G*H, P), b_ih, b_hh (G*H,) or
+# None, W_hr (P, H) or None) -> (output (B, P), new states)
+ReferenceStep = Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    kind: str
+    gates: int
+    states: int
+    projects: bool
+    step: ReferenceStep
+
+
+def lstm_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+    """LSTM, gates i, f, g, o: c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(c') (@ W_hr^T)."""
+    h, c = states
+    gates = x @ W_ih.T + h @ W_hh.T
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h = torch.sigmoid(o) * torch.tanh(c)
+    if W_hr is not None:
+        h = h @ W_hr.T
+    return h, (h, c)
+
+
+def gru_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+    """GRU, gates r, z, n, "reset after" (torch/cuDNN): n = tanh(W_in x + b_in + r (W_hn h +
+    b_hn)), h' = (1 - z) n + z h."""
+    (h,) = states
+    xi = x @ W_ih.T
+    hh = h @ W_hh.T
+    if b_ih is not None:
+        xi = xi + b_ih
+        hh = hh + b_hh
+    x_r, x_z, x_n = xi.chunk(3, dim=1)
+    h_r, h_z, h_n = hh.chunk(3, dim=1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    n = torch.tanh(x_n + r * h_n)
+    h = (1 - z) * n + z * h
+    return h, (h,)
+
+
+def _elman_step(activation: Callable[[Tensor], Tensor]) -> ReferenceStep:
+    def step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+        """Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh)."""
+        (h,) = states
+        pre = x @ W_ih.T + h @ W_hh.T
+        if b_ih is not None:
+            pre = pre + b_ih + b_hh
+        h = activation(pre)
+        return h, (h,)
+
+    return step
+
+
+rnn_tanh_step = _elman_step(torch.tanh)
+rnn_relu_step = _elman_step(torch.relu)
+
+SPECS: dict[str, CellSpec] = {
+    "lstm": CellSpec("lstm", gates=4, states=2, projects=True, step=lstm_step),
+    "gru": CellSpec("gru", gates=3, states=1, projects=False, step=gru_step),
+    "rnn_tanh": CellSpec("rnn_tanh", gates=1, states=1, projects=False, step=rnn_tanh_step),
+    "rnn_relu": CellSpec("rnn_relu", gates=1, states=1, projects=False, step=rnn_relu_step),
+}
