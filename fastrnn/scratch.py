@@ -21,6 +21,9 @@ import torch
 from torch import Tensor
 
 _local = threading.local()
+# Test hook: True fills every buffer handed out with NaN (float dtypes), so that a kernel reading
+# an element it never wrote turns its result into NaN instead of passing on stale values.
+POISON = False
 
 
 def scratch(slot: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype | None = None):
@@ -40,13 +43,19 @@ def scratch(slot: str, shape: tuple[int, ...], like: Tensor, dtype: torch.dtype 
     if entry is not None and entry[1] == shape:
         # The same shape as last time (every call of a training loop): the view made then
         # (slicing and viewing anew cost ~3 us a call, which shows at batch 1).
-        return entry[2]
+        return _poisoned(entry[2]) if POISON else entry[2]
     numel = math.prod(shape)
     buffer = entry[0] if entry is not None and entry[0].numel() >= numel else None
     if buffer is None:
         buffer = torch.empty(numel, dtype=dtype)
     view = buffer[:numel].view(shape)
     buffers[key] = (buffer, shape, view)
+    return _poisoned(view) if POISON else view
+
+
+def _poisoned(view: Tensor) -> Tensor:
+    if view.is_floating_point():
+        view.fill_(math.nan)
     return view
 
 

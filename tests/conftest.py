@@ -4,7 +4,7 @@ The helpers live here (and not in a package) so that every test module can do
 ``from conftest import ...``; pytest puts ``tests/`` on ``sys.path`` (rootdir-relative
 "prepend" import mode, no ``__init__.py`` in ``tests/``).
 
-Contract checked by these helpers (see DESIGN.md, "The public API" / "Numerics"):
+Contract checked by these helpers (the drop-in API and its numerics):
 
 * ``fastrnn.X`` built right after ``torch.manual_seed(s)`` has exactly the parameters that
   ``torch.nn.X`` gets after the same seed (same names, same order, same values).
@@ -294,3 +294,12 @@ def wide_tile_fusing(monkeypatch):
         "_fuses_input_projection",
         functools.partial(fuses_input_projection, wide_tiles=True),
     )
+
+
+@pytest.fixture(autouse=True)
+def poisoned_scratch(monkeypatch):
+    """Every reused buffer fastrnn hands out (`fastrnn.scratch`) starts as NaN, so a kernel
+    that reads an element it never wrote fails the test instead of reading stale values."""
+    import fastrnn.scratch
+
+    monkeypatch.setattr(fastrnn.scratch, "POISON", True)

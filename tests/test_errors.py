@@ -1,4 +1,4 @@
-"""Bad input raises the same exception type and message as torch.nn (DESIGN.md, public API).
+"""Bad input raises the same exception type and message as torch.nn.
 
 Each case runs the same call on torch's module and on fastrnn's module (built from the
 same seed) and compares ``(type(exc), str(exc))``. Every case is one where torch raises.
@@ -204,8 +204,8 @@ INTERNAL_CASES = [
 
 # torch's message here names an implementation detail (a broadcast inside the packed LSTM path)
 # rather than the user's mistake. fastrnn raises the same exception type with a message that
-# says what is wrong (the expected hidden size), and this test holds it to that. (Until session 6
-# the dense LSTM's state dtypes were here too; they now give oneDNN's messages, as torch does.)
+# says what is wrong (the expected hidden size), and this test holds it to that. (The dense
+# LSTM's state dtypes get oneDNN's messages, as torch's do: INTERNAL_CASES.)
 DETAIL_CASES = [
     case(
         "LSTM",
@@ -313,96 +313,6 @@ def test_constructor_warning_matches_torch(cls_name, ctor):
         recorded.append([(x.category, str(x.message)) for x in w])
     assert recorded[0], "test case is wrong: torch.nn does not warn"
     assert recorded[1] == recorded[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# double backward
-# ---------------------------------------------------------------------------------------------
-# How a second derivative is taken:
-#   backward:  ``penalty.backward()`` (accumulates into every leaf, e.g. a WGAN-GP penalty)
-#   grad:      ``torch.autograd.grad(penalty, [x, *params])``
-#   grad_allow_unused: the same with ``allow_unused=True``: a ``None`` here stands for a zero
-#              second derivative, which is a silently wrong value when torch's is non-zero.
-HOW = ["backward", "grad", "grad_allow_unused"]
-
-
-def _double_backward(module, x, how, hx=None, lengths=None):
-    """d/d(x, hx, params) of |dL/d(x, hx)|^2 with L = sum(y^2) (+ the final states' squares);
-    returns those gradients."""
-    x = x.clone().requires_grad_(True)
-    states = [] if hx is None else [s.clone().requires_grad_(True) for s in hx]
-    params = list(module.parameters())
-    module.zero_grad(set_to_none=True)
-    given = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
-    if hx is None:
-        out = module(given)
-    else:
-        out = module(given, tuple(states) if len(states) == 2 else states[0])
-    y = out[0] if isinstance(out, tuple) else out
-    y = y.data if lengths is not None else y
-    loss = (y * y).sum()
-    if isinstance(out, tuple) and not isinstance(module, torch.nn.RNNCellBase):
-        final = out[1] if isinstance(out[1], tuple) else (out[1],)
-        loss = loss + sum((f * f).sum() for f in final)
-    firsts = torch.autograd.grad(loss, [x, *states], create_graph=True)
-    penalty = sum((g * g).sum() for g in firsts)
-    leaves = [x, *states, *params]
-    if how == "backward":
-        penalty.backward()
-        return [t.grad for t in leaves]
-    return list(torch.autograd.grad(penalty, leaves, allow_unused=how == "grad_allow_unused"))
-
-
-@pytest.mark.parametrize("how", HOW)
-@pytest.mark.parametrize(
-    "cls_name,kwargs,shape,hx,lengths",
-    [
-        pytest.param("LSTM", {}, (4, 2, 3), False, None, id="LSTM"),
-        pytest.param("LSTM", {"num_layers": 2, "bidirectional": True}, (4, 2, 3), True, None,
-                     id="LSTM-L2-bi-hx"),
-        pytest.param("LSTM", {"proj_size": 2}, (4, 2, 3), True, None, id="LSTM-proj-hx"),
-        pytest.param("LSTM", {"bidirectional": True}, (4, 3, 3), False, [4, 2, 3],
-                     id="LSTM-bi-packed"),
-        pytest.param("LSTM", {"batch_first": True}, (2, 1, 3), True, None, id="LSTM-bf-one-step"),
-        pytest.param("GRU", {}, (4, 2, 3), True, None, id="GRU-hx"),
-        pytest.param("GRU", {"bidirectional": True, "bias": False}, (4, 3, 3), False, [1, 4, 2],
-                     id="GRU-bi-nobias-packed"),
-        pytest.param("GRU", {}, (1, 2, 3), False, None, id="GRU-one-step"),
-        pytest.param("RNN", {"nonlinearity": "tanh"}, (4, 2, 3), True, None, id="RNN_TANH-hx"),
-        pytest.param("RNN", {"nonlinearity": "relu", "num_layers": 2}, (4, 2, 3), False, None,
-                     id="RNN_RELU-L2"),
-        pytest.param("LSTMCell", {}, (2, 3), True, None, id="LSTMCell-hx"),
-        pytest.param("LSTMCell", {"bias": False}, (3,), False, None, id="LSTMCell-unbatched"),
-        pytest.param("GRUCell", {}, (2, 3), True, None, id="GRUCell-hx"),
-        pytest.param("RNNCell", {}, (2, 3), False, None, id="RNNCell"),
-        pytest.param("RNNCell", {"nonlinearity": "relu"}, (2, 3), True, None, id="RNNCell-relu"),
-    ],
-)  # fmt: skip
-@pytest.mark.parametrize("dtype", [F64, torch.float32], ids=["f64", "f32"])
-def test_double_backward_matches_torch(cls_name, kwargs, shape, hx, lengths, how, dtype):
-    """Second derivatives (gradient penalties, Hessian-vector products) through every module
-    and cell, with respect to the input, the initial states and every parameter: torch's
-    values (fastrnn recomputes the layer with plain torch ops on this path)."""
-    ref, fast = make_pair(cls_name, 3, 4, dtype=dtype, **kwargs)
-    x = r(*shape, dtype=dtype)
-    states = None
-    if hx:
-        out = ref(x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False))
-        final = (
-            out[1] if isinstance(out, tuple) and not isinstance(ref, torch.nn.RNNCellBase) else out
-        )
-        final = final if isinstance(final, tuple) else (final,)
-        states = [0.5 * r(*f.shape, dtype=dtype) for f in final]
-    fast_grads = _double_backward(fast, x, how, states, lengths)
-    ref_grads = _double_backward(ref, x, how, states, lengths)
-    tol = 1e-9 if dtype == F64 else 2e-5
-    for i, (a, b) in enumerate(zip(fast_grads, ref_grads, strict=True)):
-        if b is None or a is None:
-            assert (a is None or torch.count_nonzero(a) == 0) and (
-                b is None or torch.count_nonzero(b) == 0
-            ), f"second-order grad {i}: one side None, the other non-zero"
-        else:
-            assert_close(a, b, f"second-order grad {i}", tol=tol)
 
 
 @pytest.mark.parametrize(
