@@ -64,8 +64,8 @@ def test_fwdbwd(benchmark, classes, cell, size, impl):
 
 
 # The per-step product alone, single-threaded: rows @ W^T on packed panels, the shapes of one
-# thread's share at batch 16 and 1 (LSTM H256 and H128). ~110 GFLOP/s a core on the Zen 4
-# machine of session 3; a drop here shows before any end-to-end number moves.
+# thread's share at batch 16 and 1 (LSTM H256 and H128). ~110 GFLOP/s a core on a Zen 4
+# (AVX-512); a drop here shows before any end-to-end number moves.
 PRODUCTS = [(8, 256, 1024), (1, 128, 512), (32, 512, 2048)]
 
 
