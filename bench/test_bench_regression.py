@@ -79,7 +79,7 @@ def test_panel_product(benchmark, shape):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((rows, depth), dtype=np.float32)
     W = rng.standard_normal((1, columns, depth), dtype=np.float32)
-    panels = packed_panels(W, False)[0]
+    panels = packed_panels(W, False, 1)[0]  # packed on one thread
     out = np.empty((rows, columns), dtype=np.float32)
     matmul_panels(a, panels, out, 0, panels.shape[0])
     np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-4, atol=1e-3)
