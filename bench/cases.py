@@ -32,7 +32,7 @@ STANDARD_SIZES = (
     Size(100, 64, 256, 512),
     Size(50, 32, 512, 1024),
 )
-# PyTorch's benchmarks/fastrnns default size; part of the standard set on a GPU (DESIGN.md).
+# PyTorch's benchmarks/fastrnns default size; part of the standard set on a GPU.
 FASTRNNS_GPU_SIZE = Size(100, 64, 512, 512)
 
 # Batch x hidden grid (T = 50, I = H) for the speed-up / roofline-vs-size plot.

@@ -517,7 +517,7 @@ def main(argv=None) -> int:
             args.rtol,
         )
         if before is not None:
-            # This VM's speed drifts by up to 2x within a one-minute run (session 10: sgemm 167
+            # This VM's speed drifts by up to 2x within a one-minute run (a Zen 3: sgemm 167
             # GFLOP/s before a run, 97 after it), so a run-wide roofline misjudged the cases
             # timed in a slow stretch: each case is judged by sgemm measured beside it.
             after = _case_roofline(args)

@@ -46,7 +46,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 @dataclass(frozen=True)
 class Target:
-    """One of issue 4's speed targets: a case and the ratios asked for."""
+    """One of the project's speed targets: a case and the ratios asked for."""
 
     cell: str
     size: C.Size

@@ -298,7 +298,7 @@ def _gflops_cell(case: dict) -> str:
 
 def case_peak(case: dict, run_peak: float | None) -> float | None:
     """The sgemm GFLOP/s a case is judged by: measured beside it (the higher of just before and
-    just after it), else the run's (results written before session 10 have only that)."""
+    just after it), else the run's (older result files have only that)."""
     return case.get("sgemm_peak_gflops") or run_peak
 
 

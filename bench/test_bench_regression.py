@@ -64,8 +64,8 @@ def test_fwdbwd(benchmark, classes, cell, size, impl):
 
 
 # The per-step product alone, single-threaded: rows @ W^T on packed panels, the shapes of one
-# thread's share at batch 16 and 1 (LSTM H256 and H128). ~110 GFLOP/s a core on the Zen 4
-# machine of session 3; a drop here shows before any end-to-end number moves.
+# thread's share at batch 16 and 1 (LSTM H256 and H128). ~110 GFLOP/s a core on a Zen 4
+# (AVX-512); a drop here shows before any end-to-end number moves.
 PRODUCTS = [(8, 256, 1024), (1, 128, 512), (32, 512, 2048)]
 
 
@@ -79,7 +79,7 @@ def test_panel_product(benchmark, shape):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((rows, depth), dtype=np.float32)
     W = rng.standard_normal((1, columns, depth), dtype=np.float32)
-    panels = packed_panels(W, False)[0]
+    panels = packed_panels(W, False, 1)[0]  # packed on one thread
     out = np.empty((rows, columns), dtype=np.float32)
     matmul_panels(a, panels, out, 0, panels.shape[0])
     np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-4, atol=1e-3)
