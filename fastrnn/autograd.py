@@ -17,7 +17,7 @@ products and the fused gate math) runs in fastrnn's kernels for the tensors' dev
 Double backward (create_graph=True: gradient penalties, Hessian-vector products, second-order
 meta-learning) takes a slow path: the backward recomputes the layer with plain torch ops
 (`reference`) and lets autograd differentiate that, so the gradients have a graph of their own
-(`_double_backward_through`).
+(`double_backward_through`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _recurrence(x: Tensor) -> ModuleType:
     return recurrence_cpu
 
 
-def _double_backward_through(recompute):
+def double_backward_through(recompute):
     """Decorator of a Function's backward: the kernels' backward as it is, unless autograd
     records the gradients' own graph (create_graph=True), which that backward can't give.
     Then `recompute(ctx)` -> (the forward's arguments, its outputs) runs the Function again
@@ -466,7 +466,7 @@ class LayerFunction(torch.autograd.Function):
         return (_features_side_by_side(y), *states)
 
     @staticmethod
-    @_double_backward_through(_reference_recompute)
+    @double_backward_through(_reference_recompute)
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n=None):
         x, h0, c0, W_ih, W_hh, W_hr, y, _, _ = ctx.saved_tensors

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import reference
-from .autograd import _double_backward_through, check_shapes
+from .autograd import check_shapes, double_backward_through
 from .kernels.cpu.cells import (
     SMALL_BATCH,
     gru_cell_backward,
@@ -140,7 +140,7 @@ class LSTMCellFunction(torch.autograd.Function):
         return h_new, c_new
 
     @staticmethod
-    @_double_backward_through(_lstm_cell_reference)
+    @double_backward_through(_lstm_cell_reference)
     @once_differentiable
     def backward(ctx, dh, dc):
         x, h, c, W_ih, W_hh, c_new, _, _ = ctx.saved_tensors
@@ -189,7 +189,7 @@ class GRUCellFunction(torch.autograd.Function):
         return h_new
 
     @staticmethod
-    @_double_backward_through(_gru_cell_reference)
+    @double_backward_through(_gru_cell_reference)
     @once_differentiable
     def backward(ctx, dh):
         x, h, W_ih, W_hh, _, _ = ctx.saved_tensors
@@ -231,7 +231,7 @@ class RNNCellFunction(torch.autograd.Function):
         return h_new
 
     @staticmethod
-    @_double_backward_through(_rnn_cell_reference)
+    @double_backward_through(_rnn_cell_reference)
     @once_differentiable
     def backward(ctx, dh):
         x, h, W_ih, W_hh, h_new, _, _ = ctx.saved_tensors

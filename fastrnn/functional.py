@@ -180,7 +180,7 @@ def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
         if state.dtype != input.dtype:
             raise RuntimeError(
                 "mat1 and mat2 must have the same dtype, but got "
-                f"{_type_name(state)} and {_type_name(input)}"
+                f"{type_name(state)} and {type_name(input)}"
             )
         if state.device != input.device:
             raise RuntimeError(
@@ -206,7 +206,7 @@ _TYPE_NAMES = {
 }
 
 
-def _type_name(t: Tensor) -> str:
+def type_name(t: Tensor) -> str:
     return _TYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 

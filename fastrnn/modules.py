@@ -341,7 +341,7 @@ class LSTM(_SequenceForward, _TorchLSTM):
             if input.dtype != weight.dtype:
                 raise RuntimeError(
                     "mat1 and mat2 must have the same dtype, but got "
-                    f"{functional._type_name(input)} and {functional._type_name(weight)}"
+                    f"{functional.type_name(input)} and {functional.type_name(weight)}"
                 )
             if input.dim() == 2 and input.size(1) != weight.size(1):
                 raise RuntimeError(
