@@ -1,4 +1,4 @@
-"""torch.autograd.Functions for one step of a cell on the CPU (LSTMCell, GRUCell, RNNCell).
+"""The torch.autograd.Function for one step of a cell on the CPU (LSTMCell, GRUCell, RNNCell).
 
 A step has no recurrence to keep inside a kernel: both products run as torch GEMMs
 (x @ W_ih^T + b and h @ W_hh^T) and the gate math as one fused single-threaded Numba pass
@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from .autograd import check_shapes, double_backward_through
+from .cells import SPECS
 from .kernels.cpu.cells import (
     SMALL_BATCH,
     gru_cell_backward,
@@ -78,11 +79,11 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
     (B, G*H) on the input and the recurrent side (the same tensor for LSTM and RNN), each
     gradient only where its input needs one. Plain 2-D products: going through the layer
     Functions' (D, ...) rules cost a batch-1 backward ~10 us in views and batched matmuls."""
-    need = ctx.needs_input_grad
-    dx = d_input @ W_ih.detach() if need[0] else None
-    dh = d_recurrent @ W_hh.detach() if need[1] else None
-    dW_ih = d_input.t() @ x.detach() if need[ctx.W_ih_index] else None
-    dW_hh = d_recurrent.t() @ h.detach() if need[ctx.W_ih_index + 1] else None
+    need = ctx.needs_input_grad  # (cell, x, h, c, W_ih, W_hh, b_ih, b_hh)
+    dx = d_input @ W_ih.detach() if need[1] else None
+    dh = d_recurrent @ W_hh.detach() if need[2] else None
+    dW_ih = d_input.t() @ x.detach() if need[4] else None
+    dW_hh = d_recurrent.t() @ h.detach() if need[5] else None
     if not ctx.has_bias:
         return dx, dh, dW_ih, dW_hh, None, None
     db_ih = d_input.sum(0)
@@ -90,152 +91,124 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
     return dx, dh, dW_ih, dW_hh, db_ih, db_hh
 
 
-def _lstm_cell_reference(ctx):
+def _reference_recompute(ctx):
+    """(the cell Function's arguments, its outputs recomputed by `reference.layer`, one step)."""
     x, h, c, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    _, h_new, c_new = reference.layer(
-        "lstm", x, [x.shape[0]], h[None], c[None], W_ih, W_hh, b_ih, b_hh, None
-    )
-    return [x, h, c, W_ih, W_hh, b_ih, b_hh], (h_new[0], c_new[0])
+    arguments = [ctx.cell, x, h, c, W_ih, W_hh, b_ih, b_hh]
+    c0 = None if c is None else c[None]
+    outputs = reference.layer(ctx.cell, x, [x.shape[0]], h[None], c0, W_ih, W_hh, b_ih, b_hh, None)
+    return arguments, tuple(state[0] for state in outputs[1:])
 
 
-def _gru_cell_reference(ctx):
-    x, h, W_ih, W_hh, b_ih, b_hh = ctx.saved_tensors
-    _, h_new = reference.layer("gru", x, [x.shape[0]], h[None], None, W_ih, W_hh, b_ih, b_hh, None)
-    return [x, h, W_ih, W_hh, b_ih, b_hh], (h_new[0],)
+def _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh):
+    """-> (h', c'), the activated gates (B, 4H) for a backward."""
+    c_new = torch.empty_like(c, memory_format=torch.contiguous_format)
+    h_new = torch.empty_like(c_new)
+    if x.shape[0] <= SMALL_BATCH:
+        gates = _new_rows(x, x.shape[0], W_ih.shape[0])
+        rec = torch.empty_like(gates)
+        lstm_cell_forward_small(
+            *_product_inputs(x, h, W_ih, W_hh, b_ih, b_hh), gates.numpy(), rec.numpy(),
+            _np(c), c_new.numpy(), h_new.numpy(),
+        )  # fmt: skip
+    else:
+        gates = _product(x, W_ih, b_ih)
+        rec = _product(h, W_hh, b_hh)
+        lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
+    return (h_new, c_new), gates
 
 
-def _rnn_cell_reference(ctx):
-    x, h, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    kind = "rnn_relu" if ctx.relu else "rnn_tanh"
-    _, h_new = reference.layer(kind, x, [x.shape[0]], h[None], None, W_ih, W_hh, b_ih, b_hh, None)
-    return [x, h, ctx.relu, W_ih, W_hh, b_ih, b_hh], (h_new[0],)
+def _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh):
+    """-> (h',), the cache (B, 4H) of r, z, n and W_hn h + b_hn for a backward."""
+    if b_hh is None:
+        b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
+    else:
+        b_hh_np = _np(b_hh)
+    cache = _new_rows(h, h.shape[0], 4 * h.shape[1])
+    h_new = torch.empty_like(h, memory_format=torch.contiguous_format)
+    if x.shape[0] <= SMALL_BATCH:
+        projected = _new_rows(x, x.shape[0], W_ih.shape[0])
+        rec = torch.empty_like(projected)
+        arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, None)
+        arrays[-1] = b_hh_np  # b_hn enters the reset gate, not rec
+        gru_cell_forward_small(
+            *arrays, projected.numpy(), rec.numpy(), cache.numpy(), h_new.numpy()
+        )
+    else:
+        projected = _product(x, W_ih, b_ih)
+        rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
+        gru_cell_forward(
+            projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
+        )
+    return (h_new,), cache
 
 
-class LSTMCellFunction(torch.autograd.Function):
-    """(x, h, c, W_ih, W_hh, b_ih, b_hh) -> (h', c')."""
+def _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, relu):
+    """-> (h',), None (h' is all a backward needs)."""
+    if x.shape[0] <= SMALL_BATCH:
+        h_new = _new_rows(x, x.shape[0], W_ih.shape[0])
+        rec = torch.empty_like(h_new)
+        arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, b_hh)
+        rnn_cell_forward_small(*arrays, h_new.numpy(), rec.numpy(), relu)
+    else:
+        h_new = _product(x, W_ih, b_ih)
+        rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
+    return (h_new,), None
+
+
+class CellFunction(torch.autograd.Function):
+    """(cell, x (B, I), h (B, H), c (B, H) or None, W_ih (G*H, I), W_hh (G*H, H), b_ih, b_hh
+    (G*H,) or None) -> h' (B, H), or (h', c') for the LSTM; cell: lstm, gru, rnn_tanh or
+    rnn_relu (`cells.SPECS`)."""
 
     @staticmethod
-    def forward(ctx, x, h, c, W_ih, W_hh, b_ih, b_hh):
-        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 4)
-        c_new = torch.empty_like(c, memory_format=torch.contiguous_format)
-        h_new = torch.empty_like(c_new)
-        if x.shape[0] <= SMALL_BATCH:
-            gates = _new_rows(x, x.shape[0], W_ih.shape[0])
-            rec = torch.empty_like(gates)
-            lstm_cell_forward_small(
-                *_product_inputs(x, h, W_ih, W_hh, b_ih, b_hh), gates.numpy(), rec.numpy(),
-                _np(c), c_new.numpy(), h_new.numpy(),
+    def forward(ctx, cell, x, h, c, W_ih, W_hh, b_ih, b_hh):
+        check_cell_weights(W_ih, W_hh, b_ih, b_hh, SPECS[cell].gates)
+        if cell == "lstm":
+            states, cache = _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh)
+            kept = states[1]  # c' (backward's), the caller gets a copy
+        elif cell == "gru":
+            states, cache = _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh)
+            kept = None
+        else:
+            states, cache = _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, cell == "rnn_relu")
+            kept = states[0]  # h' (backward's), the caller gets a copy
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(x, h, c, W_ih, W_hh, kept, b_ih, b_hh)
+            ctx.cell, ctx.cache, ctx.has_bias = cell, cache, b_ih is not None
+            # a saved output is copied: the caller may change its own in place, as torch's
+            # cells allow
+            states = tuple(s.clone() if s is kept else s for s in states)
+        return states if len(states) == 2 else states[0]
+
+    @staticmethod
+    @double_backward_through(_reference_recompute)
+    @once_differentiable
+    def backward(ctx, dh, dc=None):
+        x, h, c, W_ih, W_hh, kept, _, _ = ctx.saved_tensors
+        dc_prev = None
+        if ctx.cell == "lstm":
+            d_input = d_recurrent = torch.empty_like(ctx.cache)
+            dc_prev = torch.empty_like(c, memory_format=torch.contiguous_format)
+            lstm_cell_backward(
+                ctx.cache.numpy(), _np(c), kept.numpy(), _np(dh), _np(dc), d_input.numpy(),
+                dc_prev.numpy(),
+            )  # fmt: skip
+        elif ctx.cell == "gru":
+            rows, hidden = h.shape
+            d_input = _new_rows(h, rows, 3 * hidden)
+            d_recurrent = torch.empty_like(d_input)
+            dh_direct = torch.empty_like(h, memory_format=torch.contiguous_format)
+            gru_cell_backward(
+                ctx.cache.numpy(), _np(h), _np(dh), d_input.numpy(), d_recurrent.numpy(),
+                dh_direct.numpy(),
             )  # fmt: skip
         else:
-            gates = _product(x, W_ih, b_ih)
-            rec = _product(h, W_hh, b_hh)
-            lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, c, W_ih, W_hh, c_new, b_ih, b_hh)
-            ctx.gates = gates
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
-            # c' is saved for the backward: the caller gets a copy it may change in place,
-            # as torch's cell allows
-            c_new = c_new.clone()
-        return h_new, c_new
-
-    @staticmethod
-    @double_backward_through(_lstm_cell_reference)
-    @once_differentiable
-    def backward(ctx, dh, dc):
-        x, h, c, W_ih, W_hh, c_new, _, _ = ctx.saved_tensors
-        d_gates = torch.empty_like(ctx.gates)
-        dc_prev = torch.empty_like(c, memory_format=torch.contiguous_format)
-        lstm_cell_backward(
-            ctx.gates.numpy(), _np(c), c_new.numpy(), _np(dh), _np(dc), d_gates.numpy(),
-            dc_prev.numpy(),
-        )  # fmt: skip
-        dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
-            ctx, d_gates, d_gates, x, h, W_ih, W_hh
-        )
-        return dx, dh_prev, dc_prev, dW_ih, dW_hh, db_ih, db_hh
-
-
-class GRUCellFunction(torch.autograd.Function):
-    """(x, h, W_ih, W_hh, b_ih, b_hh) -> h' ("reset after", gates r, z, n)."""
-
-    @staticmethod
-    def forward(ctx, x, h, W_ih, W_hh, b_ih, b_hh):
-        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 3)
-        if b_hh is None:
-            b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
-        else:
-            b_hh_np = _np(b_hh)
-        cache = _new_rows(h, h.shape[0], 4 * h.shape[1])
-        h_new = torch.empty_like(h, memory_format=torch.contiguous_format)
-        if x.shape[0] <= SMALL_BATCH:
-            projected = _new_rows(x, x.shape[0], W_ih.shape[0])
-            rec = torch.empty_like(projected)
-            arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, None)
-            arrays[-1] = b_hh_np  # b_hn enters the reset gate, not rec
-            gru_cell_forward_small(
-                *arrays, projected.numpy(), rec.numpy(), cache.numpy(), h_new.numpy()
-            )
-        else:
-            projected = _product(x, W_ih, b_ih)
-            rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
-            gru_cell_forward(
-                projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
-            )
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, W_ih, W_hh, b_ih, b_hh)
-            ctx.cache = cache
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 2
-        return h_new
-
-    @staticmethod
-    @double_backward_through(_gru_cell_reference)
-    @once_differentiable
-    def backward(ctx, dh):
-        x, h, W_ih, W_hh, _, _ = ctx.saved_tensors
-        rows, hidden = h.shape
-        d_input = _new_rows(h, rows, 3 * hidden)
-        d_recurrent = torch.empty_like(d_input)
-        dh_direct = torch.empty_like(h, memory_format=torch.contiguous_format)
-        gru_cell_backward(
-            ctx.cache.numpy(), _np(h), _np(dh), d_input.numpy(), d_recurrent.numpy(),
-            dh_direct.numpy(),
-        )  # fmt: skip
+            d_input = d_recurrent = torch.empty_like(kept)
+            rnn_cell_backward(kept.numpy(), _np(dh), ctx.cell == "rnn_relu", d_input.numpy())
         dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
             ctx, d_input, d_recurrent, x, h, W_ih, W_hh
         )
-        if dh_prev is not None:
+        if ctx.cell == "gru" and dh_prev is not None:
             dh_prev += dh_direct
-        return dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh
-
-
-class RNNCellFunction(torch.autograd.Function):
-    """(x, h, relu, W_ih, W_hh, b_ih, b_hh) -> h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)."""
-
-    @staticmethod
-    def forward(ctx, x, h, relu, W_ih, W_hh, b_ih, b_hh):
-        check_cell_weights(W_ih, W_hh, b_ih, b_hh, 1)
-        if x.shape[0] <= SMALL_BATCH:
-            h_new = _new_rows(x, x.shape[0], W_ih.shape[0])
-            rec = torch.empty_like(h_new)
-            arrays = _product_inputs(x, h, W_ih, W_hh, b_ih, b_hh)
-            rnn_cell_forward_small(*arrays, h_new.numpy(), rec.numpy(), relu)
-        else:
-            h_new = _product(x, W_ih, b_ih)
-            rnn_cell_forward(h_new.numpy(), _product(h, W_hh, b_hh).numpy(), relu)
-        if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h, W_ih, W_hh, h_new, b_ih, b_hh)
-            ctx.relu = relu
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 3
-            h_new = h_new.clone()  # saved for the backward: see LSTMCellFunction's c'
-        return h_new
-
-    @staticmethod
-    @double_backward_through(_rnn_cell_reference)
-    @once_differentiable
-    def backward(ctx, dh):
-        x, h, W_ih, W_hh, h_new, _, _ = ctx.saved_tensors
-        d_pre = torch.empty_like(h_new)
-        rnn_cell_backward(h_new.numpy(), _np(dh), ctx.relu, d_pre.numpy())
-        dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(ctx, d_pre, d_pre, x, h, W_ih, W_hh)
-        return dx, dh_prev, None, dW_ih, dW_hh, db_ih, db_hh
+        return None, dx, dh_prev, dc_prev, dW_ih, dW_hh, db_ih, db_hh

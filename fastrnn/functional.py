@@ -30,7 +30,7 @@ from .autograd import (
     check_batch_sizes,
     check_shapes,
 )
-from .cell_functions import GRUCellFunction, LSTMCellFunction, RNNCellFunction
+from .cell_functions import CellFunction
 from .ops import layer as layer_op
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
@@ -715,10 +715,8 @@ def plain_cell_step(
     """One step of the cell `kind` (lstm, gru, rnn_tanh, rnn_relu) on the cell kernels, for a
     call `plain_cell_call` accepted: the new state(s) as a tuple."""
     if kind == "lstm":
-        return apply_layer(LSTMCellFunction, input, states[0], states[1], *weights)
-    if kind == "gru":
-        return (apply_layer(GRUCellFunction, input, states[0], *weights),)
-    return (apply_layer(RNNCellFunction, input, states[0], kind == "rnn_relu", *weights),)
+        return apply_layer(CellFunction, kind, input, states[0], states[1], *weights)
+    return (apply_layer(CellFunction, kind, input, states[0], None, *weights),)
 
 
 def _torch_cell(name: str, input: Tensor, hx, states: Sequence[Tensor], weights: tuple, gates: int):
@@ -769,7 +767,7 @@ def lstm_cell(
         h, c = by_torch
         return h, c
     if _cell_kernels(input):
-        return apply_layer(LSTMCellFunction, input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
+        return apply_layer(CellFunction, "lstm", input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n, c_n = apply_layer(
         LayerFunction,
@@ -800,7 +798,7 @@ def gru_cell(
     if by_torch is not None:
         return by_torch
     if _cell_kernels(input):
-        return apply_layer(GRUCellFunction, input, hx, W_ih, W_hh, b_ih, b_hh)
+        return apply_layer(CellFunction, "gru", input, hx, None, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     h0 = hx.unsqueeze(0)
     _, h_n = apply_layer(LayerFunction, "gru", input, sizes, h0, None, W_ih, W_hh, b_ih, b_hh, None)
@@ -823,7 +821,7 @@ def rnn_cell(
     if by_torch is not None:
         return by_torch
     if _cell_kernels(input):
-        return apply_layer(RNNCellFunction, input, hx, relu, W_ih, W_hh, b_ih, b_hh)
+        return apply_layer(CellFunction, name[:-5], input, hx, None, W_ih, W_hh, b_ih, b_hh)
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     _, h_n = apply_layer(
         LayerFunction, name[:-5], input, sizes, hx.unsqueeze(0), None, W_ih, W_hh, b_ih, b_hh, None
