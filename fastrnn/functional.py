@@ -52,7 +52,11 @@ _TRANSFORM_REASON = (
     "forward-mode AD yet"
 )
 _warned: set[str] = set()
-_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+# The dtypes fastrnn has kernels for, per device (anything else runs torch's implementation).
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
 
 
 _EXPORT_REASON = (
@@ -110,7 +114,7 @@ def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) 
         reason is None
         and isinstance(input, Tensor)
         and _cell_kernels(input)
-        and input.dtype not in _CPU_KERNEL_DTYPES
+        and input.dtype not in KERNEL_DTYPES["cpu"]
     ):
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
     if reason is None:
@@ -612,7 +616,7 @@ def _plain_arguments(
     if type(input) is not Tensor or not input.is_cpu:
         return False
     dtype = input.dtype
-    if dtype not in _CPU_KERNEL_DTYPES or fastrnn_autograd.CUDA_KERNELS_ON_CPU:
+    if dtype not in KERNEL_DTYPES["cpu"] or fastrnn_autograd.CUDA_KERNELS_ON_CPU:
         return False
     for state in states:
         if type(state) is not Tensor or state.dtype != dtype or not state.is_cpu:

@@ -24,10 +24,6 @@ from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 
-_KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
 
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
 _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
@@ -79,7 +75,7 @@ def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | 
             return f"fastrnn can't run its CUDA kernels: {reason}"
     elif device != "cpu":
         return f"fastrnn has no kernel for device '{device}'"
-    dtypes = _KERNEL_DTYPES[device]
+    dtypes = functional.KERNEL_DTYPES[device]
     if input.dtype not in dtypes:
         return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
     if torch.is_autocast_enabled(device):
@@ -123,7 +119,7 @@ def _compiled_kernels(input, weights) -> bool:
     if not isinstance(input, Tensor) or _torch_chosen(input):
         return False
     device = "cpu" if input.is_cpu else "cuda" if input.is_cuda else None
-    if device is None or input.dtype not in _KERNEL_DTYPES[device]:
+    if device is None or input.dtype not in functional.KERNEL_DTYPES[device]:
         return False
     if torch.is_autocast_enabled(device) or (device == "cuda" and unavailable_reason()):
         return False
