@@ -200,6 +200,34 @@ def test_cuda_path_empty_batch(strategy, cuda_path):
     y_fast.sum().backward()
 
 
+def _real_blocks(launch, kernel, plan, directions, threads, shared, cell, relu, args):
+    """The GPU's launch of the persistent kernels (virtual_blocks = 0, `shared` bytes a block),
+    one direction at a time: the simulator gives each real block only `shared` bytes."""
+    units, blocks = plan
+    for d in range(directions):
+        launch.run(kernel, (blocks, 1), threads, shared, cell, relu, d, 0, units, *args)
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_persistent_real_blocks_stay_in_their_shared_memory(mode, cuda_path, monkeypatch):
+    """Several real blocks, launched as on a GPU: each block addresses only its own shared
+    memory (an index past it raises under the simulator, and faults on a GPU). One step, so
+    that no block needs another's results (the simulator runs blocks one after another, so a
+    grid barrier can't order them): every result but dL/dh0 (which sums over all blocks' gate
+    gradients) must match torch."""
+    monkeypatch.setattr(recurrence_cuda, "_run_persistent", _real_blocks)
+    cuda_path("persistent")
+    c = {**_case(mode, "persistent", T=1, B=2, I=2, H=5, hx=True).values[0]}
+    fast_res, ref_res = _compare(c)
+    units, blocks = recurrence_cuda.persistent_plan(5, 5, 1, 1, recurrence_cuda._SIMULATOR_BLOCKS)
+    assert blocks >= 2
+    del fast_res["grad_h0"], ref_res["grad_h0"]
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "persistent"
+
+
 @pytest.mark.cudasim
 @needs_simulator
 def test_forced_persistent_refuses_what_it_cannot_run(cuda_path):

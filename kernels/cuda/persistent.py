@@ -42,12 +42,13 @@ def _block_layout(virtual_blocks, units_per_block, hidden, weights_per_block):
     shared memory, so that the multi-block split and its barrier run where blocks can't run at
     once."""
     block, tid, threads = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
+    slot = 0  # a real block's shared memory is its own: its slice starts at 0
     if virtual_blocks > 0:
         threads = cuda.blockDim.x // virtual_blocks
         block = cuda.threadIdx.x // threads
         tid = cuda.threadIdx.x % threads
+        slot = block * (weights_per_block + 4 * threads)
     first = block * units_per_block
-    slot = block * (weights_per_block + 4 * threads)
     return first, min(units_per_block, hidden - first), tid, threads, slot
 
 
