@@ -21,6 +21,7 @@ cuBLAS.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -42,6 +43,14 @@ _GPU_THREADS = (
 _SHARED_BYTES = 48 * 1024
 
 _LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
+# __cuda_array_interface__ type strings of the dtypes the kernels take (bfloat16 goes as int16)
+_TYPESTR = {
+    torch.float64: "<f8",
+    torch.float32: "<f4",
+    torch.float16: "<f2",
+    torch.int16: "<i2",
+    torch.int64: "<i8",
+}
 # "auto" leaves larger batches to the stepwise strategy: there cuBLAS's per-step GEMM has enough
 # work, and each persistent thread would loop over several rows. A first guess, not a measured
 # crossover (no GPU has run these kernels yet).
@@ -120,15 +129,52 @@ def _simulated_device_array(values: np.ndarray):
     return FakeCUDAArray(values)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float64 for float64 data, else float32 (16-bit data
+    widens on load). Recurrent products and the LSTM cell state are kept in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _device_view(pointer: int, shape: tuple, strides: tuple, typestr: str, device: int):
+    """A numba device array over GPU memory, without an owner: it is only a pointer, a shape
+    and a dtype, so a cached one stays right for whatever tensor later sits at that address
+    (and keeps no tensor alive). Saves rebuilding ~15 of them per layer call."""
+    desc = {
+        "shape": shape,
+        "strides": strides,
+        "typestr": typestr,
+        "data": (pointer, False),
+        "version": 3,
+    }
+    return _cuda_modules()[0].from_cuda_array_interface(desc, owner=None, sync=False)
+
+
+@contextlib.contextmanager
+def _no_occupancy_warning():
+    """numba-cuda warns (NumbaPerformanceWarning) for every grid under 128 blocks when the
+    launch is configured; the persistent grids and small stepwise grids all are, by design.
+    The user's own setting is back in place as soon as the configuration exists."""
+    from numba import config
+
+    before = config.CUDA_LOW_OCCUPANCY_WARNINGS
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
+    try:
+        yield
+    finally:
+        config.CUDA_LOW_OCCUPANCY_WARNINGS = before
+
+
 class _Launch:
-    """What every launch of one call shares: the stream, the dtype's `one`, device arrays."""
+    """What every launch of one call shares: the stream, the dtype's `one`, device arrays and
+    launch configurations."""
 
     def __init__(self, like: Tensor):
         cuda = _cuda_modules()[0]
         self.device = like.device
         self.on_gpu = like.is_cuda
-        # the compute dtype: float64 for float64 data, else float32 (float16 data widens)
-        self.one = np.ones(1, dtype=np.float64 if like.dtype == torch.float64 else np.float32)[0]
+        self.compute = compute_dtype(like.dtype)
+        self.one = np.ones(1, dtype=np.float64 if self.compute == torch.float64 else np.float32)[0]
         if self.on_gpu:
             self.context = cuda.gpus[like.device.index or 0]
             self.stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
@@ -136,17 +182,28 @@ class _Launch:
             self.context = None
             self.stream = 0
         self.dtype = like.dtype
+        self._configured = {}
 
-    def array(self, t: Tensor | None, ndim: int = 3):
+    def array(self, t: Tensor | None, ndim: int = 3, compute: bool = False):
         """Zero-copy kernel argument for a tensor (outputs are allocated contiguous, so only an
-        input is ever copied here); None becomes a one-element dummy with `ndim` dimensions."""
+        input is ever copied here); None becomes a one-element dummy with `ndim` dimensions,
+        in the storage dtype, or with `compute` the compute dtype (a dummy has the type of the
+        array it stands for in other cells, so that every cell runs one compiled kernel)."""
         if t is None:
-            t = torch.zeros((1,) * ndim, dtype=self.dtype, device=self.device)
+            dtype = self.compute if compute else self.dtype
+            t = torch.zeros((1,) * ndim, dtype=dtype, device=self.device)
         t = t.detach().contiguous()
         if t.dtype == torch.bfloat16:  # the kernels take bfloat16 as its int16 bit patterns
             t = t.view(torch.int16)
         if self.on_gpu:
-            return _cuda_modules()[0].as_cuda_array(t, sync=False)
+            itemsize = t.element_size()
+            return _device_view(
+                t.data_ptr(),
+                tuple(t.shape),
+                tuple(s * itemsize for s in t.stride()),
+                _TYPESTR[t.dtype],
+                t.device.index or 0,
+            )
         return _simulated_device_array(t.numpy())
 
     def index_array(self, values: np.ndarray):
@@ -155,11 +212,21 @@ class _Launch:
         return _simulated_device_array(values)
 
     def run(self, kernel, blocks, threads, shared, *args):
-        if self.context is None:
-            kernel[blocks, threads, self.stream, shared](*args)
-        else:
-            with self.context:
-                kernel[blocks, threads, self.stream, shared](*args)
+        """Launch on torch's current stream; the configuration is made once per call (the
+        stepwise strategy launches the same one every step)."""
+        if self.context is None:  # the simulator's kernels keep their configuration themselves
+            with _no_occupancy_warning():
+                configured = kernel[blocks, threads, self.stream, shared]
+            configured(*args)
+            return
+        key = (kernel, blocks, threads, shared)
+        with self.context:
+            configured = self._configured.get(key)
+            if configured is None:
+                with _no_occupancy_warning():
+                    configured = kernel[blocks, threads, self.stream, shared]
+                self._configured[key] = configured
+            configured(*args)
 
 
 def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -272,6 +339,42 @@ def _grid(total: int, threads: int) -> int:
     return max(1, math.ceil(total / threads))
 
 
+# torch.mm(..., out_dtype=torch.float32) on CUDA (torch >= 2.8): 16-bit operands, cuBLAS's float32
+# sums kept as they are. Switched off for the process if this torch lacks it.
+_mm_out_dtype = True
+
+
+def _product_operand(weights: Tensor, compute: torch.dtype) -> Tensor:
+    """W_hh (or W_hr) as the per-step products take it: as it is where they can write their
+    float32 sums directly (CUDA with out_dtype), else widened once per call."""
+    if weights.dtype == compute or (weights.is_cuda and _mm_out_dtype):
+        return weights
+    return weights.to(compute)
+
+
+def _product(a: Tensor, b: Tensor, out: Tensor, add: Tensor | None = None) -> None:
+    """out = a @ b (+ add) with `out` in the compute dtype: for 16-bit data the products reach
+    the gate math as cuBLAS's float32 sums, not rounded to 16 bits first."""
+    global _mm_out_dtype
+    if a.dtype == b.dtype == out.dtype:
+        if add is None:
+            torch.mm(a, b, out=out)
+        else:
+            torch.addmm(add, a, b, out=out)
+        return
+    done = False
+    if a.dtype == b.dtype and a.is_cuda and _mm_out_dtype:
+        try:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            done = True
+        except (RuntimeError, TypeError):  # a torch without mm's out_dtype: widen instead
+            _mm_out_dtype = False
+    if not done:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+    if add is not None:
+        out += add
+
+
 def recurrence_forward(
     cell: int,
     relu: bool,
@@ -310,8 +413,8 @@ def recurrence_forward(
             launch.array(c0),
             launch.array(inputs),
             launch.array(gate_cache),
-            launch.array(cell_cache),
-            launch.array(c_state),
+            launch.array(cell_cache, compute=True),
+            launch.array(c_state, compute=True),
             launch.array(y),
             launch.array(h_n),
             launch.one,
@@ -328,8 +431,10 @@ def recurrence_forward(
     h_n.copy_(h0)
     if c_n is not None:
         c_state.copy_(c0)
-    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=h0.dtype, device=h0.device)
+    # the recurrent products in the compute dtype (float32 for 16-bit data)
+    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
     h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
     args = [
         hidden,
         sizes,
@@ -338,8 +443,8 @@ def recurrence_forward(
         launch.array(rec),
         launch.array(inputs),
         launch.array(gate_cache),
-        launch.array(cell_cache),
-        launch.array(c_state),
+        launch.array(cell_cache, compute=True),
+        launch.array(c_state, compute=True),
         launch.array(b_hh, ndim=2),
         launch.array(h_n),
         launch.array(h_raw),
@@ -350,7 +455,7 @@ def recurrence_forward(
     for k in range(len(batch_sizes)):
         for d in range(directions):
             count = int(rows[d, k])
-            torch.mm(h_n[d, :count], W_hh[d].t(), out=rec[d, :count])
+            _product(h_n[d, :count], weights[d].t(), rec[d, :count])
         launch.run(stepwise.step_forward, blocks, threads, 0, cell, relu, k, *args)
         if projected:
             for d in range(directions):
@@ -394,7 +499,8 @@ def recurrence_backward(
     dc_state = _cell_state_buffer(dc0, cell_cache)  # dc runs from dc_n to dc0
     if dc_state is not None:
         dc_state.copy_(dc_n)
-    dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    # dL/dh_prev's parts in the compute dtype (float32 for 16-bit data), as the forward's products
+    dh_direct = torch.zeros((directions, batch, hidden), dtype=launch.compute, device=h0.device)
     if strategy == "persistent":
         shared = 4 * persistent.shared_floats(gates * plan[0] * hidden, threads)
         args = [
@@ -407,8 +513,8 @@ def recurrence_backward(
             launch.array(dh_n),
             launch.array(y),
             launch.array(gate_cache),
-            launch.array(cell_cache),
-            launch.array(dc_state),
+            launch.array(cell_cache, compute=True),
+            launch.array(dc_state, compute=True),
             launch.array(d_input),
             launch.array(d_recurrent),
             launch.array(dh_direct),
@@ -425,8 +531,10 @@ def recurrence_backward(
 
     projected = W_hr is not None
     width = h0.shape[2]
-    dh_rec = torch.empty((directions, batch, width), dtype=h0.dtype, device=h0.device)
-    dh_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    dh_rec = torch.empty((directions, batch, width), dtype=launch.compute, device=h0.device)
+    dh_raw = torch.empty((directions, batch, hidden), dtype=launch.compute, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
+    projection = _product_operand(W_hr, launch.compute) if projected else None
     cell_args = [
         hidden,
         sizes,
@@ -440,8 +548,8 @@ def recurrence_backward(
         launch.array(c0),
         launch.array(y),
         launch.array(gate_cache),
-        launch.array(cell_cache),
-        launch.array(dc_state),
+        launch.array(cell_cache, compute=True),
+        launch.array(dc_state, compute=True),
         launch.array(d_input),
         launch.array(d_recurrent),
         launch.array(dh_direct),
@@ -469,17 +577,16 @@ def recurrence_backward(
                 break
             for d in range(directions):
                 count, first = int(rows[d, k]), int(firsts[d, k])
-                torch.mm(dh_total[d, first : first + count], W_hr[d], out=dh_raw[d, :count])
+                _product(dh_total[d, first : first + count], projection[d], dh_raw[d, :count])
         launch.run(stepwise.step_backward, cell_blocks, threads, 0, cell, relu, k, *cell_args)
         if k < 0:
             break
         for d in range(directions):
             count, first = int(rows[d, k]), int(firsts[d, k])
             grads = d_recurrent[d, first : first + count]
-            if cell == _GRU:  # dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
-                torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
-            else:
-                torch.mm(grads, W_hh[d], out=dh_rec[d, :count])
+            # GRU: dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
+            direct = dh_direct[d, :count] if cell == _GRU else None
+            _product(grads, weights[d], dh_rec[d, :count], direct)
     if dc_state is not dc0:
         dc0.copy_(dc_state)
 
@@ -488,16 +595,23 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
     """h_prev (D, N, P): the hidden state each packed row consumed (the previous processed
     step's output of that row, or h0), gathered on the device for dW_hh = d^T h_prev."""
     directions, rows_total = y.shape[0], y.shape[1]
-    rows, firsts = _steps(batch_sizes, directions)
+    steps = len(batch_sizes)
+    batch = h0.shape[1]
+    if steps and bool((batch_sizes == batch).all()):  # dense: whole steps shift by one
+        forward = torch.cat([h0[0], y[0, : rows_total - batch]])
+        if directions == 1:
+            return forward.unsqueeze(0)
+        return torch.stack([forward, torch.cat([y[1, batch:], h0[1]])])
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
+    step_of_row = np.repeat(np.arange(steps), batch_sizes)
+    row_in_step = np.arange(rows_total) - offsets[step_of_row]
     index = np.empty((directions, rows_total), dtype=np.int64)
-    for d in range(directions):
-        for k in range(len(batch_sizes)):
-            count, first = rows[d, k], firsts[d, k]
-            previous = rows[d, k - 1] if k > 0 else 0
-            source = np.arange(count) + rows_total  # h0 rows follow y's rows
-            if previous:
-                source[: min(count, previous)] = firsts[d, k - 1] + np.arange(min(count, previous))
-            index[d, first : first + count] = source
+    # direction 0 consumed step t - 1's output, direction 1 step t + 1's; h0's rows follow y's
+    for d, shift in ((0, -1), (1, 1))[:directions]:
+        source = step_of_row + shift
+        clipped = np.clip(source, 0, steps - 1)
+        valid = (source >= 0) & (source < steps) & (row_in_step < batch_sizes[clipped])
+        index[d] = np.where(valid, offsets[clipped] + row_in_step, rows_total + row_in_step)
     index_t = _to_device(index, y.device) if y.is_cuda else torch.from_numpy(index)
     both = torch.cat([y, h0], dim=1)
     return torch.stack([both[d].index_select(0, index_t[d]) for d in range(directions)])

@@ -23,6 +23,7 @@ from conftest import MODES, assert_results_close, make_mode_pair, run_fwd_bwd
 
 import fastrnn
 import fastrnn.autograd
+import fastrnn.modules
 
 F32, F64 = torch.float32, torch.float64
 SIMULATED = bool(numba.config.ENABLE_CUDASIM)
@@ -45,8 +46,13 @@ needs_gpu = pytest.mark.skipif(
 
 @pytest.fixture
 def cuda_path(monkeypatch):
-    """Route CPU tensors through the CUDA launcher; yields a strategy setter."""
+    """Route CPU tensors through the CUDA launcher; yields a strategy setter. The modules
+    check dtypes per device: CPU tensors standing in for CUDA ones get CUDA's dtypes (else
+    float16 / bfloat16 would quietly run torch's implementation)."""
     monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    kernel_dtypes = getattr(fastrnn.modules, "_KERNEL_DTYPES", None)
+    if kernel_dtypes is not None:
+        monkeypatch.setitem(kernel_dtypes, "cpu", kernel_dtypes["cuda"])
     before = recurrence_cuda.get_cuda_strategy()
     yield recurrence_cuda.set_cuda_strategy
     recurrence_cuda.set_cuda_strategy(before)
@@ -162,7 +168,11 @@ def test_cuda_path_16_bit_storage(c, cuda_path):
     """float16 / bfloat16 storage, float32 math and LSTM cell state: within 16-bit rounding of
     torch.nn run in float32 on the same weights and inputs."""
     cuda_path(c["strategy"])
-    fast_res, _ = _compare(c)
+    recurrence_cuda.last_cuda_strategy(reset=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to torch's implementation warns
+        fast_res, _ = _compare(c)
+    assert recurrence_cuda.last_cuda_strategy() == ("stepwise" if c["proj"] else c["strategy"])
     ref_res = _compare({**c, "dtype": F32})[1]
     for name, ref_value in ref_res.items():
         fast_value = fast_res[name]
@@ -171,7 +181,6 @@ def test_cuda_path_16_bit_storage(c, cuda_path):
             scale = max(1.0, ref_value.abs().max().item())
             worst = (fast_value.float() - ref_value).abs().max().item()
             assert worst <= HALF_TOLERANCE[c["dtype"]] * scale, f"{name}: {worst:.3e}"
-    assert recurrence_cuda.last_cuda_strategy() == ("stepwise" if c["proj"] else c["strategy"])
 
 
 @pytest.mark.cudasim
@@ -280,6 +289,76 @@ def test_previous_hidden_gathers_the_consumed_state():
 
 @pytest.mark.cudasim
 @needs_simulator
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [5, 3, 3, 1], [2, 2, 1], [1]])
+def test_previous_hidden_equals_a_step_by_step_gather(lengths):
+    """The vectorised gather (and its dense shortcut) against the rows read step by step."""
+    batch_sizes = np.array([sum(n > t for n in lengths) for t in range(max(lengths))])
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1]))
+    rows, batch = int(batch_sizes.sum()), len(lengths)
+    y = torch.randn(2, rows, 3, dtype=F64)
+    h0 = torch.randn(2, batch, 3, dtype=F64)
+    got = recurrence_cuda.previous_hidden(batch_sizes, y, h0)
+    steps = len(batch_sizes)
+    for d in (0, 1):
+        for t in range(steps):
+            before = t - 1 if d == 0 else t + 1  # the step this direction processed before t
+            for b in range(batch_sizes[t]):
+                if 0 <= before < steps and b < batch_sizes[before]:
+                    expected = y[d, offsets[before] + b]
+                else:
+                    expected = h0[d, b]
+                assert torch.equal(got[d, offsets[t] + b], expected), (d, t, b)
+    assert torch.equal(recurrence_cuda.previous_hidden(batch_sizes, y[:1], h0[:1]), got[:1])
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_recurrent_products_reach_the_gate_math_in_float32(dtype, strategy, cuda_path):
+    """ReLU RNN, one unit: x W_ih = -(1 + 2 e) and h0 W_hh = (1 + e)^2 = 1 + 2 e + e^2 with
+    e = 2^-10 (float16) / 2^-7 (bfloat16), all exactly representable except the product, whose
+    e^2 a 16-bit rounding drops. The output is relu(e^2) = e^2 (representable) when the product
+    stays in float32, 0 when it is rounded to 16 bits first."""
+    cuda_path(strategy)
+    e = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    rnn = fastrnn.RNN(1, 1, nonlinearity="relu", bias=False)
+    with torch.no_grad():
+        rnn.weight_ih_l0.fill_(-(1 + 2 * e))
+        rnn.weight_hh_l0.fill_(1 + e)
+    rnn.to(dtype)
+    x = torch.ones(1, 1, 1, dtype=dtype)
+    h0 = torch.full((1, 1, 1), 1 + e, dtype=dtype)
+    recurrence_cuda.last_cuda_strategy(reset=True)
+    y, _ = rnn(x, h0)
+    assert recurrence_cuda.last_cuda_strategy() == strategy
+    assert y.item() == e * e
+
+
+def test_launch_configuration_silences_only_the_low_occupancy_warning():
+    """fastrnn's grids are small by design: numba-cuda's low-occupancy warning is off while a
+    launch is configured, and the user's setting is back afterwards."""
+    if recurrence_cuda is None:
+        pytest.skip("numba-cuda is not installed")
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, configuration):
+            seen.append(numba.config.CUDA_LOW_OCCUPANCY_WARNINGS)
+            return lambda *args: seen.append(args)
+
+    before = numba.config.CUDA_LOW_OCCUPANCY_WARNINGS
+    numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 1
+    try:
+        recurrence_cuda._Launch(torch.zeros(1)).run(Kernel(), 1, 4, 0, "argument")
+        assert seen == [0, ("argument",)]
+        assert numba.config.CUDA_LOW_OCCUPANCY_WARNINGS == 1
+    finally:
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = before
+
+
+@pytest.mark.cudasim
+@needs_simulator
 def test_bfloat16_codec_matches_torch():
     """The kernels' bfloat16 encode (round to nearest even) and decode agree with torch's own
     conversions bit for bit, including ties, overflow to inf, subnormals, +-0, inf and NaN."""
@@ -320,9 +399,8 @@ def test_step_span_matches_the_cpu_layout():
 _COMPILE_SCRIPT = r"""
 import sys, types as pytypes
 try:
-    from numba import cuda, types
+    from numba import cuda, types, typeof
     import numba.cuda.dispatcher as dispatcher
-    from fastrnn.kernels.cuda import persistent, stepwise
     # Device functions ask the current device for its compute capability; there is none here.
     dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
 
@@ -333,47 +411,54 @@ try:
 except Exception as error:  # no NVVM/NVRTC here: the kernels can't be compiled at all
     print("NVVM-UNAVAILABLE", type(error).__name__, error)
     sys.exit(0)
-i64, flag, index = types.int64, types.boolean, types.Array(types.int64, 1, "C")
-# bfloat16 tensors reach the kernels as int16 bit patterns
-for dt in (types.float32, types.float64, types.float16, types.int16):
-    a3, a2 = types.Array(dt, 3, "C"), types.Array(dt, 2, "C")
-    sixteen_bit = dt in (types.float16, types.int16)
-    c3 = types.Array(types.float32, 3, "C") if sixteen_bit else a3  # LSTM cell state
-    one = types.float32 if sixteen_bit else dt
-    kernels = {
-        # rec, inputs, gate_cache, cell_cache, c_state, b_hh, h_state, h_raw, y, one
-        stepwise.step_forward: (i64, flag, i64, i64, index, index, flag)
-        + (a3, a3, a3, c3, c3, a2, a3, a3, a3, one),
-        # dy, dh_n, dh_rec, dh_raw, h0, c0, y, gate_cache, cell_cache, dc_state, d_input,
-        # d_recurrent, dh_direct, dh0, one
-        stepwise.step_backward: (i64, flag, i64, i64, index, index, flag)
-        + (a3,) * 8 + (c3, c3) + (a3,) * 4 + (one,),
-        stepwise.hidden_grad_step: (i64, index, index) + (a3,) * 5 + (one,),
-    }
-    if dt != types.float64:  # the persistent kernels: float32 and float16 storage
-        # W_hh, b_hh, h0, c0, inputs, gate_cache, cell_cache, c_state, y, h_n, one
-        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, i64, index, index)
-        kernels[persistent.persistent_forward] += (a3, a2, a3, a3, a3, a3, c3, c3, a3, a3, one)
-        # W_hh, h0, c0, dy, dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent,
-        # dh_direct, dh0, one
-        kernels[persistent.persistent_backward] = (i64, flag, i64, i64, i64, index, index)
-        kernels[persistent.persistent_backward] += (a3,) * 7 + (c3, c3) + (a3,) * 4 + (one,)
-    for kernel, signature in kernels.items():
+import torch
+import fastrnn, fastrnn.autograd, fastrnn.modules
+from fastrnn import recurrence_cuda
+
+# The launcher runs on CPU tensors as under the simulator, but every launch is recorded instead
+# of run: numpy arrays of the GPU launch's dtypes and ranks, so typeof gives its signature.
+launches = {}
+def record(self, kernel, blocks, threads, shared, *args):
+    launches.setdefault(kernel, set()).add(tuple(typeof(a) for a in args))
+recurrence_cuda._Launch.run = record
+recurrence_cuda._simulated_device_array = lambda values: values
+fastrnn.autograd.CUDA_KERNELS_ON_CPU = True
+fastrnn.modules._KERNEL_DTYPES["cpu"] = fastrnn.modules._KERNEL_DTYPES["cuda"]
+modules = [(fastrnn.LSTM, {}), (fastrnn.LSTM, {"proj_size": 2}), (fastrnn.GRU, {}),
+           (fastrnn.RNN, {"nonlinearity": "tanh"}), (fastrnn.RNN, {"nonlinearity": "relu"})]
+for strategy in ("persistent", "stepwise"):
+    recurrence_cuda.set_cuda_strategy(strategy)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        if strategy == "persistent" and dtype == torch.float64:
+            continue
+        for cls, kwargs in modules:
+            if strategy == "persistent" and kwargs.get("proj_size"):
+                continue
+            module = cls(2, 3, bidirectional=True, **kwargs).to(dtype)
+            x = torch.randn(4, 2, 2, dtype=dtype, requires_grad=True)
+            module(x)[0].float().sum().backward()
+
+for kernel, signatures in launches.items():
+    name = kernel.py_func.__name__
+    # all cells share one compiled kernel per storage dtype (the dummies match the arrays)
+    print("signatures", name, len(signatures))
+    for signature in signatures:
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
-        name = kernel.py_func.__name__
         cooperative = "cudaCGGetIntrinsicHandle" in ptx
         assert cooperative == name.startswith("persistent"), name
-        if dt != types.float64:
-            assert ".f64" not in ptx, f"{name}: float64 arithmetic in a {dt} kernel"
-        print("compiled", name, dt)
+        float64 = any(getattr(t, "dtype", None) == types.float64 for t in signature)
+        if not float64:
+            assert ".f64" not in ptx, f"{name}: float64 arithmetic in a 32/16-bit kernel"
+        print("compiled", name, "float64" if float64 else "")
 """
 
 
 @pytest.mark.cudasim
 def test_kernels_compile_to_ptx_with_numba_typing():
-    """Every kernel compiles for sm_90 with the argument types the launcher passes; the
-    persistent ones are cooperative launches; float32 and float16 kernels contain no float64
-    arithmetic.
+    """Every kernel compiles for sm_90 with the argument types the launcher passes (recorded
+    from the launcher itself, for every cell, dtype and strategy); all cells share one
+    compiled kernel per dtype; the persistent ones are cooperative launches; kernels of 32-
+    and 16-bit data contain no float64 arithmetic.
     Needs NVVM/NVRTC (pip install "numba-cuda[cu12]"); skipped without them."""
     import os
     import subprocess
@@ -386,6 +471,17 @@ def test_kernels_compile_to_ptx_with_numba_typing():
     assert done.returncode == 0, done.stderr[-3000:]
     if "NVVM-UNAVAILABLE" in done.stdout:
         pytest.skip(done.stdout.strip()[:300])
+    counts = dict(
+        line.split()[1:] for line in done.stdout.splitlines() if line.startswith("signatures")
+    )
+    # storage dtypes: float32, float64, float16, bfloat16; the persistent kernels all but float64
+    assert counts == {
+        "step_forward": "4",
+        "step_backward": "4",
+        "hidden_grad_step": "4",
+        "persistent_forward": "3",
+        "persistent_backward": "3",
+    }, done.stdout
     assert done.stdout.count("compiled") == 18, done.stdout
 
 
