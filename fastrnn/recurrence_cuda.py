@@ -34,12 +34,16 @@ STRATEGIES = ("auto", "persistent", "stepwise", "torch")
 # Under the simulator, blocks of 4 threads: every thread then loops over several (row, unit)
 # items and the stepwise grids span several blocks, the code paths large sizes take on a GPU.
 _SIMULATOR_THREADS = 4
-# ... and persistent grids of up to 3 blocks a direction (run as virtual blocks of one block).
+# ... persistent grids of up to 3 blocks a direction (run as virtual blocks of one block), whose
+# (row, unit) items go to groups of 2 threads (a warp of 32 on a GPU).
 _SIMULATOR_BLOCKS = 3
+_SIMULATOR_LANES = 2
+_GPU_LANES = 32
 _GPU_THREADS = (
     256  # kernels/cuda/common.py's THREADS_PER_BLOCK (not imported: numba-cuda is optional)
 )
-# Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
+# Shared memory a block may use without opting in to more (all CUDA devices since sm_20); the
+# persistent kernels opt in to the device's maximum (227 KiB on an H100) where they need more.
 _SHARED_BYTES = 48 * 1024
 
 _LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
@@ -238,24 +242,41 @@ def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.nda
 
 
 def persistent_plan(
-    hidden: int, width: int, gates: int, directions: int, blocks_available: int
+    hidden: int,
+    width: int,
+    gates: int,
+    directions: int,
+    blocks_available: int,
+    shared_bytes: int = _SHARED_BYTES,
 ) -> tuple[int, int] | None:
     """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
-    doesn't fit: each block keeps gates * units * width float32 in shared memory, and every
-    block of the grid must be resident at once (`blocks_available`)."""
+    doesn't fit: each block keeps gates * units * width float32 of it in shared memory, beside
+    at least one staged row (backward's, gates * hidden floats) and, under the simulator, the
+    group sums; every block of the grid must be resident at once (`blocks_available`)."""
     per_direction = blocks_available // directions
     if per_direction < 1:
         return None
     units = math.ceil(hidden / per_direction)
-    # the weights, plus 4 partial sums per thread of a 256-thread block (4 KiB)
-    if (gates * units * width + 4 * _GPU_THREADS) * 4 > _SHARED_BYTES:
+    weights = gates * units * max(width, hidden)
+    if (weights + max(width, gates * hidden) + _partials(_GPU_THREADS)) * 4 > shared_bytes:
         return None
     return units, math.ceil(hidden / units)
 
 
+def _partials(threads: int) -> int:
+    """Shared-memory floats of the persistent kernels' group sums (the simulator's only)."""
+    return 4 * threads if _cuda_modules()[1] else 0
+
+
+def _stage_rows(shared_bytes: int, weight_floats: int, row_floats: int, threads: int, batch: int):
+    """Rows of the step's operand a persistent block stages at once: as many as fit."""
+    free = shared_bytes // 4 - weight_floats - _partials(threads)
+    return max(1, min(batch, free // row_floats))
+
+
 def _blocks_available(launch: _Launch) -> int:
-    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with at most
-    48 KiB of shared memory always fits an SM). The simulator runs one block at a time."""
+    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with up to the
+    opt-in shared memory always fits an SM). The simulator runs one block at a time."""
     if not launch.on_gpu:
         return 1
     return _multiprocessors(launch.device.index or 0)
@@ -268,20 +289,54 @@ def _multiprocessors(device_index: int) -> int:
         return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+@functools.cache
+def _shared_limit(device_index: int) -> int:
+    """Dynamic shared memory one block may opt in to on this device (48 KiB if unknown)."""
+    cuda = _cuda_modules()[0]
+    try:
+        with cuda.gpus[device_index]:
+            return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    except Exception:  # noqa: BLE001 - an old driver binding: stay within the default
+        return _SHARED_BYTES
+
+
+_opted_in: set = set()
+
+
+def _allow_dynamic_shared(kernel, args: tuple, nbytes: int) -> None:
+    """Let `kernel`, compiled for `args`, launch with `nbytes` (> 48 KiB) of dynamic shared
+    memory: CUDA needs an explicit opt-in per kernel (MAX_DYNAMIC_SHARED_SIZE_BYTES), set once
+    per compiled kernel to the device's maximum."""
+    if nbytes <= _SHARED_BYTES:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    cufunc = overload._codelibrary.get_cufunc()
+    device = cufunc.device.id
+    if (id(cufunc), device) in _opted_in:
+        return
+    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attribute, _shared_limit(device), cufunc.handle, device)
+    _opted_in.add((id(cufunc), device))
+
+
 def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, projected):
     """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
     plan = None
     if dtype in (torch.float32, torch.float16, torch.bfloat16) and not projected:
         if launch.on_gpu:
-            plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
+            limit = _shared_limit(launch.device.index or 0)
+            blocks = _blocks_available(launch)
+            plan = persistent_plan(hidden, width, gates, directions, blocks, limit)
         else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
             plan = persistent_plan(hidden, width, gates, 1, _SIMULATOR_BLOCKS)
     if _strategy == "persistent" and plan is None:
         raise RuntimeError(
             "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32 or "
-            "float16, no "
+            "float16 / bfloat16, no "
             f"proj_size, and {gates} x hidden x hidden float32 weights split over the GPU's "
-            "blocks within 48 KiB each); use set_cuda_strategy('auto') or 'stepwise'"
+            "blocks within their shared memory); use set_cuda_strategy('auto') or 'stepwise'"
         )
     if _strategy == "stepwise" or plan is None:
         return "stepwise", None
@@ -290,18 +345,38 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
     return "persistent", plan
 
 
-def _run_persistent(launch, kernel, plan, directions, threads, shared, cell, relu, args) -> None:
-    """One cooperative grid (blocks per direction, directions) on a GPU, `shared` bytes each.
-    The simulator runs one block at a time, so there one launch per direction has a single block
-    standing in for all of the direction's blocks (`virtual_blocks`)."""
+def persistent_launch(
+    launch: _Launch, plan, threads: int, W_hh: Tensor, backward: bool, batch: int
+) -> tuple[int, int, int]:
+    """(lanes, stage rows, shared bytes a block) of a persistent launch. A block keeps
+    G*H floats of W_hh per unit (W = H: no projection here) and stages rows of forward's
+    h_{t-1} (W floats) or backward's gate gradients (G*H floats)."""
+    units = plan[0]
+    on_gpu = launch.on_gpu
+    limit = _shared_limit(launch.device.index or 0) if on_gpu else _SHARED_BYTES
+    weight_floats = units * W_hh.shape[1]
+    row_floats = W_hh.shape[1] if backward else W_hh.shape[2]
+    rows = _stage_rows(limit, weight_floats, row_floats, threads, batch)
+    floats = weight_floats + rows * row_floats + _partials(threads)
+    return (_GPU_LANES if on_gpu else _SIMULATOR_LANES), rows, 4 * floats
+
+
+def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args):
+    """One cooperative grid (blocks per direction, directions) on a GPU. The simulator runs one
+    block at a time, so there one launch per direction has a single block standing in for all
+    of the direction's blocks (`virtual_blocks`)."""
     units, blocks = plan
+    directions, batch = h0.shape[0], h0.shape[1]
+    lanes, rows, shared = persistent_launch(launch, plan, threads, W_hh, backward, batch)
     if launch.on_gpu:
-        launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, 0, units, *args)
+        full = (cell, relu, 0, 0, units, lanes, rows, *args)
+        _allow_dynamic_shared(kernel, full, shared)
+        launch.run(kernel, (blocks, directions), threads, shared, *full)
     else:
         for d in range(directions):
             launch.run(
                 kernel, (1, 1), threads * blocks, shared * blocks, cell, relu, d, blocks, units,
-                *args,
+                lanes, rows, *args,
             )  # fmt: skip
 
 
@@ -403,7 +478,6 @@ def recurrence_forward(
     c_state = _cell_state_buffer(c_n, cell_cache)
     rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
     if strategy == "persistent":
-        shared = 4 * persistent.shared_floats(gates * plan[0] * W_hh.shape[2], threads)
         args = [
             sizes,
             offsets,
@@ -420,7 +494,7 @@ def recurrence_forward(
             launch.one,
         ]
         _run_persistent(
-            launch, persistent.persistent_forward, plan, directions, threads, shared, cell, relu,
+            launch, persistent.persistent_forward, plan, threads, False, W_hh, h0, cell, relu,
             args,
         )  # fmt: skip
         if c_state is not c_n:
@@ -502,7 +576,6 @@ def recurrence_backward(
     # dL/dh_prev's parts in the compute dtype (float32 for 16-bit data), as the forward's products
     dh_direct = torch.zeros((directions, batch, hidden), dtype=launch.compute, device=h0.device)
     if strategy == "persistent":
-        shared = 4 * persistent.shared_floats(gates * plan[0] * hidden, threads)
         args = [
             sizes,
             offsets,
@@ -522,7 +595,7 @@ def recurrence_backward(
             launch.one,
         ]
         _run_persistent(
-            launch, persistent.persistent_backward, plan, directions, threads, shared, cell, relu,
+            launch, persistent.persistent_backward, plan, threads, True, W_hh, h0, cell, relu,
             args,
         )  # fmt: skip
         if dc_state is not dc0:

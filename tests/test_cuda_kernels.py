@@ -209,12 +209,17 @@ def test_cuda_path_empty_batch(strategy, cuda_path):
     y_fast.sum().backward()
 
 
-def _real_blocks(launch, kernel, plan, directions, threads, shared, cell, relu, args):
-    """The GPU's launch of the persistent kernels (virtual_blocks = 0, `shared` bytes a block),
-    one direction at a time: the simulator gives each real block only `shared` bytes."""
+def _real_blocks(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args):
+    """The GPU's launch of the persistent kernels (virtual_blocks = 0, one block's shared
+    memory each), one direction at a time: the simulator gives each real block only that."""
     units, blocks = plan
-    for d in range(directions):
-        launch.run(kernel, (blocks, 1), threads, shared, cell, relu, d, 0, units, *args)
+    lanes, rows, shared = recurrence_cuda.persistent_launch(
+        launch, plan, threads, W_hh, backward, h0.shape[1]
+    )
+    for d in range(h0.shape[0]):
+        launch.run(
+            kernel, (blocks, 1), threads, shared, cell, relu, d, 0, units, lanes, rows, *args
+        )
 
 
 @pytest.mark.cudasim
@@ -233,6 +238,20 @@ def test_persistent_real_blocks_stay_in_their_shared_memory(mode, cuda_path, mon
     units, blocks = recurrence_cuda.persistent_plan(5, 5, 1, 1, recurrence_cuda._SIMULATOR_BLOCKS)
     assert blocks >= 2
     del fast_res["grad_h0"], ref_res["grad_h0"]
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "persistent"
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("mode", list(MODES))
+def test_persistent_stages_a_step_in_chunks_of_rows(mode, cuda_path, monkeypatch):
+    """Where shared memory holds fewer rows than a step has, a step runs as several chunks
+    (staged rows, items, barrier); here 2 rows at a time of 5, packed and bidirectional."""
+    monkeypatch.setattr(recurrence_cuda, "_stage_rows", lambda *args: 2)
+    cuda_path("persistent")
+    c = _case(mode, "persistent", B=5, H=4, bidirectional=True, lengths=[3, 1, 2, 3, 2], hx=True)
+    fast_res, ref_res = _compare(c.values[0])
     assert_results_close(fast_res, ref_res)
     assert recurrence_cuda.last_cuda_strategy() == "persistent"
 
@@ -262,7 +281,7 @@ def test_strategy_setting_round_trips():
 @needs_simulator
 def test_persistent_plan_respects_shared_memory_and_residency():
     plan = recurrence_cuda.persistent_plan
-    # H100-like: 132 blocks resident; LSTM H=512: 4 units per block, 16 KiB of W_hh... per unit
+    # H100: 132 blocks resident; LSTM H=512: 4 units per block, 32 KiB of W_hh + one staged row
     units, blocks = plan(512, 512, 4, 1, 132)
     assert units * blocks >= 512 and 4 * units * 512 * 4 <= 48 * 1024
     assert blocks <= 132
@@ -270,6 +289,14 @@ def test_persistent_plan_respects_shared_memory_and_residency():
     assert plan(512, 512, 4, 2, 132) is None  # two directions halve the blocks per direction
     assert plan(8, 8, 4, 1, 1) == (8, 1)  # a single block
     assert plan(5, 5, 3, 1, 3) == (2, 3)  # the simulator's 3 virtual blocks: 2 + 2 + 1 units
+    # with the H100's opt-in shared memory (227 KiB a block), LSTM and GRU up to H = 1024
+    h100 = 227 * 1024
+    for gates in (4, 3, 1):
+        units, blocks = plan(1024, 1024, gates, 1, 132, h100)
+        assert units * blocks >= 1024 and blocks <= 132
+        assert (gates * units * 1024 + gates * 1024) * 4 <= h100
+    assert plan(512, 512, 4, 2, 132, h100) == (8, 64)  # bidirectional LSTM H512
+    assert plan(1024, 1024, 4, 2, 132, h100) is None  # ... but not H1024 (256 KiB a block)
 
 
 @pytest.mark.cudasim
@@ -446,6 +473,10 @@ for kernel, signatures in launches.items():
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         cooperative = "cudaCGGetIntrinsicHandle" in ptx
         assert cooperative == name.startswith("persistent"), name
+        if cooperative:  # the warp sums are shuffles, the operands come from shared memory
+            assert "shfl.sync.bfly" in ptx, name
+            assert "ld.shared.f32" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name}: local memory"
         float64 = any(getattr(t, "dtype", None) == types.float64 for t in signature)
         if not float64:
             assert ".f64" not in ptx, f"{name}: float64 arithmetic in a 32/16-bit kernel"
