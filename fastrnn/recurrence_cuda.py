@@ -248,17 +248,20 @@ def persistent_plan(
     directions: int,
     blocks_available: int,
     shared_bytes: int = _SHARED_BYTES,
+    partial_floats: int = 0,
 ) -> tuple[int, int] | None:
     """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
     doesn't fit: each block keeps gates * units * width float32 of it in shared memory, beside
-    at least one staged row (backward's, gates * hidden floats) and, under the simulator, the
-    group sums; every block of the grid must be resident at once (`blocks_available`)."""
+    at least two staged rows (backward's, gates * hidden floats each) and `partial_floats`
+    (the simulator's group sums); every block of the grid must be resident at once
+    (`blocks_available`)."""
     per_direction = blocks_available // directions
     if per_direction < 1:
         return None
     units = math.ceil(hidden / per_direction)
     weights = gates * units * max(width, hidden)
-    if (weights + max(width, gates * hidden) + _partials(_GPU_THREADS)) * 4 > shared_bytes:
+    staged = 2 * max(width, gates * hidden)  # a pair of rows (backward's are the longer)
+    if (weights + staged + partial_floats) * 4 > shared_bytes:
         return None
     return units, math.ceil(hidden / units)
 
@@ -269,9 +272,10 @@ def _partials(threads: int) -> int:
 
 
 def _stage_rows(shared_bytes: int, weight_floats: int, row_floats: int, threads: int, batch: int):
-    """Rows of the step's operand a persistent block stages at once: as many as fit."""
+    """Rows of the step's operand a persistent block stages at once: as many as fit, an even
+    count (the kernels take rows in pairs), at least 2."""
     free = shared_bytes // 4 - weight_floats - _partials(threads)
-    return max(1, min(batch, free // row_floats))
+    return max(2, 2 * ((min(batch + 1, free // row_floats)) // 2))
 
 
 def _blocks_available(launch: _Launch) -> int:
@@ -330,7 +334,10 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
             blocks = _blocks_available(launch)
             plan = persistent_plan(hidden, width, gates, directions, blocks, limit)
         else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
-            plan = persistent_plan(hidden, width, gates, 1, _SIMULATOR_BLOCKS)
+            partials = _partials(_SIMULATOR_THREADS)
+            plan = persistent_plan(
+                hidden, width, gates, 1, _SIMULATOR_BLOCKS, partial_floats=partials
+            )
     if _strategy == "persistent" and plan is None:
         raise RuntimeError(
             "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32 or "

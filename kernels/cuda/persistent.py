@@ -14,12 +14,14 @@ Shared memory of a block (float32 slots, `shared_floats`):
   stage     `stage_rows` rows of the step's operand, copied from global memory once a step:
             forward h_{t-1} (W floats a row), backward the next step's gate gradients (G*H)
   partials  simulator only: 4 floats per thread for the group sums (`group_sums`)
-Each (row, unit) item of a step belongs to a group of `lanes` threads (a warp on a GPU) that
-splits its dot products over p (or q): consecutive lanes read consecutive shared-memory words of
-the weights and of the stage, so a warp's loads are free of bank conflicts, and the weights are
-read from shared memory only, never h from global memory inside the loop. The group's partial
-sums meet by warp shuffles (`shfl_xor`, a butterfly: every lane gets the sums); lane 0 does the
-gate math. Rows beyond `stage_rows` run as further chunks of the same step.
+Each item of a step, a pair of rows and one unit, belongs to a group of `lanes` threads (a warp
+on a GPU) that splits its dot products over p (or q): consecutive lanes read consecutive
+shared-memory words of the weights and of the stage, so a warp's loads are free of bank
+conflicts, each weight loaded serves both rows, and nothing is read from global memory inside
+the loop. The group's partial sums meet by warp shuffles (`shfl_xor`, a butterfly: every lane
+gets the sums); lane 0 does the first row's gate math, lane 1 the second's. Rows beyond
+`stage_rows` (even) run as further chunks of the same step; a chunk's odd last row is paired
+with a zero row.
 
 Under Numba's simulator (no warp shuffles, blocks run one after another) the group sums go
 through shared memory instead, and the launcher runs one launch per direction whose single block
@@ -114,30 +116,18 @@ else:
         return a, b, c, e
 
 
-if config.ENABLE_CUDASIM:
-
-    @cuda.jit(device=True)
-    def group_sum(a, lane, lanes, tid, shared, partials):
-        """`group_sums` of one value."""
-        shared[partials + 4 * tid] = a
-        cuda.syncthreads()
-        first = partials + 4 * (tid - lane)
-        a = numba.float32(0)
-        for other in range(first, first + 4 * lanes, 4):
-            a += shared[other]
-        cuda.syncthreads()
-        return a
-
-else:
-
-    @cuda.jit(device=True)
-    def group_sum(a, lane, lanes, tid, shared, partials):
-        """`group_sums` of one value."""
-        offset = 16
-        while offset > 0:
-            a += cuda.shfl_xor_sync(_FULL_MASK, a, offset)
-            offset //= 2
-        return a
+@cuda.jit(device=True)
+def _forward_row(
+    cell, relu, d, off, b, j, hidden, rec0, rec1, rec2, rec3, h_prev, inputs, gate_cache,
+    cell_cache, c_state, b_hh, y, h_n, one,
+):  # fmt: skip
+    """Gate math of batch row b, unit j, at the step whose rows start at `off`; writes y, h_n."""
+    h = unit_forward(
+        cell, relu, d, off + b, b, j, hidden, rec0, rec1, rec2, rec3, h_prev, inputs,
+        gate_cache, cell_cache, c_state, b_hh, one,
+    )  # fmt: skip
+    put(y, d, off + b, j, h)
+    put(h_n, d, b, j, h)
 
 
 @cuda.jit(**_JIT)
@@ -200,63 +190,87 @@ def persistent_forward(
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
         for r0 in range(0, rows, stage_rows):
             chunk = min(stage_rows, rows - r0)
+            pairs = (chunk + 1) // 2
             # h_{t-1} of the chunk's rows: the previous step's output, or h0 for a row that
-            # starts here (reverse direction of a packed batch) and at the first step.
-            for idx in range(tid, chunk * width, threads):
+            # starts here (reverse direction of a packed batch) and at the first step; an odd
+            # chunk's pad row is 0.
+            for idx in range(tid, 2 * pairs * width, threads):
                 b, p = r0 + idx // width, idx % width
-                if b < rows_prev:
+                if b >= rows:
+                    shared[stage + idx] = zero
+                elif b < rows_prev:
                     shared[stage + idx] = wide(y[d, off_prev + b, p], one)
                 else:
                     shared[stage + idx] = wide(h0[d, b, p], one)
             cuda.syncthreads()
             # Every bound below is the same for all groups and (virtual) blocks, so all reach
             # each barrier and every lane of a warp each shuffle.
-            items = chunk * units_per_block
+            items = pairs * units_per_block
             for first in range(0, items, groups):
                 item = first + group
-                r, u = item // units_per_block, item % units_per_block
+                pair, u = item // units_per_block, item % units_per_block
                 active = item < items and u < units
-                rec0, rec1, rec2, rec3 = zero, zero, zero, zero
+                a0, a1, a2, a3 = zero, zero, zero, zero  # row 2 * pair
+                b0, b1, b2, b3 = zero, zero, zero, zero  # row 2 * pair + 1
                 if active:
                     weights = base + u * row_floats
-                    h_row = stage + r * width
+                    h_rows = stage + 2 * pair * width
                     for p in range(lane, width, lanes):
-                        h = shared[h_row + p]
-                        rec0 += shared[weights + p] * h
+                        ha, hb = shared[h_rows + p], shared[h_rows + width + p]
+                        w = shared[weights + p]
+                        a0 += w * ha
+                        b0 += w * hb
                         if gates > 1:
-                            rec1 += shared[weights + width + p] * h
-                            rec2 += shared[weights + 2 * width + p] * h
+                            w = shared[weights + width + p]
+                            a1 += w * ha
+                            b1 += w * hb
+                            w = shared[weights + 2 * width + p]
+                            a2 += w * ha
+                            b2 += w * hb
                         if gates > 3:
-                            rec3 += shared[weights + 3 * width + p] * h
-                rec0, rec1, rec2, rec3 = group_sums(
-                    rec0, rec1, rec2, rec3, lane, lanes, tid, shared, partials
-                )
-                if active and lane == 0:
-                    b, j = r0 + r, u0 + u
-                    h = unit_forward(
-                        cell,
-                        relu,
-                        d,
-                        off + b,
-                        b,
-                        j,
-                        hidden,
-                        rec0,
-                        rec1,
-                        rec2,
-                        rec3,
-                        shared[stage + r * width + j],
-                        inputs,
-                        gate_cache,
-                        cell_cache,
-                        c_state,
-                        b_hh,
-                        one,
-                    )
-                    put(y, d, off + b, j, h)
-                    put(h_n, d, b, j, h)
+                            w = shared[weights + 3 * width + p]
+                            a3 += w * ha
+                            b3 += w * hb
+                a0, a1, a2, a3 = group_sums(a0, a1, a2, a3, lane, lanes, tid, shared, partials)
+                b0, b1, b2, b3 = group_sums(b0, b1, b2, b3, lane, lanes, tid, shared, partials)
+                if active:
+                    r = 2 * pair
+                    if lane == 0:
+                        _forward_row(
+                            cell, relu, d, off, r0 + r, u0 + u, hidden, a0, a1, a2, a3,
+                            shared[stage + r * width + u0 + u], inputs, gate_cache,
+                            cell_cache, c_state, b_hh, y, h_n, one,
+                        )  # fmt: skip
+                    if lane == 1 % lanes and r + 1 < chunk:
+                        _forward_row(
+                            cell, relu, d, off, r0 + r + 1, u0 + u, hidden, b0, b1, b2, b3,
+                            shared[stage + (r + 1) * width + u0 + u], inputs, gate_cache,
+                            cell_cache, c_state, b_hh, y, h_n, one,
+                        )  # fmt: skip
             cuda.syncthreads()  # the stage is read before the next chunk replaces it
         grid.sync()
+
+
+@cuda.jit(device=True)
+def _backward_row(
+    cell, relu, d, b, j, hidden, carried, rows, off, rows_next, rows_prev, off_prev, h0, c0, dy,
+    dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent, dh_direct, dh0, one,
+):  # fmt: skip
+    """Batch row b, unit j of a backward step, given `carried` = (d_recurrent @ W_hh)[b, j] of
+    the next processed step: the gate gradients of a row of this step, or dh0 of a row that
+    starts at the next one."""
+    if b < rows_next:
+        carried += wide(dh_direct[d, b, j], one)
+    if b < rows:
+        dh = wide(dy[d, off + b, j], one)
+        dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
+        direct = unit_backward(
+            cell, relu, d, off + b, b, j, hidden, dh, rows_prev, off_prev, h0, c0, y,
+            gate_cache, cell_cache, dc_state, d_input, d_recurrent, one,
+        )  # fmt: skip
+        put(dh_direct, d, b, j, direct)
+    else:
+        put(dh0, d, b, j, carried)
 
 
 @cuda.jit(**_JIT)
@@ -319,56 +333,49 @@ def persistent_backward(
         total = max(rows, rows_next)
         for r0 in range(0, total, stage_rows):
             chunk = min(stage_rows, total - r0)
+            pairs = (chunk + 1) // 2
             # the next processed step's gate gradients of the chunk's rows (0 past its rows)
-            for idx in range(tid, chunk * rows_hh, threads):
+            for idx in range(tid, 2 * pairs * rows_hh, threads):
                 b = r0 + idx // rows_hh
                 if b < rows_next:
                     shared[stage + idx] = wide(d_recurrent[d, off_next + b, idx % rows_hh], one)
                 else:
                     shared[stage + idx] = zero
             cuda.syncthreads()
-            items = chunk * units_per_block
+            items = pairs * units_per_block
             for first in range(0, items, groups):
                 item = first + group
-                r, u = item // units_per_block, item % units_per_block
+                pair, u = item // units_per_block, item % units_per_block
                 active = item < items and u < units
-                carried = zero
+                r = 2 * pair
+                carried_a, carried_b = zero, zero
                 if active and r0 + r < rows_next:
                     weights = base + u * rows_hh
                     grads = stage + r * rows_hh
-                    for q in range(lane, rows_hh, lanes):
-                        carried += shared[grads + q] * shared[weights + q]
-                carried = group_sum(carried, lane, lanes, tid, shared, partials)
-                if active and lane == 0:
-                    b, j = r0 + r, u0 + u
-                    if b < rows_next:
-                        carried += wide(dh_direct[d, b, j], one)
-                    if b < rows:
-                        dh = wide(dy[d, off + b, j], one)
-                        dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
-                        direct = unit_backward(
-                            cell,
-                            relu,
-                            d,
-                            off + b,
-                            b,
-                            j,
-                            hidden,
-                            dh,
-                            rows_prev,
-                            off_prev,
-                            h0,
-                            c0,
-                            y,
-                            gate_cache,
-                            cell_cache,
-                            dc_state,
-                            d_input,
-                            d_recurrent,
-                            one,
-                        )
-                        put(dh_direct, d, b, j, direct)
+                    if r0 + r + 1 < rows_next:  # two rows: each weight serves both
+                        for q in range(lane, rows_hh, lanes):
+                            w = shared[weights + q]
+                            carried_a += shared[grads + q] * w
+                            carried_b += shared[grads + rows_hh + q] * w
                     else:
-                        put(dh0, d, b, j, carried)
+                        for q in range(lane, rows_hh, lanes):
+                            carried_a += shared[grads + q] * shared[weights + q]
+                carried_a, carried_b, _, _ = group_sums(
+                    carried_a, carried_b, zero, zero, lane, lanes, tid, shared, partials
+                )
+                if active:
+                    j = u0 + u
+                    if lane == 0:
+                        _backward_row(
+                            cell, relu, d, r0 + r, j, hidden, carried_a, rows, off, rows_next,
+                            rows_prev, off_prev, h0, c0, dy, dh_n, y, gate_cache, cell_cache,
+                            dc_state, d_input, d_recurrent, dh_direct, dh0, one,
+                        )  # fmt: skip
+                    if lane == 1 % lanes and r + 1 < chunk:
+                        _backward_row(
+                            cell, relu, d, r0 + r + 1, j, hidden, carried_b, rows, off,
+                            rows_next, rows_prev, off_prev, h0, c0, dy, dh_n, y, gate_cache,
+                            cell_cache, dc_state, d_input, d_recurrent, dh_direct, dh0, one,
+                        )  # fmt: skip
             cuda.syncthreads()  # the stage is read before the next chunk replaces it
         grid.sync()
