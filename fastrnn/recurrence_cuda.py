@@ -2,17 +2,21 @@
 torch tensors, with the same contract as `recurrence_cpu` (see `autograd` for the shapes).
 
 Two strategies (`kernels/cuda/stepwise.py`, `kernels/cuda/persistent.py`):
-- "persistent": one cooperative launch for the whole sequence, W_hh held in shared memory.
-  float32 without a projection, when the hidden size fits (`persistent_plan`).
-- "stepwise": per step, the recurrent product by cuBLAS (torch.mm) and one fused pointwise kernel
-  for all directions. Any dtype the kernels support and proj_size.
+- "persistent": one cooperative launch for the whole sequence, W_hh held in shared memory
+  (opting in to the device's maximum, 227 KiB a block on an H100: LSTM / GRU / RNN up to
+  H = 1024 on one direction). float32 / float16 / bfloat16 without a projection, when the
+  hidden size fits (`persistent_plan`).
+- "stepwise": per step, the recurrent product by cuBLAS (torch.mm; float32 sums for 16-bit
+  data) and one fused pointwise kernel for all directions. Any dtype the kernels support and
+  proj_size.
 `set_cuda_strategy("auto" | "persistent" | "stepwise" | "torch")` (or FASTRNN_CUDA_STRATEGY)
 picks one; "auto" takes the persistent kernel wherever it applies, "torch" leaves CUDA tensors to
 torch's own implementation (cuDNN).
 
-Interop: tensors go to the kernels zero-copy through `__cuda_array_interface__` (without the
-implicit stream synchronisation), and the kernels run on torch's current stream, so nothing in
-forward or backward synchronises with the host.
+Interop: tensors go to the kernels zero-copy as device-array views of their memory (cached by
+address, shape and dtype; no stream synchronisation), and the kernels run on torch's current
+stream, so nothing in forward or backward synchronises with the host. numba-cuda's
+low-occupancy warning is off for fastrnn's launches: their small grids are by design.
 
 Tests run this module without a GPU: under Numba's simulator (NUMBA_ENABLE_CUDASIM=1) CPU
 tensors are handed to the simulated kernels as numpy arrays, and torch's CPU ops stand in for
@@ -151,7 +155,9 @@ def _device_view(pointer: int, shape: tuple, strides: tuple, typestr: str, devic
         "data": (pointer, False),
         "version": 3,
     }
-    return _cuda_modules()[0].from_cuda_array_interface(desc, owner=None, sync=False)
+    cuda = _cuda_modules()[0]
+    with cuda.gpus[device]:  # the pointer belongs to that device's context
+        return cuda.from_cuda_array_interface(desc, owner=None, sync=False)
 
 
 @contextlib.contextmanager

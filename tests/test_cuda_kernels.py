@@ -425,8 +425,15 @@ def test_step_span_matches_the_cpu_layout():
 # ---------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import sys, types as pytypes
+from numba import cuda, types
+from bench.gpu_check import launcher_signatures
+
+# Every launch the launcher makes (LSTM with and without proj_size, GRU, RNN tanh/relu; every
+# dtype; both strategies; forward and backward), recorded with its argument types.
+launches = launcher_signatures()
+for kernel, signatures in sorted(launches.items(), key=lambda kv: kv[0].py_func.__name__):
+    print("signatures", kernel.py_func.__name__, len(signatures))
 try:
-    from numba import cuda, types, typeof
     import numba.cuda.dispatcher as dispatcher
     # Device functions ask the current device for its compute capability; there is none here.
     dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
@@ -438,37 +445,8 @@ try:
 except Exception as error:  # no NVVM/NVRTC here: the kernels can't be compiled at all
     print("NVVM-UNAVAILABLE", type(error).__name__, error)
     sys.exit(0)
-import torch
-import fastrnn, fastrnn.autograd, fastrnn.modules
-from fastrnn import recurrence_cuda
-
-# The launcher runs on CPU tensors as under the simulator, but every launch is recorded instead
-# of run: numpy arrays of the GPU launch's dtypes and ranks, so typeof gives its signature.
-launches = {}
-def record(self, kernel, blocks, threads, shared, *args):
-    launches.setdefault(kernel, set()).add(tuple(typeof(a) for a in args))
-recurrence_cuda._Launch.run = record
-recurrence_cuda._simulated_device_array = lambda values: values
-fastrnn.autograd.CUDA_KERNELS_ON_CPU = True
-fastrnn.modules._KERNEL_DTYPES["cpu"] = fastrnn.modules._KERNEL_DTYPES["cuda"]
-modules = [(fastrnn.LSTM, {}), (fastrnn.LSTM, {"proj_size": 2}), (fastrnn.GRU, {}),
-           (fastrnn.RNN, {"nonlinearity": "tanh"}), (fastrnn.RNN, {"nonlinearity": "relu"})]
-for strategy in ("persistent", "stepwise"):
-    recurrence_cuda.set_cuda_strategy(strategy)
-    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        if strategy == "persistent" and dtype == torch.float64:
-            continue
-        for cls, kwargs in modules:
-            if strategy == "persistent" and kwargs.get("proj_size"):
-                continue
-            module = cls(2, 3, bidirectional=True, **kwargs).to(dtype)
-            x = torch.randn(4, 2, 2, dtype=dtype, requires_grad=True)
-            module(x)[0].float().sum().backward()
-
 for kernel, signatures in launches.items():
     name = kernel.py_func.__name__
-    # all cells share one compiled kernel per storage dtype (the dummies match the arrays)
-    print("signatures", name, len(signatures))
     for signature in signatures:
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
         cooperative = "cudaCGGetIntrinsicHandle" in ptx
@@ -488,24 +466,26 @@ for kernel, signatures in launches.items():
 def test_kernels_compile_to_ptx_with_numba_typing():
     """Every kernel compiles for sm_90 with the argument types the launcher passes (recorded
     from the launcher itself, for every cell, dtype and strategy); all cells share one
-    compiled kernel per dtype; the persistent ones are cooperative launches; kernels of 32-
-    and 16-bit data contain no float64 arithmetic.
-    Needs NVVM/NVRTC (pip install "numba-cuda[cu12]"); skipped without them."""
+    compiled kernel per dtype; the persistent ones are cooperative launches whose warp sums are
+    shuffles; no kernel uses local memory; kernels of 32- and 16-bit data contain no float64
+    arithmetic. The signatures are checked everywhere; the compilation needs NVVM/NVRTC
+    (pip install "numba-cuda[cu12]") and is skipped without them."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    if "NVVM-UNAVAILABLE" in done.stdout:
-        pytest.skip(done.stdout.strip()[:300])
     counts = dict(
         line.split()[1:] for line in done.stdout.splitlines() if line.startswith("signatures")
     )
     # storage dtypes: float32, float64, float16, bfloat16; the persistent kernels all but float64
+    # (one signature per dtype: all cells share a compiled kernel)
     assert counts == {
         "step_forward": "4",
         "step_backward": "4",
@@ -513,6 +493,8 @@ def test_kernels_compile_to_ptx_with_numba_typing():
         "persistent_forward": "3",
         "persistent_backward": "3",
     }, done.stdout
+    if "NVVM-UNAVAILABLE" in done.stdout:
+        pytest.skip(done.stdout.strip().splitlines()[-1][:300])
     assert done.stdout.count("compiled") == 18, done.stdout
 
 
@@ -524,7 +506,13 @@ GPU_CASES = [
     for m in MODES
     for s in ("persistent", "stepwise")
     for (b, h, bi, ln) in [(4, 32, False, None), (5, 64, True, [20, 3, 11, 7, 1])]
-] + [_case("LSTM", "auto", proj=16, T=20, B=4, I=16, H=32, layers=2, bidirectional=True)]
+] + [
+    _case("LSTM", "auto", proj=16, T=20, B=4, I=16, H=32, layers=2, bidirectional=True),
+    # W_hh beyond 48 KiB a block (dynamic shared memory opt-in); backward stages 6 rows of 8
+    _case("LSTM", "persistent", T=10, B=8, I=64, H=1024),
+    _case("GRU", "persistent", T=10, B=7, I=64, H=1024, lengths=[10, 9, 7, 7, 3, 2, 1]),
+    _case("LSTM", "persistent", T=10, B=3, I=32, H=512, bidirectional=True),
+]
 
 
 @pytest.mark.cuda
