@@ -565,3 +565,53 @@ def test_gpu_autocast_matches_cudnn(mode, dtype):
         assert g_fast.dtype == g_ref.dtype == torch.float32
         scale = max(1.0, g_ref.abs().max().item())
         assert (g_fast - g_ref).abs().max().item() <= 2 * tolerance * scale
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU run's reporting (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+def test_bench_names_the_cudnn_algorithm_pytorch_requests():
+    """PyTorch's get_algo: PERSIST_STATIC_SMALL_H for unpacked input without proj_size up to
+    H 192 / 128 (LSTM, GRU; forward / backward) and 384 / 256 (RNN), else STANDARD (TF32 for
+    float32 unless turned off)."""
+    from bench.cudnn import expected_algorithm
+
+    small = "PERSIST_STATIC_SMALL_H"
+    assert expected_algorithm("lstm", 192, "float32", False, 0, backward=False) == small
+    assert expected_algorithm("lstm", 192, "float32", False, 0, backward=True) != small
+    assert expected_algorithm("gru", 128, "float16", False, 0, backward=True) == small
+    assert expected_algorithm("rnn", 384, "float32", False, 0, backward=False) == small
+    assert expected_algorithm("rnn", 257, "bfloat16", False, 0, backward=True) == "STANDARD"
+    assert expected_algorithm("lstm", 64, "float32", True, 0, backward=False) != small  # packed
+    assert expected_algorithm("lstm", 64, "float32", False, 32, backward=False) != small
+    assert expected_algorithm("lstm", 64, "float64", False, 0, backward=False) == "STANDARD"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert expected_algorithm("lstm", 512, "float32", False, 0, False) == "STANDARD (no TF32)"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert expected_algorithm("lstm", 512, "float32", False, 0, False) == "STANDARD (TF32)"
+
+
+def test_gpu_run_summary_reads_its_results(tmp_path, capsys):
+    """The GPU run's summary: steps, parity failures, and per benchmark case the ratios, the
+    strategy fastrnn ran and what cuDNN ran, from the files the run writes."""
+    import json
+
+    from bench.gpu_check import summary
+
+    (tmp_path / "steps.tsv").write_text("toolchain\t0\t12\nparity\t1\t40\n")
+    parity = [
+        {"case": "lstm T20", "dtype": "float32", "strategy": "persistent", "ran": "persistent",
+         "ok": True, "max_abs_diff": 1e-6, "worst": "output", "error": ""},
+        {"case": "gru T30", "dtype": "float16", "strategy": "stepwise", "ran": "stepwise",
+         "ok": False, "max_abs_diff": 0.5, "worst": "grad_input", "error": ""},
+    ]  # fmt: skip
+    (tmp_path / "parity.json").write_text(json.dumps(parity))
+    case = {"label": "lstm T100 B8 I512 H512", "status": "ok", "fastrnn_strategy": "persistent",
+            "ratio_fwd": 2.5, "ratio_fwdbwd": 1.25, "cudnn_algo": "STANDARD (TF32)",
+            "cudnn_algo_backward": "STANDARD (TF32)", "cudnn_seen_fwdbwd": "TF32 GEMM"}  # fmt: skip
+    (tmp_path / "bench-auto.json").write_text(json.dumps({"cases": [case]}))
+    assert summary(tmp_path) == 0
+    text = capsys.readouterr().out
+    assert "| parity | 1 | 40 |" in text
+    assert "Parity against cuDNN: 1 of 2 passed." in text and "FAIL gru T30 float16" in text
+    assert "| lstm T100 B8 I512 H512 | persistent | 2.50 | 1.25 | STANDARD (TF32)" in text
