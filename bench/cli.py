@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bench import cases as C
+from bench import cudnn
 from bench import report as R
 from bench.cudnn import cudnn_report
 from bench.parity import check_parity
@@ -84,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PackedSequence input: lengths uniform in [T/2, T], unsorted (enforce_sorted=False)",
     )
     g.add_argument("--seed", type=int, default=0, help="weights and inputs (0)")
+    g.add_argument(
+        "--no-cudnn-profile",
+        action="store_true",
+        help="cuda: don't record the kernels torch ran per case (torch.profiler, ~0.5 s a case)",
+    )
 
     g = p.add_argument_group("timing")
     g.add_argument(
@@ -399,6 +405,7 @@ def main(argv=None) -> int:
         import fastrnn
 
         fastrnn.set_cuda_strategy(args.cuda_strategy)
+        cudnn.PROFILE = not args.no_cudnn_profile
 
     if args.threads is not None:
         if args.threads < 1:

@@ -187,12 +187,17 @@ class _Launch:
         self.one = np.ones(1, dtype=np.float64 if self.compute == torch.float64 else np.float32)[0]
         if self.on_gpu:
             self.context = cuda.gpus[like.device.index or 0]
-            self.stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
+            self.stream_pointer = torch.cuda.current_stream(like.device).cuda_stream
+            with self.context:
+                self.stream = cuda.external_stream(self.stream_pointer)
         else:
             self.context = None
-            self.stream = 0
+            self.stream, self.stream_pointer = 0, 0
         self.dtype = like.dtype
         self._configured = {}
+        # The tensors behind this call's device views (which own nothing): alive until every
+        # launch is queued; torch's allocator reuses their memory in stream order after that.
+        self._keep: list[Tensor] = []
 
     def array(self, t: Tensor | None, ndim: int = 3, compute: bool = False):
         """Zero-copy kernel argument for a tensor (outputs are allocated contiguous, so only an
@@ -206,6 +211,7 @@ class _Launch:
         if t.dtype == torch.bfloat16:  # the kernels take bfloat16 as its int16 bit patterns
             t = t.view(torch.int16)
         if self.on_gpu:
+            self._keep.append(t)
             itemsize = t.element_size()
             return _device_view(
                 t.data_ptr(),
@@ -407,12 +413,31 @@ def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
     return launch, gates, hidden, strategy, plan, threads
 
 
+# A dense batch's step arrays on a GPU, by (steps, batch, device, stream): the same few recur
+# call after call, and each saves two pinned host-to-device copies. (Kept per stream: the copy
+# is ordered before the kernels of its own stream only.)
+_dense_step_arrays: dict = {}
+
+
 def _step_arrays(launch: _Launch, batch_sizes: np.ndarray, directions: int):
     """(rows, first rows) per direction and step on the host, and the batch sizes and step
     offsets as kernel arguments."""
     rows, firsts = _steps(batch_sizes, directions)
-    sizes = launch.index_array(batch_sizes.astype(np.int64))
-    return rows, firsts, sizes, launch.index_array(firsts[0].copy())
+    dense = batch_sizes.size > 0 and bool((batch_sizes == batch_sizes[0]).all())
+    if not (launch.on_gpu and dense):
+        sizes = launch.index_array(batch_sizes.astype(np.int64))
+        return rows, firsts, sizes, launch.index_array(firsts[0].copy())
+    key = (len(batch_sizes), int(batch_sizes[0]), launch.device.index, launch.stream_pointer)
+    tensors = _dense_step_arrays.get(key)
+    if tensors is None:
+        if len(_dense_step_arrays) >= 64:
+            _dense_step_arrays.clear()
+        tensors = tuple(
+            _to_device(values, launch.device)
+            for values in (batch_sizes.astype(np.int64), firsts[0].copy())
+        )
+        _dense_step_arrays[key] = tensors
+    return rows, firsts, launch.array(tensors[0], ndim=1), launch.array(tensors[1], ndim=1)
 
 
 def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tensor | None:

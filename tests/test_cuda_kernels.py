@@ -567,6 +567,22 @@ def test_gpu_autocast_matches_cudnn(mode, dtype):
         assert (g_fast - g_ref).abs().max().item() <= 2 * tolerance * scale
 
 
+def test_device_views_keep_their_tensors_alive_for_the_call(monkeypatch):
+    """A device view owns no memory: the tensor behind it (here a contiguous copy of a strided
+    input, which nothing else references) stays referenced by the launch, so torch can't hand
+    its memory to another tensor while the call's kernels are still queued."""
+    if recurrence_cuda is None:
+        pytest.skip("numba-cuda is not installed")
+    seen = []
+    monkeypatch.setattr(recurrence_cuda, "_device_view", lambda *key: seen.append(key) or key)
+    launch = recurrence_cuda._Launch(torch.zeros(1))
+    launch.on_gpu = True  # the GPU branch of `array`, without a GPU
+    view = launch.array(torch.arange(12.0).reshape(3, 4).t())  # strided: copied
+    pointer, shape, strides, typestr, _ = view
+    assert shape == (4, 3) and strides == (12, 4) and typestr == "<f4"
+    assert any(t.data_ptr() == pointer for t in launch._keep)
+
+
 # ---------------------------------------------------------------------------------------------
 # the GPU run's reporting (no GPU needed)
 # ---------------------------------------------------------------------------------------------
