@@ -245,10 +245,13 @@ def toolchain() -> int:
 # precompile
 # ---------------------------------------------------------------------------------------------
 def precompile(jobs: int, dtypes: tuple[str, ...]) -> int:
-    """Compile every (kernel, signature) the launcher uses into Numba's disk cache, `jobs`
-    processes at once (each compiles every jobs-th pair)."""
+    """Compile every (kernel, signature) the launcher uses into Numba's disk cache, up to `jobs`
+    processes at once. A process compiles all signatures of its kernels: Numba keeps one cache
+    index per kernel, rewritten whole by each save, so two processes saving signatures of the
+    same kernel could lose one."""
     pairs = _ordered_signatures(dtypes)
-    jobs = max(1, min(jobs, len(pairs)))
+    kernels = sorted({kernel.py_func.__name__ for kernel, _ in pairs})
+    jobs = max(1, min(jobs, len(kernels)))
     print(f"precompile: {len(pairs)} kernel signatures in {jobs} processes", flush=True)
     start = time.perf_counter()
     command = [sys.executable, "-m", "bench.gpu_check", "compile-part"]
@@ -259,8 +262,11 @@ def precompile(jobs: int, dtypes: tuple[str, ...]) -> int:
 
 
 def compile_part(index: int, jobs: int, dtypes: tuple[str, ...]) -> int:
-    pairs = _ordered_signatures(dtypes)[index::jobs]
+    pairs = _ordered_signatures(dtypes)
+    kernels = sorted({kernel.py_func.__name__ for kernel, _ in pairs})[index::jobs]
     for kernel, signature in pairs:
+        if kernel.py_func.__name__ not in kernels:
+            continue
         start = time.perf_counter()
         kernel.compile(signature)
         print(
