@@ -389,7 +389,8 @@ def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, rel
     lanes, rows, shared = persistent_launch(launch, plan, threads, W_hh, backward, batch)
     if launch.on_gpu:
         full = (cell, relu, 0, 0, units, lanes, rows, *args)
-        _allow_dynamic_shared(kernel, full, shared)
+        with launch.context:
+            _allow_dynamic_shared(kernel, full, shared)
         launch.run(kernel, (blocks, directions), threads, shared, *full)
     else:
         for d in range(directions):

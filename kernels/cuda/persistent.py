@@ -316,10 +316,12 @@ def persistent_backward(
     )
     stage = base + weight_floats
     partials = stage + stage_rows * rows_hh
+    # W_hh's columns u0.. of each row are contiguous: read row by row (coalesced), stored unit by
+    # unit (once per launch: the strided shared-memory stores don't matter)
     for idx in range(tid, weight_floats, threads):
-        u = idx // rows_hh
+        q, u = idx // units_per_block, idx % units_per_block
         if u < units:
-            shared[base + idx] = wide(W_hh[d, idx % rows_hh, u0 + u], one)
+            shared[base + u * rows_hh + q] = wide(W_hh[d, q, u0 + u], one)
     cuda.syncthreads()
     grid = cuda.cg.this_grid()
     zero = one - one
