@@ -305,9 +305,20 @@ def _multiprocessors(device_index: int) -> int:
         return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
-@functools.cache
+# Devices where the shared-memory opt-in failed once: their plans stay within 48 KiB.
+_opt_in_refused: set = set()
+
+
 def _shared_limit(device_index: int) -> int:
-    """Dynamic shared memory one block may opt in to on this device (48 KiB if unknown)."""
+    """Dynamic shared memory one block may opt in to on this device (48 KiB if unknown or
+    refused)."""
+    if device_index in _opt_in_refused:
+        return _SHARED_BYTES
+    return _device_shared_limit(device_index)
+
+
+@functools.cache
+def _device_shared_limit(device_index: int) -> int:
     cuda = _cuda_modules()[0]
     try:
         with cuda.gpus[device_index]:
@@ -380,17 +391,28 @@ def persistent_launch(
     return (_GPU_LANES if on_gpu else _SIMULATOR_LANES), rows, 4 * floats
 
 
-def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args):
+def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args) -> bool:
     """One cooperative grid (blocks per direction, directions) on a GPU. The simulator runs one
     block at a time, so there one launch per direction has a single block standing in for all
-    of the direction's blocks (`virtual_blocks`)."""
+    of the direction's blocks (`virtual_blocks`). False (nothing launched) where the device
+    refused the shared-memory opt-in: later plans stay within 48 KiB, and under "auto" the
+    call goes on stepwise (both strategies fill the same caches)."""
     units, blocks = plan
     directions, batch = h0.shape[0], h0.shape[1]
     lanes, rows, shared = persistent_launch(launch, plan, threads, W_hh, backward, batch)
     if launch.on_gpu:
         full = (cell, relu, 0, 0, units, lanes, rows, *args)
-        with launch.context:
-            _allow_dynamic_shared(kernel, full, shared)
+        try:
+            with launch.context:
+                _allow_dynamic_shared(kernel, full, shared)
+        except Exception as error:  # noqa: BLE001 - any refusal: stay within the default
+            _opt_in_refused.add(launch.device.index or 0)
+            if _strategy == "persistent":
+                raise RuntimeError(
+                    f"fastrnn: the GPU refused {shared} bytes of shared memory for the "
+                    f"persistent kernel ({type(error).__name__}: {error})"
+                ) from error
+            return False
         launch.run(kernel, (blocks, directions), threads, shared, *full)
     else:
         for d in range(directions):
@@ -398,6 +420,7 @@ def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, rel
                 kernel, (1, 1), threads * blocks, shared * blocks, cell, relu, d, blocks, units,
                 lanes, rows, *args,
             )  # fmt: skip
+    return True
 
 
 def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
@@ -532,13 +555,14 @@ def recurrence_forward(
             launch.array(h_n),
             launch.one,
         ]
-        _run_persistent(
+        if _run_persistent(
             launch, persistent.persistent_forward, plan, threads, False, W_hh, h0, cell, relu,
             args,
-        )  # fmt: skip
-        if c_state is not c_n:
-            c_n.copy_(c_state)
-        return strategy
+        ):  # fmt: skip
+            if c_state is not c_n:
+                c_n.copy_(c_state)
+            return strategy
+        strategy = _last_strategy = "stepwise"
 
     projected = W_hr is not None
     h_n.copy_(h0)
@@ -633,13 +657,13 @@ def recurrence_backward(
             launch.array(dh0),
             launch.one,
         ]
-        _run_persistent(
+        if _run_persistent(
             launch, persistent.persistent_backward, plan, threads, True, W_hh, h0, cell, relu,
             args,
-        )  # fmt: skip
-        if dc_state is not dc0:
-            dc0.copy_(dc_state)
-        return
+        ):  # fmt: skip
+            if dc_state is not dc0:
+                dc0.copy_(dc_state)
+            return
 
     projected = W_hr is not None
     width = h0.shape[2]

@@ -220,6 +220,7 @@ def _real_blocks(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, 
         launch.run(
             kernel, (blocks, 1), threads, shared, cell, relu, d, 0, units, lanes, rows, *args
         )
+    return True
 
 
 @pytest.mark.cudasim
@@ -254,6 +255,19 @@ def test_persistent_stages_a_step_in_chunks_of_rows(mode, cuda_path, monkeypatch
     fast_res, ref_res = _compare(c.values[0])
     assert_results_close(fast_res, ref_res)
     assert recurrence_cuda.last_cuda_strategy() == "persistent"
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_auto_goes_on_stepwise_where_the_persistent_launch_is_refused(cuda_path, monkeypatch):
+    """A device that refuses the persistent kernel's shared memory (`_run_persistent` launches
+    nothing): "auto" runs the call stepwise, forward and backward, with the same results."""
+    monkeypatch.setattr(recurrence_cuda, "_run_persistent", lambda *args: False)
+    cuda_path("auto")
+    c = _case("LSTM", "auto", bidirectional=True, lengths=[3, 1, 2], hx=True).values[0]
+    fast_res, ref_res = _compare(c)
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "stepwise"
 
 
 @pytest.mark.cudasim
