@@ -6,7 +6,10 @@ launcher with Numba's simulator standing in for the GPU and torch's CPU ops for 
 Python thread. The simulator runs a grid's blocks one after another, so a grid barrier can't
 work across real blocks there: the persistent kernel runs with up to 3 virtual blocks per
 direction inside one real block (see kernels/cuda/persistent.py), which exercises the unit split,
-per-block shared memory and the per-step barrier. The real cooperative launch is GPU-only.
+per-block shared memory and the per-step barrier; one test launches real blocks as a GPU does, on
+a single step where no block waits for another. The simulator has no warp shuffles: the
+persistent kernels' shuffle sums are checked by compiling to PTX (NVVM needed), the simulator
+runs their shared-memory twin. The real cooperative launch is GPU-only.
 
 With a GPU (marker `cuda`): the same comparisons on CUDA tensors against cuDNN; skipped here.
 """
