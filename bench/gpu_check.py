@@ -334,8 +334,8 @@ def parity(out: Path | None) -> int:
         except Exception as exc:  # noqa: BLE001 - a crash is a failed case, the run goes on
             ran, ok, worst, diff, error = None, False, "", float("nan"), repr(exc)
         torch.cuda.synchronize()
-        expected = strategy if strategy != "auto" else ran
-        ok = ok and ran == expected
+        # fastrnn's kernels ran (None: it fell back to torch), the forced strategy if any
+        ok = ok and ran in (("persistent", "stepwise") if strategy == "auto" else (strategy,))
         failed += not ok
         row = {
             "case": cfg.label,
