@@ -24,8 +24,9 @@ JOBS=$(nproc 2>/dev/null || echo 4)
 # Seconds the whole run may take (a call on the GPU machine ends at 600): each step's timeout is
 # cut to what is left, a step with under 20 s left is skipped, and the tarball is still written.
 BUDGET=${BUDGET:-540}
-PY=python3
+PY=${GPU_VALIDATION_PYTHON:-python3}
 START=$SECONDS
+FAILED=0 # steps that failed, timed out or were skipped: the script's exit status is 1 if any
 : >"$RESULTS/steps.tsv"
 
 # step NAME SECONDS COMMAND...: run with a timeout, log to $RESULTS/NAME.log, record the status
@@ -40,6 +41,7 @@ step() {
     if [ "$(left)" -lt 20 ]; then
         echo "== $name: skipped, $(left) s of the ${BUDGET} s budget left"
         printf '%s\tskipped (no time)\t0\n' "$name" >>"$RESULTS/steps.tsv"
+        FAILED=$((FAILED + 1))
         return 1
     fi
     [ "$limit" -gt "$(($(left) - 10))" ] && limit=$(($(left) - 10))
@@ -49,6 +51,7 @@ step() {
     local code=$?
     [ "$code" = 124 ] && echo "   TIMED OUT after ${limit}s" | tee -a "$RESULTS/$name.log"
     printf '%s\t%s\t%s\n' "$name" "$code" "$((SECONDS - start))" >>"$RESULTS/steps.tsv"
+    [ "$code" = 0 ] || FAILED=$((FAILED + 1))
     echo "   exit $code after $((SECONDS - start)) s"
     tail -n 3 "$RESULTS/$name.log" | sed 's/^/   | /'
     return "$code"
@@ -99,7 +102,10 @@ else
     mkdir -p "$RESULTS/pytest"
     : >"$RESULTS/pytest-status.txt"
     # shellcheck disable=SC2016
-    timeout 150 xargs -a "$RESULTS/cuda-tests.txt" -d '\n' -P 6 -I{} bash -c '
+    limit=150
+    [ "$limit" -gt "$(($(left) - 10))" ] && limit=$(($(left) - 10))
+    [ "$limit" -lt 1 ] && limit=1
+    timeout "$limit" xargs -a "$RESULTS/cuda-tests.txt" -d '\n' -P 6 -I{} bash -c '
         name=$(echo "$1" | tr -c "A-Za-z0-9_.-" "_" | cut -c1-150)
         timeout --kill-after=5 120 python3 -m pytest "$1" -q -p no:cacheprovider \
             >"$2/pytest/$name.log" 2>&1
@@ -107,9 +113,15 @@ else
         echo "$code $1" >>"$2/pytest-status.txt"' _ {} "$RESULTS"
     passed=$(grep -c '^0 ' "$RESULTS/pytest-status.txt" 2>/dev/null)
     total=$(wc -l <"$RESULTS/pytest-status.txt" 2>/dev/null || echo 0)
-    printf 'pytest-cuda\t%s\t%s\n' "$((total - passed)) failed of $total" "$((SECONDS - start))" \
+    collected=$(wc -l <"$RESULTS/cuda-tests.txt")
+    if [ "$collected" = 0 ]; then
+        echo "   no cuda test collected: see $RESULTS/collect.err"
+    fi
+    [ "$passed" = "$collected" ] && [ "$collected" != 0 ] || FAILED=$((FAILED + 1))
+    total="$total run, $collected collected"
+    printf 'pytest-cuda\t%s\t%s\n' "$passed passed of $total" "$((SECONDS - start))" \
         >>"$RESULTS/steps.tsv"
-    echo "   $passed of $total passed after $((SECONDS - start)) s"
+    echo "   $passed passed of $total, after $((SECONDS - start)) s"
     grep -v '^0 ' "$RESULTS/pytest-status.txt" | sed 's/^/   FAILED (exit) /'
 fi
 
@@ -149,3 +161,5 @@ fi
 
 # 7. One tarball and the summary.
 finish
+[ "$dry" = 1 ] || echo "gpu_validation: $FAILED step(s) failed, timed out or skipped"
+[ "$FAILED" = 0 ]
