@@ -328,6 +328,7 @@ def _device_shared_limit(device_index: int) -> int:
 
 
 _opted_in: set = set()
+_opted_in_calls: set = set()
 
 
 def _allow_dynamic_shared(kernel, args: tuple, nbytes: int) -> None:
@@ -402,9 +403,13 @@ def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, rel
     lanes, rows, shared = persistent_launch(launch, plan, threads, W_hh, backward, batch)
     if launch.on_gpu:
         full = (cell, relu, 0, 0, units, lanes, rows, *args)
+        # all cells share one compiled kernel per dtype: one opt-in per (kernel, dtype, device)
+        key = (kernel, launch.dtype, launch.device.index or 0)
         try:
-            with launch.context:
-                _allow_dynamic_shared(kernel, full, shared)
+            if shared > _SHARED_BYTES and key not in _opted_in_calls:
+                with launch.context:
+                    _allow_dynamic_shared(kernel, full, shared)
+                _opted_in_calls.add(key)
         except Exception as error:  # noqa: BLE001 - any refusal: stay within the default
             _opt_in_refused.add(launch.device.index or 0)
             if _strategy == "persistent":
