@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from bench import cases as C
+from bench import cudnn
 from bench import report as R
+from bench.cudnn import cudnn_report
 from bench.parity import check_parity
 from bench.roofline import gemm_name, sgemm_peak_gflops
 from bench.timing import OtherLoad, RepPolicy, make_timer, measure
@@ -83,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="PackedSequence input: lengths uniform in [T/2, T], unsorted (enforce_sorted=False)",
     )
     g.add_argument("--seed", type=int, default=0, help="weights and inputs (0)")
+    g.add_argument(
+        "--no-cudnn-profile",
+        action="store_true",
+        help="cuda: don't record the kernels torch ran per case (torch.profiler, ~0.5 s a case)",
+    )
 
     g = p.add_argument_group("timing")
     g.add_argument(
@@ -206,6 +213,10 @@ def _fwd_runner(module, inp):
     return run, None
 
 
+def _profiled_fwd_runner(module, source: C.InputSource):
+    return _fwd_runner(module, source.make(requires_grad=False)[0])
+
+
 def _fwdbwd_runner(module, source: C.InputSource):
     inp, leaf = source.make(requires_grad=True)  # built outside the timed region
     params = list(module.parameters())
@@ -307,14 +318,10 @@ def run_case(cfg, ref_cls, fast_cls, timer, policy, interleave, parity, rtol) ->
             seen.append(msg)
     res["warnings"] = seen
     if cfg.device == "cuda":
-        # The kernels fastrnn ran (None: it fell back to torch, see the warnings), and the
-        # cuDNN algorithm torch asked for: torch picks cuDNN's persistent RNN algorithm only for
-        # float16 unpacked input (torch docs, "cuDNN persistent RNN"), else the standard one.
+        # The kernels fastrnn ran (None: it fell back to torch, see the warnings); the cuDNN
+        # algorithm PyTorch asks for and the kernels torch's module ran (bench.cudnn).
         res["fastrnn_strategy"] = fastrnn_module.last_cuda_strategy(reset=True)
-        persistent_possible = cfg.dtype == "float16" and not cfg.packed
-        res["cudnn_algo"] = (
-            "persistent (if cuDNN's heuristics agree)" if persistent_possible else ("standard")
-        )
+        res.update(cudnn_report(cfg, ref, source, _profiled_fwd_runner, _fwdbwd_runner))
     res["torch_threads_after"] = torch.get_num_threads()
     res["numba_threads_after"] = numba.get_num_threads()
     res["wall_s"] = time.perf_counter() - t_start
@@ -398,6 +405,7 @@ def main(argv=None) -> int:
         import fastrnn
 
         fastrnn.set_cuda_strategy(args.cuda_strategy)
+        cudnn.PROFILE = not args.no_cudnn_profile
 
     if args.threads is not None:
         if args.threads < 1:
@@ -548,8 +556,10 @@ def main(argv=None) -> int:
     note_lines = R.notes(results, threads_start, threads_end)
     if args.device == "cuda":
         note_lines += [
-            f"{r['label']}: fastrnn ran {r.get('fastrnn_strategy') or 'torch (fallback)'}, "
-            f"cuDNN algorithm {r.get('cudnn_algo')}"
+            f"{r['label']}: fastrnn ran {r.get('fastrnn_strategy') or 'torch (fallback)'}; "
+            f"cuDNN asked for {r.get('cudnn_algo')} forward, {r.get('cudnn_algo_backward')} "
+            f"backward; torch's kernels: {r.get('cudnn_seen_fwd', '?')} (fwd), "
+            f"{r.get('cudnn_seen_fwdbwd', '?')} (fwd+bwd)"
             for r in results
         ]
     if note_lines:

@@ -2,17 +2,21 @@
 torch tensors, with the same contract as `recurrence_cpu` (see `autograd` for the shapes).
 
 Two strategies (`kernels/cuda/stepwise.py`, `kernels/cuda/persistent.py`):
-- "persistent": one cooperative launch for the whole sequence, W_hh held in shared memory.
-  float32 without a projection, when the hidden size fits (`persistent_plan`).
-- "stepwise": per step, the recurrent product by cuBLAS (torch.mm) and one fused pointwise kernel
-  for all directions. Any dtype the kernels support and proj_size.
+- "persistent": one cooperative launch for the whole sequence, W_hh held in shared memory
+  (opting in to the device's maximum, 227 KiB a block on an H100: LSTM / GRU / RNN up to
+  H = 1024 on one direction). float32 / float16 / bfloat16 without a projection, when the
+  hidden size fits (`persistent_plan`).
+- "stepwise": per step, the recurrent product by cuBLAS (torch.mm; float32 sums for 16-bit
+  data) and one fused pointwise kernel for all directions. Any dtype the kernels support and
+  proj_size.
 `set_cuda_strategy("auto" | "persistent" | "stepwise" | "torch")` (or FASTRNN_CUDA_STRATEGY)
 picks one; "auto" takes the persistent kernel wherever it applies, "torch" leaves CUDA tensors to
 torch's own implementation (cuDNN).
 
-Interop: tensors go to the kernels zero-copy through `__cuda_array_interface__` (without the
-implicit stream synchronisation), and the kernels run on torch's current stream, so nothing in
-forward or backward synchronises with the host.
+Interop: tensors go to the kernels zero-copy as device-array views of their memory (cached by
+address, shape and dtype; no stream synchronisation), and the kernels run on torch's current
+stream, so nothing in forward or backward synchronises with the host. numba-cuda's
+low-occupancy warning is off for fastrnn's launches: their small grids are by design.
 
 Tests run this module without a GPU: under Numba's simulator (NUMBA_ENABLE_CUDASIM=1) CPU
 tensors are handed to the simulated kernels as numpy arrays, and torch's CPU ops stand in for
@@ -21,6 +25,7 @@ cuBLAS.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -33,15 +38,27 @@ STRATEGIES = ("auto", "persistent", "stepwise", "torch")
 # Under the simulator, blocks of 4 threads: every thread then loops over several (row, unit)
 # items and the stepwise grids span several blocks, the code paths large sizes take on a GPU.
 _SIMULATOR_THREADS = 4
-# ... and persistent grids of up to 3 blocks a direction (run as virtual blocks of one block).
+# ... persistent grids of up to 3 blocks a direction (run as virtual blocks of one block), whose
+# (row, unit) items go to groups of 2 threads (a warp of 32 on a GPU).
 _SIMULATOR_BLOCKS = 3
+_SIMULATOR_LANES = 2
+_GPU_LANES = 32
 _GPU_THREADS = (
     256  # kernels/cuda/common.py's THREADS_PER_BLOCK (not imported: numba-cuda is optional)
 )
-# Shared memory a block may use without opting in to more (all CUDA devices since sm_20).
+# Shared memory a block may use without opting in to more (all CUDA devices since sm_20); the
+# persistent kernels opt in to the device's maximum (227 KiB on an H100) where they need more.
 _SHARED_BYTES = 48 * 1024
 
 _LSTM, _GRU, _RNN = 0, 1, 2  # kernels/cuda/common.py's cell codes
+# __cuda_array_interface__ type strings of the dtypes the kernels take (bfloat16 goes as int16)
+_TYPESTR = {
+    torch.float64: "<f8",
+    torch.float32: "<f4",
+    torch.float16: "<f2",
+    torch.int16: "<i2",
+    torch.int64: "<i8",
+}
 # "auto" leaves larger batches to the stepwise strategy: there cuBLAS's per-step GEMM has enough
 # work, and each persistent thread would loop over several rows. A first guess, not a measured
 # crossover (no GPU has run these kernels yet).
@@ -120,33 +137,89 @@ def _simulated_device_array(values: np.ndarray):
     return FakeCUDAArray(values)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in: float64 for float64 data, else float32 (16-bit data
+    widens on load). Recurrent products and the LSTM cell state are kept in it."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _device_view(pointer: int, shape: tuple, strides: tuple, typestr: str, device: int):
+    """A numba device array over GPU memory, without an owner: it is only a pointer, a shape
+    and a dtype, so a cached one stays right for whatever tensor later sits at that address
+    (and keeps no tensor alive). Saves rebuilding ~15 of them per layer call."""
+    desc = {
+        "shape": shape,
+        "strides": strides,
+        "typestr": typestr,
+        "data": (pointer, False),
+        "version": 3,
+    }
+    cuda = _cuda_modules()[0]
+    with cuda.gpus[device]:  # the pointer belongs to that device's context
+        return cuda.from_cuda_array_interface(desc, owner=None, sync=False)
+
+
+@contextlib.contextmanager
+def _no_occupancy_warning():
+    """numba-cuda warns (NumbaPerformanceWarning) for every grid under 128 blocks when the
+    launch is configured; the persistent grids and small stepwise grids all are, by design.
+    The user's own setting is back in place as soon as the configuration exists."""
+    from numba import config
+
+    before = config.CUDA_LOW_OCCUPANCY_WARNINGS
+    config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
+    try:
+        yield
+    finally:
+        config.CUDA_LOW_OCCUPANCY_WARNINGS = before
+
+
 class _Launch:
-    """What every launch of one call shares: the stream, the dtype's `one`, device arrays."""
+    """What every launch of one call shares: the stream, the dtype's `one`, device arrays and
+    launch configurations."""
 
     def __init__(self, like: Tensor):
         cuda = _cuda_modules()[0]
         self.device = like.device
         self.on_gpu = like.is_cuda
-        # the compute dtype: float64 for float64 data, else float32 (float16 data widens)
-        self.one = np.ones(1, dtype=np.float64 if like.dtype == torch.float64 else np.float32)[0]
+        self.compute = compute_dtype(like.dtype)
+        self.one = np.ones(1, dtype=np.float64 if self.compute == torch.float64 else np.float32)[0]
         if self.on_gpu:
             self.context = cuda.gpus[like.device.index or 0]
-            self.stream = cuda.external_stream(torch.cuda.current_stream(like.device).cuda_stream)
+            self.stream_pointer = torch.cuda.current_stream(like.device).cuda_stream
+            with self.context:
+                self.stream = cuda.external_stream(self.stream_pointer)
         else:
             self.context = None
-            self.stream = 0
+            self.stream, self.stream_pointer = 0, 0
         self.dtype = like.dtype
+        self._configured = {}
+        # The tensors behind this call's device views (which own nothing): alive until every
+        # launch is queued; torch's allocator reuses their memory in stream order after that.
+        self._keep: list[Tensor] = []
 
-    def array(self, t: Tensor | None, ndim: int = 3):
+    def array(self, t: Tensor | None, ndim: int = 3, compute: bool = False):
         """Zero-copy kernel argument for a tensor (outputs are allocated contiguous, so only an
-        input is ever copied here); None becomes a one-element dummy with `ndim` dimensions."""
+        input is ever copied here); None becomes a one-element dummy with `ndim` dimensions,
+        in the storage dtype, or with `compute` the compute dtype (a dummy has the type of the
+        array it stands for in other cells, so that every cell runs one compiled kernel)."""
         if t is None:
-            t = torch.zeros((1,) * ndim, dtype=self.dtype, device=self.device)
+            dtype = self.compute if compute else self.dtype
+            t = torch.zeros((1,) * ndim, dtype=dtype, device=self.device)
         t = t.detach().contiguous()
         if t.dtype == torch.bfloat16:  # the kernels take bfloat16 as its int16 bit patterns
             t = t.view(torch.int16)
         if self.on_gpu:
-            return _cuda_modules()[0].as_cuda_array(t, sync=False)
+            self._keep.append(t)
+            itemsize = t.element_size()
+            return _device_view(
+                t.data_ptr(),
+                tuple(t.shape),
+                tuple(s * itemsize for s in t.stride()),
+                _TYPESTR[t.dtype],
+                t.device.index or 0,
+            )
         return _simulated_device_array(t.numpy())
 
     def index_array(self, values: np.ndarray):
@@ -155,11 +228,21 @@ class _Launch:
         return _simulated_device_array(values)
 
     def run(self, kernel, blocks, threads, shared, *args):
-        if self.context is None:
-            kernel[blocks, threads, self.stream, shared](*args)
-        else:
-            with self.context:
-                kernel[blocks, threads, self.stream, shared](*args)
+        """Launch on torch's current stream; the configuration is made once per call (the
+        stepwise strategy launches the same one every step)."""
+        if self.context is None:  # the simulator's kernels keep their configuration themselves
+            with _no_occupancy_warning():
+                configured = kernel[blocks, threads, self.stream, shared]
+            configured(*args)
+            return
+        key = (kernel, blocks, threads, shared)
+        with self.context:
+            configured = self._configured.get(key)
+            if configured is None:
+                with _no_occupancy_warning():
+                    configured = kernel[blocks, threads, self.stream, shared]
+                self._configured[key] = configured
+            configured(*args)
 
 
 def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,24 +254,45 @@ def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.nda
 
 
 def persistent_plan(
-    hidden: int, width: int, gates: int, directions: int, blocks_available: int
+    hidden: int,
+    width: int,
+    gates: int,
+    directions: int,
+    blocks_available: int,
+    shared_bytes: int = _SHARED_BYTES,
+    partial_floats: int = 0,
 ) -> tuple[int, int] | None:
     """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
-    doesn't fit: each block keeps gates * units * width float32 in shared memory, and every
-    block of the grid must be resident at once (`blocks_available`)."""
+    doesn't fit: each block keeps gates * units * width float32 of it in shared memory, beside
+    at least two staged rows (backward's, gates * hidden floats each) and `partial_floats`
+    (the simulator's group sums); every block of the grid must be resident at once
+    (`blocks_available`)."""
     per_direction = blocks_available // directions
     if per_direction < 1:
         return None
     units = math.ceil(hidden / per_direction)
-    # the weights, plus 4 partial sums per thread of a 256-thread block (4 KiB)
-    if (gates * units * width + 4 * _GPU_THREADS) * 4 > _SHARED_BYTES:
+    weights = gates * units * max(width, hidden)
+    staged = 2 * max(width, gates * hidden)  # a pair of rows (backward's are the longer)
+    if (weights + staged + partial_floats) * 4 > shared_bytes:
         return None
     return units, math.ceil(hidden / units)
 
 
+def _partials(threads: int) -> int:
+    """Shared-memory floats of the persistent kernels' group sums (the simulator's only)."""
+    return 4 * threads if _cuda_modules()[1] else 0
+
+
+def _stage_rows(shared_bytes: int, weight_floats: int, row_floats: int, threads: int, batch: int):
+    """Rows of the step's operand a persistent block stages at once: as many as fit, an even
+    count (the kernels take rows in pairs), at least 2."""
+    free = shared_bytes // 4 - weight_floats - _partials(threads)
+    return max(2, 2 * ((min(batch + 1, free // row_floats)) // 2))
+
+
 def _blocks_available(launch: _Launch) -> int:
-    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with at most
-    48 KiB of shared memory always fits an SM). The simulator runs one block at a time."""
+    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with up to the
+    opt-in shared memory always fits an SM). The simulator runs one block at a time."""
     if not launch.on_gpu:
         return 1
     return _multiprocessors(launch.device.index or 0)
@@ -201,20 +305,69 @@ def _multiprocessors(device_index: int) -> int:
         return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
 
+# Devices where the shared-memory opt-in failed once: their plans stay within 48 KiB.
+_opt_in_refused: set = set()
+
+
+def _shared_limit(device_index: int) -> int:
+    """Dynamic shared memory one block may opt in to on this device (48 KiB if unknown or
+    refused)."""
+    if device_index in _opt_in_refused:
+        return _SHARED_BYTES
+    return _device_shared_limit(device_index)
+
+
+@functools.cache
+def _device_shared_limit(device_index: int) -> int:
+    cuda = _cuda_modules()[0]
+    try:
+        with cuda.gpus[device_index]:
+            return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    except Exception:  # noqa: BLE001 - an old driver binding: stay within the default
+        return _SHARED_BYTES
+
+
+_opted_in: set = set()
+_opted_in_calls: set = set()
+
+
+def _allow_dynamic_shared(kernel, args: tuple, nbytes: int) -> None:
+    """Let `kernel`, compiled for `args`, launch with `nbytes` (> 48 KiB) of dynamic shared
+    memory: CUDA needs an explicit opt-in per kernel (MAX_DYNAMIC_SHARED_SIZE_BYTES), set once
+    per compiled kernel to the device's maximum."""
+    if nbytes <= _SHARED_BYTES:
+        return
+    from numba.cuda.cudadrv.driver import binding, driver
+
+    overload = kernel.compile(tuple(kernel.typeof_pyval(a) for a in args))
+    cufunc = overload._codelibrary.get_cufunc()
+    device = cufunc.device.id
+    if (id(cufunc), device) in _opted_in:
+        return
+    attribute = binding.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    driver.cuKernelSetAttribute(attribute, _shared_limit(device), cufunc.handle, device)
+    _opted_in.add((id(cufunc), device))
+
+
 def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, projected):
     """("persistent", plan) or ("stepwise", None), honouring the user's setting."""
     plan = None
     if dtype in (torch.float32, torch.float16, torch.bfloat16) and not projected:
         if launch.on_gpu:
-            plan = persistent_plan(hidden, width, gates, directions, _blocks_available(launch))
+            limit = _shared_limit(launch.device.index or 0)
+            blocks = _blocks_available(launch)
+            plan = persistent_plan(hidden, width, gates, directions, blocks, limit)
         else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
-            plan = persistent_plan(hidden, width, gates, 1, _SIMULATOR_BLOCKS)
+            partials = _partials(_SIMULATOR_THREADS)
+            plan = persistent_plan(
+                hidden, width, gates, 1, _SIMULATOR_BLOCKS, partial_floats=partials
+            )
     if _strategy == "persistent" and plan is None:
         raise RuntimeError(
             "fastrnn: the persistent CUDA kernel can't run this layer (it needs float32 or "
-            "float16, no "
+            "float16 / bfloat16, no "
             f"proj_size, and {gates} x hidden x hidden float32 weights split over the GPU's "
-            "blocks within 48 KiB each); use set_cuda_strategy('auto') or 'stepwise'"
+            "blocks within their shared memory); use set_cuda_strategy('auto') or 'stepwise'"
         )
     if _strategy == "stepwise" or plan is None:
         return "stepwise", None
@@ -223,19 +376,56 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
     return "persistent", plan
 
 
-def _run_persistent(launch, kernel, plan, directions, threads, shared, cell, relu, args) -> None:
-    """One cooperative grid (blocks per direction, directions) on a GPU, `shared` bytes each.
-    The simulator runs one block at a time, so there one launch per direction has a single block
-    standing in for all of the direction's blocks (`virtual_blocks`)."""
+def persistent_launch(
+    launch: _Launch, plan, threads: int, W_hh: Tensor, backward: bool, batch: int
+) -> tuple[int, int, int]:
+    """(lanes, stage rows, shared bytes a block) of a persistent launch. A block keeps
+    G*H floats of W_hh per unit (W = H: no projection here) and stages rows of forward's
+    h_{t-1} (W floats) or backward's gate gradients (G*H floats)."""
+    units = plan[0]
+    on_gpu = launch.on_gpu
+    limit = _shared_limit(launch.device.index or 0) if on_gpu else _SHARED_BYTES
+    weight_floats = units * W_hh.shape[1]
+    row_floats = W_hh.shape[1] if backward else W_hh.shape[2]
+    rows = _stage_rows(limit, weight_floats, row_floats, threads, batch)
+    floats = weight_floats + rows * row_floats + _partials(threads)
+    return (_GPU_LANES if on_gpu else _SIMULATOR_LANES), rows, 4 * floats
+
+
+def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args) -> bool:
+    """One cooperative grid (blocks per direction, directions) on a GPU. The simulator runs one
+    block at a time, so there one launch per direction has a single block standing in for all
+    of the direction's blocks (`virtual_blocks`). False (nothing launched) where the device
+    refused the shared-memory opt-in: later plans stay within 48 KiB, and under "auto" the
+    call goes on stepwise (both strategies fill the same caches)."""
     units, blocks = plan
+    directions, batch = h0.shape[0], h0.shape[1]
+    lanes, rows, shared = persistent_launch(launch, plan, threads, W_hh, backward, batch)
     if launch.on_gpu:
-        launch.run(kernel, (blocks, directions), threads, shared, cell, relu, 0, 0, units, *args)
+        full = (cell, relu, 0, 0, units, lanes, rows, *args)
+        # all cells share one compiled kernel per dtype: one opt-in per (kernel, dtype, device)
+        key = (kernel, launch.dtype, launch.device.index or 0)
+        try:
+            if shared > _SHARED_BYTES and key not in _opted_in_calls:
+                with launch.context:
+                    _allow_dynamic_shared(kernel, full, shared)
+                _opted_in_calls.add(key)
+        except Exception as error:  # noqa: BLE001 - any refusal: stay within the default
+            _opt_in_refused.add(launch.device.index or 0)
+            if _strategy == "persistent":
+                raise RuntimeError(
+                    f"fastrnn: the GPU refused {shared} bytes of shared memory for the "
+                    f"persistent kernel ({type(error).__name__}: {error})"
+                ) from error
+            return False
+        launch.run(kernel, (blocks, directions), threads, shared, *full)
     else:
         for d in range(directions):
             launch.run(
                 kernel, (1, 1), threads * blocks, shared * blocks, cell, relu, d, blocks, units,
-                *args,
+                lanes, rows, *args,
             )  # fmt: skip
+    return True
 
 
 def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
@@ -252,12 +442,31 @@ def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
     return launch, gates, hidden, strategy, plan, threads
 
 
+# A dense batch's step arrays on a GPU, by (steps, batch, device, stream): the same few recur
+# call after call, and each saves two pinned host-to-device copies. (Kept per stream: the copy
+# is ordered before the kernels of its own stream only.)
+_dense_step_arrays: dict = {}
+
+
 def _step_arrays(launch: _Launch, batch_sizes: np.ndarray, directions: int):
     """(rows, first rows) per direction and step on the host, and the batch sizes and step
     offsets as kernel arguments."""
     rows, firsts = _steps(batch_sizes, directions)
-    sizes = launch.index_array(batch_sizes.astype(np.int64))
-    return rows, firsts, sizes, launch.index_array(firsts[0].copy())
+    dense = batch_sizes.size > 0 and bool((batch_sizes == batch_sizes[0]).all())
+    if not (launch.on_gpu and dense):
+        sizes = launch.index_array(batch_sizes.astype(np.int64))
+        return rows, firsts, sizes, launch.index_array(firsts[0].copy())
+    key = (len(batch_sizes), int(batch_sizes[0]), launch.device.index, launch.stream_pointer)
+    tensors = _dense_step_arrays.get(key)
+    if tensors is None:
+        if len(_dense_step_arrays) >= 64:
+            _dense_step_arrays.clear()
+        tensors = tuple(
+            _to_device(values, launch.device)
+            for values in (batch_sizes.astype(np.int64), firsts[0].copy())
+        )
+        _dense_step_arrays[key] = tensors
+    return rows, firsts, launch.array(tensors[0], ndim=1), launch.array(tensors[1], ndim=1)
 
 
 def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tensor | None:
@@ -270,6 +479,42 @@ def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tenso
 
 def _grid(total: int, threads: int) -> int:
     return max(1, math.ceil(total / threads))
+
+
+# torch.mm(..., out_dtype=torch.float32) on CUDA (torch >= 2.8): 16-bit operands, cuBLAS's float32
+# sums kept as they are. Switched off for the process if this torch lacks it.
+_mm_out_dtype = True
+
+
+def _product_operand(weights: Tensor, compute: torch.dtype) -> Tensor:
+    """W_hh (or W_hr) as the per-step products take it: as it is where they can write their
+    float32 sums directly (CUDA with out_dtype), else widened once per call."""
+    if weights.dtype == compute or (weights.is_cuda and _mm_out_dtype):
+        return weights
+    return weights.to(compute)
+
+
+def _product(a: Tensor, b: Tensor, out: Tensor, add: Tensor | None = None) -> None:
+    """out = a @ b (+ add) with `out` in the compute dtype: for 16-bit data the products reach
+    the gate math as cuBLAS's float32 sums, not rounded to 16 bits first."""
+    global _mm_out_dtype
+    if a.dtype == b.dtype == out.dtype:
+        if add is None:
+            torch.mm(a, b, out=out)
+        else:
+            torch.addmm(add, a, b, out=out)
+        return
+    done = False
+    if a.dtype == b.dtype and a.is_cuda and _mm_out_dtype:
+        try:
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            done = True
+        except (RuntimeError, TypeError):  # a torch without mm's out_dtype: widen instead
+            _mm_out_dtype = False
+    if not done:
+        torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+    if add is not None:
+        out += add
 
 
 def recurrence_forward(
@@ -300,7 +545,6 @@ def recurrence_forward(
     c_state = _cell_state_buffer(c_n, cell_cache)
     rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
     if strategy == "persistent":
-        shared = 4 * persistent.shared_floats(gates * plan[0] * W_hh.shape[2], threads)
         args = [
             sizes,
             offsets,
@@ -310,26 +554,29 @@ def recurrence_forward(
             launch.array(c0),
             launch.array(inputs),
             launch.array(gate_cache),
-            launch.array(cell_cache),
-            launch.array(c_state),
+            launch.array(cell_cache, compute=True),
+            launch.array(c_state, compute=True),
             launch.array(y),
             launch.array(h_n),
             launch.one,
         ]
-        _run_persistent(
-            launch, persistent.persistent_forward, plan, directions, threads, shared, cell, relu,
+        if _run_persistent(
+            launch, persistent.persistent_forward, plan, threads, False, W_hh, h0, cell, relu,
             args,
-        )  # fmt: skip
-        if c_state is not c_n:
-            c_n.copy_(c_state)
-        return strategy
+        ):  # fmt: skip
+            if c_state is not c_n:
+                c_n.copy_(c_state)
+            return strategy
+        strategy = _last_strategy = "stepwise"
 
     projected = W_hr is not None
     h_n.copy_(h0)
     if c_n is not None:
         c_state.copy_(c0)
-    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=h0.dtype, device=h0.device)
+    # the recurrent products in the compute dtype (float32 for 16-bit data)
+    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
     h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
     args = [
         hidden,
         sizes,
@@ -338,8 +585,8 @@ def recurrence_forward(
         launch.array(rec),
         launch.array(inputs),
         launch.array(gate_cache),
-        launch.array(cell_cache),
-        launch.array(c_state),
+        launch.array(cell_cache, compute=True),
+        launch.array(c_state, compute=True),
         launch.array(b_hh, ndim=2),
         launch.array(h_n),
         launch.array(h_raw),
@@ -350,7 +597,7 @@ def recurrence_forward(
     for k in range(len(batch_sizes)):
         for d in range(directions):
             count = int(rows[d, k])
-            torch.mm(h_n[d, :count], W_hh[d].t(), out=rec[d, :count])
+            _product(h_n[d, :count], weights[d].t(), rec[d, :count])
         launch.run(stepwise.step_forward, blocks, threads, 0, cell, relu, k, *args)
         if projected:
             for d in range(directions):
@@ -394,9 +641,9 @@ def recurrence_backward(
     dc_state = _cell_state_buffer(dc0, cell_cache)  # dc runs from dc_n to dc0
     if dc_state is not None:
         dc_state.copy_(dc_n)
-    dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    # dL/dh_prev's parts in the compute dtype (float32 for 16-bit data), as the forward's products
+    dh_direct = torch.zeros((directions, batch, hidden), dtype=launch.compute, device=h0.device)
     if strategy == "persistent":
-        shared = 4 * persistent.shared_floats(gates * plan[0] * hidden, threads)
         args = [
             sizes,
             offsets,
@@ -407,26 +654,28 @@ def recurrence_backward(
             launch.array(dh_n),
             launch.array(y),
             launch.array(gate_cache),
-            launch.array(cell_cache),
-            launch.array(dc_state),
+            launch.array(cell_cache, compute=True),
+            launch.array(dc_state, compute=True),
             launch.array(d_input),
             launch.array(d_recurrent),
             launch.array(dh_direct),
             launch.array(dh0),
             launch.one,
         ]
-        _run_persistent(
-            launch, persistent.persistent_backward, plan, directions, threads, shared, cell, relu,
+        if _run_persistent(
+            launch, persistent.persistent_backward, plan, threads, True, W_hh, h0, cell, relu,
             args,
-        )  # fmt: skip
-        if dc_state is not dc0:
-            dc0.copy_(dc_state)
-        return
+        ):  # fmt: skip
+            if dc_state is not dc0:
+                dc0.copy_(dc_state)
+            return
 
     projected = W_hr is not None
     width = h0.shape[2]
-    dh_rec = torch.empty((directions, batch, width), dtype=h0.dtype, device=h0.device)
-    dh_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    dh_rec = torch.empty((directions, batch, width), dtype=launch.compute, device=h0.device)
+    dh_raw = torch.empty((directions, batch, hidden), dtype=launch.compute, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
+    projection = _product_operand(W_hr, launch.compute) if projected else None
     cell_args = [
         hidden,
         sizes,
@@ -440,8 +689,8 @@ def recurrence_backward(
         launch.array(c0),
         launch.array(y),
         launch.array(gate_cache),
-        launch.array(cell_cache),
-        launch.array(dc_state),
+        launch.array(cell_cache, compute=True),
+        launch.array(dc_state, compute=True),
         launch.array(d_input),
         launch.array(d_recurrent),
         launch.array(dh_direct),
@@ -469,17 +718,16 @@ def recurrence_backward(
                 break
             for d in range(directions):
                 count, first = int(rows[d, k]), int(firsts[d, k])
-                torch.mm(dh_total[d, first : first + count], W_hr[d], out=dh_raw[d, :count])
+                _product(dh_total[d, first : first + count], projection[d], dh_raw[d, :count])
         launch.run(stepwise.step_backward, cell_blocks, threads, 0, cell, relu, k, *cell_args)
         if k < 0:
             break
         for d in range(directions):
             count, first = int(rows[d, k]), int(firsts[d, k])
             grads = d_recurrent[d, first : first + count]
-            if cell == _GRU:  # dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
-                torch.addmm(dh_direct[d, :count], grads, W_hh[d], out=dh_rec[d, :count])
-            else:
-                torch.mm(grads, W_hh[d], out=dh_rec[d, :count])
+            # GRU: dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
+            direct = dh_direct[d, :count] if cell == _GRU else None
+            _product(grads, weights[d], dh_rec[d, :count], direct)
     if dc_state is not dc0:
         dc0.copy_(dc_state)
 
@@ -488,16 +736,23 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
     """h_prev (D, N, P): the hidden state each packed row consumed (the previous processed
     step's output of that row, or h0), gathered on the device for dW_hh = d^T h_prev."""
     directions, rows_total = y.shape[0], y.shape[1]
-    rows, firsts = _steps(batch_sizes, directions)
+    steps = len(batch_sizes)
+    batch = h0.shape[1]
+    if steps and bool((batch_sizes == batch).all()):  # dense: whole steps shift by one
+        forward = torch.cat([h0[0], y[0, : rows_total - batch]])
+        if directions == 1:
+            return forward.unsqueeze(0)
+        return torch.stack([forward, torch.cat([y[1, batch:], h0[1]])])
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
+    step_of_row = np.repeat(np.arange(steps), batch_sizes)
+    row_in_step = np.arange(rows_total) - offsets[step_of_row]
     index = np.empty((directions, rows_total), dtype=np.int64)
-    for d in range(directions):
-        for k in range(len(batch_sizes)):
-            count, first = rows[d, k], firsts[d, k]
-            previous = rows[d, k - 1] if k > 0 else 0
-            source = np.arange(count) + rows_total  # h0 rows follow y's rows
-            if previous:
-                source[: min(count, previous)] = firsts[d, k - 1] + np.arange(min(count, previous))
-            index[d, first : first + count] = source
+    # direction 0 consumed step t - 1's output, direction 1 step t + 1's; h0's rows follow y's
+    for d, shift in ((0, -1), (1, 1))[:directions]:
+        source = step_of_row + shift
+        clipped = np.clip(source, 0, steps - 1)
+        valid = (source >= 0) & (source < steps) & (row_in_step < batch_sizes[clipped])
+        index[d] = np.where(valid, offsets[clipped] + row_in_step, rows_total + row_in_step)
     index_t = _to_device(index, y.device) if y.is_cuda else torch.from_numpy(index)
     both = torch.cat([y, h0], dim=1)
     return torch.stack([both[d].index_select(0, index_t[d]) for d in range(directions)])

@@ -6,7 +6,10 @@ launcher with Numba's simulator standing in for the GPU and torch's CPU ops for 
 Python thread. The simulator runs a grid's blocks one after another, so a grid barrier can't
 work across real blocks there: the persistent kernel runs with up to 3 virtual blocks per
 direction inside one real block (see kernels/cuda/persistent.py), which exercises the unit split,
-per-block shared memory and the per-step barrier. The real cooperative launch is GPU-only.
+per-block shared memory and the per-step barrier; one test launches real blocks as a GPU does, on
+a single step where no block waits for another. The simulator has no warp shuffles: the
+persistent kernels' shuffle sums are checked by compiling to PTX (NVVM needed), the simulator
+runs their shared-memory twin. The real cooperative launch is GPU-only.
 
 With a GPU (marker `cuda`): the same comparisons on CUDA tensors against cuDNN; skipped here.
 """
@@ -23,6 +26,7 @@ from conftest import MODES, assert_results_close, make_mode_pair, run_fwd_bwd
 
 import fastrnn
 import fastrnn.autograd
+import fastrnn.modules
 
 F32, F64 = torch.float32, torch.float64
 SIMULATED = bool(numba.config.ENABLE_CUDASIM)
@@ -45,8 +49,13 @@ needs_gpu = pytest.mark.skipif(
 
 @pytest.fixture
 def cuda_path(monkeypatch):
-    """Route CPU tensors through the CUDA launcher; yields a strategy setter."""
+    """Route CPU tensors through the CUDA launcher; yields a strategy setter. The modules
+    check dtypes per device: CPU tensors standing in for CUDA ones get CUDA's dtypes (else
+    float16 / bfloat16 would quietly run torch's implementation)."""
     monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    kernel_dtypes = getattr(fastrnn.modules, "_KERNEL_DTYPES", None)
+    if kernel_dtypes is not None:
+        monkeypatch.setitem(kernel_dtypes, "cpu", kernel_dtypes["cuda"])
     before = recurrence_cuda.get_cuda_strategy()
     yield recurrence_cuda.set_cuda_strategy
     recurrence_cuda.set_cuda_strategy(before)
@@ -162,7 +171,11 @@ def test_cuda_path_16_bit_storage(c, cuda_path):
     """float16 / bfloat16 storage, float32 math and LSTM cell state: within 16-bit rounding of
     torch.nn run in float32 on the same weights and inputs."""
     cuda_path(c["strategy"])
-    fast_res, _ = _compare(c)
+    recurrence_cuda.last_cuda_strategy(reset=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to torch's implementation warns
+        fast_res, _ = _compare(c)
+    assert recurrence_cuda.last_cuda_strategy() == ("stepwise" if c["proj"] else c["strategy"])
     ref_res = _compare({**c, "dtype": F32})[1]
     for name, ref_value in ref_res.items():
         fast_value = fast_res[name]
@@ -171,7 +184,6 @@ def test_cuda_path_16_bit_storage(c, cuda_path):
             scale = max(1.0, ref_value.abs().max().item())
             worst = (fast_value.float() - ref_value).abs().max().item()
             assert worst <= HALF_TOLERANCE[c["dtype"]] * scale, f"{name}: {worst:.3e}"
-    assert recurrence_cuda.last_cuda_strategy() == ("stepwise" if c["proj"] else c["strategy"])
 
 
 @pytest.mark.cudasim
@@ -200,6 +212,67 @@ def test_cuda_path_empty_batch(strategy, cuda_path):
     y_fast.sum().backward()
 
 
+def _real_blocks(launch, kernel, plan, threads, backward, W_hh, h0, cell, relu, args):
+    """The GPU's launch of the persistent kernels (virtual_blocks = 0, one block's shared
+    memory each), one direction at a time: the simulator gives each real block only that."""
+    units, blocks = plan
+    lanes, rows, shared = recurrence_cuda.persistent_launch(
+        launch, plan, threads, W_hh, backward, h0.shape[1]
+    )
+    for d in range(h0.shape[0]):
+        launch.run(
+            kernel, (blocks, 1), threads, shared, cell, relu, d, 0, units, lanes, rows, *args
+        )
+    return True
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_persistent_real_blocks_stay_in_their_shared_memory(mode, cuda_path, monkeypatch):
+    """Several real blocks, launched as on a GPU: each block addresses only its own shared
+    memory (an index past it raises under the simulator, and faults on a GPU). One step, so
+    that no block needs another's results (the simulator runs blocks one after another, so a
+    grid barrier can't order them): every result but dL/dh0 (which sums over all blocks' gate
+    gradients) must match torch."""
+    monkeypatch.setattr(recurrence_cuda, "_run_persistent", _real_blocks)
+    cuda_path("persistent")
+    c = {**_case(mode, "persistent", T=1, B=2, I=2, H=5, hx=True).values[0]}
+    fast_res, ref_res = _compare(c)
+    units, blocks = recurrence_cuda.persistent_plan(5, 5, 1, 1, recurrence_cuda._SIMULATOR_BLOCKS)
+    assert blocks >= 2
+    del fast_res["grad_h0"], ref_res["grad_h0"]
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "persistent"
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("mode", list(MODES))
+def test_persistent_stages_a_step_in_chunks_of_rows(mode, cuda_path, monkeypatch):
+    """Where shared memory holds fewer rows than a step has, a step runs as several chunks
+    (staged rows, items, barrier); here 2 rows at a time of 5, packed and bidirectional."""
+    monkeypatch.setattr(recurrence_cuda, "_stage_rows", lambda *args: 2)
+    cuda_path("persistent")
+    c = _case(mode, "persistent", B=5, H=4, bidirectional=True, lengths=[3, 1, 2, 3, 2], hx=True)
+    fast_res, ref_res = _compare(c.values[0])
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "persistent"
+
+
+@pytest.mark.cudasim
+@needs_simulator
+def test_auto_goes_on_stepwise_where_the_persistent_launch_is_refused(cuda_path, monkeypatch):
+    """A device that refuses the persistent kernel's shared memory (`_run_persistent` launches
+    nothing): "auto" runs the call stepwise, forward and backward, with the same results."""
+    monkeypatch.setattr(recurrence_cuda, "_run_persistent", lambda *args: False)
+    cuda_path("auto")
+    c = _case("LSTM", "auto", bidirectional=True, lengths=[3, 1, 2], hx=True).values[0]
+    fast_res, ref_res = _compare(c)
+    assert_results_close(fast_res, ref_res)
+    assert recurrence_cuda.last_cuda_strategy() == "stepwise"
+
+
 @pytest.mark.cudasim
 @needs_simulator
 def test_forced_persistent_refuses_what_it_cannot_run(cuda_path):
@@ -225,7 +298,7 @@ def test_strategy_setting_round_trips():
 @needs_simulator
 def test_persistent_plan_respects_shared_memory_and_residency():
     plan = recurrence_cuda.persistent_plan
-    # H100-like: 132 blocks resident; LSTM H=512: 4 units per block, 16 KiB of W_hh... per unit
+    # H100: 132 blocks resident; LSTM H=512: 4 units per block, 32 KiB of W_hh + one staged row
     units, blocks = plan(512, 512, 4, 1, 132)
     assert units * blocks >= 512 and 4 * units * 512 * 4 <= 48 * 1024
     assert blocks <= 132
@@ -233,6 +306,14 @@ def test_persistent_plan_respects_shared_memory_and_residency():
     assert plan(512, 512, 4, 2, 132) is None  # two directions halve the blocks per direction
     assert plan(8, 8, 4, 1, 1) == (8, 1)  # a single block
     assert plan(5, 5, 3, 1, 3) == (2, 3)  # the simulator's 3 virtual blocks: 2 + 2 + 1 units
+    # with the H100's opt-in shared memory (227 KiB a block), LSTM and GRU up to H = 1024
+    h100 = 227 * 1024
+    for gates in (4, 3, 1):
+        units, blocks = plan(1024, 1024, gates, 1, 132, h100)
+        assert units * blocks >= 1024 and blocks <= 132
+        assert (gates * units * 1024 + gates * 1024) * 4 <= h100
+    assert plan(512, 512, 4, 2, 132, h100) == (8, 64)  # bidirectional LSTM H512
+    assert plan(1024, 1024, 4, 2, 132, h100) is None  # ... but not H1024 (256 KiB a block)
 
 
 @pytest.mark.cudasim
@@ -248,6 +329,76 @@ def test_previous_hidden_gathers_the_consumed_state():
     # reverse: t=2 (row 5) reads h0[0]; t=1 (rows 3, 4): row 0 from t=2, row 1 from h0
     # t=0 (rows 0-2): rows 0, 1 from t=1, row 2 from h0
     assert h_prev[1, :, 0].tolist() == [9, 10, -6, 11, -5, -4]
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("lengths", [[4, 4, 4], [5, 3, 3, 1], [2, 2, 1], [1]])
+def test_previous_hidden_equals_a_step_by_step_gather(lengths):
+    """The vectorised gather (and its dense shortcut) against the rows read step by step."""
+    batch_sizes = np.array([sum(n > t for n in lengths) for t in range(max(lengths))])
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1]))
+    rows, batch = int(batch_sizes.sum()), len(lengths)
+    y = torch.randn(2, rows, 3, dtype=F64)
+    h0 = torch.randn(2, batch, 3, dtype=F64)
+    got = recurrence_cuda.previous_hidden(batch_sizes, y, h0)
+    steps = len(batch_sizes)
+    for d in (0, 1):
+        for t in range(steps):
+            before = t - 1 if d == 0 else t + 1  # the step this direction processed before t
+            for b in range(batch_sizes[t]):
+                if 0 <= before < steps and b < batch_sizes[before]:
+                    expected = y[d, offsets[before] + b]
+                else:
+                    expected = h0[d, b]
+                assert torch.equal(got[d, offsets[t] + b], expected), (d, t, b)
+    assert torch.equal(recurrence_cuda.previous_hidden(batch_sizes, y[:1], h0[:1]), got[:1])
+
+
+@pytest.mark.cudasim
+@needs_simulator
+@pytest.mark.parametrize("strategy", ["persistent", "stepwise"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_recurrent_products_reach_the_gate_math_in_float32(dtype, strategy, cuda_path):
+    """ReLU RNN, one unit: x W_ih = -(1 + 2 e) and h0 W_hh = (1 + e)^2 = 1 + 2 e + e^2 with
+    e = 2^-10 (float16) / 2^-7 (bfloat16), all exactly representable except the product, whose
+    e^2 a 16-bit rounding drops. The output is relu(e^2) = e^2 (representable) when the product
+    stays in float32, 0 when it is rounded to 16 bits first."""
+    cuda_path(strategy)
+    e = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    rnn = fastrnn.RNN(1, 1, nonlinearity="relu", bias=False)
+    with torch.no_grad():
+        rnn.weight_ih_l0.fill_(-(1 + 2 * e))
+        rnn.weight_hh_l0.fill_(1 + e)
+    rnn.to(dtype)
+    x = torch.ones(1, 1, 1, dtype=dtype)
+    h0 = torch.full((1, 1, 1), 1 + e, dtype=dtype)
+    recurrence_cuda.last_cuda_strategy(reset=True)
+    y, _ = rnn(x, h0)
+    assert recurrence_cuda.last_cuda_strategy() == strategy
+    assert y.item() == e * e
+
+
+def test_launch_configuration_silences_only_the_low_occupancy_warning():
+    """fastrnn's grids are small by design: numba-cuda's low-occupancy warning is off while a
+    launch is configured, and the user's setting is back afterwards."""
+    if recurrence_cuda is None:
+        pytest.skip("numba-cuda is not installed")
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, configuration):
+            seen.append(numba.config.CUDA_LOW_OCCUPANCY_WARNINGS)
+            return lambda *args: seen.append(args)
+
+    before = numba.config.CUDA_LOW_OCCUPANCY_WARNINGS
+    numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = 1
+    try:
+        recurrence_cuda._Launch(torch.zeros(1)).run(Kernel(), 1, 4, 0, "argument")
+        assert seen == [0, ("argument",)]
+        assert numba.config.CUDA_LOW_OCCUPANCY_WARNINGS == 1
+    finally:
+        numba.config.CUDA_LOW_OCCUPANCY_WARNINGS = before
 
 
 @pytest.mark.cudasim
@@ -291,10 +442,16 @@ def test_step_span_matches_the_cpu_layout():
 # ---------------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
 import sys, types as pytypes
+from numba import cuda, types
+from bench.gpu_check import launcher_signatures
+
+# Every launch the launcher makes (LSTM with and without proj_size, GRU, RNN tanh/relu; every
+# dtype; both strategies; forward and backward), recorded with its argument types.
+launches = launcher_signatures()
+for kernel, signatures in sorted(launches.items(), key=lambda kv: kv[0].py_func.__name__):
+    print("signatures", kernel.py_func.__name__, len(signatures))
 try:
-    from numba import cuda, types
     import numba.cuda.dispatcher as dispatcher
-    from fastrnn.kernels.cuda import persistent, stepwise
     # Device functions ask the current device for its compute capability; there is none here.
     dispatcher.get_current_device = lambda: pytypes.SimpleNamespace(compute_capability=(9, 0))
 
@@ -305,59 +462,56 @@ try:
 except Exception as error:  # no NVVM/NVRTC here: the kernels can't be compiled at all
     print("NVVM-UNAVAILABLE", type(error).__name__, error)
     sys.exit(0)
-i64, flag, index = types.int64, types.boolean, types.Array(types.int64, 1, "C")
-# bfloat16 tensors reach the kernels as int16 bit patterns
-for dt in (types.float32, types.float64, types.float16, types.int16):
-    a3, a2 = types.Array(dt, 3, "C"), types.Array(dt, 2, "C")
-    sixteen_bit = dt in (types.float16, types.int16)
-    c3 = types.Array(types.float32, 3, "C") if sixteen_bit else a3  # LSTM cell state
-    one = types.float32 if sixteen_bit else dt
-    kernels = {
-        # rec, inputs, gate_cache, cell_cache, c_state, b_hh, h_state, h_raw, y, one
-        stepwise.step_forward: (i64, flag, i64, i64, index, index, flag)
-        + (a3, a3, a3, c3, c3, a2, a3, a3, a3, one),
-        # dy, dh_n, dh_rec, dh_raw, h0, c0, y, gate_cache, cell_cache, dc_state, d_input,
-        # d_recurrent, dh_direct, dh0, one
-        stepwise.step_backward: (i64, flag, i64, i64, index, index, flag)
-        + (a3,) * 8 + (c3, c3) + (a3,) * 4 + (one,),
-        stepwise.hidden_grad_step: (i64, index, index) + (a3,) * 5 + (one,),
-    }
-    if dt != types.float64:  # the persistent kernels: float32 and float16 storage
-        # W_hh, b_hh, h0, c0, inputs, gate_cache, cell_cache, c_state, y, h_n, one
-        kernels[persistent.persistent_forward] = (i64, flag, i64, i64, i64, index, index)
-        kernels[persistent.persistent_forward] += (a3, a2, a3, a3, a3, a3, c3, c3, a3, a3, one)
-        # W_hh, h0, c0, dy, dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent,
-        # dh_direct, dh0, one
-        kernels[persistent.persistent_backward] = (i64, flag, i64, i64, i64, index, index)
-        kernels[persistent.persistent_backward] += (a3,) * 7 + (c3, c3) + (a3,) * 4 + (one,)
-    for kernel, signature in kernels.items():
+for kernel, signatures in launches.items():
+    name = kernel.py_func.__name__
+    for signature in signatures:
         ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
-        name = kernel.py_func.__name__
         cooperative = "cudaCGGetIntrinsicHandle" in ptx
         assert cooperative == name.startswith("persistent"), name
-        if dt != types.float64:
-            assert ".f64" not in ptx, f"{name}: float64 arithmetic in a {dt} kernel"
-        print("compiled", name, dt)
+        if cooperative:  # the warp sums are shuffles, the operands come from shared memory
+            assert "shfl.sync.bfly" in ptx, name
+            assert "ld.shared.f32" in ptx, name
+        assert "ld.local" not in ptx and "st.local" not in ptx, f"{name}: local memory"
+        float64 = any(getattr(t, "dtype", None) == types.float64 for t in signature)
+        if not float64:
+            assert ".f64" not in ptx, f"{name}: float64 arithmetic in a 32/16-bit kernel"
+        print("compiled", name, "float64" if float64 else "")
 """
 
 
 @pytest.mark.cudasim
 def test_kernels_compile_to_ptx_with_numba_typing():
-    """Every kernel compiles for sm_90 with the argument types the launcher passes; the
-    persistent ones are cooperative launches; float32 and float16 kernels contain no float64
-    arithmetic.
-    Needs NVVM/NVRTC (pip install "numba-cuda[cu12]"); skipped without them."""
+    """Every kernel compiles for sm_90 with the argument types the launcher passes (recorded
+    from the launcher itself, for every cell, dtype and strategy); all cells share one
+    compiled kernel per dtype; the persistent ones are cooperative launches whose warp sums are
+    shuffles; no kernel uses local memory; kernels of 32- and 16-bit data contain no float64
+    arithmetic. The signatures are checked everywhere; the compilation needs NVVM/NVRTC
+    (pip install "numba-cuda[cu12]") and is skipped without them."""
     import os
     import subprocess
     import sys
 
-    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0", "PYTHONPATH": path}
     done = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    counts = dict(
+        line.split()[1:] for line in done.stdout.splitlines() if line.startswith("signatures")
+    )
+    # storage dtypes: float32, float64, float16, bfloat16; the persistent kernels all but float64
+    # (one signature per dtype: all cells share a compiled kernel)
+    assert counts == {
+        "step_forward": "4",
+        "step_backward": "4",
+        "hidden_grad_step": "4",
+        "persistent_forward": "3",
+        "persistent_backward": "3",
+    }, done.stdout
     if "NVVM-UNAVAILABLE" in done.stdout:
-        pytest.skip(done.stdout.strip()[:300])
+        pytest.skip(done.stdout.strip().splitlines()[-1][:300])
     assert done.stdout.count("compiled") == 18, done.stdout
 
 
@@ -369,7 +523,13 @@ GPU_CASES = [
     for m in MODES
     for s in ("persistent", "stepwise")
     for (b, h, bi, ln) in [(4, 32, False, None), (5, 64, True, [20, 3, 11, 7, 1])]
-] + [_case("LSTM", "auto", proj=16, T=20, B=4, I=16, H=32, layers=2, bidirectional=True)]
+] + [
+    _case("LSTM", "auto", proj=16, T=20, B=4, I=16, H=32, layers=2, bidirectional=True),
+    # W_hh beyond 48 KiB a block (dynamic shared memory opt-in); backward stages 6 rows of 8
+    _case("LSTM", "persistent", T=10, B=8, I=64, H=1024),
+    _case("GRU", "persistent", T=10, B=7, I=64, H=1024, lengths=[10, 9, 7, 7, 3, 2, 1]),
+    _case("LSTM", "persistent", T=10, B=3, I=32, H=512, bidirectional=True),
+]
 
 
 @pytest.mark.cuda
@@ -422,3 +582,69 @@ def test_gpu_autocast_matches_cudnn(mode, dtype):
         assert g_fast.dtype == g_ref.dtype == torch.float32
         scale = max(1.0, g_ref.abs().max().item())
         assert (g_fast - g_ref).abs().max().item() <= 2 * tolerance * scale
+
+
+def test_device_views_keep_their_tensors_alive_for_the_call(monkeypatch):
+    """A device view owns no memory: the tensor behind it (here a contiguous copy of a strided
+    input, which nothing else references) stays referenced by the launch, so torch can't hand
+    its memory to another tensor while the call's kernels are still queued."""
+    if recurrence_cuda is None:
+        pytest.skip("numba-cuda is not installed")
+    seen = []
+    monkeypatch.setattr(recurrence_cuda, "_device_view", lambda *key: seen.append(key) or key)
+    launch = recurrence_cuda._Launch(torch.zeros(1))
+    launch.on_gpu = True  # the GPU branch of `array`, without a GPU
+    view = launch.array(torch.arange(12.0).reshape(3, 4).t())  # strided: copied
+    pointer, shape, strides, typestr, _ = view
+    assert shape == (4, 3) and strides == (12, 4) and typestr == "<f4"
+    assert any(t.data_ptr() == pointer for t in launch._keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU run's reporting (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+def test_bench_names_the_cudnn_algorithm_pytorch_requests():
+    """PyTorch's get_algo: PERSIST_STATIC_SMALL_H for unpacked input without proj_size up to
+    H 192 / 128 (LSTM, GRU; forward / backward) and 384 / 256 (RNN), else STANDARD (TF32 for
+    float32 unless turned off)."""
+    from bench.cudnn import expected_algorithm
+
+    small = "PERSIST_STATIC_SMALL_H"
+    assert expected_algorithm("lstm", 192, "float32", False, 0, backward=False) == small
+    assert expected_algorithm("lstm", 192, "float32", False, 0, backward=True) != small
+    assert expected_algorithm("gru", 128, "float16", False, 0, backward=True) == small
+    assert expected_algorithm("rnn", 384, "float32", False, 0, backward=False) == small
+    assert expected_algorithm("rnn", 257, "bfloat16", False, 0, backward=True) == "STANDARD"
+    assert expected_algorithm("lstm", 64, "float32", True, 0, backward=False) != small  # packed
+    assert expected_algorithm("lstm", 64, "float32", False, 32, backward=False) != small
+    assert expected_algorithm("lstm", 64, "float64", False, 0, backward=False) == "STANDARD"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert expected_algorithm("lstm", 512, "float32", False, 0, False) == "STANDARD (no TF32)"
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True):
+        assert expected_algorithm("lstm", 512, "float32", False, 0, False) == "STANDARD (TF32)"
+
+
+def test_gpu_run_summary_reads_its_results(tmp_path, capsys):
+    """The GPU run's summary: steps, parity failures, and per benchmark case the ratios, the
+    strategy fastrnn ran and what cuDNN ran, from the files the run writes."""
+    import json
+
+    from bench.gpu_check import summary
+
+    (tmp_path / "steps.tsv").write_text("toolchain\t0\t12\nparity\t1\t40\n")
+    parity = [
+        {"case": "lstm T20", "dtype": "float32", "strategy": "persistent", "ran": "persistent",
+         "ok": True, "max_abs_diff": 1e-6, "worst": "output", "error": ""},
+        {"case": "gru T30", "dtype": "float16", "strategy": "stepwise", "ran": "stepwise",
+         "ok": False, "max_abs_diff": 0.5, "worst": "grad_input", "error": ""},
+    ]  # fmt: skip
+    (tmp_path / "parity.json").write_text(json.dumps(parity))
+    case = {"label": "lstm T100 B8 I512 H512", "status": "ok", "fastrnn_strategy": "persistent",
+            "ratio_fwd": 2.5, "ratio_fwdbwd": 1.25, "cudnn_algo": "STANDARD (TF32)",
+            "cudnn_algo_backward": "STANDARD (TF32)", "cudnn_seen_fwdbwd": "TF32 GEMM"}  # fmt: skip
+    (tmp_path / "bench-auto.json").write_text(json.dumps({"cases": [case]}))
+    assert summary(tmp_path) == 0
+    text = capsys.readouterr().out
+    assert "| parity | 1 | 40 |" in text
+    assert "Parity against cuDNN: 1 of 2 passed." in text and "FAIL gru T30 float16" in text
+    assert "| lstm T100 B8 I512 H512 | persistent | 2.50 | 1.25 | STANDARD (TF32)" in text

@@ -3,7 +3,9 @@ launches one fused pointwise kernel per step for all directions of a layer.
 
 Every kernel here covers one processed step k of every direction: thread (d, b, j) over
 (D, B, width), rows beyond the step's row count do nothing. See `cells` for the array layouts;
-`rec` (D, B, G*H) holds this step's W_hh @ h products of each direction's active rows.
+`rec` (D, B, G*H) holds this step's W_hh @ h products of each direction's active rows, and
+`dh_rec` / `dh_raw` / `dh_direct` the backward's, all in the compute dtype (float32 for 16-bit
+data: cuBLAS's float32 sums go to the gate math without a rounding to 16 bits).
 """
 
 from __future__ import annotations
@@ -101,10 +103,13 @@ def hidden_grad_step(k, batch_sizes, offsets, dy, dh_n, dh_rec, dh_total, dh0, o
     rows, off = step_span(k, d, batch_sizes, offsets)
     rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
     if b < rows:
-        carried = dh_rec[d, b, p] if b < rows_next else dh_n[d, b, p]
-        put(dh_total, d, off + b, p, wide(dy[d, off + b, p], one) + wide(carried, one))
+        if b < rows_next:
+            carried = wide(dh_rec[d, b, p], one)
+        else:
+            carried = wide(dh_n[d, b, p], one)
+        put(dh_total, d, off + b, p, wide(dy[d, off + b, p], one) + carried)
     elif b < rows_next:
-        dh0[d, b, p] = dh_rec[d, b, p]
+        put(dh0, d, b, p, wide(dh_rec[d, b, p], one))
 
 
 @cuda.jit(**_JIT)
@@ -146,8 +151,11 @@ def step_backward(
         if has_proj:
             dh = wide(dh_raw[d, b, j], one)
         else:
-            carried = dh_rec[d, b, j] if b < rows_next else dh_n[d, b, j]
-            dh = wide(dy[d, off + b, j], one) + wide(carried, one)
+            if b < rows_next:
+                carried = wide(dh_rec[d, b, j], one)
+            else:
+                carried = wide(dh_n[d, b, j], one)
+            dh = wide(dy[d, off + b, j], one) + carried
         rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
         direct = unit_backward(
             cell,
@@ -172,4 +180,4 @@ def step_backward(
         )
         put(dh_direct, d, b, j, direct)
     elif b < rows_next and not has_proj:
-        dh0[d, b, j] = dh_rec[d, b, j]
+        put(dh0, d, b, j, wide(dh_rec[d, b, j], one))
