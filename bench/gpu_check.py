@@ -58,20 +58,20 @@ def _recorded_launches():
         recurrence_cuda._Launch.run,
         recurrence_cuda._simulated_device_array,
         fastrnn.autograd.CUDA_KERNELS_ON_CPU,
-        dict(fastrnn.modules._KERNEL_DTYPES),
+        dict(fastrnn.functional.KERNEL_DTYPES),
         recurrence_cuda.get_cuda_strategy(),
     )
     recurrence_cuda._Launch.run = record
     recurrence_cuda._simulated_device_array = lambda values: values
     fastrnn.autograd.CUDA_KERNELS_ON_CPU = True
-    fastrnn.modules._KERNEL_DTYPES["cpu"] = fastrnn.modules._KERNEL_DTYPES["cuda"]
+    fastrnn.functional.KERNEL_DTYPES["cpu"] = fastrnn.functional.KERNEL_DTYPES["cuda"]
     try:
         yield launches
     finally:
         recurrence_cuda._Launch.run, recurrence_cuda._simulated_device_array = saved[:2]
         fastrnn.autograd.CUDA_KERNELS_ON_CPU = saved[2]
-        fastrnn.modules._KERNEL_DTYPES.clear()
-        fastrnn.modules._KERNEL_DTYPES.update(saved[3])
+        fastrnn.functional.KERNEL_DTYPES.clear()
+        fastrnn.functional.KERNEL_DTYPES.update(saved[3])
         recurrence_cuda.set_cuda_strategy(saved[4])
 
 

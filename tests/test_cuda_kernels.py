@@ -53,9 +53,8 @@ def cuda_path(monkeypatch):
     check dtypes per device: CPU tensors standing in for CUDA ones get CUDA's dtypes (else
     float16 / bfloat16 would quietly run torch's implementation)."""
     monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
-    kernel_dtypes = getattr(fastrnn.modules, "_KERNEL_DTYPES", None)
-    if kernel_dtypes is not None:
-        monkeypatch.setitem(kernel_dtypes, "cpu", kernel_dtypes["cuda"])
+    kernel_dtypes = fastrnn.functional.KERNEL_DTYPES
+    monkeypatch.setitem(kernel_dtypes, "cpu", kernel_dtypes["cuda"])
     before = recurrence_cuda.get_cuda_strategy()
     yield recurrence_cuda.set_cuda_strategy
     recurrence_cuda.set_cuda_strategy(before)
