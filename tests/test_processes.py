@@ -215,6 +215,34 @@ def test_ddp_two_processes_same_grads_as_one(tmp_path):
         assert torch.equal(grad, results[1]["grads"][name]), name
 
 
+README_DDP_EXAMPLE = """
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import fastrnn
+
+dist.init_process_group("gloo")  # CPU; torchrun sets the rank and world size
+torch.manual_seed(0)  # the same initial weights on every rank
+model = DistributedDataParallel(fastrnn.LSTM(3, 6, batch_first=True))
+x = torch.randn(4, 5, 3)  # this rank's share of the batch
+output, _ = model(x)
+output.sum().backward()  # gradients averaged over the ranks, as with torch.nn.LSTM
+dist.destroy_process_group()
+"""
+
+
+def test_readme_ddp_example_under_torchrun(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(README_DDP_EXAMPLE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*cmd, str(script)], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fastrnn" not in done.stdout + done.stderr  # no fallback warning
+
+
 def _cache_log(text: str) -> tuple[int, int]:
     """(data loaded, data saved) lines of Numba's NUMBA_DEBUG_CACHE output."""
     return text.count("[cache] data loaded from"), text.count("[cache] data saved to")
@@ -300,6 +328,25 @@ def test_read_only_install_caches_in_the_user_cache(tmp_path, read_only_site):
     assert_same_grads(second, "cell")
     loaded, saved = _cache_log(outputs[0])
     assert loaded > 0 and saved == 0, f"the second process recompiled:\n{outputs[0]}"
+
+
+def test_read_only_install_with_a_cache_compiled_at_build_time(tmp_path, read_only_site):
+    """A Docker image: root compiles into NUMBA_CACHE_DIR while building, the directory is made
+    writable for all (Numba needs write access to a cache directory even to read it), and a
+    user then loads every kernel from it."""
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    env = _env(NUMBA_CACHE_DIR=str(cache), NUMBA_DEBUG_CACHE="1", XDG_CACHE_HOME=None)
+    env["PYTHONPATH"] = str(read_only_site)
+    env["HOME"] = str(tmp_path)  # no ~/.cache/numba there: what loads, loads from `cache`
+    launch(1, "cell", tmp_path / "build", env)  # as the image's builder
+    for path in [cache, *cache.rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o777 if path.is_dir() else 0o666)
+    results, outputs, _ = launch(1, "cell", tmp_path / "run", env, _unprivileged())
+    assert_same_grads(results, "cell")
+    loaded, saved = _cache_log(outputs[0])
+    assert loaded > 0 and saved == 0, f"the user's process recompiled:\n{outputs[0]}"
+    assert not (tmp_path / ".cache").exists()
 
 
 @pytest.mark.xfail(
