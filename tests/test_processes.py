@@ -484,6 +484,40 @@ def test_onnx_export_equals_torch_export(tmp_path):
     assert (torch.from_numpy(output) - expected).abs().max().item() < 1e-5
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="torch.onnx.export(dynamo=False), the TorchScript-based exporter, traces fastrnn's "
+    "forward with torch.jit and the trace fails (a reshape of the wrong size)",
+)
+def test_onnx_legacy_exporter(tmp_path):
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            fastrnn.GRU(3, 4), (torch.randn(5, 2, 3),), str(tmp_path / "m.onnx"), dynamo=False
+        )
+
+
+def test_onnx_legacy_exporter_on_torch_modules(tmp_path):
+    """The way around the legacy exporter: export the model with torch's modules back in."""
+    onnx = pytest.importorskip("onnx")
+    import fastrnn.quantization
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("gru", fastrnn.GRU(3, 4))
+    torch_model = fastrnn.quantization.as_torch_modules(copy.deepcopy(model))
+    assert type(torch_model.gru) is torch.nn.modules.rnn.GRU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            torch_model.gru, (torch.randn(5, 2, 3),), str(tmp_path / "m.onnx"), dynamo=False
+        )
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "m.onnx")).graph.node]
+    assert "GRU" in ops
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["worker"]:
         rank, world, init_file, out_dir, kind = sys.argv[2:7]

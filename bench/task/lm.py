@@ -169,13 +169,15 @@ def sample(
 
 
 def save_checkpoint(
-    path: Path, step: int, config: LMConfig, vocab: str, sides: list[common.Side]
+    path: Path, step: int, seed: int, config: LMConfig, vocab: str, sides: list[common.Side]
 ) -> None:
-    """Both models, optimizers and carried states at the start of `step`."""
+    """Both models, optimizers and carried states at the start of `step`, and the seed (which
+    sets each step's dropout masks)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "step": step,
+            "seed": seed,
             "config": asdict(config),
             "vocab": vocab,
             "sides": {
@@ -216,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         checkpoint = torch.load(args.resume, weights_only=False)
         config = LMConfig(**checkpoint["config"])
+        args.seed = checkpoint["seed"]
     else:
         config = LMConfig(
             cell=args.cell,
@@ -260,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
         description=f"lm {config.cell}",
     )
     save_path = args.save or args.out / "lm-checkpoint.pt"
-    save_checkpoint(save_path, args.steps, config, vocab, sides)
+    save_checkpoint(save_path, args.steps, args.seed, config, vocab, sides)
 
     samples = {}
     for side in sides:
