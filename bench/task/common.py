@@ -220,6 +220,8 @@ class Agreement:
                 f"{self.worst:.1e} {relation} {self.tol:.0e} (relative) of torch.nn's at all "
                 f"{self.checked} checked steps"
             )
+        if self.drift == 0:
+            return f"{head}\nfree-running, the two trainings' losses were bit-identical throughout"
         return (
             f"{head}\nfree-running, the two trainings' losses were bit-identical for "
             f"{self.identical_steps} steps, then drift apart as training amplifies rounding "

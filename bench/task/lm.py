@@ -8,7 +8,7 @@ same batches; the run prints tokens per second for both, validation perplexity, 
 from a prompt, and whether the losses agree step by step. It saves a checkpoint of both models
 (weights, optimizer, carried hidden state) that `--resume` continues from.
 
-    python -m bench.task lm                                # 150 steps, under a minute
+    python -m bench.task lm                                # 300 steps, under a minute
     python -m bench.task lm --cell gru --steps 2000 --hidden 512
     python -m bench.task lm --text my.txt --prompt "Once upon" --temperature 0.8
     python -m bench.task lm --steps 400 --resume bench/results/task/lm-checkpoint.pt
@@ -195,7 +195,7 @@ def save_checkpoint(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = LMConfig()
-    common.add_common_arguments(parser, steps=150, batch=defaults.batch)
+    common.add_common_arguments(parser, steps=300, batch=defaults.batch)
     group = parser.add_argument_group("language model")
     group.add_argument("--cell", choices=("lstm", "gru"), default=defaults.cell)
     group.add_argument("--layers", type=int, default=defaults.layers)

@@ -157,7 +157,7 @@ def accuracy(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    common.add_common_arguments(parser, steps=200, batch=64)
+    common.add_common_arguments(parser, steps=400, batch=64)
     group = parser.add_argument_group("sequence to sequence")
     group.add_argument("--cell", choices=("gru", "lstm"), default="gru")
     group.add_argument("--embed", type=int, default=32)
