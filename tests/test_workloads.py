@@ -19,8 +19,8 @@ from bench.task import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "lm": "--hidden 16 --embed 8 --batch 4 --bptt 8 --chars 20000 --valid-chars 2000 "
-    "--sample-chars 20",
+    "lm": "--hidden 16 --embed 8 --batch 4 --bptt 8 --chars 20000 --valid-chars 800 "
+    "--sample-chars 10",
     "seq2seq": "--hidden 16 --embed 8 --batch 8 --test-size 20 --max-len 4",
     "classify": "--hidden 8 --batch 8 --test-size 16 --max-len 30",
 }
