@@ -39,6 +39,7 @@ def _ensure_kernels_package() -> None:
 _ensure_kernels_package()
 
 from . import functional  # noqa: E402
+from . import quantization as quantization  # noqa: E402 - fastrnn.quantization.quantize_dynamic
 from ._version import __version__  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert  # noqa: E402
 from .recurrence_cuda import (  # noqa: E402
