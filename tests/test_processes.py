@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -215,26 +216,18 @@ def test_ddp_two_processes_same_grads_as_one(tmp_path):
         assert torch.equal(grad, results[1]["grads"][name]), name
 
 
-README_DDP_EXAMPLE = """
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
-
-import fastrnn
-
-dist.init_process_group("gloo")  # CPU; torchrun sets the rank and world size
-torch.manual_seed(0)  # the same initial weights on every rank
-model = DistributedDataParallel(fastrnn.LSTM(3, 6, batch_first=True))
-x = torch.randn(4, 5, 3)  # this rank's share of the batch
-output, _ = model(x)
-output.sum().backward()  # gradients averaged over the ranks, as with torch.nn.LSTM
-dist.destroy_process_group()
-"""
+def _readme_block(marker: str) -> str:
+    """The README's ```python block that contains `marker` (what users copy)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    found = [block for block in blocks if marker in block]
+    assert len(found) == 1, f"one README python block with {marker!r}, found {len(found)}"
+    return found[0]
 
 
 def test_readme_ddp_example_under_torchrun(tmp_path):
     script = tmp_path / "train.py"
-    script.write_text(README_DDP_EXAMPLE)
+    script.write_text(_readme_block("DistributedDataParallel"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run(
         [*cmd, str(script)], env=_env(), capture_output=True, text=True, timeout=600
