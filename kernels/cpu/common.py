@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 from .atomics import SLOT, fetch_add
 
@@ -69,6 +70,18 @@ def add_rows(out, values):
     for r in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] += values[r, j]
+
+
+def scalar(like, value):
+    """`value` as a scalar of the array `like`'s dtype, inside compiled code: a constant, where
+    `np.ones(1, like.dtype)[0]` allocates an array on every call (the cells' per-step rows)."""
+    return like.dtype.type(value)
+
+
+@overload(scalar)
+def _scalar(like, value):
+    dtype = like.dtype
+    return lambda like, value: dtype(value)
 
 
 # Bytes per cache line: scratch that several threads write side by side starts on one.

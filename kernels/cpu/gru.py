@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from numba import njit
 
 from ..math import sigmoid, tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row
+from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row, scalar
 from .recurrence import instantiate
 
 _JIT = JIT_OPTIONS
@@ -90,7 +89,7 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     side from pre (fused: x_side, this step's own product), the recurrent side from
     `a.recurrent` and b_hh; h' into h_n and y, the cache unless inference."""
     hidden = a.h_n.shape[1]
-    one = np.ones(1, dtype=a.y.dtype)[0]
+    one = scalar(a.y, 1)
     keep_cache = a.gate_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
     for r in range(first, end):
         h_row = a.h_n[r]
@@ -109,7 +108,7 @@ def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, 
     (= dh0, dL/dh'): d_input, the recurrent side's rows (rec_grads, for the product with W_hh)
     and their n block (dn_recurrent); dh keeps z * dL/dh', the part that skips W_hh."""
     hidden = a.h0.shape[1]
-    one = np.ones(1, dtype=a.y.dtype)[0]
+    one = scalar(a.y, 1)
     for r in range(first, end):
         consumed = consumed_row(a.y, a.h0, offsets, prev, prev_rows, r)
         rec = a.rec_grads[r]

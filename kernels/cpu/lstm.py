@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from numba import njit
 
 from ..math import sigmoid, tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row
+from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row, scalar
 from .recurrence import instantiate
 
 _JIT = JIT_OPTIONS
@@ -104,7 +103,7 @@ def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, 
     (dL/dh_raw, or dL/dh without projection): d_input, dc0 (dL/dc, carried to the previous
     step), and with a projection h_raw = o * tanh(c) for dW_hr."""
     hidden = a.c0.shape[1]
-    one = np.ones(1, dtype=a.y.dtype)[0]
+    one = scalar(a.y, 1)
     has_proj = a.h_raw.shape[0] > 0
     for r in range(first, end):
         gates = a.gate_cache[off + r]

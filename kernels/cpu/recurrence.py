@@ -28,13 +28,15 @@ bookkeeping. A cell is a module (`lstm`, `gru`, `rnn`) that contributes only:
 How a cell is specialised: `instantiate` copies the Python functions below that name `cell`
 (the entries and the task loops) into a namespace where `cell` is the cell's module, under
 the cell's own names (`lstm_forward`, ...), and compiles each copy with `@njit(cache=True)`.
-Numba treats globals as compile-time constants, so `cell.forward_rows` is a direct call and a
-`cell.JOINT_INPUT` branch folds away, with no runtime dispatch. A copy with its own qualified
-name gets its own cache entry (Numba's cache keys a function by source file and qualified
-name, not by its globals); a closure made by a factory would not cache at all, and a cell
-passed as a first-class function argument is typed per dispatcher object, which a new process
-doesn't find in the cache. (Like every Numba cache, an entry is invalidated by edits to this
-file only: after editing a cell's gate math, clear `kernels/cpu/__pycache__`.)
+Numba treats globals as compile-time constants, so `cell.forward_rows` is a direct call and
+`cell.JOINT_INPUT` a constant whose branches LLVM drops, with no dispatch at run time. A copy
+with its own qualified name gets its own cache entry (Numba's cache keys a function by its
+source file and qualified name, not by its globals), which a closure made by a factory would
+not, and a cell's functions passed as first-class arguments would put a dispatcher object into
+the signature, which a new process doesn't find in the cache (it compiled afresh every time).
+Numba's cache checks only the file that holds a function's code, here this one; the copies'
+qualified names carry a hash of this file and the cell's (`_source_tag`), so that an edit to a
+cell's gate math compiles afresh too, as when each kernel sat in its cell's file.
 
 Arrays keep a leading direction axis D (direction 1 runs in reverse); rows are in the packed
 time-major layout of `common` (N = sum(batch_sizes), B = batch_sizes[0]); H hidden units, P
@@ -44,6 +46,9 @@ for are arrays with no rows or columns.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import sys
 import types
 from collections import namedtuple
 
@@ -411,22 +416,37 @@ def _copy(function, namespace: dict, name: str, module: str):
     return twin
 
 
+def _source_tag(*modules) -> str:
+    """Eight hex digits of a hash of the modules' source files, or "" if one can't be read."""
+    digest = hashlib.sha256()
+    try:
+        for module in modules:
+            with open(inspect.getfile(module), "rb") as source:
+                digest.update(source.read())
+    except (OSError, TypeError):
+        return ""
+    return "_" + digest.hexdigest()[:8]
+
+
 def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
     """The kernels of a cell, by name: `<cell>_forward`, `<cell>_backward` (parallel) and their
     `_serial` twins (`runtime.serial_twin`), for the cell module `cell_module` named
-    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists."""
+    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists. The module
+    must be importable by that name: a cache entry's environment is rebuilt from it."""
     prefix = cell_module.__name__.rsplit(".", 1)[-1]
+    tag = _source_tag(sys.modules[__name__], cell_module)
     namespace = dict(globals())
     namespace["cell"] = cell_module
     for task in _TASKS:
-        name = f"{prefix}{task.__name__}"
-        namespace[task.__name__] = njit(**JIT_OPTIONS)(
-            _copy(task, namespace, name, cell_module.__name__)
-        )
+        copy = _copy(task, namespace, f"{prefix}{task.__name__}", cell_module.__name__)
+        copy.__qualname__ += tag
+        namespace[task.__name__] = njit(**JIT_OPTIONS)(copy)
     kernels = {}
     for part, entry in _ENTRIES.items():
         name = f"{prefix}_{part}"
-        kernel = njit(**PARALLEL_JIT_OPTIONS)(_copy(entry, namespace, name, cell_module.__name__))
+        copy = _copy(entry, namespace, name, cell_module.__name__)
+        copy.__qualname__ += tag
+        kernel = njit(**PARALLEL_JIT_OPTIONS)(copy)
         kernels[name] = kernel
         kernels[f"{name}_serial"] = serial_twin(kernel)
     return kernels

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from numba import njit
 
 from ..math import tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, copy_row
+from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, copy_row, scalar
 from .recurrence import instantiate
 
 _JIT = JIT_OPTIONS
@@ -61,7 +60,7 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """One step's rows first..end-1 at row offset `off` (`recurrence.Forward` a), units
     unit..end_unit-1: y's rows (fused: from b_ih) + `a.recurrent` -> act, in place; h_n gets
     them too. variant: relu."""
-    zero = np.zeros(1, dtype=a.y.dtype)[0]
+    zero = scalar(a.y, 0)
     units = end_unit - unit
     for r in range(first, end):
         out = a.y[off + r, unit:end_unit]
@@ -75,8 +74,8 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
 def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
     """One step's pre-activation gradients for rows first..end-1 (`recurrence.Backward` a),
     units unit..end_unit-1, from dh (= dh0, dL/dh'), into d_input. variant: relu."""
-    one = np.ones(1, dtype=a.y.dtype)[0]
-    zero = np.zeros(1, dtype=a.y.dtype)[0]
+    one = scalar(a.y, 1)
+    zero = scalar(a.y, 0)
     units = end_unit - unit
     for r in range(first, end):
         rnn_backward_row(
