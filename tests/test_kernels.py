@@ -10,6 +10,7 @@ from numba import njit
 
 from fastrnn import reference
 from fastrnn.autograd import GRULayerFunction, LSTMLayerFunction, RNNLayerFunction
+from fastrnn.kernels.cpu.common import STEP_JIT_OPTIONS
 
 BATCH_SIZES = {
     "dense": [3, 3, 3, 3, 3],
@@ -419,7 +420,7 @@ def test_float64_products_use_vector_tiles():
     assert len(re.findall(r"vfmadd\w*pd\s+.*ymm", asm)) >= 8
 
 
-@njit(cache=True)
+@njit(**STEP_JIT_OPTIONS)
 def _linear_forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """A cell made only of rows (see test_a_new_cell_is_its_rows): h' = pre + W_hh h, into y
     (in place of pre) and h_n."""
@@ -429,7 +430,7 @@ def _linear_forward_rows(a, off, first, end, unit, end_unit, fused, variant):
             a.h_n[r, j] = a.y[off + r, j]
 
 
-@njit(cache=True)
+@njit(**STEP_JIT_OPTIONS)
 def _linear_backward_rows(
     a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant
 ):

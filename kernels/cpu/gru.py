@@ -25,10 +25,10 @@ import sys
 from numba import njit
 
 from ..math import sigmoid, tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row, scalar
+from .common import ROW_JIT_OPTIONS, STEP_JIT_OPTIONS, consumed_row, copy_row, scalar
 from .recurrence import instantiate
 
-_JIT = JIT_OPTIONS
+_STEP = STEP_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
 
 # The cell's traits (see `recurrence`): the n gate needs the input and recurrent sides apart, so
@@ -83,7 +83,7 @@ def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
         dh_row[j] = dh * update
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """One step's rows first..end-1 at row offset `off` (`recurrence.Forward` a): the input
     side from pre (fused: x_side, this step's own product), the recurrent side from
@@ -102,7 +102,7 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
         copy_row(a.y[off + r], h_row)
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
     """One step's gate gradients for rows first..end-1 (`recurrence.Backward` a) from dh
     (= dh0, dL/dh'): d_input, the recurrent side's rows (rec_grads, for the product with W_hh)

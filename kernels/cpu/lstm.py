@@ -18,10 +18,10 @@ import sys
 from numba import njit
 
 from ..math import sigmoid, tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, consumed_row, copy_row, scalar
+from .common import ROW_JIT_OPTIONS, STEP_JIT_OPTIONS, consumed_row, copy_row, scalar
 from .recurrence import instantiate
 
-_JIT = JIT_OPTIONS
+_STEP = STEP_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
 
 # The cell's traits (see `recurrence`).
@@ -73,7 +73,7 @@ def lstm_backward_row(gates, c_row, c_prev, dh_row, dc_row, d_row, hidden, one):
         dc_row[j] = dc * f
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """One step's rows first..end-1 at row offset `off` (`recurrence.Forward` a): gates from
     the input side (fused: b_ih stands in for them) and `a.recurrent`, c and h (h_raw with a
@@ -97,7 +97,7 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
             copy_row(a.y[off + r], out)
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
     """One step's gate gradients for rows first..end-1 (`recurrence.Backward` a) from dh
     (dL/dh_raw, or dL/dh without projection): d_input, dc0 (dL/dc, carried to the previous

@@ -24,6 +24,9 @@ bookkeeping. A cell is a module (`lstm`, `gru`, `rnn`) that contributes only:
     backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant)
                    one step's gate gradients from dh (dL/dh' of the gate math's output),
                    into d_input (and the cell's own gradients and caches).
+Both row hooks are compiled with `common.STEP_JIT_OPTIONS` (inlined into the step loop) and
+call the cell's per-row gate math, compiled on its own (`common.ROW_JIT_OPTIONS`), which the
+CPU cells (`cells`) share.
 
 How a cell is specialised: `instantiate` copies the Python functions below that name `cell`
 (the entries and the task loops) into a namespace where `cell` is the cell's module, under
@@ -60,6 +63,7 @@ from .common import (
     HELPER,
     JIT_OPTIONS,
     PARALLEL_JIT_OPTIONS,
+    STEP_JIT_OPTIONS,
     add_row,
     add_rows,
     aligned_empty,
@@ -119,7 +123,7 @@ Backward = namedtuple(
 )
 
 
-@njit(**JIT_OPTIONS)
+@njit(**STEP_JIT_OPTIONS)
 def _product(rows, panels, out, sync, product, units, crew):
     """Per-step product number `product`, out = rows @ W^T, by the way this direction's threads
     cooperate (`crew`, from `_crew`): with `units`, this task's panels of a unit split

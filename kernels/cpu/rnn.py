@@ -16,10 +16,10 @@ import sys
 from numba import njit
 
 from ..math import tanh
-from .common import JIT_OPTIONS, ROW_JIT_OPTIONS, copy_row, scalar
+from .common import ROW_JIT_OPTIONS, STEP_JIT_OPTIONS, copy_row, scalar
 from .recurrence import instantiate
 
-_JIT = JIT_OPTIONS
+_STEP = STEP_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
 
 # The cell's traits (see `recurrence`).
@@ -55,7 +55,7 @@ def rnn_backward_row(h_out, dh_row, d_pre, hidden, relu, one, zero):
             d_pre[j] = dh_row[j] * (one - h * h)
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """One step's rows first..end-1 at row offset `off` (`recurrence.Forward` a), units
     unit..end_unit-1: y's rows (fused: from b_ih) + `a.recurrent` -> act, in place; h_n gets
@@ -70,7 +70,7 @@ def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
         copy_row(a.h_n[r, unit:end_unit], out)
 
 
-@njit(**_JIT)
+@njit(**_STEP)
 def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
     """One step's pre-activation gradients for rows first..end-1 (`recurrence.Backward` a),
     units unit..end_unit-1, from dh (= dh0, dL/dh'), into d_input. variant: relu."""
