@@ -37,8 +37,9 @@ PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
 # 12.4-14.3 ms against 13.9-14.9 ms inlined, over 2 x 2 runs.
 ROW_JIT_OPTIONS = {**JIT_OPTIONS}
 # A cell's per-step rows (`recurrence`), inlined into the skeleton's step loop in Numba's IR: as
-# a call, the direction's arrays went over as some 170 scalar arguments every step, and a
-# T1000 B1 H128 RNN fwd+bwd on one thread took 1.36x the time of the loop written out.
+# a call, the direction's arrays went over as some 170 scalar arguments every step (a T1000 B1
+# H128 RNN fwd+bwd on one thread took 1.36x the time of the loop written out, in an interleaved
+# A/B on a machine loaded by other work; 1.00-1.03x inlined).
 STEP_JIT_OPTIONS = {**JIT_OPTIONS, "inline": "always"}
 _JIT = JIT_OPTIONS
 
