@@ -193,6 +193,12 @@ def _fused_inputs(x, W_ih, bias, directions: int, dtype) -> tuple[np.ndarray, ..
     return _np(x), _np(W_ih), bias_np
 
 
+def _nothing(directions: int, like: Tensor, width: int = 0) -> np.ndarray:
+    """(D, 0, width): an array argument that a cell's kernels take but don't use
+    (`kernels/cpu/recurrence`: one argument list for every cell)."""
+    return _empty((directions, 0, width), _NUMPY_DTYPES[like.dtype])
+
+
 def lstm_forward(
     batch_sizes,
     W_hh,
@@ -211,17 +217,21 @@ def lstm_forward(
     """As `recurrence_cuda.lstm_forward`; given x (N, I), W_ih (D, 4H, I) and bias (D, 4H) or
     None, the kernel computes the input projection itself and gate_cache isn't read."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
+    gates = gate_cache.numpy()
     _lstm_forward(
         batch_sizes,
+        False,
         *_fused_inputs(x, W_ih, bias, directions, _NUMPY_DTYPES[h0.dtype]),
         _np(W_hh),
+        _empty((directions, 0), _NUMPY_DTYPES[h0.dtype]),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
         _np(h0),
         _np(c0),
+        gates,
         y.numpy(),
         h_n.numpy(),
         c_n.numpy(),
-        gate_cache.numpy(),
+        gates,
         cell_cache.numpy(),
         _threads(),
     )
@@ -249,6 +259,7 @@ def lstm_backward(
     directions, hidden = W_hh.shape[0], c0.shape[2]
     _lstm_backward(
         batch_sizes,
+        False,
         _np(W_hh),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
         _np(h0),
@@ -260,6 +271,7 @@ def lstm_backward(
         _np(dh_n),
         _np(dc_n),
         d_gates.numpy(),
+        _nothing(directions, h0, hidden),
         h_prev.numpy(),
         dh_total.numpy(),
         h_raw.numpy(),
@@ -280,16 +292,22 @@ def gru_forward(
         b_hh_np = _np(b_hh)
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
+    no_cell = _nothing(directions, h0)
     _gru_forward(
         batch_sizes,
+        False,
         *_fused_inputs(x, W_ih, bias, directions, dtype),
         _np(W_hh),
         b_hh_np,
+        _nothing(directions, h0, hidden),
         _np(h0),
+        no_cell,
         projected.numpy(),
         y.numpy(),
         h_n.numpy(),
+        no_cell,
         gate_cache.numpy(),
+        no_cell,
         _threads(),
     )
 
@@ -297,18 +315,28 @@ def gru_forward(
 def gru_backward(
     batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
 ) -> None:
+    directions, hidden = W_hh.shape[0], W_hh.shape[2]
+    no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
     _gru_backward(
         batch_sizes,
+        False,
         _np(W_hh),
+        no_proj,
         _np(h0),
+        no_cell,
         _np(y),
         gate_cache.numpy(),
+        no_cell,
         _np(dy),
         _np(dh_n),
-        h_prev.numpy(),
+        no_cell,
         d_input.numpy(),
         d_recurrent.numpy(),
+        h_prev.numpy(),
+        no_proj,
+        no_proj,
         dh0.numpy(),
+        no_cell,
         _threads(),
     )
 
@@ -316,21 +344,51 @@ def gru_backward(
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
     """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
     the kernel computes the input projection itself and y's input isn't read."""
-    inputs = _fused_inputs(x, W_ih, bias, W_hh.shape[0], _NUMPY_DTYPES[h0.dtype])
-    _rnn_forward(batch_sizes, relu, *inputs, _np(W_hh), _np(h0), y.numpy(), h_n.numpy(), _threads())
+    directions, hidden = W_hh.shape[0], W_hh.shape[2]
+    inputs = _fused_inputs(x, W_ih, bias, directions, _NUMPY_DTYPES[h0.dtype])
+    no_cell = _nothing(directions, h0)
+    out = y.numpy()
+    _rnn_forward(
+        batch_sizes,
+        relu,
+        *inputs,
+        _np(W_hh),
+        _empty((directions, 0), _NUMPY_DTYPES[h0.dtype]),
+        _nothing(directions, h0, hidden),
+        _np(h0),
+        no_cell,
+        out,
+        out,
+        h_n.numpy(),
+        no_cell,
+        no_cell,
+        no_cell,
+        _threads(),
+    )
 
 
 def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:
+    directions, hidden = W_hh.shape[0], W_hh.shape[2]
+    no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
     _rnn_backward(
         batch_sizes,
         relu,
         _np(W_hh),
+        no_proj,
         _np(h0),
+        no_cell,
         _np(y),
+        no_cell,
+        no_cell,
         _np(dy),
         _np(dh_n),
+        no_cell,
         d_pre.numpy(),
+        no_proj,
         h_prev.numpy(),
+        no_proj,
+        no_proj,
         dh0.numpy(),
+        no_cell,
         _threads(),
     )

@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from numba import njit
 
 from fastrnn import reference
 from fastrnn.autograd import LayerFunction
+from fastrnn.kernels.cpu.common import STEP_JIT_OPTIONS
 
 BATCH_SIZES = {
     "dense": [3, 3, 3, 3, 3],
@@ -378,3 +380,86 @@ def test_float64_products_use_vector_tiles():
         np.testing.assert_allclose(out, a @ W[0].T, rtol=1e-14)
     asm = "\n".join(fresh.inspect_asm().values())
     assert len(re.findall(r"vfmadd\w*pd\s+.*ymm", asm)) >= 8
+
+
+@njit(**STEP_JIT_OPTIONS)
+def _linear_forward_rows(a, off, first, end, unit, end_unit, fused, variant):
+    """A cell made only of rows (see test_a_new_cell_is_its_rows): h' = pre + W_hh h, into y
+    (in place of pre) and h_n."""
+    for r in range(first, end):
+        for j in range(a.h_n.shape[1]):
+            a.y[off + r, j] += a.recurrent[r, j]
+            a.h_n[r, j] = a.y[off + r, j]
+
+
+@njit(**STEP_JIT_OPTIONS)
+def _linear_backward_rows(
+    a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant
+):
+    for r in range(first, end):
+        for j in range(dh.shape[1]):
+            a.d_input[off + r, j] = dh[r, j]
+
+
+@pytest.mark.parametrize("directions", [1, 2], ids=["uni", "bi"])
+def test_a_new_cell_is_its_rows(directions, monkeypatch):
+    """`recurrence.instantiate` turns a module of traits and two row functions into working
+    kernels, forward and backward, with every direction, packed rows and several threads:
+    a linear recurrence h' = pre + W_hh h against a plain numpy loop."""
+    import sys
+    import types
+
+    from fastrnn.kernels.cpu.recurrence import instantiate
+
+    cell = types.ModuleType("kernels.cpu.linear")
+    # importable by name, as a cell's module is: Numba's cache rebuilds its environment from it
+    monkeypatch.setitem(sys.modules, cell.__name__, cell)
+    cell.GATES, cell.JOINT_INPUT = 1, True
+    cell.SPLITS_UNITS = cell.SEPARATE_RECURRENT_GRADIENT = False
+    cell.forward_rows, cell.backward_rows = _linear_forward_rows, _linear_backward_rows
+    kernels = instantiate(cell)
+    assert sorted(kernels) == [
+        "linear_backward",
+        "linear_backward_serial",
+        "linear_forward",
+        "linear_forward_serial",
+    ]
+    rng = np.random.default_rng(0)
+    D, H, sizes = directions, 5, np.array([4, 4, 3, 1], dtype=np.int64)
+    B, N = sizes[0], sizes.sum()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    W_hh = 0.3 * rng.standard_normal((D, H, H))
+    h0, pre = rng.standard_normal((D, B, H)), rng.standard_normal((D, N, H))
+    dy, dh_n = rng.standard_normal((D, N, H)), rng.standard_normal((D, B, H))
+    nothing, no_proj = np.empty((D, 0, 0)), np.empty((D, 0, H))
+    y, h_n = pre.copy(), np.empty((D, B, H))
+    kernels["linear_forward"](
+        sizes, False, np.empty((0, 0)), nothing, np.empty((D, 0)), W_hh, np.empty((D, 0)),
+        no_proj, h0, nothing, y, y, h_n, nothing, nothing, nothing, 2,
+    )  # fmt: skip
+    d_pre, h_prev, dh0 = np.empty((D, N, H)), np.empty((D, N, H)), np.empty((D, B, H))
+    kernels["linear_backward"](
+        sizes, False, W_hh, no_proj, h0, nothing, y, nothing, nothing, dy, dh_n, nothing, d_pre,
+        no_proj, h_prev, no_proj, no_proj, dh0, nothing, 2,
+    )  # fmt: skip
+    for d in range(D):
+        order = range(len(sizes))[::-1] if d == 1 else range(len(sizes))
+        h = h0[d].copy()
+        ref_y, ref_prev = np.empty((N, H)), np.empty((N, H))
+        for t in order:
+            rows = slice(offsets[t], offsets[t + 1])
+            ref_prev[rows] = h[: sizes[t]]
+            h[: sizes[t]] = pre[d, rows] + h[: sizes[t]] @ W_hh[d].T
+            ref_y[rows] = h[: sizes[t]]
+        np.testing.assert_allclose(y[d], ref_y, rtol=1e-12)
+        np.testing.assert_allclose(h_n[d], h, rtol=1e-12)
+        np.testing.assert_allclose(h_prev[d], ref_prev, rtol=1e-12)
+        dh = dh_n[d].copy()
+        ref_d = np.empty((N, H))
+        for t in order[::-1]:
+            rows = slice(offsets[t], offsets[t + 1])
+            dh[: sizes[t]] += dy[d, rows]
+            ref_d[rows] = dh[: sizes[t]]
+            dh[: sizes[t]] = ref_d[rows] @ W_hh[d]
+        np.testing.assert_allclose(d_pre[d], ref_d, rtol=1e-12)
+        np.testing.assert_allclose(dh0[d], dh, rtol=1e-12)

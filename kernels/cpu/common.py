@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba.extending import overload
 
 from .atomics import SLOT, fetch_add
 
@@ -35,6 +36,11 @@ PARALLEL_JIT_OPTIONS = {**JIT_OPTIONS, "parallel": True}
 # For the layer kernels the call was as fast or faster: LSTM T100 B16 H256 forward kernel
 # 12.4-14.3 ms against 13.9-14.9 ms inlined, over 2 x 2 runs.
 ROW_JIT_OPTIONS = {**JIT_OPTIONS}
+# A cell's per-step rows (`recurrence`), inlined into the skeleton's step loop in Numba's IR: as
+# a call, the direction's arrays went over as some 170 scalar arguments every step (a T1000 B1
+# H128 RNN fwd+bwd on one thread took 1.36x the time of the loop written out, in an interleaved
+# A/B on a machine loaded by other work; 1.00-1.03x inlined).
+STEP_JIT_OPTIONS = {**JIT_OPTIONS, "inline": "always"}
 _JIT = JIT_OPTIONS
 
 
@@ -69,6 +75,18 @@ def add_rows(out, values):
     for r in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[r, j] += values[r, j]
+
+
+def scalar(like, value):
+    """`value` as a scalar of the array `like`'s dtype, inside compiled code: a constant, where
+    `np.ones(1, like.dtype)[0]` allocates an array on every call (the cells' per-step rows)."""
+    return like.dtype.type(value)
+
+
+@overload(scalar)
+def _scalar(like, value):
+    dtype = like.dtype
+    return lambda like, value: dtype(value)
 
 
 # Bytes per cache line: scratch that several threads write side by side starts on one.

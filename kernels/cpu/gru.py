@@ -5,49 +5,38 @@ Gate order r, z, n (torch's):
     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
-The GEMMs over all steps (input projection, weight and input gradients) are the caller's; the
-forward can instead compute the input projection step by step in the kernel
-(`common.fuses_input_projection`).
-
-Every array has a leading direction axis D (1, or 2 for a bidirectional layer: direction 1 runs
-in reverse), so both directions of a layer run in one call, side by side on the threads.
-Shapes (packed time-major rows, see `common`; N = sum(batch_sizes), B = batch_sizes[0]):
-    projected (D, N, 3H) = x @ W_ih^T + b_ih (no rows when the kernel computes it);
-    W_hh (D, 3H, H); b_hh (D, 3H) (zeros without bias);
-    h0 (D, B, H); y (D, N, H); h_n (D, B, H);
-    gate_cache (D, N, 4H): r, z, n and W_hn h + b_hn of every row (backward needs the last).
+The kernels `gru_forward` / `gru_backward` are `recurrence.layer_forward` / `layer_backward`
+for this cell, with (shapes there): c0, c_n, dc_n, dc0 (D, B, 0); pre (D, N, 3H) =
+x @ W_ih^T + b_ih (not read when fused: the input projection is then a product of its own each
+step, with b_ih (D, 3H)); b_hh (D, 3H) (zeros without bias); cell_cache (D, 0, 0);
+gate_cache (D, N, 4H) out: r, z, n and W_hn h + b_hn of every row (backward needs the last),
+with no rows in inference (not written). Backward: d_input (D, N, 3H) the input side's
+pre-activation gradients, dn_recurrent (D, N, H) the n block of the recurrent side's (dn scaled
+by r; its r and z blocks are d_input's). So, per direction, dW_ih = d_input^T x,
+db_ih = sum(d_input), dx = d_input W_ih, and with d_recurrent = d_input whose n block is
+replaced by dn_recurrent, dW_hh = d_recurrent^T h_prev and db_hh = sum(d_recurrent). (A full
+recurrent-side copy cost N x 2H floats more: 26 MB of a T100 B64 H512 fwd+bwd.)
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import sys
+
+from numba import njit
 
 from ..math import sigmoid, tanh
-from .common import (
-    HELPER,
-    JIT_OPTIONS,
-    PARALLEL_JIT_OPTIONS,
-    ROW_JIT_OPTIONS,
-    add_row,
-    add_rows,
-    consumed_row,
-    copy_previous_hidden,
-    copy_row,
-    copy_states,
-    next_chunk,
-    previous_step_rows,
-    step_offsets,
-    step_span,
-    task_chunk,
-)
-from .panel_matmul import packed_panels
-from .runtime import serial_twin
-from .shared_product import shared_matmul, work_plan
+from .common import ROW_JIT_OPTIONS, STEP_JIT_OPTIONS, consumed_row, copy_row, scalar
+from .recurrence import instantiate
 
-_JIT = JIT_OPTIONS
-_PARALLEL = PARALLEL_JIT_OPTIONS
+_STEP = STEP_JIT_OPTIONS
 _ROW = ROW_JIT_OPTIONS
+
+# The cell's traits (see `recurrence`): the n gate needs the input and recurrent sides apart, so
+# a fused input projection is a product of its own, and W_hh sees r * dn, not dn.
+GATES = 3
+JOINT_INPUT = False
+SPLITS_UNITS = False
+SEPARATE_RECURRENT_GRADIENT = True
 
 
 @njit(**_ROW)
@@ -94,214 +83,45 @@ def gru_backward_row(cache, h_prev, dh_row, d_input, d_recurrent, hidden, one):
         dh_row[j] = dh * update
 
 
-@njit(**_JIT)
-def _forward_rows(
-    batch_sizes, offsets, reverse, hh_panels, b_hh, projected, y, h_n, gate_cache, recurrent,
-    fused, x, ih_panels, b_ih, x_side, first, last, role, sync, workers,
-):  # fmt: skip
-    """One direction, rows first..last-1, every step (arrays without the direction axis).
-    recurrent (B, 3H) is the direction's scratch; a HELPER task only takes part in the
-    products (`shared_product`). fused: each step first computes its rows of x @ W_ih^T + b_ih
-    (ih_panels, b_ih (3H)) into x_side (B, 3H), which then stands in for `projected`. Not one
-    joint product as in LSTM and RNN: the n gate needs the input and recurrent parts apart."""
-    hidden = h_n.shape[1]
-    one = np.ones(1, dtype=y.dtype)[0]
-    keep_cache = gate_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
-    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
-    for k in range(batch_sizes.shape[0]):
-        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-        if end == first:
-            continue
-        if fused:
-            if not shared_matmul(
-                x[off + first : off + end], ih_panels, x_side[first:end], sync, product, role,
-                workers,
-            ):  # fmt: skip
-                return
-            product += 1
-            if role != HELPER:
-                for r in range(first, end):
-                    add_row(x_side[r], b_ih)
-        if not shared_matmul(
-            h_n[first:end], hh_panels, recurrent[first:end], sync, product, role, workers
-        ):
-            return
-        product += 1
-        if role == HELPER:
-            continue
-        for r in range(first, end):
-            h_row = h_n[r]
-            pre = x_side[r] if fused else projected[off + r]
-            if keep_cache:
-                gru_forward_row(
-                    pre, recurrent[r], b_hh, gate_cache[off + r], h_row, hidden, one, True
-                )
-            else:  # no cache to write: b_hh stands in for the unused cache row
-                gru_forward_row(pre, recurrent[r], b_hh, b_hh, h_row, hidden, one, False)
-            copy_row(y[off + r], h_row)
+@njit(**_STEP)
+def forward_rows(a, off, first, end, unit, end_unit, fused, variant):
+    """One step's rows first..end-1 at row offset `off` (`recurrence.Forward` a): the input
+    side from pre (fused: x_side, this step's own product), the recurrent side from
+    `a.recurrent` and b_hh; h' into h_n and y, the cache unless inference."""
+    hidden = a.h_n.shape[1]
+    one = scalar(a.y, 1)
+    keep_cache = a.gate_cache.shape[0] > 0  # no rows: inference, nothing kept for a backward
+    for r in range(first, end):
+        h_row = a.h_n[r]
+        pre = a.x_side[r] if fused else a.pre[off + r]
+        if keep_cache:
+            cache = a.gate_cache[off + r]
+            gru_forward_row(pre, a.recurrent[r], a.b_hh, cache, h_row, hidden, one, True)
+        else:  # no cache to write: b_hh stands in for the unused cache row
+            gru_forward_row(pre, a.recurrent[r], a.b_hh, a.b_hh, h_row, hidden, one, False)
+        copy_row(a.y[off + r], h_row)
 
 
-@njit(**_PARALLEL)
-def gru_forward(
-    batch_sizes, x, W_ih, b_ih, W_hh, b_hh, h0, projected, y, h_n, gate_cache, threads
-):  # fmt: skip
-    """Run the recurrence, filling y, h_n and gate_cache; a gate_cache with no rows
-    (D, 0, 4H) is not written (inference: no backward will read it). W_ih (D, 3H, I) with rows,
-    and b_ih (D, 3H) (or zeros): the kernel computes the input projection of x (N, I) step by
-    step, and `projected` isn't read; W_ih (D, 0, 0): projected holds it, x and b_ih go unused."""
-    offsets = step_offsets(batch_sizes)
-    fused = W_ih.shape[1] > 0
-    hh_panels = packed_panels(W_hh, False, threads)
-    ih_panels = packed_panels(W_ih, False, threads)
-    copy_states(h_n, h0)
-    directions, batch, hidden = h0.shape
-    recurrent = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
-    x_side = np.empty((directions, batch if fused else 0, 3 * hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
-        batch_sizes,
-        directions,
-        threads,
-        W_hh.shape[1] * W_hh.shape[2],
-        batch_sizes.shape[0] * (2 if fused else 1),
-    )
-    for task in prange(n_tasks):
-        d, chunk, role = task_chunk(task, n_chunks, per_direction)
-        while chunk < n_chunks:
-            _forward_rows(
-                batch_sizes,
-                offsets,
-                d == 1,
-                hh_panels[d],
-                b_hh[d],
-                projected[d],
-                y[d],
-                h_n[d],
-                gate_cache[d],
-                recurrent[d],
-                fused,
-                x,
-                ih_panels[d],
-                b_ih[d],
-                x_side[d],
-                bounds[chunk],
-                bounds[chunk + 1],
-                role,
-                sync[d],
-                per_direction,
-            )
-            chunk = next_chunk(claims, d, n_chunks, per_direction)
+@njit(**_STEP)
+def backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
+    """One step's gate gradients for rows first..end-1 (`recurrence.Backward` a) from dh
+    (= dh0, dL/dh'): d_input, the recurrent side's rows (rec_grads, for the product with W_hh)
+    and their n block (dn_recurrent); dh keeps z * dL/dh', the part that skips W_hh."""
+    hidden = a.h0.shape[1]
+    one = scalar(a.y, 1)
+    for r in range(first, end):
+        consumed = consumed_row(a.y, a.h0, offsets, prev, prev_rows, r)
+        rec = a.rec_grads[r]
+        gru_backward_row(
+            a.gate_cache[off + r], consumed, dh[r], a.d_input[off + r], rec, hidden, one
+        )
+        copy_row(a.dn_recurrent[off + r], rec[2 * hidden :])
 
 
-@njit(**_JIT)
-def _backward_rows(
-    batch_sizes,
-    offsets,
-    reverse,
-    hh_panels,
-    h0,
-    y,
-    gate_cache,
-    dy,
-    h_prev,
-    d_input,
-    dn_recurrent,
-    dh0,
-    step_rows,
-    through_weights,
-    first,
-    last,
-    role,
-    sync,
-    workers,
-):
-    """One direction, rows first..last-1, every step in reverse (no direction axis).
-    step_rows (B, 3H) and through_weights (B, H) are the direction's scratch: a step's
-    recurrent-side gradients and their product with W_hh; a HELPER task only takes part in the
-    products."""
-    hidden = h0.shape[1]
-    one = np.ones(1, dtype=y.dtype)[0]
-    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
-    for k in range(batch_sizes.shape[0] - 1, -1, -1):
-        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
-        if end == first:
-            continue
-        count = end - first
-        if role != HELPER:
-            prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
-            copy_previous_hidden(y, h0, offsets, t, prev, prev_rows, first, count, h_prev)
-            for r in range(first, end):
-                dh_row = dh0[r]
-                add_row(dh_row, dy[off + r])
-                consumed = consumed_row(y, h0, offsets, prev, prev_rows, r)
-                gru_backward_row(
-                    gate_cache[off + r], consumed, dh_row, d_input[off + r], step_rows[r],
-                    hidden, one,
-                )  # fmt: skip
-                copy_row(dn_recurrent[off + r], step_rows[r, 2 * hidden :])
-        if not shared_matmul(
-            step_rows[first:end], hh_panels, through_weights[first:end], sync, product, role,
-            workers,
-        ):  # fmt: skip
-            return
-        product += 1
-        if role != HELPER:
-            add_rows(dh0[first:end], through_weights[first:end])
-
-
-@njit(**_PARALLEL)
-def gru_backward(
-    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, dn_recurrent, dh0, threads
-):
-    """Backward of `gru_forward`, per step; the caller does the GEMMs over all rows.
-
-    Takes W_hh (D, 3H, H) as `gru_forward` does; the per-step product runs on it as
-    transposed panels.
-
-    In: dy (D, N, H), dh_n (D, B, H). Out: d_input (D, N, 3H), the gradients of the gate
-    pre-activations on the input side, and dn_recurrent (D, N, H), the n block of those on the
-    recurrent side (dn scaled by r; its r and z blocks are d_input's); h_prev (D, N, H), the
-    state each row consumed (or (D, 0, H): not written); dh0 (D, B, H). So, per direction,
-    dW_ih = d_input^T x, db_ih = sum(d_input), dx = d_input W_ih, and with d_recurrent =
-    d_input whose n block is replaced by dn_recurrent, dW_hh = d_recurrent^T h_prev and db_hh =
-    sum(d_recurrent). (A full recurrent-side copy cost N x 2H floats more: 26 MB of a T100 B64
-    H512 fwd+bwd.)
-    """
-    offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, True, threads)
-    copy_states(dh0, dh_n)
-    directions, batch, hidden = h0.shape
-    through_weights = np.empty((directions, batch, hidden), dtype=y.dtype)
-    step_rows = np.empty((directions, batch, 3 * hidden), dtype=y.dtype)
-    n_tasks, n_chunks, per_direction, bounds, sync, claims = work_plan(
-        batch_sizes, directions, threads, W_hh.shape[1] * W_hh.shape[2], batch_sizes.shape[0]
-    )
-    for task in prange(n_tasks):
-        d, chunk, role = task_chunk(task, n_chunks, per_direction)
-        while chunk < n_chunks:
-            _backward_rows(
-                batch_sizes,
-                offsets,
-                d == 1,
-                hh_panels[d],
-                h0[d],
-                y[d],
-                gate_cache[d],
-                dy[d],
-                h_prev[d],
-                d_input[d],
-                dn_recurrent[d],
-                dh0[d],
-                step_rows[d],
-                through_weights[d],
-                bounds[chunk],
-                bounds[chunk + 1],
-                role,
-                sync[d],
-                per_direction,
-            )
-            chunk = next_chunk(claims, d, n_chunks, per_direction)
-
-
-# The kernels without a parallel region, for forked processes (see `runtime.serial_twin`).
-gru_forward_serial = serial_twin(gru_forward)
-gru_backward_serial = serial_twin(gru_backward)
+# The kernels, and their twins without a parallel region for forked processes
+# (`runtime.serial_twin`).
+_kernels = instantiate(sys.modules[__name__])
+gru_forward = _kernels["gru_forward"]
+gru_backward = _kernels["gru_backward"]
+gru_forward_serial = _kernels["gru_forward_serial"]
+gru_backward_serial = _kernels["gru_backward_serial"]

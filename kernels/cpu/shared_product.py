@@ -27,9 +27,9 @@ activations and one hand-over of a few cache lines between cores (~50 ns here), 
 owner's publish, claim and done counters of a shared product. T1000 B1 kernels, alternating
 calls: RNN H128 forward 1.45x and backward 1.47x of one thread (which owner and helper didn't
 beat: 1.06x); RNN H256 1.20x of owner and helper. For GRU and LSTM the same split, built and
-measured in session 7, didn't pay (B1 forward 0.90-0.96x of owner and helper; their gate math
+measured, didn't pay (B1 forward 0.90-0.96x of owner and helper; their gate math
 needs each gate block as its own view to vectorise: bench/performance-notes.md), so they share
-products.
+products (a cell's SPLITS_UNITS, `recurrence`).
 Results are bitwise the same either way: every output column is the same k-ordered FMA chain.
 """
 
@@ -219,7 +219,7 @@ def split_matmul(rows, panels, out, workers, first_panel, end_panel):
 
 @njit(**JIT_OPTIONS)
 def split_states(h0, split):
-    """(D, 2, B, P): both buffers of a unit-split direction's states (`rnn._forward_rows`)
+    """(D, 2, B, P): both buffers of a unit-split direction's states (`recurrence._forward_task`)
     start as h0, which is each row's state until its first step; (D, 0, B, P) unsplit."""
     directions, batch, width = h0.shape
     states = aligned_empty((directions, 2 if split else 0, batch, width), h0)

@@ -1,0 +1,456 @@
+"""One layer's recurrence on the CPU, forward and backward, all its directions: written once,
+specialised per cell.
+
+The skeleton owns everything that does not depend on the cell: packing the weights into panels,
+the initial and final states, the work plan (directions, row chunks, batch-1 helpers or the unit
+split, `shared_product`), the parallel region over tasks, the step loop over the packed layout
+(`common`), the per-step products (recurrent, input projection fused as a joint product or as
+a product of its own, the LSTM-style projection h = h_raw @ W_hr^T) and the gradients'
+bookkeeping. A cell is a module (`lstm`, `gru`, `rnn`) that contributes only:
+
+    GATES          product columns per hidden unit (the product has GATES * H columns);
+    JOINT_INPUT    True: a fused input projection joins the recurrent product, rows [x | h]
+                   through [W_ih | W_hh]; False: it is a product of its own each step (the
+                   GRU's n gate needs the two sides apart);
+    SPLITS_UNITS   True: the threads of a one-chunk direction split its hidden units (for
+                   elementwise cells, GATES == 1, no projection); False: they share products;
+    SEPARATE_RECURRENT_GRADIENT
+                   True: the gradient rows that go through W_hh differ from d_input (the
+                   GRU's r-scaled n block), and dL/dh keeps a part that skips W_hh;
+    forward_rows(a, off, first, end, unit, end_unit, fused, variant)
+                   one step's gate math for rows first..end-1 (units unit..end_unit-1) from
+                   the products in the direction's arrays `a` (`Forward`): the new states, y
+                   (without a projection; h_raw with one) and what backward needs cached;
+    backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant)
+                   one step's gate gradients from dh (dL/dh' of the gate math's output),
+                   into d_input (and the cell's own gradients and caches).
+Both row hooks are compiled with `common.STEP_JIT_OPTIONS` (inlined into the step loop) and
+call the cell's per-row gate math, compiled on its own (`common.ROW_JIT_OPTIONS`), which the
+CPU cells (`cells`) share.
+
+How a cell is specialised: `instantiate` copies the Python functions below that name `cell`
+(the entries and the task loops) into a namespace where `cell` is the cell's module, under
+the cell's own names (`lstm_forward`, ...), and compiles each copy with `@njit(cache=True)`.
+Numba treats globals as compile-time constants, so `cell.forward_rows` is a direct call and
+`cell.JOINT_INPUT` a constant whose branches LLVM drops, with no dispatch at run time. A copy
+with its own qualified name gets its own cache entry (Numba's cache keys a function by its
+source file and qualified name, not by its globals), which a closure made by a factory would
+not, and a cell's functions passed as first-class arguments would put a dispatcher object into
+the signature, which a new process doesn't find in the cache (it compiled afresh every time).
+Numba's cache checks only the file that holds a function's code, here this one; the copies'
+qualified names carry a hash of this file and the cell's (`_source_tag`), so that an edit to a
+cell's gate math compiles afresh too, as when each kernel sat in its cell's file.
+
+Arrays keep a leading direction axis D (direction 1 runs in reverse); rows are in the packed
+time-major layout of `common` (N = sum(batch_sizes), B = batch_sizes[0]); H hidden units, P
+the state width (H, or the LSTM's proj_size), I inputs, G = GATES. Arguments a cell has no use
+for are arrays with no rows or columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import sys
+import types
+from collections import namedtuple
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .common import (
+    HELPER,
+    JIT_OPTIONS,
+    PARALLEL_JIT_OPTIONS,
+    STEP_JIT_OPTIONS,
+    add_row,
+    add_rows,
+    aligned_empty,
+    copy_previous_hidden,
+    copy_row,
+    copy_rows,
+    copy_states,
+    fill_joint_rows,
+    next_chunk,
+    previous_step_rows,
+    splits_units,
+    step_offsets,
+    step_span,
+    task_chunk,
+)
+from .panel_matmul import PANEL, packed_joint_panels, packed_panels
+from .runtime import serial_twin
+from .shared_product import (
+    NO_STEPS,
+    close_split,
+    exchange,
+    first_step,
+    opens_split,
+    shared_matmul,
+    split_matmul,
+    split_states,
+    unit_plan,
+    unit_span,
+    work_plan,
+)
+
+# The cell module a specialised copy runs (see `instantiate`); the unspecialised functions below
+# are templates and are never compiled themselves.
+cell = None
+
+# One direction's arrays in the forward (no direction axis): the inputs x (N, I) and pre
+# (N, G*H), the input side's pre-activations when not fused; b_ih (G*H), the input side's bias
+# when fused (with b_hh added for a joint product), b_hh (G*H) for cells that keep it apart
+# (else empty); the outputs y (N, P), h_n (B, P), c_n (B, H) and the caches; the scratch rows
+# recurrent (B, G*H), x_side (B, G*H) (a separate input product), h_raw (B, H) (before the
+# projection), joint_rows (B, I + P) ([x | h] of a joint product), h_state (2, B, P) (a unit
+# split's states); the panels and the direction's counters.
+Forward = namedtuple(
+    "Forward",
+    "x pre b_ih b_hh y h_n c_n gate_cache cell_cache recurrent x_side h_raw joint_rows h_state "
+    "hh_panels ih_panels hr_panels sync",
+)
+# One direction's arrays in the backward: the forward's h0, c0, y and caches, dy (N, P); out
+# d_input (N, G*H), dn_recurrent (N, H) (the GRU's recurrent-side n block), h_prev (N, P),
+# dh_total (N, P) and h_raw (N, H) (with a projection), dh0 (B, P), dc0 (B, H); scratch dh_raw
+# (B, H) (dL/dh_raw, with a projection), rec_grads (B, G*H) and through (B, P) (a separate
+# recurrent gradient and its product with W_hh); the panels and the counters.
+Backward = namedtuple(
+    "Backward",
+    "h0 c0 y gate_cache cell_cache dy d_input dn_recurrent h_prev dh_total h_raw dh0 dc0 dh_raw "
+    "rec_grads through hh_panels hr_panels sync",
+)
+
+
+@njit(**STEP_JIT_OPTIONS)
+def _product(rows, panels, out, sync, product, units, crew):
+    """Per-step product number `product`, out = rows @ W^T, by the way this direction's threads
+    cooperate (`crew`, from `_crew`): with `units`, this task's panels of a unit split
+    (`split_matmul`; all of them for a team of one), else shared by owner and helpers
+    (`shared_matmul`). False: a helper gave up, and must leave."""
+    role, workers, team, first_panel, end_panel = crew
+    if units:
+        split_matmul(rows, panels, out, team, first_panel, end_panel)
+        return True
+    return shared_matmul(rows, panels, out, sync, product, role, workers)
+
+
+@njit(**JIT_OPTIONS)
+def _plan(batch_sizes, directions, threads, weights, hidden, units, products):
+    """The work plan of a layer (`shared_product.work_plan`, or `unit_plan` where the cell's
+    threads split units): (tasks, row chunks per direction, tasks per direction, chunk bounds,
+    counters, chunk claims) for W_hh of `weights` weights per direction and `products`
+    per-step products."""
+    if units:
+        return unit_plan(batch_sizes, directions, threads, weights, splits_units(hidden))
+    return work_plan(batch_sizes, directions, threads, weights, products)
+
+
+@njit(**JIT_OPTIONS)
+def _task_place(task, n_chunks, per_direction):
+    """(direction, first row chunk, role, index, workers) of a task (`common.task_chunk`): in a
+    direction of one row chunk, its index among the `workers` tasks that share it; else 0 of 1."""
+    d, chunk, role = task_chunk(task, n_chunks, per_direction)
+    if n_chunks == 1:
+        return d, chunk, role, task % per_direction, per_direction
+    return d, chunk, role, 0, 1
+
+
+@njit(**JIT_OPTIONS)
+def _crew(split, role, index, workers, hidden):
+    """((role, workers, team, first panel, end panel), first unit, end unit) of task `index`:
+    how it takes part in its direction's products (`_product`), and its units: its share of a
+    unit split among `workers` tasks, or all of them alone (`shared_product.unit_span`)."""
+    team = workers if split else 1
+    first_panel, end_panel, unit, end_unit = unit_span(index, team, hidden)
+    return (role, workers, team, first_panel, end_panel), unit, end_unit
+
+
+def _forward_task(
+    a, batch_sizes, offsets, reverse, fused, variant, first, last, role, index, workers
+):
+    """Rows first..last-1 of one direction (`Forward` a), every step. A HELPER task of a shared
+    direction only takes part in the products; in a unit-split direction (`workers` > 1 tasks
+    of a SPLITS_UNITS cell) task `index` does its units of everything, task 0 alone until every
+    helper has arrived (`shared_product.first_step`). Those directions pass their states to the
+    next step through h_state, one buffer per step parity (a task may start the next product
+    while another still reads this step's states); h_n then gets each task's units."""
+    hidden = a.recurrent.shape[1] // cell.GATES
+    inputs = a.x.shape[1]
+    joint = fused and cell.JOINT_INPUT
+    apart = fused and not cell.JOINT_INPUT
+    has_proj = a.h_raw.shape[0] > 0
+    units = cell.SPLITS_UNITS
+    buffered = units and workers > 1
+    rows_task = units or role != HELPER
+    start = first_step(a.sync, index, workers, np.int64(0)) if units else np.int64(0)
+    if start == NO_STEPS:
+        return
+    split = buffered and index > 0  # a helper starts split; task 0 alone until `opens_split`
+    crew, unit, end_unit = _crew(split, role, index, workers, hidden)
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
+    exchanges = np.int64(0)
+    for k in range(start, batch_sizes.shape[0]):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        if buffered and not split and opens_split(a.sync, workers, k):
+            split = True
+            crew, unit, end_unit = _crew(split, role, index, workers, hidden)
+        h_prev = a.h_state[k % 2] if buffered else a.h_n
+        if joint and rows_task:
+            fill_joint_rows(a.joint_rows, a.x, h_prev, off, first, end, inputs)
+        if apart:
+            xs = a.x[off + first : off + end]
+            if not _product(xs, a.ih_panels, a.x_side[first:end], a.sync, product, units, crew):
+                return
+            product += 1
+            if rows_task:
+                for r in range(first, end):
+                    add_row(a.x_side[r], a.b_ih)
+        rows = a.joint_rows[first:end] if joint else h_prev[first:end]
+        if not _product(rows, a.hh_panels, a.recurrent[first:end], a.sync, product, units, crew):
+            return
+        product += 1
+        if rows_task:
+            cell.forward_rows(a, off, first, end, unit, end_unit, fused, variant)
+            if buffered:
+                h_next = a.h_state[(k + 1) % 2]
+                for r in range(first, end):
+                    copy_row(h_next[r, unit:end_unit], a.h_n[r, unit:end_unit])
+        if has_proj:
+            if not _product(
+                a.h_raw[first:end], a.hr_panels, a.h_n[first:end], a.sync, product, units, crew
+            ):
+                return
+            product += 1
+            if rows_task:
+                copy_rows(a.y[off + first : off + end], a.h_n[first:end])
+        if split:
+            exchanges += 1
+            exchange(a.sync, index, workers, exchanges)
+    if buffered and not split:
+        close_split(a.sync)
+
+
+def layer_forward(
+    batch_sizes, variant, x, W_ih, b_ih, W_hh, b_hh, W_hr, h0, c0, pre, y, h_n, c_n, gate_cache,
+    cell_cache, threads,
+):  # fmt: skip
+    """Run the recurrence of one layer: fills y, h_n, c_n and the cell's caches (none when
+    they have no rows: inference).
+
+    W_hh (D, G*H, P); W_hr (D, P, H), or (D, 0, H) without projection; h0 (D, B, P), c0 (D, B, H)
+    or (D, B, 0) for cells without a cell state; variant: a cell's option (the RNN's relu).
+    W_ih (D, G*H, I) with rows fuses the input projection of x (N, I) into the per-step
+    products, with b_ih (D, G*H) (b_ih + b_hh for a JOINT_INPUT cell, or zeros), and pre is
+    not read; W_ih (D, 0, 0): pre (D, N, G*H) holds x @ W_ih^T + biases (those the cell takes
+    on the input side), and x and b_ih go unused. b_hh (D, G*H) for cells that add it apart,
+    else (D, 0). The cell's forward_rows says which of pre, gate_cache and cell_cache it writes."""
+    offsets = step_offsets(batch_sizes)
+    directions, batch, width = h0.shape
+    hidden = W_hh.shape[1] // cell.GATES
+    fused = W_ih.shape[1] > 0
+    joint = fused and cell.JOINT_INPUT
+    apart = fused and not cell.JOINT_INPUT
+    if joint:
+        hh_panels = packed_joint_panels(W_ih, W_hh, threads)
+    else:
+        hh_panels = packed_panels(W_hh, False, threads)
+    if apart:
+        ih_panels = packed_panels(W_ih, False, threads)
+    else:
+        ih_panels = np.empty((directions, 0, 0, PANEL), dtype=y.dtype)
+    hr_panels = packed_panels(W_hr, False, threads)
+    copy_states(h_n, h0)
+    copy_states(c_n, c0)
+    has_proj = W_hr.shape[1] > 0
+    recurrent = aligned_empty((directions, batch, W_hh.shape[1]), y)
+    x_side = np.empty((directions, batch if apart else 0, W_hh.shape[1]), dtype=y.dtype)
+    h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
+    weights = W_hh.shape[1] * W_hh.shape[2]
+    products = batch_sizes.shape[0] * (1 + has_proj + apart)
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = _plan(
+        batch_sizes, directions, threads, weights, hidden, cell.SPLITS_UNITS, products
+    )
+    split = cell.SPLITS_UNITS and n_chunks == 1 and per_direction > 1
+    h_state = split_states(h0, split)
+    joint_rows = np.empty(
+        (directions, per_direction if split else 1, batch, x.shape[1] + width if joint else 0),
+        dtype=y.dtype,
+    )
+    for task in prange(n_tasks):
+        d, chunk, role, index, workers = _task_place(task, n_chunks, per_direction)
+        a = Forward(
+            x, pre[d], b_ih[d], b_hh[d], y[d], h_n[d], c_n[d], gate_cache[d], cell_cache[d],
+            recurrent[d], x_side[d], h_raw[d], joint_rows[d, index if split else 0], h_state[d],
+            hh_panels[d], ih_panels[d], hr_panels[d], sync[d],
+        )  # fmt: skip
+        while chunk < n_chunks:
+            _forward_task(
+                a, batch_sizes, offsets, d == 1, fused, variant, bounds[chunk], bounds[chunk + 1],
+                role, index, workers,
+            )  # fmt: skip
+            chunk = next_chunk(claims, d, n_chunks, per_direction)
+
+
+def _backward_task(a, batch_sizes, offsets, reverse, variant, first, last, role, index, workers):
+    """Rows first..last-1 of one direction (`Backward` a), every step in reverse; the threads
+    cooperate as in `_forward_task`. Each step: dh0 (dL/dh of each row's latest state) gets
+    the step's output gradient; through W_hr^T with a projection; the cell's gate gradients;
+    then dh0 = (the recurrent gradient rows) @ W_hh, plus the part that skips W_hh if any."""
+    hidden = a.d_input.shape[1] // cell.GATES
+    has_proj = a.h_raw.shape[0] > 0
+    separate = cell.SEPARATE_RECURRENT_GRADIENT
+    units = cell.SPLITS_UNITS
+    buffered = units and workers > 1
+    lead = index == 0  # the owner, or task 0 of a unit split
+    rows_task = units or role != HELPER
+    start = np.int64(batch_sizes.shape[0] - 1)
+    start = first_step(a.sync, index, workers, start) if units else start
+    if start == NO_STEPS:
+        return
+    split = buffered and index > 0
+    crew, unit, end_unit = _crew(split, role, index, workers, hidden)
+    dh = a.dh_raw if has_proj else a.dh0
+    product = np.int64(0)  # typed int64 from the start (see shared_matmul)
+    exchanges = np.int64(0)
+    for k in range(start, -1, -1):
+        t, off, end = step_span(k, batch_sizes, offsets, reverse, first, last)
+        if end == first:
+            continue
+        if buffered and not split and opens_split(a.sync, workers, k):
+            split = True
+            crew, unit, end_unit = _crew(split, role, index, workers, hidden)
+        prev, prev_rows = previous_step_rows(t, batch_sizes, reverse)
+        if lead:
+            count = end - first
+            copy_previous_hidden(a.y, a.h0, offsets, t, prev, prev_rows, first, count, a.h_prev)
+        if rows_task:
+            for r in range(first, end):
+                add_row(a.dh0[r, unit:end_unit], a.dy[off + r, unit:end_unit])
+        if has_proj:
+            if rows_task:
+                copy_rows(a.dh_total[off + first : off + end], a.dh0[first:end])
+            if not _product(
+                a.dh0[first:end], a.hr_panels, a.dh_raw[first:end], a.sync, product, units, crew
+            ):
+                return
+            product += 1
+        if rows_task:
+            cell.backward_rows(
+                a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant
+            )
+        if split:
+            exchanges += 1
+            exchange(a.sync, index, workers, exchanges)
+        if separate:
+            rows, into = a.rec_grads[first:end], a.through[first:end]
+        else:
+            rows, into = a.d_input[off + first : off + end], a.dh0[first:end]
+        if not _product(rows, a.hh_panels, into, a.sync, product, units, crew):
+            return
+        product += 1
+        if separate and rows_task:
+            add_rows(a.dh0[first:end], a.through[first:end])
+    if buffered and not split:
+        close_split(a.sync)
+
+
+def layer_backward(
+    batch_sizes, variant, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_input,
+    dn_recurrent, h_prev, dh_total, h_raw, dh0, dc0, threads,
+):  # fmt: skip
+    """Backward of `layer_forward`, per step; the caller does the GEMMs over all rows.
+
+    Takes the weights as `layer_forward` does (W_hh (D, G*H, P), W_hr (D, P, H) or (D, 0, H));
+    the per-step products run on them as transposed panels. In: the forward's h0, c0, y and
+    caches; dy (D, N, P), dh_n (D, B, P), dc_n (D, B, H) (or (D, B, 0)). Out: d_input
+    (D, N, G*H), the gradients of the gate pre-activations on the input side; dn_recurrent
+    (D, N, H) for a SEPARATE_RECURRENT_GRADIENT cell (its recurrent side's n block), else
+    (D, 0, H); h_prev (D, N, P), the state each row consumed (or (D, 0, P): not written); with
+    a projection dh_total (D, N, P) = dL/dh and h_raw (D, N, H) (else both (D, 0, *));
+    dh0 (D, B, P), dc0 (D, B, H) (or (D, B, 0))."""
+    offsets = step_offsets(batch_sizes)
+    hh_panels = packed_panels(W_hh, True, threads)
+    hr_panels = packed_panels(W_hr, True, threads)
+    copy_states(dh0, dh_n)
+    copy_states(dc0, dc_n)
+    directions, batch, width = h0.shape
+    hidden = W_hh.shape[1] // cell.GATES
+    has_proj = W_hr.shape[1] > 0
+    separate = cell.SEPARATE_RECURRENT_GRADIENT
+    dh_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
+    rec_grads = np.empty((directions, batch if separate else 0, W_hh.shape[1]), dtype=y.dtype)
+    through = np.empty((directions, batch if separate else 0, width), dtype=y.dtype)
+    weights = W_hh.shape[1] * W_hh.shape[2]
+    products = batch_sizes.shape[0] * (1 + has_proj)
+    n_tasks, n_chunks, per_direction, bounds, sync, claims = _plan(
+        batch_sizes, directions, threads, weights, hidden, cell.SPLITS_UNITS, products
+    )
+    for task in prange(n_tasks):
+        d, chunk, role, index, workers = _task_place(task, n_chunks, per_direction)
+        a = Backward(
+            h0[d], c0[d], y[d], gate_cache[d], cell_cache[d], dy[d], d_input[d], dn_recurrent[d],
+            h_prev[d], dh_total[d], h_raw[d], dh0[d], dc0[d], dh_raw[d], rec_grads[d],
+            through[d], hh_panels[d], hr_panels[d], sync[d],
+        )  # fmt: skip
+        while chunk < n_chunks:
+            _backward_task(
+                a, batch_sizes, offsets, d == 1, variant, bounds[chunk], bounds[chunk + 1], role,
+                index, workers,
+            )  # fmt: skip
+            chunk = next_chunk(claims, d, n_chunks, per_direction)
+
+
+# The functions that name `cell`, copied per cell; the entries last, once the task loops they
+# call are in the namespace.
+_TASKS = (_forward_task, _backward_task)
+_ENTRIES = {"forward": layer_forward, "backward": layer_backward}
+
+
+def _copy(function, namespace: dict, name: str, module: str):
+    """`function` as a new Python function named `name` that looks its globals up in
+    `namespace`."""
+    twin = types.FunctionType(function.__code__, namespace, name, function.__defaults__)
+    twin.__qualname__ = name
+    twin.__module__ = module
+    twin.__doc__ = function.__doc__
+    return twin
+
+
+def _source_tag(*modules) -> str:
+    """Eight hex digits of a hash of the modules' source files, or "" if one can't be read."""
+    digest = hashlib.sha256()
+    try:
+        for module in modules:
+            with open(inspect.getfile(module), "rb") as source:
+                digest.update(source.read())
+    except (OSError, TypeError):
+        return ""
+    return "_" + digest.hexdigest()[:8]
+
+
+def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
+    """The kernels of a cell, by name: `<cell>_forward`, `<cell>_backward` (parallel) and their
+    `_serial` twins (`runtime.serial_twin`), for the cell module `cell_module` named
+    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists. The module
+    must be importable by that name: a cache entry's environment is rebuilt from it."""
+    prefix = cell_module.__name__.rsplit(".", 1)[-1]
+    tag = _source_tag(sys.modules[__name__], cell_module)
+    namespace = dict(globals())
+    namespace["cell"] = cell_module
+    for task in _TASKS:
+        copy = _copy(task, namespace, f"{prefix}{task.__name__}", cell_module.__name__)
+        copy.__qualname__ += tag
+        namespace[task.__name__] = njit(**JIT_OPTIONS)(copy)
+    kernels = {}
+    for part, entry in _ENTRIES.items():
+        name = f"{prefix}_{part}"
+        copy = _copy(entry, namespace, name, cell_module.__name__)
+        copy.__qualname__ += tag
+        kernel = njit(**PARALLEL_JIT_OPTIONS)(copy)
+        kernels[name] = kernel
+        kernels[f"{name}_serial"] = serial_twin(kernel)
+    return kernels
