@@ -31,7 +31,7 @@ from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
 from .kernels.cpu.rnn import rnn_forward as _rnn_forward
-from .kernels.cpu.runtime import prefer_openmp_threading_layer
+from .kernels.cpu.runtime import prefer_openmp_threading_layer, prefer_workqueue_threading_layer
 
 prefer_openmp_threading_layer()
 
@@ -118,6 +118,8 @@ def _numba_threads() -> int:
     reader = getattr(_numba_parallel, "_get_num_threads", None)
     if reader is not None and getattr(_numba_parallel, "_is_initialized", False):
         return reader()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        prefer_workqueue_threading_layer()  # the pool starts below: see the function
     return numba.get_num_threads()
 
 

@@ -86,5 +86,5 @@ def test_gate_math_is_vectorised(dtype):
     suffix = "ps" if dtype == np.float32 else "pd"
     packed = len(re.findall(rf"\bv\w+{suffix}\s+.*[yz]mm", asm))
     # vectorised: ~100-120 packed instructions here; with scalar exp / tanh calls (the
-    # float64 form before session 12) 5
+    # earlier scalar float64 form) 5
     assert packed >= 30, f"{packed} packed vector instructions: the gate loop is scalar"

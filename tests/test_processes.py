@@ -514,3 +514,27 @@ if __name__ == "__main__":
         worker(int(rank), int(world), init_file, out_dir, kind)
     else:
         raise SystemExit(f"usage: {sys.argv[0]} worker RANK WORLD INIT_FILE OUT_DIR KIND")
+
+
+def test_distributed_process_runs_the_workqueue_layer(tmp_path):
+    """With a process group up before fastrnn's first kernel, Numba's pool starts on its
+    `workqueue` layer: on `omp`, a rank aborted at interpreter exit after its work was done in
+    2-3 of 8 torchrun runs of the README's DDP example."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(
+        "import numba, torch, torch.distributed as dist, fastrnn\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'init'}', "
+        "rank=0, world_size=1)\n"
+        "fastrnn.LSTM(3, 4)(torch.randn(5, 2, 3))[0].sum().backward()\n"
+        "print('layer', numba.threading_layer())\n"
+        "dist.destroy_process_group()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        env=_env(NUMBA_THREADING_LAYER=None, NUMBA_THREADING_LAYER_PRIORITY=None),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "layer workqueue" in done.stdout, done.stdout

@@ -28,7 +28,7 @@ owner's publish, claim and done counters of a shared product. T1000 B1 kernels, 
 calls: RNN H128 forward 1.45x and backward 1.47x of one thread (which owner and helper didn't
 beat: 1.06x); RNN H256 1.20x of owner and helper. For GRU and LSTM the same split, built and
 measured, didn't pay (B1 forward 0.90-0.96x of owner and helper; their gate math
-needs each gate block as its own view to vectorise: bench/performance-notes.md), so they share
+needs each gate block as its own view to vectorise: bench/decisions.md), so they share
 products (a cell's SPLITS_UNITS, `recurrence`).
 Results are bitwise the same either way: every output column is the same k-ordered FMA chain.
 """
