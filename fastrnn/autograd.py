@@ -128,8 +128,8 @@ def _apply_layer(function: type[torch.autograd.Function], *args):
     Under CUDA autocast, the layer runs as torch's cuDNN RNN does there: input, states and
     weights cast to the autocast dtype (differentiably, so float32 parameters get float32
     gradients), results in that dtype."""
-    first = next((a for a in args if isinstance(a, Tensor)), None)
-    autocast_dtype = cuda_autocast_dtype(first) if first is not None else None
+    x = args[1] if type(args[0]) is str else args[0]  # after the cell kind, if one leads
+    autocast_dtype = cuda_autocast_dtype(x) if isinstance(x, Tensor) else None
     if autocast_dtype is not None:
         cast = [
             a.to(autocast_dtype) if isinstance(a, Tensor) and a.is_floating_point() else a

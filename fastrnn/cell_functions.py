@@ -164,22 +164,24 @@ class CellFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cell, x, h, c, W_ih, W_hh, b_ih, b_hh):
         check_cell_weights(W_ih, W_hh, b_ih, b_hh, SPECS[cell].gates)
+        # `kept`: the output a backward reads (LSTM c', RNN h'); a graph-recording call
+        # returns a copy of it, which the caller may change in place, as torch's cells allow
         if cell == "lstm":
-            states, cache = _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh)
-            kept = states[1]  # c' (backward's), the caller gets a copy
+            (h_new, kept), cache = _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh)
         elif cell == "gru":
-            states, cache = _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh)
+            (h_new,), cache = _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh)
             kept = None
         else:
-            states, cache = _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, cell == "rnn_relu")
-            kept = states[0]  # h' (backward's), the caller gets a copy
+            (h_new,), cache = _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, cell == "rnn_relu")
+            kept = h_new
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h, c, W_ih, W_hh, kept, b_ih, b_hh)
             ctx.cell, ctx.cache, ctx.has_bias = cell, cache, b_ih is not None
-            # a saved output is copied: the caller may change its own in place, as torch's
-            # cells allow
-            states = tuple(s.clone() if s is kept else s for s in states)
-        return states if len(states) == 2 else states[0]
+            if kept is not None:
+                kept = kept.clone()
+                if cell != "lstm":
+                    h_new = kept
+        return (h_new, kept) if cell == "lstm" else h_new
 
     @staticmethod
     @double_backward_through(_reference_recompute)

@@ -404,12 +404,19 @@ def _step_runner(kind: str) -> StepRunner:
     """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`)."""
 
     def run(x, states, weights):
-        results = [
-            plain_cell_step(kind, x, [s[d] for s in states], w[:4]) for d, w in enumerate(weights)
-        ]
-        y, h_n = _one_step([r[0] for r in results])
-        others = (torch.stack([r[k] for r in results]) for k in range(1, len(states)))
-        return y, (h_n, *others)
+        h0 = states[0]
+        if kind == "lstm":
+            c0 = states[1]
+            results = [
+                apply_layer(CellFunction, kind, x, h0[d], c0[d], *w[:4])
+                for d, w in enumerate(weights)
+            ]
+            y, h_n = _one_step([h for h, _ in results])
+            return y, (h_n, torch.stack([c for _, c in results]))
+        y, h_n = _one_step(
+            [apply_layer(CellFunction, kind, x, h0[d], None, *w[:4]) for d, w in enumerate(weights)]
+        )
+        return y, (h_n,)
 
     return run
 
