@@ -12,7 +12,8 @@ layer passes its weights as they are, without the D axis (`_direction_axis`). Th
 Work split: the GEMMs over all steps (input projection; dW_ih, dW_hh, dW_hr, dx) run in torch
 (on torch's thread pool, or cuBLAS), like the rest of a training step; the recurrence (per-step
 products and the fused gate math) runs in fastrnn's kernels for the tensors' device:
-`recurrence_cpu` (Numba CPU) or `recurrence_cuda` (numba-cuda), which take the same arguments.
+`recurrence_cpu` (Numba CPU) or `recurrence_cuda` (numba-cuda), which take the same arguments
+and say what the Functions may leave out for them (`SKIPS_INFERENCE_CACHES`, ...).
 
 Double backward (create_graph=True: gradient penalties, Hessian-vector products, second-order
 meta-learning) takes a slow path: the backward recomputes the layer with plain torch ops
@@ -216,9 +217,9 @@ def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) ->
 
 def _cache_rows(ctx, x: Tensor) -> int:
     """Rows of a cache that only a backward reads (LSTM's cell cache, GRU's gate cache): all of
-    x's, or none in CPU inference, where the kernels then skip writing them (GRU B16 forward
-    kernel 4.97 -> 4.77 ms). The GPU kernels always write theirs."""
-    if any(ctx.needs_input_grad) or _recurrence(x) is not recurrence_cpu:
+    x's, or none in inference where the kernels can skip writing them (the CPU's: GRU B16
+    forward kernel 4.97 -> 4.77 ms)."""
+    if any(ctx.needs_input_grad) or not _recurrence(x).SKIPS_INFERENCE_CACHES:
         return x.shape[0]
     return 0
 
@@ -256,10 +257,10 @@ def _input_grad(d_pre: Tensor, W_ih: Tensor) -> Tensor:
 
 def _previous_states(directions: int, x: Tensor, batch_sizes: np.ndarray, width: int) -> Tensor:
     """The (D, N, width) buffer for the state each row consumed, which the backward kernels fill;
-    empty (D, 0, width) for dense input on the CPU, whose kernels then skip it and
+    empty (D, 0, width) for dense input where the kernels skip it (the CPU's) and
     `_recurrent_weight_grad` reads those states from y and h0 instead (no copy of N rows)."""
     dense = int(batch_sizes[0]) == int(batch_sizes[-1])
-    rows = 0 if dense and _recurrence(x) is recurrence_cpu else x.shape[0]
+    rows = 0 if dense and _recurrence(x).DERIVES_DENSE_STATES else x.shape[0]
     return scratch("h_prev", (directions, rows, width), x)
 
 
@@ -415,8 +416,8 @@ def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
     # dead once backward returns: reused buffers (see `scratch`)
     d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
-    # the CPU kernel writes only the recurrent side's n block (the rest equals d_input's)
-    recurrent_width = hidden if recurrence is recurrence_cpu else 3 * hidden
+    # a kernel may write only the recurrent side's n block (the rest equals d_input's)
+    recurrent_width = hidden if recurrence.GRU_RECURRENT_N_ONLY else 3 * hidden
     d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
     h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
     (dh0,) = _states_like(h0)

@@ -48,6 +48,14 @@ _FORKED_WARNING = (
 )
 
 
+# What the layer Functions may leave out for these kernels (`autograd`; `recurrence_cuda` has
+# its own values): caches in inference, the consumed states of dense input (read from y and h0),
+# and the GRU recurrent gradient's r and z blocks (equal to the input side's).
+SKIPS_INFERENCE_CACHES = True
+DERIVES_DENSE_STATES = True
+GRU_RECURRENT_N_ONLY = True
+
+
 def _kernel_set(serial: bool) -> dict:
     """The six kernels this module calls, by their global names here: the parallel ones, or
     their serial twins (`kernels/cpu/runtime.serial_twin`)."""

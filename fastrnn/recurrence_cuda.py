@@ -68,6 +68,14 @@ _strategy = os.environ.get("FASTRNN_CUDA_STRATEGY", "auto")
 _last_strategy: str | None = None
 
 
+# What the layer Functions may leave out for these kernels (`autograd`; `recurrence_cpu` has its own
+# values): caches in inference, the consumed states of dense input (read from y and h0), and the
+# GRU recurrent gradient's r and z blocks (equal to the input side's).
+SKIPS_INFERENCE_CACHES = False
+DERIVES_DENSE_STATES = False
+GRU_RECURRENT_N_ONLY = False
+
+
 def set_cuda_strategy(name: str) -> None:
     """Choose how CUDA tensors run: "auto" (the default: fastrnn's kernels, persistent where it
     applies), "persistent" or "stepwise" (force one; "persistent" raises where it can't run), or
@@ -766,7 +774,23 @@ def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> 
     return False
 
 
-def lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache) -> None:
+def lstm_forward(
+    batch_sizes,
+    W_hh,
+    W_hr,
+    h0,
+    c0,
+    y,
+    h_n,
+    c_n,
+    gate_cache,
+    cell_cache,
+    x=None,
+    W_ih=None,
+    bias=None,
+) -> None:
+    """`recurrence_cpu.lstm_forward`'s arguments; x, W_ih and bias (a fused input projection)
+    never come here (`fuses_input_projection` is False)."""
     recurrence_forward(
         _LSTM, False, batch_sizes, W_hh, W_hr, None, h0, c0, gate_cache, gate_cache,
         cell_cache, y, h_n, c_n,
@@ -803,7 +827,9 @@ def lstm_backward(
         torch.mul(gate_cache[:, :, 3 * hidden :], torch.tanh(cell_cache), out=h_raw)
 
 
-def gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache) -> None:
+def gru_forward(
+    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None
+) -> None:
     if b_hh is None:  # the kernel adds b_hn inside r * (W_hn h + b_hn)
         b_hh = W_hh.new_zeros((W_hh.shape[0], W_hh.shape[1]))
     recurrence_forward(
@@ -822,7 +848,7 @@ def gru_backward(
     h_prev.copy_(previous_hidden(batch_sizes, y, h0))
 
 
-def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n) -> None:
+def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
     recurrence_forward(
         _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None
     )
