@@ -34,7 +34,7 @@ from .kernels.cpu.cells import (
     rnn_cell_forward,
     rnn_cell_forward_small,
 )
-from .recurrence_cpu import _NUMPY_DTYPES, _empty, _np
+from .recurrence_cpu import NUMPY_DTYPES, empty_array, numpy_view
 
 
 def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> None:
@@ -64,9 +64,11 @@ def _product_inputs(x, h, W_ih, W_hh, b_ih, b_hh) -> list:
     """The arrays a `*_cell_forward_small` kernel computes the products from (SMALL_BATCH rows
     or fewer: its own dot products beat torch's addmm there); an absent bias as an empty
     array."""
-    arrays = [_np(x), _np(h), _np(W_ih), _np(W_hh)]
+    arrays = [numpy_view(x), numpy_view(h), numpy_view(W_ih), numpy_view(W_hh)]
     for bias in (b_ih, b_hh):
-        arrays.append(_np(bias) if bias is not None else _empty((0,), _NUMPY_DTYPES[x.dtype]))
+        arrays.append(
+            numpy_view(bias) if bias is not None else empty_array((0,), NUMPY_DTYPES[x.dtype])
+        )
     return arrays
 
 
@@ -109,12 +111,12 @@ def _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh):
         rec = torch.empty_like(gates)
         lstm_cell_forward_small(
             *_product_inputs(x, h, W_ih, W_hh, b_ih, b_hh), gates.numpy(), rec.numpy(),
-            _np(c), c_new.numpy(), h_new.numpy(),
+            numpy_view(c), c_new.numpy(), h_new.numpy(),
         )  # fmt: skip
     else:
         gates = _product(x, W_ih, b_ih)
         rec = _product(h, W_hh, b_hh)
-        lstm_cell_forward(gates.numpy(), rec.numpy(), _np(c), c_new.numpy(), h_new.numpy())
+        lstm_cell_forward(gates.numpy(), rec.numpy(), numpy_view(c), c_new.numpy(), h_new.numpy())
     return (h_new, c_new), gates
 
 
@@ -123,7 +125,7 @@ def _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh):
     if b_hh is None:
         b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
     else:
-        b_hh_np = _np(b_hh)
+        b_hh_np = numpy_view(b_hh)
     cache = _new_rows(h, h.shape[0], 4 * h.shape[1])
     h_new = torch.empty_like(h, memory_format=torch.contiguous_format)
     if x.shape[0] <= SMALL_BATCH:
@@ -138,7 +140,7 @@ def _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh):
         projected = _product(x, W_ih, b_ih)
         rec = _product(h, W_hh, None)  # b_hn is applied inside the reset gate
         gru_cell_forward(
-            projected.numpy(), rec.numpy(), b_hh_np, _np(h), cache.numpy(), h_new.numpy()
+            projected.numpy(), rec.numpy(), b_hh_np, numpy_view(h), cache.numpy(), h_new.numpy()
         )
     return (h_new,), cache
 
@@ -193,8 +195,8 @@ class CellFunction(torch.autograd.Function):
             d_input = d_recurrent = torch.empty_like(ctx.cache)
             dc_prev = torch.empty_like(c, memory_format=torch.contiguous_format)
             lstm_cell_backward(
-                ctx.cache.numpy(), _np(c), kept.numpy(), _np(dh), _np(dc), d_input.numpy(),
-                dc_prev.numpy(),
+                ctx.cache.numpy(), numpy_view(c), kept.numpy(), numpy_view(dh), numpy_view(dc),
+                d_input.numpy(), dc_prev.numpy(),
             )  # fmt: skip
         elif ctx.cell == "gru":
             rows, hidden = h.shape
@@ -202,12 +204,12 @@ class CellFunction(torch.autograd.Function):
             d_recurrent = torch.empty_like(d_input)
             dh_direct = torch.empty_like(h, memory_format=torch.contiguous_format)
             gru_cell_backward(
-                ctx.cache.numpy(), _np(h), _np(dh), d_input.numpy(), d_recurrent.numpy(),
-                dh_direct.numpy(),
+                ctx.cache.numpy(), numpy_view(h), numpy_view(dh), d_input.numpy(),
+                d_recurrent.numpy(), dh_direct.numpy(),
             )  # fmt: skip
         else:
             d_input = d_recurrent = torch.empty_like(kept)
-            rnn_cell_backward(kept.numpy(), _np(dh), ctx.cell == "rnn_relu", d_input.numpy())
+            rnn_cell_backward(kept.numpy(), numpy_view(dh), ctx.cell == "rnn_relu", d_input.numpy())
         dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _weight_grads(
             ctx, d_input, d_recurrent, x, h, W_ih, W_hh
         )

@@ -145,7 +145,7 @@ def _threads() -> int:
     return max(1, min(torch.get_num_threads(), _numba_threads(), _CPUS))
 
 
-def _np(t: Tensor) -> np.ndarray:
+def numpy_view(t: Tensor) -> np.ndarray:
     """Zero-copy numpy view of a tensor's data (copied first only if not contiguous).
     `numpy(force=True)` detaches in C++: 1.3 us against 1.9 for `detach().numpy()`, and a
     batch-1 fwd+bwd converts ~20 tensors."""
@@ -154,18 +154,18 @@ def _np(t: Tensor) -> np.ndarray:
     return t.numpy(force=True)
 
 
-_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 @functools.lru_cache(maxsize=64)
-def _empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def empty_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An array with no elements for an absent argument (W_hr, the unfused projection's x,
     W_ih and bias), made once: np.empty costs ~1 us, and a batch-1 call makes up to four."""
     return np.empty(shape, dtype)
 
 
 def _np_or_empty(W: Tensor | None, shape: tuple[int, ...], like: Tensor) -> np.ndarray:
-    return _np(W) if W is not None else _empty(shape, _NUMPY_DTYPES[like.dtype])
+    return numpy_view(W) if W is not None else empty_array(shape, NUMPY_DTYPES[like.dtype])
 
 
 def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> bool:
@@ -195,18 +195,18 @@ def _fused_inputs(x, W_ih, bias, directions: int, dtype) -> tuple[np.ndarray, ..
     ones of the same types when it isn't (one compiled form of each kernel serves both)."""
     if W_ih is None:
         return (
-            _empty((0, 0), dtype),
-            _empty((directions, 0, 0), dtype),
-            _empty((directions, 0), dtype),
+            empty_array((0, 0), dtype),
+            empty_array((directions, 0, 0), dtype),
+            empty_array((directions, 0), dtype),
         )
-    bias_np = _np(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
-    return _np(x), _np(W_ih), bias_np
+    bias_np = numpy_view(bias) if bias is not None else np.zeros(W_ih.shape[:2], dtype)
+    return numpy_view(x), numpy_view(W_ih), bias_np
 
 
 def _nothing(directions: int, like: Tensor, width: int = 0) -> np.ndarray:
     """(D, 0, width): an array argument that a cell's kernels take but don't use
     (`kernels/cpu/recurrence`: one argument list for every cell)."""
-    return _empty((directions, 0, width), _NUMPY_DTYPES[like.dtype])
+    return empty_array((directions, 0, width), NUMPY_DTYPES[like.dtype])
 
 
 def lstm_forward(
@@ -231,12 +231,12 @@ def lstm_forward(
     _lstm_forward(
         batch_sizes,
         False,
-        *_fused_inputs(x, W_ih, bias, directions, _NUMPY_DTYPES[h0.dtype]),
-        _np(W_hh),
-        _empty((directions, 0), _NUMPY_DTYPES[h0.dtype]),
+        *_fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype]),
+        numpy_view(W_hh),
+        empty_array((directions, 0), NUMPY_DTYPES[h0.dtype]),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
-        _np(h0),
-        _np(c0),
+        numpy_view(h0),
+        numpy_view(c0),
         gates,
         y.numpy(),
         h_n.numpy(),
@@ -270,16 +270,16 @@ def lstm_backward(
     _lstm_backward(
         batch_sizes,
         False,
-        _np(W_hh),
+        numpy_view(W_hh),
         _np_or_empty(W_hr, (directions, 0, hidden), h0),
-        _np(h0),
-        _np(c0),
-        _np(y),
+        numpy_view(h0),
+        numpy_view(c0),
+        numpy_view(y),
         gate_cache.numpy(),
         cell_cache.numpy(),
-        _np(dy),
-        _np(dh_n),
-        _np(dc_n),
+        numpy_view(dy),
+        numpy_view(dh_n),
+        numpy_view(dc_n),
         d_gates.numpy(),
         _nothing(directions, h0, hidden),
         h_prev.numpy(),
@@ -297,9 +297,9 @@ def gru_forward(
     """As `recurrence_cuda.gru_forward`; given x (N, I), W_ih (D, 3H, I) and bias = b_ih (D, 3H)
     or None, the kernel computes the input projection step by step and `projected` isn't read."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
-    dtype = _NUMPY_DTYPES[h0.dtype]
+    dtype = NUMPY_DTYPES[h0.dtype]
     if b_hh is not None:
-        b_hh_np = _np(b_hh)
+        b_hh_np = numpy_view(b_hh)
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
     no_cell = _nothing(directions, h0)
@@ -307,10 +307,10 @@ def gru_forward(
         batch_sizes,
         False,
         *_fused_inputs(x, W_ih, bias, directions, dtype),
-        _np(W_hh),
+        numpy_view(W_hh),
         b_hh_np,
         _nothing(directions, h0, hidden),
-        _np(h0),
+        numpy_view(h0),
         no_cell,
         projected.numpy(),
         y.numpy(),
@@ -330,15 +330,15 @@ def gru_backward(
     _gru_backward(
         batch_sizes,
         False,
-        _np(W_hh),
+        numpy_view(W_hh),
         no_proj,
-        _np(h0),
+        numpy_view(h0),
         no_cell,
-        _np(y),
+        numpy_view(y),
         gate_cache.numpy(),
         no_cell,
-        _np(dy),
-        _np(dh_n),
+        numpy_view(dy),
+        numpy_view(dh_n),
         no_cell,
         d_input.numpy(),
         d_recurrent.numpy(),
@@ -355,17 +355,17 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=Non
     """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
     the kernel computes the input projection itself and y's input isn't read."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
-    inputs = _fused_inputs(x, W_ih, bias, directions, _NUMPY_DTYPES[h0.dtype])
+    inputs = _fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype])
     no_cell = _nothing(directions, h0)
     out = y.numpy()
     _rnn_forward(
         batch_sizes,
         relu,
         *inputs,
-        _np(W_hh),
-        _empty((directions, 0), _NUMPY_DTYPES[h0.dtype]),
+        numpy_view(W_hh),
+        empty_array((directions, 0), NUMPY_DTYPES[h0.dtype]),
         _nothing(directions, h0, hidden),
-        _np(h0),
+        numpy_view(h0),
         no_cell,
         out,
         out,
@@ -383,15 +383,15 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -
     _rnn_backward(
         batch_sizes,
         relu,
-        _np(W_hh),
+        numpy_view(W_hh),
         no_proj,
-        _np(h0),
+        numpy_view(h0),
         no_cell,
-        _np(y),
+        numpy_view(y),
         no_cell,
         no_cell,
-        _np(dy),
-        _np(dh_n),
+        numpy_view(dy),
+        numpy_view(dh_n),
         no_cell,
         d_pre.numpy(),
         no_proj,
