@@ -13,19 +13,26 @@ import sys
 
 
 def _ensure_kernels_package() -> None:
-    """Make `fastrnn.kernels` importable from a source checkout that isn't pip-installed.
+    """Make `fastrnn.kernels` the kernels of this very fastrnn.
 
-    An installed fastrnn (wheel or editable) maps the top-level `kernels/` folder to
-    `fastrnn.kernels`; a checkout used through PYTHONPATH gets the same mapping here.
+    A wheel holds them as the subpackage `fastrnn/kernels`. A source checkout holds them as the
+    top-level `kernels/` beside `fastrnn/`, which is mapped here; this comes before asking the
+    import system, because an editable install's finder would map another checkout's kernels
+    when this copy is imported through PYTHONPATH (a read-only copy of the package, say).
     """
     if "fastrnn.kernels" in sys.modules:
         return
-    try:
-        if importlib.util.find_spec("fastrnn.kernels") is not None:
-            return
-    except ModuleNotFoundError:
-        pass
-    source = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "kernels")):
+        return  # a wheel: the subpackage imports as it is
+    source = os.path.join(os.path.dirname(here), "kernels")
+    if not os.path.isfile(os.path.join(source, "__init__.py")):
+        try:
+            if importlib.util.find_spec("fastrnn.kernels") is not None:
+                return
+        except ModuleNotFoundError:
+            pass
+        raise ImportError("fastrnn.kernels is missing: reinstall fastrnn")
     spec = importlib.util.spec_from_file_location(
         "fastrnn.kernels", os.path.join(source, "__init__.py"), submodule_search_locations=[source]
     )
