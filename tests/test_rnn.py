@@ -1,0 +1,20 @@
+"""Elman RNN, tanh and relu: fastrnn.RNN against torch.nn.RNN with identical weights over its
+parity grid (layers, directions, batch_first, bias, nonlinearity, unbatched input, hx given or
+not, float32 and float64, dense and packed with sorted and unsorted lengths); the layer Function
+against the plain-torch reference is in test_kernels.py, the op under torch.compile in
+test_compile.py."""
+
+from __future__ import annotations
+
+import pytest
+from parity_grid import check_module_parity, check_packed_parity, module_grid, packed_grid
+
+
+@pytest.mark.parametrize("c", module_grid("RNN_TANH") + module_grid("RNN_RELU"))
+def test_rnn_matches_torch(c):
+    check_module_parity(c)
+
+
+@pytest.mark.parametrize("c", packed_grid("RNN_TANH") + packed_grid("RNN_RELU"))
+def test_packed_rnn_matches_torch(c):
+    check_packed_parity(c)
