@@ -480,8 +480,8 @@ def main(argv=None) -> int:
     if uncached:
         print(
             f"first use: fastrnn compiles {len(uncached)} kernels for this machine first, in a "
-            "process per CPU (all six: 49 s in one process on 2 Zen 3 cores, 37 s in two; "
-            "cached on disk afterwards; `python -m fastrnn.precompile` does it ahead of time)",
+            "process per CPU (about a minute on 2 cores; cached on disk afterwards; "
+            "`python -m fastrnn.precompile` does it ahead of time)",
             flush=True,
         )
         from fastrnn.precompile import precompile_in_processes
