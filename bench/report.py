@@ -42,6 +42,53 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return None
+
+
+# (vendor, family, first model, last model) -> microarchitecture, for the server CPUs this
+# project is measured on; a VM's model name often says only "AMD EPYC".
+_MICROARCHITECTURES = [
+    ("AuthenticAMD", 0x17, 0x30, 0x3F, "Zen 2"),
+    ("AuthenticAMD", 0x19, 0x00, 0x0F, "Zen 3"),
+    ("AuthenticAMD", 0x19, 0x10, 0x1F, "Zen 4"),
+    ("AuthenticAMD", 0x19, 0xA0, 0xAF, "Zen 4"),
+    ("AuthenticAMD", 0x1A, 0x00, 0x1F, "Zen 5"),
+    ("GenuineIntel", 6, 0x55, 0x55, "Skylake / Cascade Lake"),
+    ("GenuineIntel", 6, 0x6A, 0x6C, "Ice Lake"),
+    ("GenuineIntel", 6, 0x8F, 0x8F, "Sapphire Rapids"),
+    ("GenuineIntel", 6, 0xCF, 0xCF, "Emerald Rapids"),
+    ("GenuineIntel", 6, 0xAD, 0xAE, "Granite Rapids"),
+]
+
+
+def cpu_microarchitecture() -> str | None:
+    """The CPU's microarchitecture from its vendor, family and model numbers, or None."""
+    vendor, family, model = (_cpuinfo_field(k) for k in ("vendor_id", "cpu family", "model"))
+    if vendor is None or family is None or model is None:
+        return None
+    try:
+        family_number, model_number = int(family), int(model)
+    except ValueError:
+        return None
+    for known_vendor, known_family, first, last, name in _MICROARCHITECTURES:
+        if (
+            vendor == known_vendor
+            and family_number == known_family
+            and first <= model_number <= last
+        ):
+            return name
+    return f"family {family_number} model {model_number}"
+
+
 def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -103,6 +150,11 @@ def thread_info() -> dict:
     }
 
 
+def _microarchitecture_note(machine: dict) -> str:
+    name = machine.get("microarchitecture")
+    return f", {name}" if name and name not in machine["cpu_model"] else ""
+
+
 def collect_metadata(device: str, fastrnn_version: str, fastrnn_file: str | None) -> dict:
     now = _dt.datetime.now().astimezone()
     try:
@@ -114,6 +166,7 @@ def collect_metadata(device: str, fastrnn_version: str, fastrnn_file: str | None
         "device": device,
         "machine": {
             "cpu_model": cpu_model(),
+            "microarchitecture": cpu_microarchitecture(),
             "processor": platform.processor(),
             "arch": platform.machine(),
             "cpu_flags": _cpu_flags(),
@@ -163,7 +216,8 @@ def header_lines(meta: dict, settings: dict) -> list[str]:
     m, v, t = meta["machine"], meta["versions"], meta["threads"]
     lines = [
         f"date      : {meta['date']}",
-        f"machine   : {m['cpu_model']} ({m['arch']}, {m['logical_cores']} logical cores, "
+        f"machine   : {m['cpu_model']}{_microarchitecture_note(m)} ({m['arch']}, "
+        f"{m['logical_cores']} logical cores, "
         f"{m['usable_cores']} usable; {' '.join(m['cpu_flags']) or 'no SIMD flags found'})",
     ]
     if "gpu" in meta:
