@@ -51,14 +51,14 @@ def layer(
     return _layer_forward(cell, x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training)
 
 
-def _directions_and_hidden(cell: str, W_hh: Tensor, c0: Tensor | None) -> tuple[int, int]:
+def _directions_and_hidden(cell: str, W_hh: Tensor) -> tuple[int, int]:
     directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
     return directions, W_hh.shape[-2] // SPECS[cell].gates
 
 
 @layer.register_fake
 def _(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training):
-    directions, hidden = _directions_and_hidden(cell, W_hh, c0)
+    directions, hidden = _directions_and_hidden(cell, W_hh)
     rows = x.shape[0]
     y = x.new_empty((rows, directions * h0.shape[-1]))
     h_n = torch.empty_like(h0, memory_format=torch.contiguous_format)
