@@ -24,6 +24,7 @@ from torch import _VF, Tensor
 from torch.autograd import forward_ad
 
 from . import autograd as fastrnn_autograd
+from . import reference
 from .autograd import (
     LayerFunction,
     apply_layer,
@@ -31,6 +32,7 @@ from .autograd import (
     check_shapes,
 )
 from .cell_functions import CellFunction
+from .cells import gru_reset_before_step
 from .ops import layer as layer_op
 
 # One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
@@ -228,14 +230,17 @@ def _stacked(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    kernels: bool = True,
 ) -> tuple[Tensor, ...]:
     """Run every layer and direction; returns (output, *final states). A sequence of one
     step (without a projection, on the CPU) runs as a cell per direction (`run_step`): the
-    layer kernels would pack every weight for a single product (see `_one_step`)."""
+    layer kernels would pack every weight for a single product (see `_one_step`). kernels
+    False: the runners are the reference's, and no state is checked for them."""
     directions = 2 if bidirectional else 1
     _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
     layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
-    _check_state_dtype(input, states)
+    if kernels:
+        _check_state_dtype(input, states)
     one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(input)
     finals: list[list[Tensor]] = [[] for _ in states]
     for layer in range(num_layers):
@@ -401,7 +406,10 @@ def _one_step(outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 @functools.cache
 def _step_runner(kind: str) -> StepRunner:
-    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`)."""
+    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`);
+    the reset-before GRU, which has no cell kernels, runs its layer Function on one step."""
+    if kind == "gru_reset_before":
+        return _layer_steps(_layer_runner(kind))
 
     def run(x, states, weights):
         h0 = states[0]
@@ -431,6 +439,76 @@ def _layer_runner(kind: str) -> LayerRunner:
         return y, tuple(new_states)
 
     return run
+
+
+def _layer_steps(run_layer: LayerRunner) -> StepRunner:
+    """A `StepRunner` from a `LayerRunner`: each direction's layer on the one step."""
+
+    def run(x, states, weights):
+        sizes = np.full(1, x.shape[0], dtype=np.int64)
+        outputs = [run_layer(x, sizes, (states[0][d : d + 1],), w) for d, w in enumerate(weights)]
+        return _one_step([h_n[0][0] for _, h_n in outputs])[0], (
+            torch.cat([h_n[0] for _, h_n in outputs]),
+        )
+
+    return run
+
+
+@functools.cache
+def _reference_runner(kind: str) -> LayerRunner:
+    """The `LayerRunner` of a cell kind on the plain-torch reference (`reference.layer`): the
+    reset-before GRU where its kernels can't run (torch has no such cell to fall back to)."""
+
+    def run(x, sizes, states, w):
+        c0 = states[1] if len(states) == 2 else None
+        y, *new_states = reference.layer(kind, x, sizes, states[0], c0, *w)
+        return y, tuple(new_states)
+
+    return run
+
+
+def gru_reset_before(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
+    reason: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Multi-layer GRU in the "reset before" form (gates r, z, n; n = tanh(W_in x + b_in +
+    W_hn (r h) + b_hn)), arguments and layouts as `gru`'s (torch's weights). Returns output,
+    h_n. Where the kernels can't run (a function transform, torch.export, a dtype or device
+    without kernels: `reason`, or found here), the plain-torch reference runs, warning once."""
+    warn = reason is None  # a caller that gives the reason has warned
+    if reason is None:
+        reason = transform_reason(input, weights, hx)
+    if reason is None and input.is_cpu and input.dtype not in KERNEL_DTYPES["cpu"]:
+        reason = f"fastrnn has no CPU kernel for {input.dtype}"
+    if reason is None and compiling():
+        output, h_n = compiled_sequence(
+            "gru_reset_before", input, (hx,), weights, has_biases, num_layers, dropout, train,
+            bidirectional, batch_first, batch_sizes,
+        )  # fmt: skip
+        return output, h_n
+    kind = "gru_reset_before"
+    if reason is None:
+        run_layer, run_step = _layer_runner(kind), _step_runner(kind)
+    else:
+        if warn:
+            who = "fastrnn.functional.gru_reset_before"
+            warn_fallback(who, reason, "the plain-torch reference (fastrnn.reference)", 3)
+        run_layer = _reference_runner(kind)
+        run_step = _layer_steps(run_layer)
+    output, h_n = _stacked(
+        run_layer, run_step, input, batch_sizes, (hx,), weights, has_biases, False, num_layers,
+        dropout, train, bidirectional, batch_first, kernels=reason is None,
+    )  # fmt: skip
+    return output, h_n
 
 
 def lstm(
@@ -724,7 +802,10 @@ def plain_cell_step(
     kind: str, input: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor | None]
 ) -> tuple[Tensor, ...]:
     """One step of the cell `kind` (lstm, gru, rnn_tanh, rnn_relu) on the cell kernels, for a
-    call `plain_cell_call` accepted: the new state(s) as a tuple."""
+    call `plain_cell_call` accepted: the new state(s) as a tuple (the reset-before GRU's on
+    its layer kernels, `gru_reset_before_cell`)."""
+    if kind == "gru_reset_before":
+        return (gru_reset_before_cell(input, states[0], *weights),)
     if kind == "lstm":
         return apply_layer(CellFunction, kind, input, states[0], states[1], *weights)
     return (apply_layer(CellFunction, kind, input, states[0], None, *weights),)
@@ -813,6 +894,37 @@ def gru_cell(
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     h0 = hx.unsqueeze(0)
     _, h_n = apply_layer(LayerFunction, "gru", input, sizes, h0, None, W_ih, W_hh, b_ih, b_hh, None)
+    return h_n[0]
+
+
+def gru_reset_before_cell(
+    input: Tensor,
+    hx: Tensor,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    reason: str | None = None,
+) -> Tensor:
+    """One step of the "reset before" GRU (see `gru_reset_before`): input (B, I), hx (B, H)
+    -> h' (B, H), on the layer kernels for one step; the plain-torch reference step where
+    they can't run (`reason`, or a function transform or dtype found here), warning once."""
+    warn = reason is None  # a caller that gives the reason has warned
+    if reason is None:
+        reason = transform_reason(input, (W_ih, W_hh), hx)
+    if reason is None and input.is_cpu and input.dtype not in KERNEL_DTYPES["cpu"]:
+        reason = f"fastrnn has no CPU kernel for {input.dtype}"
+    if reason is not None:
+        if warn:
+            who = "fastrnn.functional.gru_reset_before_cell"
+            warn_fallback(who, reason, "the plain-torch reference (fastrnn.reference)", 3)
+        return gru_reset_before_step(input, (hx,), W_ih, W_hh, b_ih, b_hh, None)[0]
+    _check_state_dtype(input, (hx,))
+    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
+    h0 = hx.unsqueeze(0)
+    _, h_n = apply_layer(
+        LayerFunction, "gru_reset_before", input, sizes, h0, None, W_ih, W_hh, b_ih, b_hh, None
+    )
     return h_n[0]
 
 

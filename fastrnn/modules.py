@@ -376,13 +376,80 @@ class LSTM(_SequenceForward, _TorchLSTM):
         return output, (h_n, c_n)
 
 
-class GRU(_SequenceForward, _TorchGRU):
-    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels."""
+# The GRU forms `reset` picks: torch's "after" (the default) and the original paper's "before".
+_GRU_KINDS = {"after": "gru", "before": "gru_reset_before"}
+
+
+def _checked_reset(reset: str) -> str:
+    if reset not in _GRU_KINDS:
+        raise ValueError(f"reset must be 'after' or 'before', got {reset!r}")
+    return reset
+
+
+class _ResetOption:
+    """The `reset` option of GRU and GRUCell: "after" (torch's form, the default: the module is
+    exactly torch's) or "before" (n = tanh(W_in x + b_in + W_hn (r h) + b_hn), the original
+    paper's, Keras reset_after=False), with torch's parameters, names and initialisation. A
+    module converted from torch's (`convert`) has the class default, "after"."""
+
+    reset = "after"
+
+    def __init__(self, *args, reset: str = "after", **kwargs) -> None:
+        _checked_reset(reset)
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if reset != "after":
+            self.reset = reset
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        return text if self.reset == "after" else f"{text}, reset={self.reset!r}"
+
+    def _run_reason(self, input, hx) -> str | None:
+        """`_fallback_reason` for the module's weights, or None where torch.compile traces
+        the call onto the kernels' op."""
+        weights = self._flat_weights if hasattr(self, "_flat_weights") else self._weights()
+        if not getattr(self, "bias", True):
+            weights = weights[:2] if not hasattr(self, "_flat_weights") else weights
+        if functional.compiling() and _compiled_kernels(input, weights):
+            return None
+        return self._fallback_reason(input, weights, hx)
+
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        """Why a reset-before call can't run on the kernels (warned once), or None: torch has
+        no such cell, so the plain-torch reference runs there instead of `super().forward`."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor):
+            return None
+        reason = _unsupported_reason(data, weights, hx)
+        if reason is None and _torch_chosen(data):
+            reason = "set_cuda_strategy('torch') chose torch, which has no reset-before GRU"
+        if reason is not None:
+            instead = "fastrnn's plain-torch reference (torch has no reset-before GRU)"
+            functional.warn_fallback(type(self).__name__, reason, instead, 5)
+        return reason
+
+
+class GRU(_ResetOption, _SequenceForward, _TorchGRU):
+    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels;
+    `reset="before"` for the other published form (`_ResetOption`)."""
 
     _name = "GRU"
 
     def _kernel_kind(self) -> str | None:
-        return "gru"
+        return _GRU_KINDS[self.reset]
+
+    def forward(self, input, hx=None):
+        if self.reset == "after":
+            return _SequenceForward.forward(self, input, hx)
+        if isinstance(input, PackedSequence) and functional.compiling():
+            return _run_eagerly()(self, input, hx)
+        if functional.compiling():
+            return self._sequence_forward(input, hx)
+        if self._fallback_reason(input, self._flat_weights, hx) is None:
+            plain = self._plain_forward(input, hx)
+            if plain is not None:
+                return plain
+        return self._sequence_forward(input, hx)
 
     def _zero_states(self, batch, like):
         directions = 2 if self.bidirectional else 1
@@ -390,6 +457,13 @@ class GRU(_SequenceForward, _TorchGRU):
         return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
 
     def _run(self, input, states, batch_sizes):
+        if self.reset == "before":
+            output, h_n = functional.gru_reset_before(
+                input, states[0], self._flat_weights, self.bias, self.num_layers, self.dropout,
+                self.training, self.bidirectional, self.batch_first, batch_sizes,
+                reason=self._run_reason(input, states[0]),
+            )  # fmt: skip
+            return output, (h_n,)
         output, h_n = functional.gru(
             input,
             states[0],
@@ -547,15 +621,24 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
         return functional.lstm_cell(x, states, *weights)
 
 
-class GRUCell(_CellForward, _TorchGRUCell):
-    """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
+class GRUCell(_ResetOption, _CellForward, _TorchGRUCell):
+    """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h);
+    `reset="before"` for the other published form (`_ResetOption`)."""
 
     _name = "GRUCell"
 
     def _kernel_kind(self) -> str | None:
-        return "gru"
+        return _GRU_KINDS[self.reset]
+
+    def forward(self, input, hx=None):
+        if self.reset == "after":
+            return _CellForward.forward(self, input, hx)
+        return self._cell_forward(input, hx, self._weights())
 
     def _step(self, x, states, weights):
+        if self.reset == "before":
+            reason = self._run_reason(x, states)
+            return (functional.gru_reset_before_cell(x, states, *weights, reason=reason),)
         return (functional.gru_cell(x, states, *weights),)
 
 
