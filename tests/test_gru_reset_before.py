@@ -1,0 +1,206 @@
+"""The "reset before" GRU (`fastrnn.GRU(..., reset="before")`, `GRUCell` too): the kernels
+against the plain-torch reference (`cells.gru_reset_before_step`) over the GRU parity grid,
+gradcheck and gradgradcheck in float64, bitwise equal results for any thread count, and the
+option itself (constructor, repr, state_dict, convert, bad values, the README example)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compare_modules
+from parity_grid import F64, make_inputs, module_grid, packed_grid
+
+import fastrnn
+from fastrnn.autograd import LayerFunction, apply_layer
+from fastrnn.cells import gru_reset_before_step
+
+
+class ReferenceGRU(fastrnn.GRU):
+    """fastrnn.GRU's argument handling with every layer on the plain-torch reference."""
+
+    def _fallback_reason(self, input, weights, hx):
+        return "reference"
+
+
+class ReferenceGRUCell(fastrnn.GRUCell):
+    """fastrnn.GRUCell's argument handling with the plain-torch reference step."""
+
+    def _fallback_reason(self, input, weights, hx):
+        return "reference"
+
+
+def _pair(cls, *args, dtype=None, **kwargs):
+    torch.manual_seed(0)
+    ref = ReferenceGRU(*args, reset="before", **kwargs)
+    torch.manual_seed(0)
+    fast = fastrnn.GRU(*args, reset="before", **kwargs)
+    if dtype is not None:
+        ref.to(dtype)
+        fast.to(dtype)
+    return ref, fast
+
+
+@pytest.mark.parametrize("c", module_grid("GRU"))
+def test_matches_the_reference(c):
+    ref, fast = _pair(
+        fastrnn.GRU, c["I"], c["H"], num_layers=c["layers"], bias=c["bias"],
+        batch_first=c["batch_first"], bidirectional=c["bidirectional"], dtype=c["dtype"],
+    )  # fmt: skip
+    x, hx = make_inputs(
+        "GRU", T=c["T"], B=c["B"], I=c["I"], H=c["H"], layers=c["layers"],
+        bidirectional=c["bidirectional"], batch_first=c["batch_first"],
+        unbatched=c["inp"] == "unbatched", hx=c["hx"], dtype=c["dtype"],
+    )  # fmt: skip
+    compare_modules(ref, fast, x, hx)
+
+
+@pytest.mark.parametrize("c", packed_grid("GRU"))
+def test_packed_matches_the_reference(c):
+    ref, fast = _pair(
+        fastrnn.GRU, 4, 5, num_layers=c["layers"], bias=c["bias"],
+        batch_first=c["batch_first"], bidirectional=c["bidirectional"], dtype=c["dtype"],
+    )  # fmt: skip
+    x, hx = make_inputs(
+        "GRU", T=c["T"], B=len(c["lengths"]), I=4, H=5, layers=c["layers"],
+        bidirectional=c["bidirectional"], batch_first=c["batch_first"], hx=c["hx"],
+        dtype=c["dtype"],
+    )  # fmt: skip
+    compare_modules(ref, fast, x, hx, lengths=c["lengths"], enforce_sorted=c["enforce_sorted"])
+
+
+@pytest.mark.parametrize("batch, hx", [(1, True), (3, False), (6, True)])
+def test_cell_matches_the_reference(batch, hx):
+    """GRUCell(reset="before"), batched and unbatched, hx given or not."""
+    torch.manual_seed(0)
+    ref = ReferenceGRUCell(4, 5, reset="before")
+    torch.manual_seed(0)
+    fast = fastrnn.GRUCell(4, 5, reset="before")
+    x = torch.randn(batch, 4)
+    state = 0.5 * torch.randn(batch, 5) if hx else None
+    compare_modules(ref, fast, x, state)
+    compare_modules(ref, fast, x[0], None if state is None else state[0])
+
+
+def _layer_args(T, B, I, H, D, bias, packed, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = np.array([B] * T, dtype=np.int64)
+    if packed:
+        sizes = np.array(sorted([B] + [1 + (3 * t) % B for t in range(T - 1)], reverse=True))
+    n = int(sizes.sum())
+
+    def leaf(*shape):
+        return (0.5 * torch.randn(shape, generator=g, dtype=F64)).requires_grad_()
+
+    b_ih, b_hh = (leaf(D, 3 * H), leaf(D, 3 * H)) if bias else (None, None)
+    return leaf(n, I), sizes, leaf(D, B, H), leaf(D, 3 * H, I), leaf(D, 3 * H, H), b_ih, b_hh
+
+
+@pytest.mark.parametrize(
+    "D, bias, packed", [(1, True, False), (2, True, True), (1, False, True)], ids=str
+)
+def test_gradcheck_and_gradgradcheck(D, bias, packed):
+    """The layer Function in float64: first-order gradients from the kernels, second-order
+    through the reference's graph (`autograd.double_backward_through`)."""
+    x, sizes, h0, W_ih, W_hh, b_ih, b_hh = _layer_args(3, 2, 3, 4, D, bias, packed)
+
+    def layer(x, h0, W_ih, W_hh, *biases):
+        b = biases if bias else (None, None)
+        args = ("gru_reset_before", x, sizes, h0, None, W_ih, W_hh, *b, None)
+        return apply_layer(LayerFunction, *args)
+
+    inputs = [x, h0, W_ih, W_hh, *((b_ih, b_hh) if bias else ())]
+    assert torch.autograd.gradcheck(layer, inputs)
+    assert torch.autograd.gradgradcheck(layer, inputs)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 9, 33])
+@pytest.mark.parametrize("directions", [1, 2])
+def test_thread_counts_give_bitwise_equal_results(batch, directions, monkeypatch, wide_tile_fusing):
+    """As the other cells (test_kernels.py): row chunks, at batch 1 an owner and helpers sharing
+    both per-step products (hidden 190: enough weights for helpers), the fused input product
+    from batch 9 with the wide tiles' rule, more chunks than threads at packed batch 33."""
+    import fastrnn.recurrence_cpu as recurrence_cpu
+
+    torch.manual_seed(0)
+    model = fastrnn.GRU(5, 190, num_layers=2, bidirectional=directions == 2, reset="before")
+    lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
+    x = torch.randn(6, batch, 5)
+    results = []
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
+        model.zero_grad()
+        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, h_n = model(packed)
+        (out.data.sum() + h_n.square().sum()).backward()
+        results.append([out.data, h_n, *(p.grad.clone() for p in model.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_the_option():
+    """torch's parameters and initialisation, `reset` in the repr (only when not the default,
+    so the default's repr is torch's), kept by the module, not by its state_dict (whose keys
+    are torch's); a bad value raises; convert gives the default."""
+    torch.manual_seed(3)
+    before = fastrnn.GRU(4, 6, num_layers=2, bidirectional=True, reset="before")
+    torch.manual_seed(3)
+    plain = torch.nn.GRU(4, 6, num_layers=2, bidirectional=True)
+    assert before.state_dict().keys() == plain.state_dict().keys()
+    for (name, a), (_, b) in zip(before.named_parameters(), plain.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert before.reset == "before" and "reset='before'" in repr(before)
+    assert repr(fastrnn.GRU(4, 6)) == repr(torch.nn.GRU(4, 6))
+    assert repr(fastrnn.GRUCell(4, 6, reset="before")) == "GRUCell(4, 6, reset='before')"
+    assert repr(fastrnn.GRUCell(4, 6)) == repr(torch.nn.GRUCell(4, 6))
+    # a state_dict round trip into the same class keeps the model's results
+    other = fastrnn.GRU(4, 6, num_layers=2, bidirectional=True, reset="before")
+    other.load_state_dict(before.state_dict())
+    x = torch.randn(5, 2, 4)
+    assert torch.equal(before(x)[0], other(x)[0])
+    assert not torch.allclose(plain(x)[0], before(x)[0])  # the forms differ
+    for cls in (fastrnn.GRU, fastrnn.GRUCell):
+        for bad in ("middle", None, True):
+            with pytest.raises(ValueError, match="reset must be 'after' or 'before'"):
+                cls(4, 6, reset=bad)
+    converted = fastrnn.convert(torch.nn.Sequential(torch.nn.GRU(4, 6), torch.nn.GRUCell(4, 6)))
+    assert all(m.reset == "after" for m in converted)
+    assert type(converted[0]) is fastrnn.GRU and type(converted[1]) is fastrnn.GRUCell
+
+
+def test_without_a_kernel_the_reference_runs():
+    """bfloat16 on the CPU has no kernel and torch has no such cell: the reference runs, with
+    one warning that says so."""
+    torch.manual_seed(0)
+    model = fastrnn.GRU(4, 6, reset="before")
+    cell = fastrnn.GRUCell(4, 6, reset="before")
+    x = torch.randn(3, 2, 4)
+    reference = ReferenceGRU(4, 6, reset="before")
+    reference.load_state_dict(model.state_dict())
+    expected = reference(x)[0].detach()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, _ = model.to(torch.bfloat16)(x.bfloat16())
+        h = cell.to(torch.bfloat16)(x[0].bfloat16())
+    assert y.dtype == torch.bfloat16 and h.dtype == torch.bfloat16
+    assert (y.float() - expected).abs().max() < 0.05
+    messages = [str(w.message) for w in caught]
+    assert any("plain-torch reference" in m and "bfloat16" in m for m in messages), messages
+    assert not any("torch's own" in m for m in messages), messages
+    step = gru_reset_before_step(
+        x[0], (torch.zeros(2, 6),), *(p.detach().float() for p in cell.parameters()), None
+    )[0]
+    assert (h.float() - step).abs().max() < 0.05
+
+
+def test_readme_example():
+    """The README's reset-before example runs as written."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "reset=" in b]
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md", "exec"), {})
