@@ -204,3 +204,16 @@ def test_readme_example():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "reset=" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md", "exec"), {})
+
+
+def test_bench_case_compares_with_a_torch_loop():
+    """`python -m bench --cells gru_reset_before`: fastrnn's module against the torch loop a
+    user writes today (`bench.cases.TorchLoopResetBeforeGRU`), same weights, same results."""
+    from bench import cases
+
+    assert cases.parse_cells("gru_reset_before") == ["gru_reset_before"]
+    config = cases.CaseConfig("gru_reset_before", cases.Size(4, 3, 5, 6), bidirectional=True)
+    ref_cls, fast_cls = cases.torch_classes()["gru_reset_before"], cases.fastrnn_classes()[0]
+    ref, fast = cases.build_modules(config, ref_cls, fast_cls["gru_reset_before"])
+    assert fast.reset == "before"
+    compare_modules(ref, fast, cases.InputSource(config).x)
