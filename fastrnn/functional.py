@@ -406,10 +406,7 @@ def _one_step(outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 @functools.cache
 def _step_runner(kind: str) -> StepRunner:
-    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`);
-    the reset-before GRU, which has no cell kernels, runs its layer Function on one step."""
-    if kind == "gru_reset_before":
-        return _layer_steps(_layer_runner(kind))
+    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`)."""
 
     def run(x, states, weights):
         h0 = states[0]
@@ -803,11 +800,8 @@ def plain_sequence(
 def plain_cell_step(
     kind: str, input: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor | None]
 ) -> tuple[Tensor, ...]:
-    """One step of the cell `kind` (lstm, gru, rnn_tanh, rnn_relu) on the cell kernels, for a
-    call `plain_cell_call` accepted: the new state(s) as a tuple (the reset-before GRU's on
-    its layer kernels, `gru_reset_before_cell`)."""
-    if kind == "gru_reset_before":
-        return (gru_reset_before_cell(input, states[0], *weights),)
+    """One step of the cell `kind` (lstm, gru, gru_reset_before, rnn_tanh, rnn_relu) on the
+    cell kernels, for a call `plain_cell_call` accepted: the new state(s) as a tuple."""
     if kind == "lstm":
         return apply_layer(CellFunction, kind, input, states[0], states[1], *weights)
     return (apply_layer(CellFunction, kind, input, states[0], None, *weights),)
@@ -909,8 +903,9 @@ def gru_reset_before_cell(
     reason: str | None = None,
 ) -> Tensor:
     """One step of the "reset before" GRU (see `gru_reset_before`): input (B, I), hx (B, H)
-    -> h' (B, H), on the layer kernels for one step; the plain-torch reference step where
-    they can't run (`reason`, or a function transform or dtype found here), warning once."""
+    -> h' (B, H), on the cell kernels (CUDA tensors of the simulator's tests: the layer
+    kernels on one step); the plain-torch reference step where they can't run (`reason`, or a
+    function transform, device or dtype found here), warning once."""
     warn = reason is None  # a caller that gives the reason has warned
     if reason is None:
         reason = transform_reason(input, (W_ih, W_hh), hx)
@@ -924,6 +919,10 @@ def gru_reset_before_cell(
             warn_fallback(who, reason, "the plain-torch reference (fastrnn.reference)", 3)
         return gru_reset_before_step(input, (hx,), W_ih, W_hh, b_ih, b_hh, None)[0]
     _check_state_dtype(input, (hx,))
+    if _cell_kernels(input):
+        return apply_layer(
+            CellFunction, "gru_reset_before", input, hx, None, W_ih, W_hh, b_ih, b_hh
+        )
     sizes = np.ones(1, dtype=np.int64) * input.shape[0]
     h0 = hx.unsqueeze(0)
     _, h_n = apply_layer(

@@ -118,6 +118,22 @@ def test_gradcheck_and_gradgradcheck(D, bias, packed):
     assert torch.autograd.gradgradcheck(layer, inputs)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_cell_gradcheck_and_gradgradcheck(bias):
+    """The one-step cell Function (torch GEMMs around the fused gate math) in float64."""
+    from fastrnn.cell_functions import CellFunction
+
+    x, _, h0, W_ih, W_hh, b_ih, b_hh = _layer_args(1, 3, 3, 4, 1, bias, False, seed=1)
+    inputs = [x, h0[0], W_ih[0], W_hh[0], *((b_ih[0], b_hh[0]) if bias else ())]
+
+    def step(x, h, W_ih, W_hh, *biases):
+        b = biases if bias else (None, None)
+        return apply_layer(CellFunction, "gru_reset_before", x, h, None, W_ih, W_hh, *b)
+
+    assert torch.autograd.gradcheck(step, inputs)
+    assert torch.autograd.gradgradcheck(step, inputs)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 9, 33])
 @pytest.mark.parametrize("directions", [1, 2])
 def test_thread_counts_give_bitwise_equal_results(batch, directions, monkeypatch, wide_tile_fusing):
