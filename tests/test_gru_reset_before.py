@@ -233,3 +233,21 @@ def test_bench_case_compares_with_a_torch_loop():
     ref, fast = cases.build_modules(config, ref_cls, fast_cls["gru_reset_before"])
     assert fast.reset == "before"
     compare_modules(ref, fast, cases.InputSource(config).x)
+
+
+def test_compile_and_function_transforms():
+    """torch.compile(fullgraph=True) holds the layers as `fastrnn::layer` ops of the reset-before
+    kind (the eager results, bitwise); torch.func's grad runs the reference, warning once."""
+    torch.manual_seed(0)
+    model = fastrnn.GRU(4, 6, num_layers=2, bidirectional=True, reset="before")
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    y, h_n = model(x)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    y_c, h_c = torch.compile(model, fullgraph=True)(x)
+    (dx_c,) = torch.autograd.grad(y_c.sum(), x)
+    assert torch.equal(y, y_c) and torch.equal(h_n, h_c) and torch.equal(dx, dx_c)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dx_f = torch.func.grad(lambda v: model(v)[0].sum())(x.detach())
+    assert any("plain-torch reference" in str(w.message) for w in caught)
+    torch.testing.assert_close(dx_f, dx)
