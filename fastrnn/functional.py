@@ -486,7 +486,7 @@ def gru_reset_before(
         reason = transform_reason(input, weights, hx)
     if reason is None and input.is_cpu and input.dtype not in KERNEL_DTYPES["cpu"]:
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
-    if reason is None and not input.is_cpu:
+    if reason is None and not (input.is_cpu or input.is_cuda):
         reason = f"fastrnn has no {input.device.type.upper()} kernel of this cell yet"
     if reason is None and compiling():
         output, h_n = compiled_sequence(
@@ -911,7 +911,7 @@ def gru_reset_before_cell(
         reason = transform_reason(input, (W_ih, W_hh), hx)
     if reason is None and input.is_cpu and input.dtype not in KERNEL_DTYPES["cpu"]:
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
-    if reason is None and not input.is_cpu:
+    if reason is None and not (input.is_cpu or input.is_cuda):
         reason = f"fastrnn has no {input.device.type.upper()} kernel of this cell yet"
     if reason is not None:
         if warn:

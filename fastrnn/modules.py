@@ -421,7 +421,7 @@ class _ResetOption:
         if not isinstance(data, Tensor):
             return None
         reason = _unsupported_reason(data, weights, hx)
-        if reason is None and not data.is_cpu:
+        if reason is None and not (data.is_cpu or data.is_cuda):
             reason = f"fastrnn has no {data.device.type.upper()} kernel of the reset-before GRU yet"
         if reason is None and _torch_chosen(data):
             reason = "set_cuda_strategy('torch') chose torch, which has no reset-before GRU"

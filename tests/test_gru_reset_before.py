@@ -251,3 +251,60 @@ def test_compile_and_function_transforms():
         dx_f = torch.func.grad(lambda v: model(v)[0].sum())(x.detach())
     assert any("plain-torch reference" in str(w.message) for w in caught)
     torch.testing.assert_close(dx_f, dx)
+
+
+def _simulated_cuda() -> bool:
+    import numba
+
+    try:
+        from fastrnn import recurrence_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return bool(numba.config.ENABLE_CUDASIM)
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not _simulated_cuda(), reason="needs numba-cuda and NUMBA_ENABLE_CUDASIM=1")
+@pytest.mark.parametrize(
+    "dtype, lengths, bidirectional, cell",
+    [(F64, None, True, False), (F64, [3, 1], False, False), (torch.float16, None, False, True)],
+    ids=["f64-bi", "f64-packed", "f16-cell"],
+)
+def test_cuda_path_matches_the_reference(dtype, lengths, bidirectional, cell, monkeypatch):
+    """The CUDA path (`recurrence_cuda._gated_forward` / `_gated_backward`, the stepwise gated
+    kernels) on CPU tensors under Numba's simulator, as tests/test_cuda_kernels.py runs the
+    other cells: float64 against the reference, float16 storage against the float32 reference
+    (float32 math, 16-bit storage: float16's tolerance)."""
+    import fastrnn.autograd
+    from fastrnn import recurrence_cuda
+
+    monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    calls = []
+    for name in ("_gated_forward", "_gated_backward"):
+        original = getattr(recurrence_cuda, name)
+        monkeypatch.setattr(
+            recurrence_cuda, name, lambda *a, f=original, n=name: calls.append(n) or f(*a)
+        )
+    kernel_dtypes = fastrnn.functional.KERNEL_DTYPES
+    monkeypatch.setitem(kernel_dtypes, "cpu", kernel_dtypes["cuda"])
+    torch.manual_seed(0)
+    if cell:
+        ref, fast = ReferenceGRUCell(2, 3, reset="before"), fastrnn.GRUCell(2, 3, reset="before")
+        x = torch.randn(2, 2)
+    else:
+        ref = ReferenceGRU(2, 3, bidirectional=bidirectional, reset="before")
+        fast = fastrnn.GRU(2, 3, bidirectional=bidirectional, reset="before")
+        x = torch.randn(3, 2, 2)
+    fast.load_state_dict(ref.state_dict())
+    fast.to(dtype)
+    ref.to(F64 if dtype == F64 else torch.float32)
+    extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
+    from conftest import assert_results_close, run_fwd_bwd
+
+    fast_res = run_fwd_bwd(fast, x.to(dtype), **extra)
+    ref_res = run_fwd_bwd(ref, x.to(ref.weight_hh_l0.dtype if not cell else torch.float32), **extra)
+    if dtype != F64:
+        ref_res = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                   for k, v in ref_res.items()}  # fmt: skip
+    assert_results_close(fast_res, ref_res, tol=1e-2 if dtype == torch.float16 else None)
+    assert {"_gated_forward", "_gated_backward"} <= set(calls)
