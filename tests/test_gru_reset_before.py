@@ -308,3 +308,17 @@ def test_cuda_path_matches_the_reference(dtype, lengths, bidirectional, cell, mo
                    for k, v in ref_res.items()}  # fmt: skip
     assert_results_close(fast_res, ref_res, tol=1e-2 if dtype == torch.float16 else None)
     assert {"_gated_forward", "_gated_backward"} <= set(calls)
+
+
+def test_precompile_takes_the_variant_when_named():
+    """`python -m fastrnn.precompile --parts gru_reset_before`: an opt-in part, never in the
+    default set, grouped with the others into at most `--jobs` processes; compiling it runs."""
+    from fastrnn import precompile
+
+    assert "gru_reset_before" not in precompile.PARTS
+    assert precompile._parts("gru,gru_reset_before") == ("gru", "gru_reset_before")
+    assert precompile.part_groups(("gru_reset_before",), 2) == [("gru_reset_before",)]
+    assert precompile.part_groups(precompile.PARTS + ("gru_reset_before",), 2)[-1] == (
+        "gru", "rnn", "gru_reset_before",
+    )  # fmt: skip
+    assert set(precompile.precompile(parts=("gru_reset_before",))) == {"float32"}
