@@ -404,12 +404,9 @@ class _ResetOption:
         text = super().extra_repr()  # type: ignore[misc]
         return text if self.reset == "after" else f"{text}, reset={self.reset!r}"
 
-    def _run_reason(self, input, hx) -> str | None:
-        """`_fallback_reason` for the module's weights, or None where torch.compile traces
-        the call onto the kernels' op."""
-        weights = self._flat_weights if hasattr(self, "_flat_weights") else self._weights()
-        if not getattr(self, "bias", True):
-            weights = weights[:2] if not hasattr(self, "_flat_weights") else weights
+    def _run_reason(self, input, weights, hx) -> str | None:
+        """`_fallback_reason`, or None where torch.compile traces the call onto the kernels'
+        op; weights: the module's tensors (no None)."""
         if functional.compiling() and _compiled_kernels(input, weights):
             return None
         return self._fallback_reason(input, weights, hx)
@@ -463,7 +460,7 @@ class GRU(_ResetOption, _SequenceForward, _TorchGRU):
             output, h_n = functional.gru_reset_before(
                 input, states[0], self._flat_weights, self.bias, self.num_layers, self.dropout,
                 self.training, self.bidirectional, self.batch_first, batch_sizes,
-                reason=self._run_reason(input, states[0]),
+                reason=self._run_reason(input, self._flat_weights, states[0]),
             )  # fmt: skip
             return output, (h_n,)
         output, h_n = functional.gru(
@@ -639,7 +636,7 @@ class GRUCell(_ResetOption, _CellForward, _TorchGRUCell):
 
     def _step(self, x, states, weights):
         if self.reset == "before":
-            reason = self._run_reason(x, states)
+            reason = self._run_reason(x, weights if self.bias else weights[:2], states)
             return (functional.gru_reset_before_cell(x, states, *weights, reason=reason),)
         return (functional.gru_cell(x, states, *weights),)
 

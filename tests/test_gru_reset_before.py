@@ -5,6 +5,7 @@ option itself (constructor, repr, state_dict, convert, bad values, the README ex
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from pathlib import Path
@@ -179,6 +180,11 @@ def test_the_option():
     other.load_state_dict(before.state_dict())
     x = torch.randn(5, 2, 4)
     assert torch.equal(before(x)[0], other(x)[0])
+    buffer = io.BytesIO()
+    torch.save(before, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.reset == "before" and torch.equal(loaded(x)[0], before(x)[0])
     assert not torch.allclose(plain(x)[0], before(x)[0])  # the forms differ
     for cls in (fastrnn.GRU, fastrnn.GRUCell):
         for bad in ("middle", None, True):
