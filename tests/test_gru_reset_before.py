@@ -328,3 +328,19 @@ def test_precompile_takes_the_variant_when_named():
         "gru", "rnn", "gru_reset_before",
     )  # fmt: skip
     assert set(precompile.precompile(parts=("gru_reset_before",))) == {"float32"}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_fused_input_projection_matches_the_reference(packed, wide_tile_fusing):
+    """Batches the fusing rule takes (as on an AVX-512 CPU): the input side's product runs in
+    the kernel each step (`recurrence`'s x_side) instead of one GEMM before it."""
+    import fastrnn.recurrence_cpu as recurrence_cpu
+
+    ref, fast = _pair(fastrnn.GRU, 8, 16, bidirectional=True)
+    x = torch.randn(4, 24, 8)
+    assert recurrence_cpu.fuses_input_projection(
+        np.array([24]), x, torch.zeros(1, 48, 16), torch.zeros(1, 24, 16)
+    )
+    lengths = [1 + (3 * i) % 4 for i in range(24)] if packed else None
+    extra = {"lengths": lengths, "enforce_sorted": False} if packed else {}
+    compare_modules(ref, fast, x, **extra)
