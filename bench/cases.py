@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import asdict, dataclass
 
@@ -9,8 +10,11 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 CELLS = ("lstm", "gru", "rnn")
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-CLASS_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+# Opt-in cell variants, run only when named (`--cells gru_reset_before`): fastrnn's module with
+# the option against what a user writes today, torch has none of them.
+VARIANT_CELLS = ("gru_reset_before",)
+GATES = {"lstm": 4, "gru": 3, "rnn": 1, "gru_reset_before": 3}
+CLASS_NAMES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "gru_reset_before": "GRU"}
 
 
 @dataclass(frozen=True)
@@ -80,9 +84,10 @@ def parse_sizes(spec: str, device: str = "cpu") -> list[Size]:
 
 def parse_cells(spec: str) -> list[str]:
     cells = [c.strip().lower() for c in spec.split(",") if c.strip()]
-    bad = [c for c in cells if c not in CELLS]
+    bad = [c for c in cells if c not in CELLS + VARIANT_CELLS]
     if bad or not cells:
-        raise ValueError(f"bad --cells {spec!r}: choose from {','.join(CELLS)}")
+        choices = ",".join(CELLS + VARIANT_CELLS)
+        raise ValueError(f"bad --cells {spec!r}: choose from {choices}")
     return list(dict.fromkeys(cells))
 
 
@@ -145,8 +150,50 @@ class CaseConfig:
 # Implementations
 
 
+class TorchLoopResetBeforeGRU(torch.nn.GRU):
+    """The "reset before" GRU as users write it in torch today: torch.nn.GRU's parameters and
+    a Python loop over time of the cell in torch ops (dense input; layers, directions)."""
+
+    def forward(self, input, hx=None):
+        if isinstance(input, PackedSequence):
+            raise NotImplementedError("the torch loop takes dense input")
+        x = input.transpose(0, 1) if self.batch_first else input
+        directions = 2 if self.bidirectional else 1
+        H = self.hidden_size
+        if hx is None:
+            hx = x.new_zeros(self.num_layers * directions, x.shape[1], H)
+        finals = []
+        for layer in range(self.num_layers):
+            outputs = []
+            for d in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                W_ih, W_hh = (
+                    getattr(self, "weight_ih" + suffix),
+                    getattr(self, "weight_hh" + suffix),
+                )
+                b_ih, b_hh = getattr(self, "bias_ih" + suffix), getattr(self, "bias_hh" + suffix)
+                h = hx[layer * directions + d]
+                xi = torch.addmm(b_ih, x.reshape(-1, x.shape[2]), W_ih.t()).view(*x.shape[:2], -1)
+                steps = range(x.shape[0] - 1, -1, -1) if d else range(x.shape[0])
+                out = [None] * x.shape[0]
+                for t in steps:
+                    x_r, x_z, x_n = xi[t].chunk(3, 1)
+                    h_r, h_z = torch.addmm(b_hh[: 2 * H], h, W_hh[: 2 * H].t()).chunk(2, 1)
+                    r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                    n = torch.tanh(x_n + torch.addmm(b_hh[2 * H :], r * h, W_hh[2 * H :].t()))
+                    h = (1 - z) * n + z * h
+                    out[t] = h
+                outputs.append(torch.stack(out))
+                finals.append(h)
+            x = torch.cat(outputs, 2)
+        output = x.transpose(0, 1) if self.batch_first else x
+        return output, torch.stack(finals)
+
+
 def torch_classes() -> dict:
-    return {cell: getattr(torch.nn, CLASS_NAMES[cell]) for cell in CELLS}
+    classes = {cell: getattr(torch.nn, CLASS_NAMES[cell]) for cell in CELLS}
+    classes["gru_reset_before"] = TorchLoopResetBeforeGRU
+    return classes
 
 
 def fastrnn_classes() -> tuple[dict, str]:
@@ -159,7 +206,9 @@ def fastrnn_classes() -> tuple[dict, str]:
             f"has no {', '.join(missing)}"
         )
     version = str(getattr(fastrnn, "__version__", "unknown"))
-    return {cell: getattr(fastrnn, CLASS_NAMES[cell]) for cell in CELLS}, version
+    classes = {cell: getattr(fastrnn, CLASS_NAMES[cell]) for cell in CELLS}
+    classes["gru_reset_before"] = functools.partial(fastrnn.GRU, reset="before")
+    return classes, version
 
 
 def build_modules(cfg: CaseConfig, ref_cls, fast_cls):

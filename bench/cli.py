@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cells",
         default="lstm,gru,rnn",
-        help="comma-separated subset of lstm,gru,rnn (default: all)",
+        help="comma-separated subset of lstm,gru,rnn (default: all), or gru_reset_before (the "
+        "reset-before GRU against a torch loop of that cell; run only when named)",
     )
     g.add_argument(
         "--sizes",
@@ -336,15 +337,15 @@ def uncached_kernels(cells: list[str]) -> list[str]:
     install): their first call compiles them. Best effort, from Numba's internal cache layout;
     an empty list when it can't tell."""
     try:
-        from fastrnn.kernels.cpu import gru, lstm, rnn
+        from fastrnn.kernels.cpu import gru, gru_reset_before, lstm, rnn
 
-        modules = {"lstm": lstm, "gru": gru, "rnn": rnn}
+        modules = {"lstm": lstm, "gru": gru, "rnn": rnn, "gru_reset_before": gru_reset_before}
         names = [f"{cell}_{part}" for cell in cells for part in ("forward", "backward")]
         return [
             name
             for name in names
             if not Path(
-                getattr(modules[name.split("_")[0]], name)._cache._cache_file._index_path
+                getattr(modules[name.rsplit("_", 1)[0]], name)._cache._cache_file._index_path
             ).exists()
         ]
     except Exception:  # noqa: BLE001 - Numba's cache internals changed: say nothing

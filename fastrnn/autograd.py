@@ -284,12 +284,14 @@ def _recurrent_weight_grad(d_recurrent: Tensor, h_prev: Tensor, y: Tensor, h0: T
 
 
 def _weight_grads(
-    ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: Tensor, W_ih, y=None, h0=None
-):
+    ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h_prev: Tensor, W_ih, y=None, h0=None,
+    gated: Tensor | None = None,
+):  # fmt: skip
     """dx, dW_ih, dW_hh, db_ih, db_hh from the pre-activation gradients (D, N, G*H) on the input
     side and on the recurrent side (the same tensor for LSTM and RNN, whose two biases are
     summed; GRU's differ in the n block). h_prev: the states the rows consumed, or empty with
-    y and h0 given (`_recurrent_weight_grad`)."""
+    y and h0 given (`_recurrent_weight_grad`). gated (D, N, G2*H): what W_hh's last G2*H rows
+    multiplied instead of those states (the "reset before" GRU's r * h), or None."""
     need = ctx.needs_input_grad
     shared = d_recurrent is d_input
     dx = _input_grad(d_input, W_ih) if need[1] else None  # need[0]: the cell kind
@@ -300,7 +302,16 @@ def _weight_grads(
         # rest is d_input's, which nothing reads any more, so it becomes the recurrent side
         d_input[:, :, d_input.shape[2] - d_recurrent.shape[2] :] = d_recurrent
         d_recurrent = d_input
-    if need[ctx.W_ih_index + 1]:
+    if need[ctx.W_ih_index + 1] and gated is not None:
+        lead = d_recurrent.shape[2] - gated.shape[2]
+        dW_hh = torch.cat(
+            [
+                _recurrent_weight_grad(d_recurrent[:, :, :lead], h_prev, y, h0),
+                torch.bmm(d_recurrent[:, :, lead:].transpose(1, 2), gated),
+            ],
+            1,
+        )
+    elif need[ctx.W_ih_index + 1]:
         dW_hh = _recurrent_weight_grad(d_recurrent, h_prev, y, h0)
     else:
         dW_hh = None
@@ -359,9 +370,10 @@ def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_h
     return y, (h_n, c_n), gate_cache, cell_cache
 
 
-def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before):
     """GRU: the input side's projection (with b_ih) stays apart from the recurrent side (with
-    b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward."""
+    b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward (r, z,
+    n and r * h for the "reset before" cell)."""
     _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
@@ -374,6 +386,8 @@ def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
     gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
     b_hh = None if b_hh is None else b_hh.detach()
     inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
+    if reset_before:
+        inputs["reset_before"] = True
     recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
     return y, (h_n,), gate_cache, None
 
@@ -414,6 +428,17 @@ def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
 
 def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+    if ctx.cell == "gru_reset_before":
+        # both sides' pre-activation gradients are the same (see `_weight_grads`' gated)
+        d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
+        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+        (dh0,) = _states_like(h0)
+        no_rows = scratch("d_recurrent", (directions, 0, hidden), x)
+        recurrence.gru_backward(
+            ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, no_rows,
+            dh0, reset_before=True,
+        )  # fmt: skip
+        return d_input, d_input, h_prev, dh0, None, None
     # dead once backward returns: reused buffers (see `scratch`)
     d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
     # a kernel may write only the recurrent side's n block (the rest equals d_input's)
@@ -442,7 +467,8 @@ def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
 class LayerFunction(torch.autograd.Function):
     """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
     b_hh, W_hr) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTM]. cell: lstm, gru,
-    rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer` and `ops.layer`."""
+    gru_reset_before, rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer`
+    and `ops.layer`."""
 
     @staticmethod
     def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
@@ -452,8 +478,11 @@ class LayerFunction(torch.autograd.Function):
         if cell == "lstm":
             bias = _summed_bias(b_ih, b_hh)
             run = _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr)
-        elif cell == "gru":
-            run = _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh)
+        elif cell in ("gru", "gru_reset_before"):
+            reset_before = cell == "gru_reset_before"
+            run = _gru_forward(
+                ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before
+            )
         else:
             bias = _summed_bias(b_ih, b_hh)
             relu = cell == "rnn_relu"
@@ -476,12 +505,17 @@ class LayerFunction(torch.autograd.Function):
         dy = _per_direction(dy, W_hh.shape[0])
         if ctx.cell == "lstm":
             run = _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
-        elif ctx.cell == "gru":
+        elif ctx.cell in ("gru", "gru_reset_before"):
             run = _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
         else:
             run = _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
         d_input, d_recurrent, h_prev, dh0, dc0, dW_hr = run
-        dx, *weight_grads = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0)
+        gated = None
+        if ctx.cell == "gru_reset_before":  # the cache's last block: r * h
+            gated = ctx.gate_cache[:, :, 3 * h0.shape[2] :]
+        dx, *weight_grads = _weight_grads(
+            ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0, gated=gated
+        )
         weight_grads = _gradients_as_given(ctx, *weight_grads, dW_hr)
         return None, dx, None, dh0, dc0, *weight_grads
 

@@ -27,6 +27,10 @@ from .kernels.cpu.cells import (
     gru_cell_backward,
     gru_cell_forward,
     gru_cell_forward_small,
+    gru_reset_before_cell_backward_gates,
+    gru_reset_before_cell_backward_output,
+    gru_reset_before_cell_gates,
+    gru_reset_before_cell_output,
     lstm_cell_backward,
     lstm_cell_forward,
     lstm_cell_forward_small,
@@ -152,6 +156,62 @@ def _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh):
     return (h_new,), cache
 
 
+def _gru_reset_before_forward(x, h, W_ih, W_hh, b_ih, b_hh):
+    """-> (h',), the cache (B, 4H) of r, z, n and r * h for a backward: torch GEMMs for
+    x W_ih^T + b_ih, h W_hr^T, h W_hz^T and (r * h) W_hn^T, the gate math between them in two
+    fused passes (`kernels.cpu.cells.gru_reset_before_cell_*`)."""
+    rows, hidden = h.shape
+    if b_hh is None:
+        b_hh_np = torch.zeros(W_hh.shape[0], dtype=h.dtype).numpy()
+    else:
+        b_hh_np = numpy_view(b_hh)
+    h_np = numpy_view(h)
+    projected = _product(x, W_ih, b_ih)
+    rec = _product(h, W_hh[: 2 * hidden], None)  # b_hh enters in the gate math
+    gated = _new_rows(h, rows, hidden)
+    gru_reset_before_cell_gates(projected.numpy(), rec.numpy(), b_hh_np, h_np, gated.numpy())
+    gated_product = _product(gated, W_hh[2 * hidden :], None)
+    cache = _new_rows(h, rows, 4 * hidden)
+    h_new = torch.empty_like(h, memory_format=torch.contiguous_format)
+    gru_reset_before_cell_output(
+        projected.numpy(), rec.numpy(), b_hh_np, gated_product.numpy(), gated.numpy(), h_np,
+        cache.numpy(), h_new.numpy(),
+    )  # fmt: skip
+    return (h_new,), cache
+
+
+def _gru_reset_before_backward(ctx, dh: Tensor):
+    """The reset-before cell's gradients (dx, dh, dW_ih, dW_hh, db_ih, db_hh), each only where
+    its input needs one: dW_hh's n rows take dn and r * h (the cache's last block)."""
+    x, h, _, W_ih, W_hh, _, _, _ = ctx.saved_tensors
+    rows, hidden = h.shape
+    cache = ctx.cache
+    W_hh = W_hh.detach()
+    d_input = _new_rows(h, rows, 3 * hidden)
+    gated_grads = _new_rows(h, rows, hidden)
+    dh_direct = torch.empty_like(h, memory_format=torch.contiguous_format)
+    gru_reset_before_cell_backward_output(
+        cache.numpy(), numpy_view(h), numpy_view(dh), d_input.numpy(), gated_grads.numpy(),
+        dh_direct.numpy(),
+    )  # fmt: skip
+    through = gated_grads @ W_hh[2 * hidden :]
+    rec_grads = _new_rows(h, rows, 2 * hidden)
+    gru_reset_before_cell_backward_gates(
+        cache.numpy(), through.numpy(), dh_direct.numpy(), d_input.numpy(), rec_grads.numpy()
+    )
+    need = ctx.needs_input_grad  # (cell, x, h, c, W_ih, W_hh, b_ih, b_hh)
+    dx = d_input @ W_ih.detach() if need[1] else None
+    dh_prev = torch.addmm(dh_direct, rec_grads, W_hh[: 2 * hidden]) if need[2] else None
+    dW_ih = d_input.t() @ x.detach() if need[4] else None
+    dW_hh = None
+    if need[5]:
+        gated = cache[:, 3 * hidden :]
+        dW_hh = torch.cat([rec_grads.t() @ h.detach(), d_input[:, 2 * hidden :].t() @ gated])
+    db_ih = d_input.sum(0) if ctx.has_bias else None
+    db_hh = db_ih.clone() if ctx.has_bias else None
+    return dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh
+
+
 def _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, relu):
     """-> (h',), None (h' is all a backward needs)."""
     if x.shape[0] <= SMALL_BATCH:
@@ -167,8 +227,8 @@ def _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, relu):
 
 class CellFunction(torch.autograd.Function):
     """(cell, x (B, I), h (B, H), c (B, H) or None, W_ih (G*H, I), W_hh (G*H, H), b_ih, b_hh
-    (G*H,) or None) -> h' (B, H), or (h', c') for the LSTM; cell: lstm, gru, rnn_tanh or
-    rnn_relu (`cells.SPECS`)."""
+    (G*H,) or None) -> h' (B, H), or (h', c') for the LSTM; cell: lstm, gru, gru_reset_before,
+    rnn_tanh or rnn_relu (`cells.SPECS`)."""
 
     @staticmethod
     def forward(ctx, cell, x, h, c, W_ih, W_hh, b_ih, b_hh):
@@ -179,6 +239,9 @@ class CellFunction(torch.autograd.Function):
             (h_new, kept), cache = _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh)
         elif cell == "gru":
             (h_new,), cache = _gru_forward(x, h, W_ih, W_hh, b_ih, b_hh)
+            kept = None
+        elif cell == "gru_reset_before":
+            (h_new,), cache = _gru_reset_before_forward(x, h, W_ih, W_hh, b_ih, b_hh)
             kept = None
         else:
             (h_new,), cache = _rnn_forward(x, h, W_ih, W_hh, b_ih, b_hh, cell == "rnn_relu")
@@ -196,6 +259,9 @@ class CellFunction(torch.autograd.Function):
     @double_backward_through(_reference_recompute)
     @once_differentiable
     def backward(ctx, dh, dc=None):
+        if ctx.cell == "gru_reset_before":
+            dx, dh_prev, dW_ih, dW_hh, db_ih, db_hh = _gru_reset_before_backward(ctx, dh)
+            return None, dx, dh_prev, None, dW_ih, dW_hh, db_ih, db_hh
         x, h, c, W_ih, W_hh, kept, _, _ = ctx.saved_tensors
         dc_prev = None
         if ctx.cell == "lstm":

@@ -61,6 +61,28 @@ def gru_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
     return h, (h,)
 
 
+def gru_reset_before_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+    """GRU, gates r, z, n, "reset before" (the original paper's, Keras reset_after=False):
+    n = tanh(W_in x + b_in + W_hn (r h) + b_hn), h' = (1 - z) n + z h."""
+    (h,) = states
+    hidden = h.shape[1]
+    xi = x @ W_ih.T
+    hh = h @ W_hh[: 2 * hidden].T
+    if b_ih is not None:
+        xi = xi + b_ih
+        hh = hh + b_hh[: 2 * hidden]
+    x_r, x_z, x_n = xi.chunk(3, dim=1)
+    h_r, h_z = hh.chunk(2, dim=1)
+    r = torch.sigmoid(x_r + h_r)
+    z = torch.sigmoid(x_z + h_z)
+    h_n = (r * h) @ W_hh[2 * hidden :].T
+    if b_hh is not None:
+        h_n = h_n + b_hh[2 * hidden :]
+    n = torch.tanh(x_n + h_n)
+    h = (1 - z) * n + z * h
+    return h, (h,)
+
+
 def _elman_step(activation: Callable[[Tensor], Tensor]) -> ReferenceStep:
     def step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
         """Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh)."""
@@ -80,6 +102,9 @@ rnn_relu_step = _elman_step(torch.relu)
 SPECS: dict[str, CellSpec] = {
     "lstm": CellSpec("lstm", gates=4, states=2, projects=True, step=lstm_step),
     "gru": CellSpec("gru", gates=3, states=1, projects=False, step=gru_step),
+    "gru_reset_before": CellSpec(
+        "gru_reset_before", gates=3, states=1, projects=False, step=gru_reset_before_step
+    ),
     "rnn_tanh": CellSpec("rnn_tanh", gates=1, states=1, projects=False, step=rnn_tanh_step),
     "rnn_relu": CellSpec("rnn_relu", gates=1, states=1, projects=False, step=rnn_relu_step),
 }

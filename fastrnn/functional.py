@@ -33,12 +33,19 @@ from .autograd import (
 from .cell_functions import CellFunction
 from .cells import SPECS
 from .ops import layer as layer_op
+from .recurrence_cuda import unavailable_reason
+from .reference import layer as reference_layer
+from .reference import step as reference_step
 
 _TRANSFORM_REASON = (
     "fastrnn's kernels don't run under torch.func transforms (grad, vmap, jvp, ...) or "
     "forward-mode AD yet"
 )
 _warned: set[str] = set()
+# The cell kinds torch has (`_VF`'s functions): anything else (fastrnn's own variants) runs the
+# plain-torch reference where the kernels can't.
+TORCH_KINDS = frozenset(("lstm", "gru", "rnn_tanh", "rnn_relu"))
+REFERENCE = "the plain-torch reference (fastrnn.reference; torch has no such cell)"
 # The dtypes fastrnn has kernels for, per device (anything else runs torch's implementation).
 KERNEL_DTYPES = {
     "cpu": (torch.float32, torch.float64),
@@ -82,6 +89,37 @@ def _state_tensors(hx) -> list[Tensor]:
     if isinstance(hx, (tuple, list)):
         return [state for state in hx if isinstance(state, Tensor)]
     return []
+
+
+def kernel_reason(input: Tensor, weights: Sequence[Tensor | None], hx=None) -> str | None:
+    """Why fastrnn's kernels can't run this call (None if they can): a function transform
+    (`transform_reason`), a device or dtype without kernels, autocast, or weights elsewhere.
+    Runs on every module call that isn't plain: it keeps to cheap properties (`is_cpu` rather
+    than `device.type`, which builds a string)."""
+    reason = transform_reason(input, weights, hx)
+    if reason is not None:
+        return reason
+    if input.is_cpu:
+        device = "cpu"
+    elif input.is_cuda:
+        device = "cuda"
+        reason = unavailable_reason()
+        if reason is not None:
+            return f"fastrnn can't run its CUDA kernels: {reason}"
+    else:
+        return f"fastrnn has no kernel for device '{input.device.type}'"
+    dtypes = KERNEL_DTYPES[device]
+    if input.dtype not in dtypes:
+        return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
+    if torch.is_autocast_enabled(device):
+        autocast_dtype = torch.get_autocast_dtype(device)
+        if device == "cpu" or autocast_dtype not in (torch.float16, torch.bfloat16):
+            return f"fastrnn does not run under {device.upper()} autocast to {autocast_dtype} yet"
+    input_device = input.device
+    for t in weights:
+        if t is not None and (t.device != input_device or t.dtype not in dtypes):
+            return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"
+    return None
 
 
 def warn_fallback(who: str, reason: str, instead: str, stacklevel: int = 3) -> None:
@@ -257,13 +295,14 @@ def sequence_call(
     )  # fmt: skip
 
 
-def run_sequence(call: SequenceCall) -> tuple[Tensor, ...]:
-    """Run every layer and direction of a call: -> (output, *final states). A sequence of one
-    step (without a projection, on the CPU) runs as a cell per direction (`_one_step`): the
-    layer kernels would pack every weight for a single product."""
+def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, ...]:
+    """Run every layer and direction of a call: -> (output, *final states), on the kernels or
+    (reference) on the plain-torch reference. A sequence of one step (without a projection,
+    on the CPU) runs as a cell per direction (`_one_step`): the layer kernels would pack every
+    weight for a single product."""
     kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional = call[:9]
     directions = 2 if bidirectional else 1
-    one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(rows)
+    one_step = sizes.shape[0] == 1 and not has_proj and not reference and _cell_kernels(rows)
     layers = []  # each layer's new states (D, B, *)
     for layer in range(num_layers):
         first = layer * directions
@@ -282,13 +321,15 @@ def run_sequence(call: SequenceCall) -> tuple[Tensor, ...]:
                 stacked = groups[0]
             else:
                 stacked = [_stack_directions([w[i] for w in groups]) for i in range(5)]
-            rows, *new_states = apply_layer(
-                LayerFunction, kind, rows, sizes, layer_states[0], c0, *stacked
-            )
+            h0 = layer_states[0]
+            if reference:
+                rows, *new_states = reference_layer(kind, rows, sizes, h0, c0, *stacked)
+            else:
+                rows, *new_states = apply_layer(LayerFunction, kind, rows, sizes, h0, c0, *stacked)
         layers.append(new_states)
         if call.dropout > 0 and layer < num_layers - 1:
             rows = F.dropout(rows, call.dropout, training=True)
-    saved = directions == 1 and not one_step
+    saved = directions == 1 and not one_step and not reference
     output = _sequence_output(rows, sizes, saved, call.dense, call.batch_first)
     if num_layers == 1:
         return (output, *layers[0])
@@ -432,30 +473,21 @@ def checked_sequence(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    reference: bool = False,
 ) -> tuple[Tensor, ...]:
-    """(output, *final states) of a call that torch's argument checks have passed and that
-    runs on fastrnn's kernels (the caller decided): `ops.layer` per layer under
-    torch.compile, the layer Functions otherwise."""
-    if compiling():
+    """(output, *final states) of a call that torch's argument checks have passed, on
+    fastrnn's kernels (`ops.layer` per layer under torch.compile, the layer Functions
+    otherwise) or, as the caller decided, on the plain-torch reference."""
+    if compiling() and not reference:
         return compiled_sequence(
             kind, input, states, weights, has_biases, num_layers, dropout, train, bidirectional,
             batch_first, batch_sizes,
         )  # fmt: skip
-    return run_sequence(
-        sequence_call(
-            kind,
-            input,
-            batch_sizes,
-            states,
-            weights,
-            has_biases,
-            num_layers,
-            dropout,
-            train,
-            bidirectional,
-            batch_first,
-        )  # fmt: skip
-    )
+    call = sequence_call(
+        kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, train,
+        bidirectional, batch_first,
+    )  # fmt: skip
+    return run_sequence(call, reference)
 
 
 def _sequence(
@@ -543,6 +575,32 @@ def rnn(
     kind = "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
     flags = (has_biases, num_layers, dropout, train, bidirectional)
     output, h_n = _sequence(kind, input, hx, (hx,), weights, flags, batch_first, batch_sizes)
+    return output, h_n
+
+
+def gru_reset_before(
+    input: Tensor,
+    hx: Tensor,
+    weights: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool = False,
+    batch_sizes: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Multi-layer GRU in the "reset before" form (gates r, z, n; n = tanh(W_in x + b_in +
+    W_hn (r h) + b_hn)), arguments and layouts as `gru`'s (torch's weights). Returns output,
+    h_n. Where the kernels can't run (`kernel_reason`), the plain-torch reference runs,
+    warning once."""
+    reason = kernel_reason(input, weights, hx)
+    if reason is not None:
+        warn_fallback("fastrnn.functional.gru_reset_before", reason, REFERENCE, 3)
+    output, h_n = checked_sequence(
+        "gru_reset_before", input, batch_sizes, (hx,), weights, has_biases, num_layers,
+        dropout, train, bidirectional, batch_first, reason is not None,
+    )  # fmt: skip
     return output, h_n
 
 
@@ -674,26 +732,36 @@ def cell_step(
 
 
 def checked_cell(
-    kind: str, input: Tensor, hx, states: Sequence[Tensor], weights: Sequence[Tensor | None]
+    kind: str,
+    input: Tensor,
+    hx,
+    states: Sequence[Tensor],
+    weights: Sequence[Tensor | None],
+    reference: bool = False,
 ) -> tuple[Tensor, ...]:
-    """One step of a batched cell call that runs on fastrnn's kernels (the caller decided):
-    `cell_step` on a call shaped as the kernels take it (`_fits`), else torch._VF's cell,
-    which raises torch's own error or, where torch accepts the call (a broadcastable bias, an
-    LSTM c of another dtype), computes torch's result, with a warning once. hx: the states as
-    the caller gave them; weights [W_ih, W_hh, b_ih, b_hh]."""
+    """One step of a batched cell call, as the caller decided: `cell_step` on a call shaped as
+    the kernels take it (`_fits`), else torch._VF's cell, which raises torch's own error or,
+    where torch accepts the call (a broadcastable bias, an LSTM c of another dtype), computes
+    torch's result, with a warning once; with `reference`, or for a cell torch doesn't have,
+    the plain-torch reference step. hx: the states as the caller gave them; weights [W_ih,
+    W_hh, b_ih, b_hh]."""
     batch = input.shape[:1] if isinstance(input, Tensor) else ()
-    if _fits(input, states, batch, *weights, SPECS[kind].gates):
+    if not reference and _fits(input, states, batch, *weights, SPECS[kind].gates):
         return cell_step(kind, input, states[0], states[1] if kind == "lstm" else None, *weights)
     name = f"{kind}_cell"
+    if not reference:
+        instead = f"torch._VF.{name}" if kind in TORCH_KINDS else REFERENCE
+        warn_fallback(f"fastrnn.functional.{name}", _MALFORMED_CELL, instead, 4)
+    if kind not in TORCH_KINDS or reference:
+        return reference_step(kind, input, states, weights)
     result = getattr(_VF, name)(input, hx, *weights)
-    warn_fallback(
-        f"fastrnn.functional.{name}",
-        "fastrnn's cell kernels take (B, I) input, (B, H) states, weights and biases of "
-        "their exact shapes, one dtype",
-        f"torch._VF.{name}",
-        4,
-    )
     return result if kind == "lstm" else (result,)
+
+
+_MALFORMED_CELL = (
+    "fastrnn's cell kernels take (B, I) input, (B, H) states, weights and biases of their "
+    "exact shapes, one dtype"
+)
 
 
 def _cell_kernels(input: Tensor) -> bool:
@@ -760,3 +828,20 @@ def rnn_cell(
     if _torch_runs(f"{kind}_cell", input, weights, hx):
         return getattr(_VF, f"{kind}_cell")(input, hx, *weights)
     return checked_cell(kind, input, hx, (hx,), weights)[0]
+
+
+def gru_reset_before_cell(
+    input: Tensor,
+    hx: Tensor,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> Tensor:
+    """One step of the "reset before" GRU (see `gru_reset_before`): input (B, I), hx (B, H)
+    -> h' (B, H); the plain-torch reference step where the kernels can't run, warning once."""
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    reason = kernel_reason(input, weights, hx)
+    if reason is not None:
+        warn_fallback("fastrnn.functional.gru_reset_before_cell", reason, REFERENCE, 3)
+    return checked_cell("gru_reset_before", input, hx, (hx,), weights, reason is not None)[0]

@@ -58,54 +58,32 @@ def _registered_weights(module: nn.Module, names) -> list[Tensor | None] | None:
     return weights
 
 
-def _unsupported_reason(input: Tensor, tensors: list[Tensor], hx=None) -> str | None:
-    """Why fastrnn has no kernel for this call (None if it has one); `tensors`: the weights.
-    Runs on every forward: a batch-1 forward takes ~0.2 ms, so this keeps to cheap properties
-    (`is_cpu` rather than `device.type`, which builds a string)."""
-    reason = functional.transform_reason(input, tensors, hx)
-    if reason is not None:
-        return reason
-    if input.is_cpu:
-        device = "cpu"
-    elif input.is_cuda:
-        device = "cuda"
-    else:
-        device = input.device.type
-    if device == "cuda":
-        reason = unavailable_reason()
-        if reason is not None:
-            return f"fastrnn can't run its CUDA kernels: {reason}"
-    elif device != "cpu":
-        return f"fastrnn has no kernel for device '{device}'"
-    dtypes = functional.KERNEL_DTYPES[device]
-    if input.dtype not in dtypes:
-        return f"fastrnn has no {device.upper()} kernel for {input.dtype} yet"
-    if torch.is_autocast_enabled(device):
-        autocast_dtype = torch.get_autocast_dtype(device)
-        if device == "cpu" or autocast_dtype not in (torch.float16, torch.bfloat16):
-            return f"fastrnn does not run under {device.upper()} autocast to {autocast_dtype} yet"
-    input_device = input.device
-    for t in tensors:
-        if t.device != input_device or t.dtype not in dtypes:
-            return f"fastrnn has no kernel for a {t.dtype} parameter on '{t.device}'"
-    return None
+def _warn_fallback(cls_name: str, reason: str, instead: str | None = None) -> None:
+    instead = instead or f"torch's own {cls_name} implementation"
+    functional.warn_fallback(cls_name, reason, instead, 5)
 
 
-def _warn_fallback(cls_name: str, reason: str) -> None:
-    functional.warn_fallback(cls_name, reason, f"torch's own {cls_name} implementation", 4)
-
-
-def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> bool:
+def _fallback_reason(module: nn.Module, input, weights: list, hx) -> str | None:
+    """Why this call can't run on fastrnn's kernels (warned once), or None: then torch's own
+    implementation runs, or, for a cell torch doesn't have (`functional.TORCH_KINDS`), the
+    plain-torch reference. weights: the module's tensors."""
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, Tensor):
-        return False  # let the argument checks report it
+        return None  # let the argument checks report it
+    torch_kind = module._kernel_kind() in functional.TORCH_KINDS
     if _torch_chosen(data):
-        return True
-    reason = _unsupported_reason(data, module._flat_weights, hx)  # type: ignore[arg-type]
-    if reason is None:
-        return False
-    _warn_fallback(type(module).__name__, reason)
-    return True
+        if torch_kind:
+            return "set_cuda_strategy('torch') chose torch"  # what the user asked for: no warning
+        reason = "set_cuda_strategy('torch') chose torch, which has no such cell"
+    else:
+        reason = functional.kernel_reason(data, weights, hx)
+    if reason is not None:
+        instead = None if torch_kind else _REFERENCE
+        _warn_fallback(type(module).__name__, reason, instead)
+    return reason
+
+
+_REFERENCE = "fastrnn's plain-torch reference (torch has no such cell)"
 
 
 @functools.cache
@@ -168,13 +146,14 @@ class _SequenceForward:
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         raise NotImplementedError
 
-    def _run(self, input, states, batch_sizes):
+    def _run(self, input, states, batch_sizes, reference: bool):
         """(output, final states) of checked arguments: time-major or batch-first dense
         input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
-        sizes (None for dense input)."""
+        sizes (None for dense input); reference: on the plain-torch reference."""
         output, *final = functional.checked_sequence(
             self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+            reference,
         )  # fmt: skip
         return output, tuple(final)
 
@@ -210,7 +189,10 @@ class _SequenceForward:
             # eagerly (a graph break): torch's checks of it read batch_sizes' values.
             if isinstance(input, PackedSequence):
                 return _run_eagerly()(self, input, hx)
-            if self._kernel_kind() and _compiled_kernels(input, self._flat_weights):
+            kernels = _compiled_kernels(input, self._flat_weights)
+            if self._kernel_kind() not in functional.TORCH_KINDS:  # torch has no such cell
+                return self._checked_forward(input, hx, reference=not kernels)
+            if kernels:
                 return self._checked_forward(input, hx)
             return super().forward(input, hx)  # type: ignore[misc]
         # Validation once: a plain call (`_plain_call`) or the full checks make one normalised
@@ -219,9 +201,17 @@ class _SequenceForward:
         if call is not None:
             output, *final = functional.run_sequence(call)
             return output, self._states_result(tuple(final))
-        if self._kernel_kind() is None or _fallback_needed(self, input, hx):
+        kind = self._kernel_kind()
+        if kind is None:
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._checked_forward(input, hx)
+        if self._fallback_reason(input, self._flat_weights, hx) is None:
+            return self._checked_forward(input, hx)
+        if kind in functional.TORCH_KINDS:
+            return super().forward(input, hx)  # type: ignore[misc]
+        return self._checked_forward(input, hx, reference=True)
+
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        return _fallback_reason(self, input, weights, hx)
 
     def _kernel_kind(self) -> str | None:
         """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
@@ -267,7 +257,7 @@ class _SequenceForward:
                 self._init_flat_weights()
                 return
 
-    def _checked_forward(self, input, hx):
+    def _checked_forward(self, input, hx, reference: bool = False):
         """torch's argument handling and checks, then the kernels (`_run`)."""
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
@@ -277,7 +267,7 @@ class _SequenceForward:
             else:
                 states = self._states_tuple(self.permute_hidden(hx, sorted_indices))
             self._check(data, states, batch_sizes)
-            output, final = self._run(data, states, batch_sizes)
+            output, final = self._run(data, states, batch_sizes, reference)
             packed = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
             return packed, self.permute_hidden(self._states_result(final), unsorted_indices)
 
@@ -299,7 +289,7 @@ class _SequenceForward:
                 # torch keeps only the first two (LSTM) / the one state here.
                 states = tuple(s.unsqueeze(1) for s in states[: self._state_count])
         self._check(input, states, None)
-        output, final = self._run(input, states, None)
+        output, final = self._run(input, states, None, reference)
         if not batched:
             output = output.squeeze(batch_dim)
             final = tuple(s.squeeze(1) for s in final)
@@ -371,13 +361,38 @@ class LSTM(_SequenceForward, _TorchLSTM):
             )
 
 
-class GRU(_SequenceForward, _TorchGRU):
-    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels."""
+# The GRU forms `reset` picks: torch's "after" (the default) and the original paper's "before".
+_GRU_KINDS = {"after": "gru", "before": "gru_reset_before"}
 
-    _name = "GRU"
+
+class _ResetOption:
+    """The `reset` option of GRU and GRUCell: "after" (torch's form, the default: the module is
+    exactly torch's) or "before" (n = tanh(W_in x + b_in + W_hn (r h) + b_hn), the original
+    paper's, Keras reset_after=False), with torch's parameters, names and initialisation. A
+    module converted from torch's (`convert`) has the class default, "after"."""
+
+    reset = "after"
+
+    def __init__(self, *args, reset: str = "after", **kwargs) -> None:
+        if reset not in _GRU_KINDS:
+            raise ValueError(f"reset must be 'after' or 'before', got {reset!r}")
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        if reset != "after":
+            self.reset = reset
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        return text if self.reset == "after" else f"{text}, reset={self.reset!r}"
 
     def _kernel_kind(self) -> str | None:
-        return "gru"
+        return _GRU_KINDS[self.reset]
+
+
+class GRU(_ResetOption, _SequenceForward, _TorchGRU):
+    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels;
+    `reset="before"` for the other published form (`_ResetOption`)."""
+
+    _name = "GRU"
 
     def _zero_states(self, batch, like):
         directions = 2 if self.bidirectional else 1
@@ -421,9 +436,16 @@ class _CellForward:
                 c = states[1] if self._state_count == 2 else None
                 result = functional.cell_step(kind, input, states[0], c, *weights)
                 return result if self._state_count == 2 else result[0]
-        if self._cell_fallback_needed(input, hx, weights):
+        if not isinstance(input, Tensor):
+            return super().forward(input, hx)  # type: ignore[misc]  # torch's error
+        if self._fallback_reason(input, weights if self.bias else weights[:2], hx) is None:
+            return self._cell_forward(kind, input, hx, weights)
+        if kind in functional.TORCH_KINDS:
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._cell_forward(kind, input, hx, weights)
+        return self._cell_forward(kind, input, hx, weights, reference=True)
+
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        return _fallback_reason(self, input, weights, hx)
 
     def _kernel_kind(self) -> str | None:
         """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
@@ -448,7 +470,7 @@ class _CellForward:
         weights = _registered_weights(self, _CELL_WEIGHTS)
         return weights if weights is not None else [getattr(self, n) for n in _CELL_WEIGHTS]
 
-    def _cell_forward(self, kind, input, hx, weights):
+    def _cell_forward(self, kind, input, hx, weights, reference: bool = False):
         """torch's argument handling and checks, then the kernels (`functional.checked_cell`)."""
         if input.dim() not in (1, 2):
             raise ValueError(
@@ -478,21 +500,10 @@ class _CellForward:
         elif not batched:
             hx = hx.unsqueeze(0)
         states = hx if self._state_count == 2 else (hx,)
-        result = functional.checked_cell(kind, input, hx, states, weights)
+        result = functional.checked_cell(kind, input, hx, states, weights, reference)
         if not batched:
             result = tuple(r.squeeze(0) for r in result)
         return result if self._state_count == 2 else result[0]
-
-    def _cell_fallback_needed(self, input, hx, weights) -> bool:
-        if not isinstance(input, Tensor):
-            return False
-        if _torch_chosen(input):
-            return True
-        reason = _unsupported_reason(input, weights if self.bias else weights[:2], hx)
-        if reason is None:
-            return False
-        _warn_fallback(type(self).__name__, reason)
-        return True
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -508,13 +519,11 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
         return "lstm"
 
 
-class GRUCell(_CellForward, _TorchGRUCell):
-    """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
+class GRUCell(_ResetOption, _CellForward, _TorchGRUCell):
+    """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h);
+    `reset="before"` for the other published form (`_ResetOption`)."""
 
     _name = "GRUCell"
-
-    def _kernel_kind(self) -> str | None:
-        return "gru"
 
 
 class RNNCell(_CellForward, _TorchRNNCell):
@@ -562,6 +571,12 @@ def _prepared_for_scripting(module: nn.Module) -> nn.Module:
     target = _TORCH_CLASSES.get(type(module))
     if target is None:
         return module
+    kind = module._kernel_kind()
+    if kind is not None and kind not in functional.TORCH_KINDS:
+        raise RuntimeError(
+            f"torch.jit.script can't compile fastrnn's {type(module).__name__} "
+            f"({module.extra_repr()}): torch has no such cell to script in its place"
+        )
     _warn_fallback(
         type(module).__name__,
         "torch.jit.script can't compile fastrnn's Numba kernels (the model scripted gets "

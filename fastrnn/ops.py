@@ -65,7 +65,7 @@ def _(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training):
     lstm = cell == "lstm"
     c_n = torch.empty_like(c0, memory_format=torch.contiguous_format) if lstm else x.new_empty(0)
     gate_cache, cell_cache = x.new_empty(0), x.new_empty(0)
-    if training and cell in ("lstm", "gru"):
+    if training and cell in ("lstm", "gru", "gru_reset_before"):
         gate_cache = x.new_empty((directions, rows, 4 * hidden))
     if training and lstm:
         sixteen_bit = x.dtype in (torch.float16, torch.bfloat16)

@@ -16,12 +16,14 @@ would otherwise compile them on first use.
 On the CPU the parts (lstm, gru, rnn, cells) compile in `--jobs` processes at once, by default
 one per usable CPU: Numba compiles on one thread, and its on-disk cache takes several writers.
 LSTM, GRU and RNN fwd+bwd, float32, cold on 2 Zen 3 cores: 49 s in one process, 37 s in two
-(`part_groups`). `--parts lstm,gru` compiles only those.
+(`part_groups`). `--parts lstm,gru` compiles only those; opt-in cell variants compile only
+when named (`--parts gru_reset_before`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import subprocess
 import sys
 import time
@@ -39,7 +41,11 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.
 
 # What can compile on its own: each sequence module's kernels, and the cells'.
 PARTS = ("lstm", "gru", "rnn", "cells")
+# Opt-in variants, compiled only when named: their layer and (on the CPU) cell kernels.
+OPTIONAL_PARTS = ("gru_reset_before",)
 _MODULES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+_VARIANTS = {"gru_reset_before": functools.partial(GRU, reset="before")}
+_VARIANT_CELLS = {"gru_reset_before": functools.partial(GRUCell, reset="before")}
 
 
 def _run_cells(dtype: torch.dtype, device: str, parts: tuple[str, ...] = PARTS) -> None:
@@ -49,6 +55,14 @@ def _run_cells(dtype: torch.dtype, device: str, parts: tuple[str, ...] = PARTS) 
             x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
             output, _ = module(x)
             output.float().sum().backward()
+    for part in parts:
+        if part in _VARIANTS:
+            module = _VARIANTS[part](2, 3).to(device=device, dtype=dtype)
+            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
+            module(x)[0].float().sum().backward()
+            if device == "cpu":
+                cell = _VARIANT_CELLS[part](2, 3).to(dtype=dtype)
+                cell(torch.randn(2, 2, dtype=dtype, requires_grad=True)).sum().backward()
     if device != "cpu" or "cells" not in parts:
         return  # CUDA cells run the layer path compiled above
     for cell in (LSTMCell(2, 3), GRUCell(2, 3), RNNCell(2, 3)):
@@ -129,17 +143,25 @@ _GROUPINGS = {
 
 
 def part_groups(parts: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
-    """`parts` split into at most `jobs` groups, one process each."""
+    """`parts` split into at most `jobs` groups, one process each (an opt-in variant joins
+    the last group, or has its own when there is room)."""
     grouping = _GROUPINGS.get(max(1, jobs), tuple((part,) for part in PARTS))
     groups = [tuple(part for part in group if part in parts) for group in grouping]
-    return [group for group in groups if group]
+    groups = [group for group in groups if group]
+    for part in OPTIONAL_PARTS:
+        if part in parts:
+            if groups and len(groups) >= max(1, jobs):
+                groups[-1] = (*groups[-1], part)
+            else:
+                groups.append((part,))
+    return groups
 
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in PARTS + OPTIONAL_PARTS]
     if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"choose parts from {','.join(PARTS)}")
+        raise argparse.ArgumentTypeError(f"choose parts from {','.join(PARTS + OPTIONAL_PARTS)}")
     return parts
 
 
@@ -155,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also the CPU kernels that processes forked from a fastrnn process run",
     )
     parser.add_argument(
-        "--parts", type=_parts, default=PARTS, help=f"some of {','.join(PARTS)} (all)"
+        "--parts",
+        type=_parts,
+        default=PARTS,
+        help=f"some of {','.join(PARTS)} (all of them), or {','.join(OPTIONAL_PARTS)}",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="CPU: processes at once (the usable CPUs)"

@@ -21,12 +21,15 @@ import torch
 from torch import Tensor
 
 from .kernels.cpu import gru as _gru_kernels
+from .kernels.cpu import gru_reset_before as _gru_reset_before_kernels
 from .kernels.cpu import lstm as _lstm_kernels
 from .kernels.cpu import rnn as _rnn_kernels
 from .kernels.cpu.common import WIDE_ROWS
 from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
+from .kernels.cpu.gru_reset_before import gru_reset_before_backward as _gru_reset_before_backward
+from .kernels.cpu.gru_reset_before import gru_reset_before_forward as _gru_reset_before_forward
 from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
@@ -57,11 +60,17 @@ GRU_RECURRENT_N_ONLY = True
 
 
 def _kernel_set(serial: bool) -> dict:
-    """The six kernels this module calls, by their global names here: the parallel ones, or
+    """The kernels this module calls, by their global names here: the parallel ones, or
     their serial twins (`kernels/cpu/runtime.serial_twin`)."""
     suffix = "_serial" if serial else ""
     kernels = {}
-    for module, cell in ((_lstm_kernels, "lstm"), (_gru_kernels, "gru"), (_rnn_kernels, "rnn")):
+    cells = (
+        (_lstm_kernels, "lstm"),
+        (_gru_kernels, "gru"),
+        (_gru_reset_before_kernels, "gru_reset_before"),
+        (_rnn_kernels, "rnn"),
+    )
+    for module, cell in cells:
         for part in ("forward", "backward"):
             kernels[f"_{cell}_{part}"] = getattr(module, f"{cell}_{part}{suffix}")
     return kernels
@@ -292,10 +301,13 @@ def lstm_backward(
 
 
 def gru_forward(
-    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None
-) -> None:
+    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None,
+    reset_before=False,
+) -> None:  # fmt: skip
     """As `recurrence_cuda.gru_forward`; given x (N, I), W_ih (D, 3H, I) and bias = b_ih (D, 3H)
-    or None, the kernel computes the input projection step by step and `projected` isn't read."""
+    or None, the kernel computes the input projection step by step and `projected` isn't read.
+    reset_before: the "reset before" cell (`kernels.cpu.gru_reset_before`; gate_cache keeps
+    r * h in its last block)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     dtype = NUMPY_DTYPES[h0.dtype]
     if b_hh is not None:
@@ -303,7 +315,8 @@ def gru_forward(
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
     no_cell = _nothing(directions, h0)
-    _gru_forward(
+    kernel = _gru_reset_before_forward if reset_before else _gru_forward
+    kernel(
         batch_sizes,
         False,
         *_fused_inputs(x, W_ih, bias, directions, dtype),
@@ -323,11 +336,15 @@ def gru_forward(
 
 
 def gru_backward(
-    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
-) -> None:
+    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
+    reset_before=False,
+) -> None:  # fmt: skip
+    """As `recurrence_cuda.gru_backward`; reset_before: the "reset before" cell, whose
+    d_recurrent (D, 0, H) isn't written (`kernels.cpu.gru_reset_before`)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
-    _gru_backward(
+    kernel = _gru_reset_before_backward if reset_before else _gru_backward
+    kernel(
         batch_sizes,
         False,
         numpy_view(W_hh),

@@ -828,10 +828,16 @@ def lstm_backward(
 
 
 def gru_forward(
-    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None
-) -> None:
+    batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None,
+    reset_before=False,
+) -> None:  # fmt: skip
+    """`recurrence_cpu.gru_forward`'s arguments; reset_before: the "reset before" cell
+    (`_gated_forward`)."""
     if b_hh is None:  # the kernel adds b_hn inside r * (W_hn h + b_hn)
         b_hh = W_hh.new_zeros((W_hh.shape[0], W_hh.shape[1]))
+    if reset_before:
+        _gated_forward(batch_sizes, W_hh, b_hh, h0, projected, gate_cache, y, h_n)
+        return
     recurrence_forward(
         _GRU, False, batch_sizes, W_hh, None, b_hh, h0, None, projected, gate_cache, None, y,
         h_n, None,
@@ -839,13 +845,92 @@ def gru_forward(
 
 
 def gru_backward(
-    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
-) -> None:
+    batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
+    reset_before=False,
+) -> None:  # fmt: skip
+    """`recurrence_cpu.gru_backward`'s arguments; reset_before: the "reset before" cell, whose
+    d_recurrent isn't written (`_gated_backward`)."""
+    if reset_before:
+        _gated_backward(batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, d_input, dh0)
+        if h_prev.shape[1] > 0:
+            h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+        return
     recurrence_backward(
         _GRU, False, batch_sizes, W_hh, None, h0, None, y, gate_cache, None, dy, dh_n, None,
         d_input, d_recurrent, None, dh0, None,
     )  # fmt: skip
     h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+
+
+def _gated_forward(batch_sizes, W_hh, b_hh, h0, inputs, gate_cache, y, h_n) -> None:
+    """The "reset before" GRU's forward (`kernels/cuda/stepwise.py`'s gated_* kernels), always
+    stepwise: W_hn multiplies r * h, which needs this step's r, so each step has two products
+    (no persistent kernel for it yet). Layouts as `recurrence_forward`'s for the GRU; gate_cache
+    (D, N, 4H) out: r, z, n, r * h."""
+    stepwise = _cuda_modules()[4]
+    launch, _, hidden, _, _, threads = _setup(_GRU, W_hh, None, h0)
+    directions, batch = h0.shape[0], h0.shape[1]
+    if batch == 0:
+        return
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    h_n.copy_(h0)
+    rec = torch.empty((directions, batch, 2 * hidden), dtype=launch.compute, device=h0.device)
+    product = torch.empty((directions, batch, hidden), dtype=launch.compute, device=h0.device)
+    gated = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
+    first_args = [hidden, sizes, offsets, launch.array(rec), launch.array(inputs)]
+    cache, biases, state = launch.array(gate_cache), launch.array(b_hh, ndim=2), launch.array(h_n)
+    first_args += [cache, biases, state, launch.array(gated), launch.one]
+    second_args = [hidden, sizes, offsets, launch.array(product), launch.array(inputs), cache]
+    second_args += [biases, state, launch.array(y), launch.one]
+    blocks = _grid(directions * batch * hidden, threads)
+    for k in range(len(batch_sizes)):
+        for d in range(directions):
+            count = int(rows[d, k])
+            _product(h_n[d, :count], weights[d, : 2 * hidden].t(), rec[d, :count])
+        launch.run(stepwise.gated_step_gates, blocks, threads, 0, k, *first_args)
+        for d in range(directions):
+            count = int(rows[d, k])
+            _product(gated[d, :count], weights[d, 2 * hidden :].t(), product[d, :count])
+        launch.run(stepwise.gated_step_output, blocks, threads, 0, k, *second_args)
+
+
+def _gated_backward(batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, d_input, dh0) -> None:
+    """Backward of `_gated_forward`: d_input (D, N, 3H), the pre-activation gradients of both
+    sides, and dh0."""
+    stepwise = _cuda_modules()[4]
+    launch, _, hidden, _, _, threads = _setup(_GRU, W_hh, None, h0)
+    directions, batch = h0.shape[0], h0.shape[1]
+    if batch == 0:
+        return
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    compute, device = launch.compute, h0.device
+    dh_rec = torch.empty((directions, batch, hidden), dtype=compute, device=device)
+    dh_direct = torch.zeros((directions, batch, hidden), dtype=compute, device=device)
+    gated_grads = torch.empty((directions, batch, hidden), dtype=compute, device=device)
+    through = torch.empty((directions, batch, hidden), dtype=compute, device=device)
+    weights = _product_operand(W_hh, compute)
+    cache, inputs_grad, direct = (
+        launch.array(gate_cache), launch.array(d_input), launch.array(dh_direct)
+    )  # fmt: skip
+    first_args = [hidden, sizes, offsets, launch.array(dy), launch.array(dh_n)]
+    first_args += [launch.array(dh_rec), launch.array(h0), launch.array(y), cache, inputs_grad]
+    first_args += [launch.array(gated_grads), direct, launch.array(dh0), launch.one]
+    second_args = [hidden, sizes, offsets, launch.array(through), cache, inputs_grad, direct]
+    second_args.append(launch.one)
+    blocks = _grid(directions * batch * hidden, threads)
+    for k in range(len(batch_sizes) - 1, -2, -1):
+        launch.run(stepwise.gated_step_backward_output, blocks, threads, 0, k, *first_args)
+        if k < 0:
+            break
+        for d in range(directions):
+            count = int(rows[d, k])
+            _product(gated_grads[d, :count], weights[d, 2 * hidden :], through[d, :count])
+        launch.run(stepwise.gated_step_backward_gates, blocks, threads, 0, k, *second_args)
+        for d in range(directions):
+            count, first = int(rows[d, k]), int(firsts[d, k])
+            grads = d_input[d, first : first + count, : 2 * hidden]
+            _product(grads, weights[d, : 2 * hidden], dh_rec[d, :count], dh_direct[d, :count])
 
 
 def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:

@@ -13,6 +13,8 @@ h0[r] (c0[r]) if that step had no row r. Direction 1 of a bidirectional layer ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -67,3 +69,12 @@ def layer(
         finals.append(final)
     y = torch.cat(outputs, 1)
     return (y, *(torch.stack([f[k] for f in finals]) for k in range(spec.states)))
+
+
+def step(
+    cell: str, x: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor | None]
+) -> tuple[Tensor, ...]:
+    """One step of a cell: x (B, I), states ((B, H)[, (B, H)]), weights [W_ih, W_hh, b_ih,
+    b_hh] -> the new state(s) as a tuple."""
+    _, new = SPECS[cell].step(x, tuple(states), *weights, None)
+    return tuple(new)

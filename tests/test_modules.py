@@ -292,9 +292,9 @@ def test_sequence_plain_path_is_the_full_path(
         return [y.detach(), *(f.detach() for f in finals), *grads]
 
     full_checks = []
-    original = modules._fallback_needed
+    original = modules._fallback_reason
     monkeypatch.setattr(
-        modules, "_fallback_needed", lambda *a: full_checks.append(1) or original(*a)
+        modules, "_fallback_reason", lambda *a: full_checks.append(1) or original(*a)
     )
     plain = run()
     assert not full_checks, "the plain call went through the full checks"

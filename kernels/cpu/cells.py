@@ -18,6 +18,7 @@ from numba import njit
 
 from .common import JIT_OPTIONS, copy_row
 from .gru import gru_backward_row, gru_forward_row
+from .gru_reset_before import backward_gates_row, backward_output_row, gates_row, output_row
 from .lstm import lstm_backward_row, lstm_forward_row
 from .rnn import rnn_backward_row, rnn_forward_row
 
@@ -96,6 +97,54 @@ def gru_cell_backward(cache, h, dh, d_input, d_recurrent, dh_direct):
     for r in range(h.shape[0]):
         copy_row(dh_direct[r], dh[r])
         gru_backward_row(cache[r], h[r], dh_direct[r], d_input[r], d_recurrent[r], hidden, one)
+
+
+@njit(**_JIT)
+def gru_reset_before_cell_gates(projected, rec, b_hh, h, gated):
+    """First half of a reset-before GRU step (`gru_reset_before`): projected (B, 3H) =
+    x W_ih^T + b_ih; rec (B, 2H): in h W_hr^T, h W_hz^T, out r and z; b_hh (3H); h (B, H);
+    out gated (B, H) = r * h, which the caller multiplies by W_hn^T."""
+    hidden = h.shape[1]
+    for r in range(h.shape[0]):
+        gates_row(projected[r], rec[r], b_hh, h[r], gated[r], hidden)
+
+
+@njit(**_JIT)
+def gru_reset_before_cell_output(projected, rec, b_hh, gated_product, gated, h, cache, h_new):
+    """Second half: gated_product (B, H) = (r * h) W_hn^T; out cache (B, 4H): r, z, n, r * h,
+    and h_new (B, H)."""
+    hidden = h.shape[1]
+    one = np.ones(1, dtype=h.dtype)[0]
+    for r in range(h.shape[0]):
+        copy_row(h_new[r], h[r])
+        output_row(
+            projected[r], rec[r], b_hh, gated_product[r], gated[r], cache[r], h_new[r], hidden,
+            one, True,
+        )  # fmt: skip
+
+
+@njit(**_JIT)
+def gru_reset_before_cell_backward_output(cache, h, dh, d_input, gated_grads, dh_direct):
+    """Backward of `gru_reset_before_cell_output`: dh (B, H) = dL/dh'; out d_input (B, 3H)
+    (its z and n blocks), gated_grads (B, H) = dn, which the caller multiplies by W_hn, and
+    dh_direct (B, H) = z * dL/dh'."""
+    hidden = h.shape[1]
+    one = np.ones(1, dtype=h.dtype)[0]
+    for r in range(h.shape[0]):
+        copy_row(dh_direct[r], dh[r])
+        backward_output_row(cache[r], h[r], dh_direct[r], d_input[r], gated_grads[r], hidden, one)
+
+
+@njit(**_JIT)
+def gru_reset_before_cell_backward_gates(cache, through, dh_direct, d_input, rec_grads):
+    """Backward of `gru_reset_before_cell_gates`: through (B, H) = dn W_hn; dh_direct (B, H)
+    gains through * r; out d_input's r block and rec_grads (B, 2H) = dr, dz (for W_hr, W_hz)."""
+    hidden = dh_direct.shape[1]
+    one = np.ones(1, dtype=dh_direct.dtype)[0]
+    for r in range(dh_direct.shape[0]):
+        backward_gates_row(
+            cache[r], through[r], dh_direct[r], d_input[r], rec_grads[r], hidden, one
+        )
 
 
 @njit(**_JIT)

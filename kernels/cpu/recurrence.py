@@ -24,6 +24,21 @@ bookkeeping. A cell is a module (`lstm`, `gru`, `rnn`) that contributes only:
     backward_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant)
                    one step's gate gradients from dh (dL/dh' of the gate math's output),
                    into d_input (and the cell's own gradients and caches).
+A cell may also set (optional, the defaults below keep the other cells' code as it was):
+    GATED_GATES    how many trailing gate blocks of W_hh multiply the cell's gated state
+                   rather than h (the "reset before" GRU's n block: W_hn (r * h)); default 0.
+                   With G2 = GATED_GATES > 0 each step has a second recurrent product: the
+                   first covers W_hh's leading (G - G2) * H rows (into `recurrent`), then
+                   forward_rows writes the gated rows (`Forward.gated`, B x P), the second
+                   product multiplies them by the last G2 * H rows (into `gated_product`), and
+                   forward_gated_rows (same arguments as forward_rows) finishes the step.
+                   Backward: backward_rows writes the gated blocks' pre-activation gradients
+                   into `Backward.gated_grads` (B x G2*H), the second product gives
+                   `gated_through` = gated_grads @ W_hh[last G2 * H rows] (dL/d gated state),
+                   backward_gated_rows (same arguments as backward_rows) adds the part of dL/dh
+                   through the gated state and fills rec_grads (B x (G - G2) * H), which the
+                   first product takes (SEPARATE_RECURRENT_GRADIENT must be True). Not with
+                   SPLITS_UNITS (the gated rows need every unit of the step).
 Both row hooks are compiled with `common.STEP_JIT_OPTIONS` (inlined into the step loop) and
 call the cell's per-row gate math, compiled on its own (`common.ROW_JIT_OPTIONS`), which the
 CPU cells (`cells`) share.
@@ -99,27 +114,47 @@ from .shared_product import (
 # are templates and are never compiled themselves.
 cell = None
 
+# The optional traits (see the module docstring), as a cell without them has them: no second
+# product. `instantiate` takes a cell's own where it defines them.
+GATED_GATES = 0
+
+
+@njit(**STEP_JIT_OPTIONS)
+def forward_gated_rows(a, off, first, end, unit, end_unit, fused, variant):
+    """A GATED_GATES cell's rows after the second product; nothing for other cells."""
+
+
+@njit(**STEP_JIT_OPTIONS)
+def backward_gated_rows(a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant):
+    """A GATED_GATES cell's gradient rows after the second product; nothing for other cells."""
+
+
+_OPTIONAL_TRAITS = ("GATED_GATES", "forward_gated_rows", "backward_gated_rows")
+
 # One direction's arrays in the forward (no direction axis): the inputs x (N, I) and pre
 # (N, G*H), the input side's pre-activations when not fused; b_ih (G*H), the input side's bias
 # when fused (with b_hh added for a joint product), b_hh (G*H) for cells that keep it apart
 # (else empty); the outputs y (N, P), h_n (B, P), c_n (B, H) and the caches; the scratch rows
 # recurrent (B, G*H), x_side (B, G*H) (a separate input product), h_raw (B, H) (before the
 # projection), joint_rows (B, I + P) ([x | h] of a joint product), h_state (2, B, P) (a unit
-# split's states); the panels and the direction's counters.
+# split's states); the panels and the direction's counters. A GATED_GATES cell's second
+# product: gated (B, P) in, gated_product (B, G2*H) out, gated_panels (W_hh's last G2*H rows);
+# no rows and no panels for other cells.
 Forward = namedtuple(
     "Forward",
     "x pre b_ih b_hh y h_n c_n gate_cache cell_cache recurrent x_side h_raw joint_rows h_state "
-    "hh_panels ih_panels hr_panels sync",
+    "hh_panels ih_panels hr_panels sync gated gated_product gated_panels",
 )
 # One direction's arrays in the backward: the forward's h0, c0, y and caches, dy (N, P); out
 # d_input (N, G*H), dn_recurrent (N, H) (the GRU's recurrent-side n block), h_prev (N, P),
 # dh_total (N, P) and h_raw (N, H) (with a projection), dh0 (B, P), dc0 (B, H); scratch dh_raw
 # (B, H) (dL/dh_raw, with a projection), rec_grads (B, G*H) and through (B, P) (a separate
-# recurrent gradient and its product with W_hh); the panels and the counters.
+# recurrent gradient and its product with W_hh); the panels and the counters. A GATED_GATES
+# cell's second product: gated_grads (B, G2*H) in, gated_through (B, P) out, gated_panels.
 Backward = namedtuple(
     "Backward",
     "h0 c0 y gate_cache cell_cache dy d_input dn_recurrent h_prev dh_total h_raw dh0 dc0 dh_raw "
-    "rec_grads through hh_panels hr_panels sync",
+    "rec_grads through hh_panels hr_panels sync gated_grads gated_through gated_panels",
 )
 
 
@@ -219,6 +254,15 @@ def _forward_task(
                 h_next = a.h_state[(k + 1) % 2]
                 for r in range(first, end):
                     copy_row(h_next[r, unit:end_unit], a.h_n[r, unit:end_unit])
+        if GATED_GATES:
+            gated_out = a.gated_product[first:end]
+            if not _product(
+                a.gated[first:end], a.gated_panels, gated_out, a.sync, product, units, crew
+            ):
+                return
+            product += 1
+            if rows_task:
+                forward_gated_rows(a, off, first, end, unit, end_unit, fused, variant)
         if has_proj:
             if not _product(
                 a.h_raw[first:end], a.hr_panels, a.h_n[first:end], a.sync, product, units, crew
@@ -254,10 +298,17 @@ def layer_forward(
     fused = W_ih.shape[1] > 0
     joint = fused and cell.JOINT_INPUT
     apart = fused and not cell.JOINT_INPUT
-    if joint:
+    gated_columns = GATED_GATES * hidden
+    lead = W_hh.shape[1] - gated_columns
+    if GATED_GATES:  # the first product's rows of W_hh, and the second's
+        hh_panels = packed_panels(np.ascontiguousarray(W_hh[:, :lead]), False, threads)
+        gated_panels = packed_panels(np.ascontiguousarray(W_hh[:, lead:]), False, threads)
+    elif joint:
         hh_panels = packed_joint_panels(W_ih, W_hh, threads)
+        gated_panels = np.empty((directions, 0, 0, PANEL), dtype=y.dtype)
     else:
         hh_panels = packed_panels(W_hh, False, threads)
+        gated_panels = np.empty((directions, 0, 0, PANEL), dtype=y.dtype)
     if apart:
         ih_panels = packed_panels(W_ih, False, threads)
     else:
@@ -270,7 +321,10 @@ def layer_forward(
     x_side = np.empty((directions, batch if apart else 0, W_hh.shape[1]), dtype=y.dtype)
     h_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
     weights = W_hh.shape[1] * W_hh.shape[2]
-    products = batch_sizes.shape[0] * (1 + has_proj + apart)
+    gated_rows = batch if GATED_GATES else 0
+    gated = np.empty((directions, gated_rows, width), dtype=y.dtype)
+    gated_product = np.empty((directions, gated_rows, gated_columns), dtype=y.dtype)
+    products = batch_sizes.shape[0] * (1 + has_proj + apart + (GATED_GATES > 0))
     n_tasks, n_chunks, per_direction, bounds, sync, claims = _plan(
         batch_sizes, directions, threads, weights, hidden, cell.SPLITS_UNITS, products
     )
@@ -285,7 +339,8 @@ def layer_forward(
         a = Forward(
             x, pre[d], b_ih[d], b_hh[d], y[d], h_n[d], c_n[d], gate_cache[d], cell_cache[d],
             recurrent[d], x_side[d], h_raw[d], joint_rows[d, index if split else 0], h_state[d],
-            hh_panels[d], ih_panels[d], hr_panels[d], sync[d],
+            hh_panels[d], ih_panels[d], hr_panels[d], sync[d], gated[d], gated_product[d],
+            gated_panels[d],
         )  # fmt: skip
         while chunk < n_chunks:
             _forward_task(
@@ -342,6 +397,15 @@ def _backward_task(a, batch_sizes, offsets, reverse, variant, first, last, role,
             cell.backward_rows(
                 a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant
             )
+        if GATED_GATES:
+            gated_rows, into = a.gated_grads[first:end], a.gated_through[first:end]
+            if not _product(gated_rows, a.gated_panels, into, a.sync, product, units, crew):
+                return
+            product += 1
+            if rows_task:
+                backward_gated_rows(
+                    a, offsets, off, prev, prev_rows, first, end, unit, end_unit, dh, variant
+                )
         if split:
             exchanges += 1
             exchange(a.sync, index, workers, exchanges)
@@ -373,19 +437,29 @@ def layer_backward(
     a projection dh_total (D, N, P) = dL/dh and h_raw (D, N, H) (else both (D, 0, *));
     dh0 (D, B, P), dc0 (D, B, H) (or (D, B, 0))."""
     offsets = step_offsets(batch_sizes)
-    hh_panels = packed_panels(W_hh, True, threads)
+    directions, batch, width = h0.shape
+    hidden = W_hh.shape[1] // cell.GATES
+    gated_columns = GATED_GATES * hidden
+    lead = W_hh.shape[1] - gated_columns
+    if GATED_GATES:  # the first product's rows of W_hh, and the second's
+        hh_panels = packed_panels(np.ascontiguousarray(W_hh[:, :lead]), True, threads)
+        gated_panels = packed_panels(np.ascontiguousarray(W_hh[:, lead:]), True, threads)
+    else:
+        hh_panels = packed_panels(W_hh, True, threads)
+        gated_panels = np.empty((directions, 0, 0, PANEL), dtype=y.dtype)
     hr_panels = packed_panels(W_hr, True, threads)
     copy_states(dh0, dh_n)
     copy_states(dc0, dc_n)
-    directions, batch, width = h0.shape
-    hidden = W_hh.shape[1] // cell.GATES
     has_proj = W_hr.shape[1] > 0
     separate = cell.SEPARATE_RECURRENT_GRADIENT
     dh_raw = np.empty((directions, batch if has_proj else 0, hidden), dtype=y.dtype)
-    rec_grads = np.empty((directions, batch if separate else 0, W_hh.shape[1]), dtype=y.dtype)
+    rec_grads = np.empty((directions, batch if separate else 0, lead), dtype=y.dtype)
     through = np.empty((directions, batch if separate else 0, width), dtype=y.dtype)
+    gated_rows = batch if GATED_GATES else 0
+    gated_grads = np.empty((directions, gated_rows, gated_columns), dtype=y.dtype)
+    gated_through = np.empty((directions, gated_rows, width), dtype=y.dtype)
     weights = W_hh.shape[1] * W_hh.shape[2]
-    products = batch_sizes.shape[0] * (1 + has_proj)
+    products = batch_sizes.shape[0] * (1 + has_proj + (GATED_GATES > 0))
     n_tasks, n_chunks, per_direction, bounds, sync, claims = _plan(
         batch_sizes, directions, threads, weights, hidden, cell.SPLITS_UNITS, products
     )
@@ -394,7 +468,8 @@ def layer_backward(
         a = Backward(
             h0[d], c0[d], y[d], gate_cache[d], cell_cache[d], dy[d], d_input[d], dn_recurrent[d],
             h_prev[d], dh_total[d], h_raw[d], dh0[d], dc0[d], dh_raw[d], rec_grads[d],
-            through[d], hh_panels[d], hr_panels[d], sync[d],
+            through[d], hh_panels[d], hr_panels[d], sync[d], gated_grads[d], gated_through[d],
+            gated_panels[d],
         )  # fmt: skip
         while chunk < n_chunks:
             _backward_task(
@@ -441,6 +516,17 @@ def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
     tag = _source_tag(sys.modules[__name__], cell_module)
     namespace = dict(globals())
     namespace["cell"] = cell_module
+    for trait in _OPTIONAL_TRAITS:
+        namespace[trait] = getattr(cell_module, trait, namespace[trait])
+    if namespace["GATED_GATES"] and (
+        cell_module.SPLITS_UNITS
+        or cell_module.JOINT_INPUT
+        or not cell_module.SEPARATE_RECURRENT_GRADIENT
+    ):
+        raise ValueError(
+            f"{cell_module.__name__}: a GATED_GATES cell needs SPLITS_UNITS and JOINT_INPUT "
+            "False and SEPARATE_RECURRENT_GRADIENT True"
+        )
     for task in _TASKS:
         copy = _copy(task, namespace, f"{prefix}{task.__name__}", cell_module.__name__)
         copy.__qualname__ += tag

@@ -140,3 +140,54 @@ def unit_backward(
         return dh * z
     put(d_input, d, n, j, dh * activation_grad(wide(y[d, n, j], one), relu, one))
     return zero
+
+
+# The "reset before" GRU (gates r, z, n; n = tanh(W_in x + b_in + W_hn (r h) + b_hn)): W_hn
+# multiplies r * h, so each step has two products and the unit's math runs in two halves around
+# the second (`stepwise.gated_*`). Layouts as GRU's, but gate_cache (D, N, 4H) holds r, z, n and
+# r * h; d_input (D, N, 3H) is both sides' pre-activation gradient.
+
+
+@cuda.jit(device=True)
+def gated_unit_gates(d, n, j, hidden, rec0, rec1, h_prev, inputs, b_hh, gate_cache, one):
+    """First half: r and z of unit j from rec0, rec1 = (W_hr h)[j], (W_hz h)[j], cached with
+    r * h, which it returns (the second product's input)."""
+    r = sigmoid(wide(inputs[d, n, j], one) + rec0 + wide(b_hh[d, j], one), one)
+    z = sigmoid(wide(inputs[d, n, hidden + j], one) + rec1 + wide(b_hh[d, hidden + j], one), one)
+    gated = r * h_prev
+    put(gate_cache, d, n, j, r)
+    put(gate_cache, d, n, hidden + j, z)
+    put(gate_cache, d, n, 3 * hidden + j, gated)
+    return gated
+
+
+@cuda.jit(device=True)
+def gated_unit_output(d, n, j, hidden, product, h_prev, inputs, b_hh, gate_cache, one):
+    """Second half: the new h of unit j from product = (W_hn (r h))[j]; caches n."""
+    z = wide(gate_cache[d, n, hidden + j], one)
+    b_n = wide(b_hh[d, 2 * hidden + j], one)
+    new = math.tanh(wide(inputs[d, n, 2 * hidden + j], one) + (product + b_n))
+    put(gate_cache, d, n, 2 * hidden + j, new)
+    return (one - z) * new + z * h_prev
+
+
+@cuda.jit(device=True)
+def gated_unit_backward_output(d, n, j, hidden, dh, h_prev, gate_cache, d_input, one):
+    """Backward of `gated_unit_output` from dh = dL/dh': writes dz and dn into d_input and
+    returns (dn, z * dh): the second product's input and the part of dL/dh that skips both
+    products."""
+    z = wide(gate_cache[d, n, hidden + j], one)
+    new = wide(gate_cache[d, n, 2 * hidden + j], one)
+    d_new = dh * (one - z) * (one - new * new)
+    put(d_input, d, n, hidden + j, dh * (h_prev - new) * z * (one - z))
+    put(d_input, d, n, 2 * hidden + j, d_new)
+    return d_new, dh * z
+
+
+@cuda.jit(device=True)
+def gated_unit_backward_gates(d, n, j, hidden, through, gate_cache, d_input, one):
+    """Backward of `gated_unit_gates` from through = (W_hn^T dn)[j], dL/d(r h): writes dr into
+    d_input and returns through * r, the part of dL/dh through r * h."""
+    r = wide(gate_cache[d, n, j], one)
+    put(d_input, d, n, j, through * wide(gate_cache[d, n, 3 * hidden + j], one) * (one - r))
+    return through * r

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 from numba import cuda
 
-from .cells import unit_backward, unit_forward
+from .cells import (
+    gated_unit_backward_gates,
+    gated_unit_backward_output,
+    gated_unit_gates,
+    gated_unit_output,
+    unit_backward,
+    unit_forward,
+)
 from .common import GRU, gate_count, put, step_span, wide
 
 _JIT = {"cache": True}
@@ -181,3 +188,86 @@ def step_backward(
         put(dh_direct, d, b, j, direct)
     elif b < rows_next and not has_proj:
         put(dh0, d, b, j, wide(dh_rec[d, b, j], one))
+
+
+# The "reset before" GRU (`cells.gated_*`): per step, the host's product h @ W_h{r,z}^T into
+# rec (D, B, 2H), `gated_step_gates`, the product gated @ W_hn^T into `product` (D, B, H), then
+# `gated_step_output`; backward `gated_step_backward_output`, dn @ W_hn into `through`,
+# `gated_step_backward_gates`, then dh_rec = d_input's r and z blocks @ W_h{r,z} + dh_direct.
+
+
+@cuda.jit(**_JIT)
+def gated_step_gates(k, hidden, batch_sizes, offsets, rec, inputs, gate_cache, b_hh, h_state,
+                     gated, one):  # fmt: skip
+    """Step k, first half: r and z, and gated (D, B, H) = r * h, from rec's products."""
+    d, b, j, ok = _thread_coordinates(hidden, h_state.shape[0], h_state.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    if b >= rows:
+        return
+    value = gated_unit_gates(
+        d, off + b, j, hidden, wide(rec[d, b, j], one), wide(rec[d, b, hidden + j], one),
+        wide(h_state[d, b, j], one), inputs, b_hh, gate_cache, one,
+    )  # fmt: skip
+    put(gated, d, b, j, value)
+
+
+@cuda.jit(**_JIT)
+def gated_step_output(k, hidden, batch_sizes, offsets, product, inputs, gate_cache, b_hh,
+                      h_state, y, one):  # fmt: skip
+    """Step k, second half: the new h into h_state (D, B, H) and y (D, N, H)."""
+    d, b, j, ok = _thread_coordinates(hidden, h_state.shape[0], h_state.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    if b >= rows:
+        return
+    h = gated_unit_output(
+        d, off + b, j, hidden, wide(product[d, b, j], one), wide(h_state[d, b, j], one), inputs,
+        b_hh, gate_cache, one,
+    )  # fmt: skip
+    put(h_state, d, b, j, h)
+    put(y, d, off + b, j, h)
+
+
+@cuda.jit(**_JIT)
+def gated_step_backward_output(k, hidden, batch_sizes, offsets, dy, dh_n, dh_rec, h0, y,
+                               gate_cache, d_input, gated_grads, dh_direct, dh0, one):  # fmt: skip
+    """Step k of backward, first half (k = -1 only hands the carried gradients to dh0): dL/dh
+    resolved as in `step_backward`; dz, dn into d_input, dn into gated_grads (D, B, H), z * dh
+    into dh_direct (D, B, H)."""
+    d, b, j, ok = _thread_coordinates(hidden, dh_direct.shape[0], dh_direct.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    rows_next, _ = step_span(k + 1, d, batch_sizes, offsets)
+    if b < rows:
+        carried = wide(dh_rec[d, b, j], one) if b < rows_next else wide(dh_n[d, b, j], one)
+        dh = wide(dy[d, off + b, j], one) + carried
+        rows_prev, off_prev = step_span(k - 1, d, batch_sizes, offsets)
+        h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
+        d_new, direct = gated_unit_backward_output(
+            d, off + b, j, hidden, dh, h_prev, gate_cache, d_input, one
+        )
+        put(gated_grads, d, b, j, d_new)
+        put(dh_direct, d, b, j, direct)
+    elif b < rows_next:
+        put(dh0, d, b, j, wide(dh_rec[d, b, j], one))
+
+
+@cuda.jit(**_JIT)
+def gated_step_backward_gates(k, hidden, batch_sizes, offsets, through, gate_cache, d_input,
+                              dh_direct, one):  # fmt: skip
+    """Step k of backward, second half: dr into d_input from through (D, B, H) = dn @ W_hn;
+    dh_direct gains through * r."""
+    d, b, j, ok = _thread_coordinates(hidden, dh_direct.shape[0], dh_direct.shape[1])
+    if not ok:
+        return
+    rows, off = step_span(k, d, batch_sizes, offsets)
+    if b >= rows:
+        return
+    part = gated_unit_backward_gates(
+        d, off + b, j, hidden, wide(through[d, b, j], one), gate_cache, d_input, one
+    )
+    put(dh_direct, d, b, j, wide(dh_direct[d, b, j], one) + part)
