@@ -2,8 +2,8 @@
 against the plain-torch reference (`fastrnn.reference`), the module against its plain-torch
 formulas over the parity grid (layers, directions, batch_first, bias, unbatched, hx given or
 not, packed with unsorted lengths, float32 and float64), against what users write today
-(nn.LSTMCell's weights with nn.LayerNorm in a loop), gradcheck and gradgradcheck, thread counts,
-parameters and state_dict, the fallback and the cell."""
+(nn.LSTMCell's weights with nn.LayerNorm in a loop, `bench.layernorm_lstm`), gradcheck and
+gradgradcheck, thread counts, parameters and state_dict, the fallback and the cell."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from conftest import assert_results_close, capture_exception, run_fwd_bwd
 from torch import nn
 
 import fastrnn
+from bench.layernorm_lstm import UsersLayerNormLSTM
 from fastrnn import autograd, reference
 from fastrnn import layernorm_lstm as layernorm_module
 from fastrnn.cells import layernorm_widths
@@ -217,53 +218,11 @@ def test_packed_matches_each_sequence_alone(bidirectional):
             torch.testing.assert_close(c_n[:, b], c_b[:, 0], rtol=0, atol=1e-12)
 
 
-class _UsersLayerNormLSTM(nn.Module):
-    """What users write today: nn.LSTMCell's weights with three nn.LayerNorm, in a Python loop
-    (one layer, one direction)."""
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__()
-        self.cell = nn.LSTMCell(input_size, hidden_size)
-        self.norm_ih = nn.LayerNorm(4 * hidden_size)
-        self.norm_hh = nn.LayerNorm(4 * hidden_size)
-        self.norm_c = nn.LayerNorm(hidden_size)
-
-    def forward(self, x, hx):
-        h, c = hx
-        cell, outputs = self.cell, []
-        for x_t in x:
-            gates = self.norm_ih(x_t @ cell.weight_ih.T) + self.norm_hh(h @ cell.weight_hh.T)
-            i, f, g, o = (gates + cell.bias_ih + cell.bias_hh).chunk(4, 1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(self.norm_c(c))
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)
-
-
-def _users_twin(fast: fastrnn.LayerNormLSTM) -> _UsersLayerNormLSTM:
-    twin = _UsersLayerNormLSTM(fast.input_size, fast.hidden_size).to(fast.weight_hh_l0.dtype)
-    with torch.no_grad():
-        for mine, theirs in (
-            (fast.weight_ih_l0, twin.cell.weight_ih),
-            (fast.weight_hh_l0, twin.cell.weight_hh),
-            (fast.bias_ih_l0, twin.cell.bias_ih),
-            (fast.bias_hh_l0, twin.cell.bias_hh),
-            (fast.layernorm_ih_weight_l0, twin.norm_ih.weight),
-            (fast.layernorm_ih_bias_l0, twin.norm_ih.bias),
-            (fast.layernorm_hh_weight_l0, twin.norm_hh.weight),
-            (fast.layernorm_hh_bias_l0, twin.norm_hh.bias),
-            (fast.layernorm_c_weight_l0, twin.norm_c.weight),
-            (fast.layernorm_c_bias_l0, twin.norm_c.bias),
-        ):
-            theirs.copy_(mine)
-    return twin
-
-
 def test_matches_lstm_cell_with_layer_norms():
     """The formulas are those of nn.LSTMCell's weights with nn.LayerNorm (eps 1e-5) on each
     side's gate pre-activations and on the cell: outputs, states and the input's gradient."""
     _, fast = _module_pair(F64)
-    twin = _users_twin(fast)
+    twin = UsersLayerNormLSTM(4, 5).double().copy_from(fast)
     x, hx = _inputs(dict(hx=True), F64)
     x.requires_grad_()
     out, (h, c) = fast(x, hx)
@@ -277,6 +236,15 @@ def test_matches_lstm_cell_with_layer_norms():
     torch.testing.assert_close(
         fast.layernorm_c_weight_l0.grad, twin.norm_c.weight.grad, rtol=0, atol=1e-12
     )
+
+
+def test_benchmark_runs(capsys):
+    """`python -m bench.layernorm_lstm` at a tiny size: parity passes, both timed."""
+    from bench import layernorm_lstm
+
+    assert layernorm_lstm.main(["--sizes", "3,2,3,4", "--calls", "1", "--reps", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.split()[:4] == ["3", "2", "3", "4"] and "FAILED" not in line
 
 
 @pytest.mark.parametrize("lengths", [(3, 3), (3, 2, 1)], ids=["dense", "packed"])
