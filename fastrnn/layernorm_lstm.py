@@ -9,7 +9,9 @@ Biases sit as in haste: after the two norms (haste keeps one b; here b_ih + b_hh
 and each norm has its own gain and bias (haste has no bias on the two gate-side norms; here they
 are there, redundant with b_ih + b_hh but harmless). The input side does not depend on h, so it
 runs over every step at once (torch's layer_norm); the recurrence, with the recurrent side's and
-the cell's norms, runs in fastrnn's CPU kernel (`kernels/cpu/layernorm_lstm`).
+the cell's norms, runs in fastrnn's kernels: the CPU's (`kernels/cpu/layernorm_lstm`), or on a
+GPU a stepwise one (`kernels/cuda/layernorm_lstm`: cuBLAS products and a kernel per step, a
+thread per row).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import autograd, reference
 from .cells import layernorm_lstm_step, layernorm_widths
 from .functional import transform_reason, warn_fallback
+from .recurrence_cuda import unavailable_reason
 
 __all__ = ["LayerNormLSTM", "LayerNormLSTMCell"]
 
@@ -41,13 +44,17 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _no_kernel_reason(input: Tensor, tensors: list[Tensor], hx) -> str | None:
-    """Why this call can't run fastrnn's kernel (None if it can): a function transform or
-    export (`functional.transform_reason`), a device other than the CPU, a dtype other than
-    float32 and float64."""
+    """Why this call can't run fastrnn's kernels (None if it can): a function transform or
+    export (`functional.transform_reason`), a device other than the CPU and CUDA (with
+    numba-cuda usable), a dtype other than float32 and float64."""
     reason = transform_reason(input, tensors, hx)
     if reason is not None:
         return reason
-    if not input.is_cpu:
+    if input.is_cuda:
+        reason = unavailable_reason()
+        if reason is not None:
+            return f"fastrnn can't run its CUDA kernels: {reason}"
+    elif not input.is_cpu:
         return f"fastrnn has no layer-norm LSTM kernel for device '{input.device.type}'"
     if input.dtype not in _KERNEL_DTYPES:
         return f"fastrnn has no layer-norm LSTM kernel for {input.dtype}"
@@ -68,9 +75,10 @@ class LayerNormLSTM(nn.RNNBase):
     forward(input, hx=None) as torch.nn.LSTM: input (T, B, I) ((B, T, I) with batch_first),
     (T, I) unbatched, or a PackedSequence; hx None (zeros) or (h0, c0), each
     (num_layers * D, B, H) ((num_layers * D, H) unbatched). Returns output (T, B, D * H) (or
-    packed, or (T, D * H)) and (h_n, c_n) shaped as h0, c0. CPU float32 / float64 run fastrnn's
-    kernels; other devices and dtypes, torch.func transforms and torch.export run the same
-    formulas in plain torch (`fastrnn.reference`), with a warning once.
+    packed, or (T, D * H)) and (h_n, c_n) shaped as h0, c0. float32 / float64 on the CPU or
+    CUDA run fastrnn's kernels; other devices and dtypes, torch.func transforms and
+    torch.export run the same formulas in plain torch (`fastrnn.reference`), with a warning
+    once.
 
     Example::
 
@@ -248,7 +256,8 @@ class LayerNormLSTMCell(nn.RNNCellBase):
     forward: input (B, I) or (I,), hx None or (h, c) (B, H) or (H,) -> (h', c'). Plus the norms'
     gains and biases layernorm_ih_weight, layernorm_ih_bias, layernorm_hh_weight,
     layernorm_hh_bias (4H) and layernorm_c_weight, layernorm_c_bias (H), init 1 and 0. A step
-    runs the layer kernel over one time step on CPU float32 / float64, else plain torch."""
+    runs the layer kernel over one time step (float32 / float64 on the CPU or CUDA), else plain
+    torch."""
 
     def __init__(
         self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None

@@ -12,6 +12,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -397,6 +398,62 @@ def test_cell_matches_the_layer_and_the_formulas():
     h1, c1 = cell(x[0].detach(), (hx[0][0], hx[1][0]))
     torch.testing.assert_close(h1, h[0].detach(), rtol=0, atol=1e-12)
     assert c1.shape == (5,)
+
+
+_SIMULATED = bool(numba.config.ENABLE_CUDASIM)
+_HAS_GPU = torch.cuda.is_available() and not _SIMULATED
+
+
+@pytest.fixture
+def cuda_path(monkeypatch):
+    """CPU tensors through the CUDA launcher, the simulator standing in for the GPU (as
+    test_cuda_kernels.py does)."""
+    pytest.importorskip("numba.cuda")
+    if not _SIMULATED:
+        pytest.skip("needs NUMBA_ENABLE_CUDASIM=1 (set by conftest without a GPU)")
+    from fastrnn import recurrence_cuda
+
+    monkeypatch.setattr(autograd, "CUDA_KERNELS_ON_CPU", True)
+    return recurrence_cuda
+
+
+@pytest.mark.cudasim
+@pytest.mark.parametrize(
+    "dtype, lengths",
+    [(F64, (3, 3)), (F64, (3, 1, 2)), (F32, (2, 2, 2))],
+    ids=["f64-dense", "f64-packed", "f32-dense"],
+)
+def test_cuda_layer_matches_reference(dtype, lengths, cuda_path):
+    """The CUDA kernels (stepwise, a thread per row) under the simulator, bidirectional:
+    output, states and every gradient against `reference.layer`."""
+    arguments = _layer_arguments(dtype, directions=2, lengths=lengths, I=2, H=3)
+    fast = _outputs_and_grads(autograd.LayerFunction.apply, arguments)
+    assert cuda_path.last_cuda_strategy() == "stepwise"
+    expected = _outputs_and_grads(reference.layer, arguments)
+    tol = 1e-5 if dtype == F32 else 1e-10
+    for k, (a, e) in enumerate(zip(fast, expected, strict=True)):
+        scale = max(1.0, e.abs().max().item())
+        assert (a - e).abs().max().item() <= tol * scale, f"result {k}"
+
+
+@pytest.mark.cudasim
+def test_cuda_module_matches_plain_formulas(cuda_path):
+    """The module through the CUDA kernels (simulator): two layers, packed unsorted, hx."""
+    plain, fast = _module_pair(F64, num_layers=2)
+    x, hx = _inputs(dict(hx=True), F64, T=3, B=2, layers=2)
+    kwargs = dict(lengths=[2, 3], enforce_sorted=False)
+    assert_results_close(run_fwd_bwd(fast, x, hx, **kwargs), run_fwd_bwd(plain, x, hx, **kwargs))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _HAS_GPU, reason="needs an NVIDIA GPU and numba-cuda")
+def test_gpu_matches_cpu():
+    """On a GPU: float32 CUDA tensors against the CPU kernels, the same module."""
+    _, fast = _module_pair(F32, num_layers=2, bidirectional=True)
+    x, hx = _inputs(dict(hx=True), F32, T=7, B=5, layers=2, D=2)
+    cpu = run_fwd_bwd(fast, x, hx)
+    gpu = run_fwd_bwd(fast.cuda(), x.cuda(), tuple(h.cuda() for h in hx))
+    assert_results_close({k: v.cpu() for k, v in gpu.items()}, cpu, tol=1e-4)
 
 
 def test_readme_example_runs():
