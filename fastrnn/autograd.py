@@ -538,8 +538,10 @@ def _layernorm_lstm_backward(ctx, recurrence, x, h0, c0, W_ih, W_hh, norms, y, d
 
 class LayerFunction(torch.autograd.Function):
     """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
-    b_hh, W_hr) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTM]. cell: lstm, gru,
-    rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer` and `ops.layer`."""
+    b_hh, W_hr[, norms]) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTMs]. cell:
+    lstm, gru, rnn_tanh or rnn_relu (`cells.SPECS`), the arguments of `reference.layer` and
+    `ops.layer`; or layernorm_lstm, which also takes norms (D, 18H), its norms' gains and
+    biases (`cells.layernorm_widths`), and W_hr None (no projection)."""
 
     @staticmethod
     def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, norms=None):
