@@ -197,6 +197,22 @@ def test_module_matches_plain_formulas(c):
     _assert_float32_as_close_as_torch(fast_res, plain_res, truth)
 
 
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["f32", "f64"])
+def test_inference_gives_the_training_forward(dtype):
+    """Under no_grad the kernels keep no caches (another compiled path): the same bits as the
+    forward that keeps them, dense and packed."""
+    _, fast = _module_pair(dtype, num_layers=2, bidirectional=True)
+    x, hx = _inputs(dict(hx=True), dtype, layers=2, D=2)
+    packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
+    for inputs in (x, packed):
+        out, (h, c) = fast(inputs, hx)
+        with torch.no_grad():
+            out_ng, (h_ng, c_ng) = fast(inputs, hx)
+        data = (lambda o: o.data) if inputs is packed else (lambda o: o)
+        assert torch.equal(data(out), data(out_ng))
+        assert torch.equal(h, h_ng) and torch.equal(c, c_ng)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 def test_packed_matches_each_sequence_alone(bidirectional):
     """Packed input of unsorted lengths, with hx: output rows and final states equal those of
