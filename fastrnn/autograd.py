@@ -448,7 +448,7 @@ def _layernorm_lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh,
     gates; the recurrence normalises the recurrent side and the cell. Kept for a backward: the
     input projection and its norm's moments (ctx.input_norm), the gate cache (its last row the
     constants the backward kernel reads) and the cells."""
-    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[2]
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
     _check_layer(x, batch_sizes, (h0, c0), (hidden, hidden), W_ih, W_hh, 4)
     if norms is None or tuple(norms.shape) != (directions, 18 * hidden):
         shape = None if norms is None else list(norms.shape)
