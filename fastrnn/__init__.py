@@ -48,6 +48,7 @@ _ensure_kernels_package()
 from . import functional  # noqa: E402
 from . import quantization as quantization  # noqa: E402 - fastrnn.quantization.quantize_dynamic
 from ._version import __version__  # noqa: E402
+from .layernorm_lstm import LayerNormLSTM, LayerNormLSTMCell  # noqa: E402
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert  # noqa: E402
 from .recurrence_cuda import (  # noqa: E402
     get_cuda_strategy,
@@ -63,6 +64,8 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "RNNCell",
+    "LayerNormLSTM",
+    "LayerNormLSTMCell",
     "convert",
     "set_cuda_strategy",
     "get_cuda_strategy",

@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import recurrence_cpu, recurrence_cuda, reference
+from .cells import LAYERNORM_EPS, layernorm_widths
 from .kernels.cpu.common import batch_sizes_problem
 from .scratch import scratch
 
@@ -91,8 +92,10 @@ def double_backward_through(recompute):
 
 def _reference_recompute(ctx):
     """(the layer Function's arguments, its outputs recomputed by `reference.layer`)."""
-    x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh = ctx.saved_tensors
+    x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh, norms = ctx.saved_tensors
     arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr]
+    if ctx.has_norms:
+        arguments.append(norms)
     return arguments, reference.layer(*arguments)
 
 
@@ -464,18 +467,119 @@ def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     return d_pre, d_pre, h_prev, dh0, None, None
 
 
+def _layernorm_lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, norms):
+    """Layer-norm LSTM (`kernels/cpu/layernorm_lstm`): the input side's norm runs here over
+    every step at once (torch's layer_norm: it doesn't depend on h), with every bias of the
+    gates; the recurrence normalises the recurrent side and the cell. Kept for a backward: the
+    input projection and its norm's moments (ctx.input_norm), the gate cache (its last row the
+    constants the backward kernel reads) and the cells."""
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
+    _check_layer(x, batch_sizes, (h0, c0), (hidden, hidden), W_ih, W_hh, 4)
+    if norms is None or tuple(norms.shape) != (directions, 18 * hidden):
+        shape = None if norms is None else list(norms.shape)
+        raise RuntimeError(
+            f"fastrnn: norms has shape {shape}, expected {[directions, 18 * hidden]}"
+        )
+    norms = norms.detach()
+    gain_ih, bias_ih, gain_hh, bias_hh, gain_c, bias_c = norms.split(layernorm_widths(hidden), 1)
+    width = 4 * hidden
+    projected = x.new_empty((directions, rows, width))
+    _input_projection(x, W_ih, None, projected)
+    bias = bias_ih + bias_hh
+    if b_ih is not None:
+        bias = bias + b_ih.detach() + b_hh.detach()
+    pre = x.new_empty((directions, rows, width))
+    moments = []
+    for d in range(directions):
+        normed, mean, inv = torch.native_layer_norm(
+            projected[d], (width,), gain_ih[d], bias[d], LAYERNORM_EPS
+        )
+        pre[d] = normed
+        moments.append((mean, inv))
+    consts = torch.cat([gain_hh, gain_c, bias_c], 1).contiguous()
+    training = any(ctx.needs_input_grad) or not recurrence.SKIPS_INFERENCE_CACHES
+    gate_cache = x.new_empty((directions, rows + 1 if training else 0, 9 * hidden + 2))
+    if training:
+        gate_cache[:, rows, : 6 * hidden] = consts
+    cell_cache = x.new_empty((directions, rows if training else 0, hidden))
+    y = x.new_empty((directions, rows, hidden))
+    h_n, c_n = _states_like(h0, c0)
+    recurrence.layernorm_lstm_forward(
+        batch_sizes, W_hh, consts, h0, c0, pre, y, h_n, c_n, gate_cache, cell_cache
+    )
+    if any(ctx.needs_input_grad):
+        ctx.input_norm = projected, moments
+    return y, (h_n, c_n), gate_cache, cell_cache
+
+
+def _layernorm_lstm_backward(ctx, recurrence, x, h0, c0, W_ih, W_hh, norms, y, dy, dh_n, dc_n):
+    """-> (dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, d_norms) of the layer-norm LSTM: the
+    recurrence's gradients from its kernel, the input side's norm through torch's layer_norm
+    backward, the gains' and biases' gradients as sums over rows of the cached normalised
+    values."""
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
+    width = 4 * hidden
+    d_input = x.new_empty((directions, rows, width))
+    d_recurrent = x.new_empty((directions, rows, width))
+    d_cell_norm = x.new_empty((directions, rows, hidden))
+    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    dh0, dc0 = _states_like(h0, c0)
+    if dc_n is None:
+        dc_n = torch.zeros_like(c0)
+    recurrence.layernorm_lstm_backward(
+        ctx.batch_sizes, W_hh, h0, c0, y, ctx.gate_cache, ctx.cell_cache, dy, dh_n, dc_n,
+        d_input, d_recurrent, h_prev, d_cell_norm, dh0, dc0,
+    )  # fmt: skip
+    projected, moments = ctx.input_norm
+    gain_ih = norms.detach().split(layernorm_widths(hidden), 1)[0]
+    d_projected = torch.empty_like(projected)
+    d_gain_ih = []
+    for d in range(directions):
+        mean, inv = moments[d]
+        dp, dg, _ = torch.ops.aten.native_layer_norm_backward(
+            d_input[d], projected[d], [width], mean, inv, gain_ih[d], None, [True, True, False]
+        )
+        d_projected[d] = dp
+        d_gain_ih.append(dg)
+    d_bias = d_input.sum(1)
+    normed_hh = ctx.gate_cache[:, :rows, width : 2 * width]
+    normed_c = ctx.gate_cache[:, :rows, 2 * width : 2 * width + hidden]
+    d_norms = torch.cat(
+        [
+            torch.stack(d_gain_ih),
+            d_bias,
+            (d_input * normed_hh).sum(1),
+            d_bias,
+            (d_cell_norm * normed_c).sum(1),
+            d_cell_norm.sum(1),
+        ],
+        1,
+    )
+    dx, dW_ih, dW_hh, _, _ = _weight_grads(ctx, d_projected, d_recurrent, x, h_prev, W_ih, y, h0)
+    if not ctx.has_bias:
+        return dx, dh0, dc0, dW_ih, dW_hh, None, None, d_norms
+    return dx, dh0, dc0, dW_ih, dW_hh, d_bias, d_bias.clone(), d_norms
+
+
 class LayerFunction(torch.autograd.Function):
     """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
-    b_hh, W_hr) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTM]. cell: lstm, gru,
-    gru_reset_before, rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer`
-    and `ops.layer`."""
+    b_hh, W_hr[, norms]) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTMs]. cell:
+    lstm, gru, gru_reset_before, rnn_tanh or rnn_relu (`cells.SPECS`), the arguments of
+    `reference.layer` and `ops.layer`; or layernorm_lstm, which also takes norms (D, 18H), its
+    norms' gains and biases (`cells.layernorm_widths`), and W_hr None (no projection)."""
 
     @staticmethod
-    def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
+    def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, norms=None):
         given, biases = (W_ih, W_hh, W_hr), (b_ih, b_hh)
-        W_ih, W_hh, b_ih, b_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh, W_hr)
+        W_ih, W_hh, b_ih, b_hh, W_hr, stacked_norms = _direction_axis(
+            ctx, W_ih, W_hh, b_ih, b_hh, W_hr, norms
+        )
         recurrence = _recurrence(x)
-        if cell == "lstm":
+        if cell == "layernorm_lstm":
+            run = _layernorm_lstm_forward(
+                ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, stacked_norms
+            )
+        elif cell == "lstm":
             bias = _summed_bias(b_ih, b_hh)
             run = _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr)
         elif cell in ("gru", "gru_reset_before"):
@@ -489,20 +593,27 @@ class LayerFunction(torch.autograd.Function):
             run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu)
         y, states, gate_cache, cell_cache = run
         if any(ctx.needs_input_grad):
-            ctx.save_for_backward(x, h0, c0, *given, y, *biases)
+            ctx.save_for_backward(x, h0, c0, *given, y, *biases, norms)
             ctx.cell, ctx.batch_sizes = cell, batch_sizes
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+            ctx.has_norms = norms is not None
         return (_features_side_by_side(y), *states)
 
     @staticmethod
     @double_backward_through(_reference_recompute)
     @once_differentiable
     def backward(ctx, dy, dh_n, dc_n=None):
-        x, h0, c0, W_ih, W_hh, W_hr, y, _, _ = ctx.saved_tensors
-        W_ih, W_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, W_hr)
+        x, h0, c0, W_ih, W_hh, W_hr, y, _, _, norms = ctx.saved_tensors
+        W_ih, W_hh, W_hr, norms = _direction_axis(ctx, W_ih, W_hh, W_hr, norms)
         recurrence = _recurrence(x)
         dy = _per_direction(dy, W_hh.shape[0])
+        if ctx.cell == "layernorm_lstm":
+            dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, d_norms = _layernorm_lstm_backward(
+                ctx, recurrence, x, h0, c0, W_ih, W_hh, norms, y, dy, dh_n, dc_n
+            )
+            weight_grads = _gradients_as_given(ctx, dW_ih, dW_hh, db_ih, db_hh, None, d_norms)
+            return None, dx, None, dh0, dc0, *weight_grads
         if ctx.cell == "lstm":
             run = _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
         elif ctx.cell in ("gru", "gru_reset_before"):
@@ -591,10 +702,11 @@ def layer_backward(
     y_rows = y.unsqueeze(0) if directions == 1 else _per_direction(y, directions)
     need_x, need_h0, need_c0, *need_weights = needs
     ctx = _RecordingContext((False, need_x, False, need_h0, need_c0, *need_weights))
-    ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh)
+    ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh, None)
     ctx.cell, ctx.batch_sizes = cell, batch_sizes
     ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
     ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+    ctx.has_norms = False
     grads = (dy, dh_n, dc_n) if cell == "lstm" else (dy, dh_n)
     with torch.no_grad():
         _, dx, _, dh0, dc0, *weight_grads = _first_order_backward()(ctx, *grads)

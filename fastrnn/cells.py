@@ -1,6 +1,7 @@
 """One description per cell: what every other layer of fastrnn takes as a parameter.
 
-A cell kind is named as torch._VF names its function (lstm, gru, rnn_tanh, rnn_relu). Its spec
+A cell kind is named as torch._VF names its function (lstm, gru, rnn_tanh, rnn_relu; the opt-in
+variants get names in that style, e.g. layernorm_lstm). Its spec
 holds the gate count G (W_ih and W_hh have G * H rows, in torch's gate order), the number of
 states it carries, whether it can project h (LSTM's proj_size), and its reference step: the
 textbook formulas in plain torch, which `reference.layer` loops over time and the tests compare
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # (x_t (B, I), states ((B, P)[, (B, H)]), W_ih (G*H, I), W_hh (G*H, P), b_ih, b_hh (G*H,) or
@@ -96,6 +98,39 @@ def _elman_step(activation: Callable[[Tensor], Tensor]) -> ReferenceStep:
     return step
 
 
+# The layer norms' epsilon (added to the variance), torch.nn.LayerNorm's default as in haste's
+# LayerNormLSTM reference.
+LAYERNORM_EPS = 1e-5
+
+
+def layernorm_widths(hidden: int) -> list[int]:
+    """The widths of a layer-norm LSTM's `norms` vector (18 H per direction), in its order:
+    gain and bias of the input side's norm (4H each), of the recurrent side's (4H each), of
+    the cell's (H each)."""
+    return [4 * hidden] * 4 + [hidden] * 2
+
+
+def layernorm_lstm_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr, norms):
+    """Layer-norm LSTM (Ba et al. 2016, as haste's LayerNormLSTM), gates i, f, g, o:
+    gates = LN_ih(W_ih x) + LN_hh(W_hh h) + b_ih + b_hh, each LN over the 4H gate columns with
+    its own gain and bias; c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(LN_c(c')) (LN over H).
+    norms (18H,): the gains and biases in `layernorm_widths` order. No projection."""
+    h, c = states
+    hidden = c.shape[1]
+    gain_ih, bias_ih, gain_hh, bias_hh, gain_c, bias_c = norms.split(layernorm_widths(hidden))
+    width = (4 * hidden,)
+    gates = F.layer_norm(x @ W_ih.T, width, gain_ih, bias_ih, LAYERNORM_EPS) + F.layer_norm(
+        h @ W_hh.T, width, gain_hh, bias_hh, LAYERNORM_EPS
+    )
+    if b_ih is not None:
+        gates = gates + b_ih + b_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    cell = F.layer_norm(c, (hidden,), gain_c, bias_c, LAYERNORM_EPS)
+    h = torch.sigmoid(o) * torch.tanh(cell)
+    return h, (h, c)
+
+
 rnn_tanh_step = _elman_step(torch.tanh)
 rnn_relu_step = _elman_step(torch.relu)
 
@@ -107,4 +142,7 @@ SPECS: dict[str, CellSpec] = {
     ),
     "rnn_tanh": CellSpec("rnn_tanh", gates=1, states=1, projects=False, step=rnn_tanh_step),
     "rnn_relu": CellSpec("rnn_relu", gates=1, states=1, projects=False, step=rnn_relu_step),
+    "layernorm_lstm": CellSpec(
+        "layernorm_lstm", gates=4, states=2, projects=False, step=layernorm_lstm_step
+    ),
 }

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .kernels.cpu import gru as _gru_kernels
 from .kernels.cpu import gru_reset_before as _gru_reset_before_kernels
+from .kernels.cpu import layernorm_lstm as _layernorm_lstm_kernels
 from .kernels.cpu import lstm as _lstm_kernels
 from .kernels.cpu import rnn as _rnn_kernels
 from .kernels.cpu.common import WIDE_ROWS
@@ -30,6 +31,8 @@ from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
 from .kernels.cpu.gru_reset_before import gru_reset_before_backward as _gru_reset_before_backward
 from .kernels.cpu.gru_reset_before import gru_reset_before_forward as _gru_reset_before_forward
+from .kernels.cpu.layernorm_lstm import layernorm_lstm_backward as _layernorm_lstm_backward
+from .kernels.cpu.layernorm_lstm import layernorm_lstm_forward as _layernorm_lstm_forward
 from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
@@ -69,6 +72,7 @@ def _kernel_set(serial: bool) -> dict:
         (_gru_kernels, "gru"),
         (_gru_reset_before_kernels, "gru_reset_before"),
         (_rnn_kernels, "rnn"),
+        (_layernorm_lstm_kernels, "layernorm_lstm"),
     )
     for module, cell in cells:
         for part in ("forward", "backward"):
@@ -417,5 +421,81 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -
         no_proj,
         dh0.numpy(),
         no_cell,
+        _threads(),
+    )
+
+
+def layernorm_lstm_forward(
+    batch_sizes, W_hh, consts, h0, c0, pre, y, h_n, c_n, gate_cache, cell_cache
+) -> None:
+    """The layer-norm LSTM's recurrence (`kernels/cpu/layernorm_lstm`): W_hh (D, 4H, H);
+    consts (D, 6H) = gain_hh, gain_c, bias_c; pre (D, N, 4H) the input side with every bias;
+    out y (D, N, H), h_n, c_n (D, B, H), gate_cache (D, N + 1, 9H + 2) (row N: the caller's
+    consts) and cell_cache (D, N, H), or both with no rows (inference)."""
+    directions, hidden = W_hh.shape[0], c0.shape[2]
+    dtype = NUMPY_DTYPES[h0.dtype]
+    _layernorm_lstm_forward(
+        batch_sizes,
+        False,
+        empty_array((0, 0), dtype),
+        empty_array((directions, 0, 0), dtype),
+        empty_array((directions, 0), dtype),
+        numpy_view(W_hh),
+        numpy_view(consts),
+        _nothing(directions, h0, hidden),
+        numpy_view(h0),
+        numpy_view(c0),
+        numpy_view(pre),
+        y.numpy(),
+        h_n.numpy(),
+        c_n.numpy(),
+        gate_cache.numpy(),
+        cell_cache.numpy(),
+        _threads(),
+    )
+
+
+def layernorm_lstm_backward(
+    batch_sizes,
+    W_hh,
+    h0,
+    c0,
+    y,
+    gate_cache,
+    cell_cache,
+    dy,
+    dh_n,
+    dc_n,
+    d_input,
+    d_recurrent,
+    h_prev,
+    d_cell_norm,
+    dh0,
+    dc0,
+) -> None:
+    """Backward of `layernorm_lstm_forward`: out d_input (D, N, 4H) (the gates'
+    pre-activations), d_recurrent (D, N, 4H) (W_hh h's, before its norm), h_prev (D, N, H) or
+    (D, 0, H), d_cell_norm (D, N, H) (dL/d LN_c(c')), dh0, dc0 (D, B, H)."""
+    directions, hidden = W_hh.shape[0], c0.shape[2]
+    _layernorm_lstm_backward(
+        batch_sizes,
+        False,
+        numpy_view(W_hh),
+        _nothing(directions, h0, hidden),
+        numpy_view(h0),
+        numpy_view(c0),
+        numpy_view(y),
+        gate_cache.numpy(),
+        cell_cache.numpy(),
+        numpy_view(dy),
+        numpy_view(dh_n),
+        numpy_view(dc_n),
+        d_input.numpy(),
+        d_recurrent.numpy(),
+        h_prev.numpy(),
+        d_cell_norm.numpy(),
+        _nothing(directions, h0, hidden),
+        dh0.numpy(),
+        dc0.numpy(),
         _threads(),
     )

@@ -945,3 +945,115 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -
         None, dh0, None,
     )  # fmt: skip
     h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+
+
+@functools.cache
+def _layernorm_kernels():
+    from .kernels.cuda import layernorm_lstm
+
+    return layernorm_lstm
+
+
+def layernorm_lstm_forward(
+    batch_sizes, W_hh, consts, h0, c0, pre, y, h_n, c_n, gate_cache, cell_cache
+) -> None:
+    """`recurrence_cpu.layernorm_lstm_forward`'s arguments (float32 / float64; the caches
+    always have their rows here: SKIPS_INFERENCE_CACHES is False). Stepwise: per step the
+    recurrent products by cuBLAS, then one kernel with a thread per row
+    (`kernels/cuda/layernorm_lstm`)."""
+    global _last_strategy
+    kernels = _layernorm_kernels()
+    launch = _Launch(h0)
+    directions, batch, hidden = h0.shape[0], h0.shape[1], h0.shape[2]
+    _last_strategy = "stepwise"
+    h_n.copy_(h0)
+    c_n.copy_(c0)
+    if batch == 0:
+        return
+    rows, _, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    rec = torch.empty((directions, batch, 4 * hidden), dtype=h0.dtype, device=h0.device)
+    threads = _GPU_THREADS if launch.on_gpu else _SIMULATOR_THREADS
+    blocks = _grid(directions * batch, threads)
+    args = [
+        hidden,
+        launch.one.dtype.type(_layernorm_eps()),
+        sizes,
+        offsets,
+        launch.array(rec),
+        launch.array(pre),
+        launch.array(consts, ndim=2),
+        launch.array(gate_cache),
+        launch.array(cell_cache),
+        launch.array(c_n),
+        launch.array(h_n),
+        launch.array(y),
+        launch.one,
+    ]
+    for k in range(len(batch_sizes)):
+        for d in range(directions):
+            count = int(rows[d, k])
+            torch.mm(h_n[d, :count], W_hh[d].t(), out=rec[d, :count])
+        launch.run(kernels.layernorm_lstm_step_forward, blocks, threads, 0, k, *args)
+
+
+def layernorm_lstm_backward(
+    batch_sizes,
+    W_hh,
+    h0,
+    c0,
+    y,
+    gate_cache,
+    cell_cache,
+    dy,
+    dh_n,
+    dc_n,
+    d_input,
+    d_recurrent,
+    h_prev,
+    d_cell_norm,
+    dh0,
+    dc0,
+) -> None:
+    """`recurrence_cpu.layernorm_lstm_backward`'s arguments; per step (in reverse) one kernel
+    launch, then dL/dh of the previous step = d_recurrent @ W_hh by cuBLAS."""
+    kernels = _layernorm_kernels()
+    launch = _Launch(h0)
+    directions, batch, hidden = h0.shape[0], h0.shape[1], h0.shape[2]
+    dc0.copy_(dc_n)  # dc runs from dc_n to dc0
+    if batch > 0:
+        rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+        dh_rec = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+        threads = _GPU_THREADS if launch.on_gpu else _SIMULATOR_THREADS
+        blocks = _grid(directions * batch, threads)
+        args = [
+            hidden,
+            sizes,
+            offsets,
+            launch.array(dy),
+            launch.array(dh_n),
+            launch.array(dh_rec),
+            launch.array(c0),
+            launch.array(gate_cache),
+            launch.array(cell_cache),
+            launch.array(dc0),
+            launch.array(d_input),
+            launch.array(d_recurrent),
+            launch.array(d_cell_norm),
+            launch.array(dh0),
+            launch.one,
+        ]
+        # k = -1 hands the gradients carried out of the first processed step to dh0.
+        for k in range(len(batch_sizes) - 1, -2, -1):
+            launch.run(kernels.layernorm_lstm_step_backward, blocks, threads, 0, k, *args)
+            if k < 0:
+                break
+            for d in range(directions):
+                count, first = int(rows[d, k]), int(firsts[d, k])
+                torch.mm(d_recurrent[d, first : first + count], W_hh[d], out=dh_rec[d, :count])
+    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+
+
+def _layernorm_eps() -> float:
+    from .cells import LAYERNORM_EPS
+
+    return LAYERNORM_EPS

@@ -52,17 +52,20 @@ def layer(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     W_hr: Tensor | None,
+    norms: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """One layer, all directions: cell lstm / gru / rnn_tanh / rnn_relu; x (N, I); batch_sizes
-    (T,) (any sequence of ints); h0 (D, B, P), c0 (D, B, H) (LSTM, else None); weights stacked
-    (D, ...) or one direction's without the D axis. Returns y (N, D * P), h_n (D, B, P) and,
-    for the LSTM, c_n (D, B, H)."""
+    """One layer, all directions: cell lstm / gru / rnn_tanh / rnn_relu / layernorm_lstm;
+    x (N, I); batch_sizes (T,) (any sequence of ints); h0 (D, B, P), c0 (D, B, H) (LSTMs, else
+    None); weights stacked (D, ...) or one direction's without the D axis; norms (D, 18H) the
+    layer-norm LSTM's gains and biases (`cells.layernorm_widths`), else None. Returns
+    y (N, D * P), h_n (D, B, P) and, for the LSTMs, c_n (D, B, H)."""
     spec = SPECS[cell]
     one = W_hh.dim() == 2
     directions = 1 if one else W_hh.shape[0]
     outputs, finals = [], []
     for d in range(directions):
-        weights = [w if w is None or one else w[d] for w in (W_ih, W_hh, b_ih, b_hh, W_hr)]
+        given = (W_ih, W_hh, b_ih, b_hh, W_hr) + (() if norms is None else (norms,))
+        weights = [w if w is None or one else w[d] for w in given]
         states = (h0[d], c0[d]) if spec.states == 2 else (h0[d],)
         y, final = _direction(x, batch_sizes, d == 1, states, spec.step, weights)
         outputs.append(y)
