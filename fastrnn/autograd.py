@@ -93,7 +93,10 @@ def _reference_recompute(ctx):
     """(the layer Function's arguments, its outputs recomputed by `reference.layer`)."""
     x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh = ctx.saved_tensors
     arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr]
-    return arguments, reference.layer(*arguments)
+    masks = getattr(ctx, "masks", None)
+    if masks is None:
+        return arguments, reference.layer(*arguments)
+    return [*arguments, *masks], reference.layer(*arguments, *masks)
 
 
 class _InferenceContext:
@@ -332,7 +335,7 @@ def _states_like(*tensors: Tensor) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
-def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr):
+def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, masks=None):
     """LSTM: the input projection goes into the gate cache (or into the kernel's products),
     which keeps the activated gates, and the cell cache the cells, for a backward."""
     directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
@@ -353,13 +356,15 @@ def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_h
     cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    if masks is not None:
+        inputs["masks"] = masks
     recurrence.lstm_forward(
         batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
     )
     return y, (h_n, c_n), gate_cache, cell_cache
 
 
-def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
+def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, masks=None):
     """GRU: the input side's projection (with b_ih) stays apart from the recurrent side (with
     b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward."""
     _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
@@ -374,13 +379,15 @@ def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh):
     gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
     b_hh = None if b_hh is None else b_hh.detach()
     inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
+    if masks is not None:
+        inputs["masks"] = masks
     recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
     return y, (h_n,), gate_cache, None
 
 
-def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu):
+def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, masks=None):
     """Elman RNN: the input projection goes into y, which the kernel turns into the states
-    (all a backward needs)."""
+    (all a backward needs; with zoneout a gate cache keeps the states before zoneout)."""
     _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
     y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
     (h_n,) = _states_like(h0)
@@ -388,8 +395,27 @@ def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu):
     if not fused:
         _input_projection(x, W_ih, bias, y)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    gate_cache = None
+    if masks is not None:
+        inputs["masks"] = masks
+        if masks[1] is not None:  # zoneout: act' needs the states before it
+            shape = (W_hh.shape[0], _cache_rows(ctx, x), W_hh.shape[1])
+            gate_cache = inputs["gate_cache"] = _buffer(ctx, "gates", shape, x)
     recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
-    return y, (h_n,), None, None
+    return y, (h_n,), gate_cache, None
+
+
+def _masked_previous_states(ctx, directions: int, x: Tensor, width: int) -> Tensor:
+    """`_previous_states`, always with every row where recurrent dropout masks them (the
+    kernels then write h_mask * h there, the states W_hh read)."""
+    if ctx.masks is not None and ctx.masks[0] is not None:
+        return scratch("h_prev", (directions, x.shape[0], width), x)
+    return _previous_states(directions, x, ctx.batch_sizes, width)
+
+
+def _mask_arguments(ctx) -> dict:
+    """The masks keyword of a backward kernel call (none for a Function without masks)."""
+    return {} if ctx.masks is None else {"masks": ctx.masks}
 
 
 def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
@@ -399,14 +425,14 @@ def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
     projected = W_hr is not None
     # dead once backward returns: reused buffers (see `scratch`)
     d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, proj)
+    h_prev = _masked_previous_states(ctx, directions, x, proj)
     extra_rows = rows if projected else 0
     dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
     h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
     dh0, dc0 = _states_like(h0, c0)
     recurrence.lstm_backward(
         ctx.batch_sizes, W_hh, W_hr, h0, c0, y, ctx.gate_cache, ctx.cell_cache,
-        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0,
+        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0, **_mask_arguments(ctx),
     )  # fmt: skip
     dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
     return d_gates, d_gates, h_prev, dh0, dc0, dW_hr
@@ -419,11 +445,12 @@ def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     # a kernel may write only the recurrent side's n block (the rest equals d_input's)
     recurrent_width = hidden if recurrence.GRU_RECURRENT_N_ONLY else 3 * hidden
     d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    h_prev = _masked_previous_states(ctx, directions, x, hidden)
     (dh0,) = _states_like(h0)
     recurrence.gru_backward(
-        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
-    )
+        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
+        **_mask_arguments(ctx),
+    )  # fmt: skip
     return d_input, d_recurrent, h_prev, dh0, None, None
 
 
@@ -431,39 +458,64 @@ def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
     # dead once backward returns: reused buffers (see `scratch`)
     d_pre = scratch("d_gates", (directions, rows, hidden), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    h_prev = _masked_previous_states(ctx, directions, x, hidden)
     (dh0,) = _states_like(h0)
+    masks = _mask_arguments(ctx)
+    if masks and ctx.gate_cache is not None:
+        masks["gate_cache"] = ctx.gate_cache
     recurrence.rnn_backward(
-        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0
-    )
+        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0,
+        **masks,
+    )  # fmt: skip
     return d_pre, d_pre, h_prev, dh0, None, None
+
+
+def _layer_masks(x: Tensor, h_mask, zone_h, zone_c) -> tuple | None:
+    """The masks as the CPU kernels take them (`recurrence_cpu`), None when all are off; the
+    other recurrences have none (the functional API runs the reference there)."""
+    if h_mask is None and zone_h is None and zone_c is None:
+        return None
+    if _recurrence(x) is not recurrence_cpu:
+        raise RuntimeError("fastrnn: recurrent dropout and zoneout have CPU kernels only")
+    return tuple(None if m is None else m.detach().contiguous() for m in (h_mask, zone_h, zone_c))
 
 
 class LayerFunction(torch.autograd.Function):
     """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
-    b_hh, W_hr) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTM]. cell: lstm, gru,
-    rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of `reference.layer` and `ops.layer`."""
+    b_hh, W_hr[, h_mask, zone_h, zone_c]) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for
+    the LSTM]. cell: lstm, gru, rnn_tanh or rnn_relu (`cells.SPECS`); the arguments of
+    `reference.layer` (and without masks of `ops.layer`). The masks, None when off (the
+    defaults): recurrent dropout h_mask (D, B, P), zoneout zone_h (D, N, P), zone_c (D, N, H)
+    (`reference.layer`); they take no gradient."""
 
     @staticmethod
-    def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr):
+    def forward(
+        ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, h_mask=None,
+        zone_h=None, zone_c=None,
+    ):  # fmt: skip
         given, biases = (W_ih, W_hh, W_hr), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh, W_hr = _direction_axis(ctx, W_ih, W_hh, b_ih, b_hh, W_hr)
         recurrence = _recurrence(x)
+        masks = _layer_masks(x, h_mask, zone_h, zone_c)
+        extra = {} if masks is None else {"masks": masks}
         if cell == "lstm":
             bias = _summed_bias(b_ih, b_hh)
-            run = _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr)
+            run = _lstm_forward(
+                ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, **extra
+            )
         elif cell == "gru":
-            run = _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh)
+            run = _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, **extra)
         else:
             bias = _summed_bias(b_ih, b_hh)
             relu = cell == "rnn_relu"
-            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu)
+            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, **extra)
         y, states, gate_cache, cell_cache = run
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, *given, y, *biases)
             ctx.cell, ctx.batch_sizes = cell, batch_sizes
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+            ctx.masks = masks
         return (_features_side_by_side(y), *states)
 
     @staticmethod
@@ -483,7 +535,9 @@ class LayerFunction(torch.autograd.Function):
         d_input, d_recurrent, h_prev, dh0, dc0, dW_hr = run
         dx, *weight_grads = _weight_grads(ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0)
         weight_grads = _gradients_as_given(ctx, *weight_grads, dW_hr)
-        return None, dx, None, dh0, dc0, *weight_grads
+        if ctx.masks is None:
+            return None, dx, None, dh0, dc0, *weight_grads
+        return None, dx, None, dh0, dc0, *weight_grads, None, None, None
 
 
 class _RecordingContext:
@@ -561,6 +615,7 @@ def layer_backward(
     ctx.cell, ctx.batch_sizes = cell, batch_sizes
     ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
     ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
+    ctx.masks = None
     grads = (dy, dh_n, dc_n) if cell == "lstm" else (dy, dh_n)
     with torch.no_grad():
         _, dx, _, dh0, dc0, *weight_grads = _first_order_backward()(ctx, *grads)
