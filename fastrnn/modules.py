@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import dynamo, functional
+from . import dynamo, functional, recurrent_masks
 from .cells import SPECS
 from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
@@ -161,6 +161,44 @@ class _SequenceForward:
     _name = ""
     _state_count = 1
     _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
+    # Opt-in recurrent dropout and zoneout (`recurrent_masks`), set by the constructor; class
+    # defaults for modules made by `convert` or unpickled from before they existed.
+    recurrent_dropout: float = 0.0
+    zoneout: float | tuple[float, float] = 0.0
+    _zoneout_pair = False  # the LSTM takes an (h, c) pair
+
+    def __init__(self, *args, recurrent_dropout: float = 0.0, zoneout=0.0, **kwargs) -> None:
+        """torch's constructor, plus `recurrent_dropout` (p of Gal & Ghahramani's mask on the
+        h that feeds W_hh, one per sequence; training only) and `zoneout` (the probability of
+        a unit keeping its previous state at a step; the LSTM's may be an (h, c) pair), both
+        in [0, 1), 0 by default: off, the module then is torch.nn's (`recurrent_masks`)."""
+        dropout, zone = recurrent_masks.check_rates(recurrent_dropout, zoneout, self._zoneout_pair)
+        super().__init__(*args, **kwargs)
+        self.recurrent_dropout, self.zoneout = dropout, zone
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.recurrent_dropout:
+            text += f", recurrent_dropout={self.recurrent_dropout}"
+        if self.zoneout:
+            text += f", zoneout={self.zoneout}"
+        return text
+
+    def _mask_rates(self) -> recurrent_masks.Rates | None:
+        """The recurrent dropout and zoneout rates this call applies, None for none (the
+        default: torch.nn's computation, on the plain kernels)."""
+        if not (self.recurrent_dropout or self.zoneout):
+            return None
+        return recurrent_masks.rates_in_effect(self.recurrent_dropout, self.zoneout, self.training)
+
+    def _masked_run(self, kind: str, input, states, batch_sizes, rates):
+        """`_run` with recurrent dropout and/or zoneout (`recurrent_masks.sequence`)."""
+        output, *final = recurrent_masks.sequence(
+            type(self).__name__, kind, input, states, self._flat_weights, self.bias,
+            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+            batch_sizes, rates,
+        )  # fmt: skip
+        return output, tuple(final)
 
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         raise NotImplementedError
@@ -195,6 +233,8 @@ class _SequenceForward:
         direction, dense CPU input the kernels take as it is, `functional.plain_sequence_call`)
         goes straight to them."""
         if functional.compiling():
+            if self._mask_rates() is not None:  # no op with masks: eager (a graph break)
+                return _run_eagerly()(self, input, hx)
             # torch.compile records each layer as one `fastrnn::layer` op (`functional`);
             # inputs without a kernel trace torch's implementation instead. Packed input runs
             # eagerly (a graph break): torch's checks of it read batch_sizes' values.
@@ -206,6 +246,8 @@ class _SequenceForward:
         return self._eager_forward(input, hx)
 
     def _eager_forward(self, input, hx):
+        if self._mask_rates() is not None:  # torch.nn has no masks: `recurrent_masks` falls back
+            return self._sequence_forward(input, hx)
         plain = self._plain_forward(input, hx)
         if plain is not None:
             return plain
@@ -298,10 +340,12 @@ class _SequenceForward:
 
 
 class LSTM(_SequenceForward, _TorchLSTM):
-    """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results."""
+    """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results.
+    Opt-in: `recurrent_dropout`, `zoneout` (a rate, or an (h, c) pair; `recurrent_masks`)."""
 
     _name = "LSTM"
     _state_count = 2
+    _zoneout_pair = True
 
     def _kernel_kind(self) -> str | None:
         return "lstm"
@@ -361,6 +405,9 @@ class LSTM(_SequenceForward, _TorchLSTM):
             )
 
     def _run(self, input, states, batch_sizes):
+        rates = self._mask_rates()
+        if rates is not None:
+            return self._masked_run("lstm", input, states, batch_sizes, rates)
         output, h_n, c_n = functional.lstm(
             input,
             states,
@@ -377,7 +424,8 @@ class LSTM(_SequenceForward, _TorchLSTM):
 
 
 class GRU(_SequenceForward, _TorchGRU):
-    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels."""
+    """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels. Opt-in:
+    `recurrent_dropout`, `zoneout` (`recurrent_masks`)."""
 
     _name = "GRU"
 
@@ -390,6 +438,9 @@ class GRU(_SequenceForward, _TorchGRU):
         return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
 
     def _run(self, input, states, batch_sizes):
+        rates = self._mask_rates()
+        if rates is not None:
+            return self._masked_run("gru", input, states, batch_sizes, rates)
         output, h_n = functional.gru(
             input,
             states[0],
@@ -406,7 +457,8 @@ class GRU(_SequenceForward, _TorchGRU):
 
 
 class RNN(_SequenceForward, _TorchRNN):
-    """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels."""
+    """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels. Opt-in: `recurrent_dropout`,
+    `zoneout` (`recurrent_masks`)."""
 
     _name = "RNN"
     _dims_error_noun = " tensor"
@@ -417,6 +469,12 @@ class RNN(_SequenceForward, _TorchRNN):
     _zero_states = GRU._zero_states
 
     def _run(self, input, states, batch_sizes):
+        rates = self._mask_rates()
+        if rates is not None:
+            kind = _rnn_kind(self.nonlinearity)
+            if kind is None:
+                raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'")
+            return self._masked_run(kind, input, states, batch_sizes, rates)
         output, h_n = functional.rnn(
             input,
             states[0],
@@ -609,6 +667,11 @@ def _prepared_for_scripting(module: nn.Module) -> nn.Module:
     target = _TORCH_CLASSES.get(type(module))
     if target is None:
         return module
+    if getattr(module, "recurrent_dropout", 0) or getattr(module, "zoneout", 0):
+        raise RuntimeError(
+            f"{type(module).__name__}: torch.jit.script can't compile fastrnn's kernels, and "
+            "torch's module in their place has no recurrent dropout or zoneout"
+        )
     _warn_fallback(
         type(module).__name__,
         "torch.jit.script can't compile fastrnn's Numba kernels (the model scripted gets "
