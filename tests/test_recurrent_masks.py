@@ -389,3 +389,15 @@ def test_readme_example_runs():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "zoneout" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md", "exec"), {})
+
+
+def test_masks_benchmark_runs(capsys):
+    """`python -m bench.masks` at a tiny size: every cell's loop with the same masks agrees
+    with fastrnn (it refuses to time otherwise), and the timings print."""
+    from bench import masks
+
+    assert masks.main(["--sizes", "4,2,3,5", "--calls", "1", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parity failed" not in out
+    for kind in ("lstm", "gru", "rnn"):
+        assert f"\n{kind} " in out
