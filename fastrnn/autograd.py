@@ -471,12 +471,13 @@ def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
 
 
 def _layer_masks(x: Tensor, h_mask, zone_h, zone_c) -> tuple | None:
-    """The masks as the CPU kernels take them (`recurrence_cpu`), None when all are off; the
-    other recurrences have none (the functional API runs the reference there)."""
+    """The masks as the kernels take them (`recurrence_cpu`, `recurrence_cuda`), None when all
+    are off. The CUDA kernels take float32 / float64 (the functional API runs the reference
+    for 16-bit data)."""
     if h_mask is None and zone_h is None and zone_c is None:
         return None
-    if _recurrence(x) is not recurrence_cpu:
-        raise RuntimeError("fastrnn: recurrent dropout and zoneout have CPU kernels only")
+    if _recurrence(x) is recurrence_cuda and x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError("fastrnn: recurrent dropout and zoneout run float32 / float64 only")
     return tuple(None if m is None else m.detach().contiguous() for m in (h_mask, zone_h, zone_c))
 
 

@@ -15,9 +15,9 @@ The masks are drawn with torch's RNG on the input's device before the kernels ru
 layer (per layer: the dropout mask (D, B, P), then zone_h (D, N, P), then the LSTM's zone_c
 (D, N, H); `layer_masks`), then `dropout` between layers as torch does; so `torch.manual_seed`
 makes runs reproducible, and `reference.layer` given the same masks gives the same result.
-They run on the CPU kernels' masked twins (`kernels/cpu/*_masked.py`); elsewhere (CUDA,
-float16 / bfloat16, torch.func transforms, torch.export) on `reference.layer`, with a warning
-once.
+They run on the CPU kernels' masked twins (`kernels/cpu/*_masked.py`) and the CUDA stepwise
+kernels' (`kernels/cuda/masked.py`, float32 / float64); elsewhere (float16 / bfloat16, other
+devices, torch.func transforms, torch.export) on `reference.layer`, with a warning once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional, reference
+from . import functional, recurrence_cuda, reference
 from .autograd import LayerFunction, apply_layer
 
 # (recurrent dropout p, zoneout rate of h, zoneout rate of c (LSTM; 0 for the others))
@@ -106,11 +106,19 @@ def _kernel_reason(input: Tensor, weights, hx) -> str | None:
     reason = functional.transform_reason(input, weights, hx)
     if reason is not None:
         return reason
-    if not input.is_cpu:
+    if input.is_cuda:
+        unavailable = recurrence_cuda.unavailable_reason()
+        if unavailable is not None:
+            return f"fastrnn can't run its CUDA kernels: {unavailable}"
+        device = "CUDA"
+    elif input.is_cpu:
+        device = "CPU"
+    else:
         return f"fastrnn's recurrent dropout and zoneout have no kernel for device '{input.device}'"
-    if input.dtype not in functional.KERNEL_DTYPES["cpu"] or torch.is_autocast_enabled("cpu"):
-        return f"fastrnn's recurrent dropout and zoneout have no CPU kernel for {input.dtype}"
-    if any(w.dtype != input.dtype or not w.is_cpu for w in weights):
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if input.dtype not in (torch.float32, torch.float64) or autocast:
+        return f"fastrnn's recurrent dropout and zoneout have no {device} kernel for {input.dtype}"
+    if any(w.dtype != input.dtype or w.device != input.device for w in weights):
         return "fastrnn has no kernel for parameters of another dtype or device"
     return None
 

@@ -10,6 +10,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -389,6 +390,49 @@ def test_readme_example_runs():
     blocks = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "zoneout" in b]
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md", "exec"), {})
+
+
+SIM_CASES = [
+    ("lstm", 0, "packed", 2),
+    ("lstm", 2, "dense", 1),
+    ("gru", 0, "packed", 2),
+    ("rnn_tanh", 0, "dense", 2),
+    ("rnn_relu", 0, "packed", 1),
+]
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not numba.config.ENABLE_CUDASIM, reason="needs Numba's CUDA simulator")
+@pytest.mark.parametrize("masks", ["both", "dropout", "eval"])
+@pytest.mark.parametrize("cell, proj, layout, directions", SIM_CASES)
+def test_cuda_masked_kernels_match_reference_under_the_simulator(
+    cell, proj, layout, directions, masks, monkeypatch
+):
+    """The CUDA stepwise kernels with masks (`kernels/cuda/masked.py`), run by the simulator
+    on CPU tensors (`autograd.CUDA_KERNELS_ON_CPU`), against the reference with the same
+    masks: outputs, final states, every gradient. float64, tiny sizes."""
+    import fastrnn.autograd
+
+    monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    rates, training = MASKS[masks]
+    sizes = [3, 2, 2] if layout == "packed" else [2, 2, 2]
+    arguments, leaves = _layer_arguments(cell, proj, sizes, directions, F64, rates, training)
+    _compare(LayerFunction.apply(*arguments), reference.layer(*arguments), leaves, F64)
+
+
+@pytest.mark.cudasim
+@pytest.mark.skipif(not numba.config.ENABLE_CUDASIM, reason="needs Numba's CUDA simulator")
+def test_cuda_path_of_a_module_with_masks_under_the_simulator(monkeypatch):
+    """A two-layer bidirectional LSTM with a projection on packed input, through the CUDA
+    launcher under the simulator, against its reference path with the same seed."""
+    import fastrnn.autograd
+
+    monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
+    c = {"layers": 2, "bias": True, "batch_first": False, "bidirectional": True, "proj": 2}
+    module = _module("LSTM", {**c, "I": 2, "H": 3}, _rates("LSTM"), dtype=F64)
+    x, hx = make_inputs("LSTM", T=3, B=2, I=2, H=3, layers=2, bidirectional=True, proj=2,
+                        hx=True, dtype=F64)  # fmt: skip
+    _against_reference(module, monkeypatch, x, hx, lengths=[3, 2], enforce_sorted=False)
 
 
 def test_masks_benchmark_runs(capsys):
