@@ -16,7 +16,8 @@ would otherwise compile them on first use.
 On the CPU the parts (lstm, gru, rnn, cells) compile in `--jobs` processes at once, by default
 one per usable CPU: Numba compiles on one thread, and its on-disk cache takes several writers.
 LSTM, GRU and RNN fwd+bwd, float32, cold on 2 Zen 3 cores: 49 s in one process, 37 s in two
-(`part_groups`). `--parts lstm,gru` compiles only those.
+(`part_groups`). `--parts lstm,gru` compiles only those; `--parts lstm,gru,rnn,cells,masks`
+adds the kernels of recurrent dropout and zoneout, which only modules using them run.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 
 
-# What can compile on its own: each sequence module's kernels, and the cells'.
+# What can compile on its own: each sequence module's kernels, and the cells'; and, only when
+# named (`--parts masks`), the kernels of recurrent dropout and zoneout (`recurrent_masks`).
 PARTS = ("lstm", "gru", "rnn", "cells")
+OPTIONAL_PARTS = ("masks",)
 _MODULES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 
 
@@ -46,6 +49,13 @@ def _run_cells(dtype: torch.dtype, device: str, parts: tuple[str, ...] = PARTS) 
     for part in parts:
         if part in _MODULES:
             module = _MODULES[part](2, 3).to(device=device, dtype=dtype)
+            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
+            output, _ = module(x)
+            output.float().sum().backward()
+    if "masks" in parts:
+        for module_class in _MODULES.values():
+            module = module_class(2, 3, recurrent_dropout=0.1, zoneout=0.1)
+            module = module.to(device=device, dtype=dtype)
             x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
             output, _ = module(x)
             output.float().sum().backward()
@@ -132,14 +142,22 @@ def part_groups(parts: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
     """`parts` split into at most `jobs` groups, one process each."""
     grouping = _GROUPINGS.get(max(1, jobs), tuple((part,) for part in PARTS))
     groups = [tuple(part for part in group if part in parts) for group in grouping]
-    return [group for group in groups if group]
+    groups = [group for group in groups if group]
+    extra = tuple(part for part in OPTIONAL_PARTS if part in parts)
+    if extra:  # with the smallest group (the masked kernels compile about as long as a cell's)
+        if groups:
+            smallest = min(range(len(groups)), key=lambda i: len(groups[i]))
+            groups[smallest] += extra
+        else:
+            groups = [extra]
+    return groups
 
 
 def _parts(text: str) -> tuple[str, ...]:
     parts = tuple(dict.fromkeys(p.strip() for p in text.split(",") if p.strip()))
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in PARTS + OPTIONAL_PARTS]
     if unknown or not parts:
-        raise argparse.ArgumentTypeError(f"choose parts from {','.join(PARTS)}")
+        raise argparse.ArgumentTypeError(f"choose parts from {','.join(PARTS + OPTIONAL_PARTS)}")
     return parts
 
 
@@ -155,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         help="also the CPU kernels that processes forked from a fastrnn process run",
     )
     parser.add_argument(
-        "--parts", type=_parts, default=PARTS, help=f"some of {','.join(PARTS)} (all)"
+        "--parts",
+        type=_parts,
+        default=PARTS,
+        help=f"some of {','.join(PARTS + OPTIONAL_PARTS)} ({','.join(PARTS)})",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="CPU: processes at once (the usable CPUs)"

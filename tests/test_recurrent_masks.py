@@ -445,3 +445,29 @@ def test_masks_benchmark_runs(capsys):
     assert "parity failed" not in out
     for kind in ("lstm", "gru", "rnn"):
         assert f"\n{kind} " in out
+
+
+def test_precompile_compiles_the_masked_kernels_only_when_named(capsys):
+    from fastrnn.precompile import PARTS, main, part_groups
+
+    assert "masks" not in PARTS
+    assert part_groups((*PARTS, "masks"), 2) == [("lstm", "cells", "masks"), ("gru", "rnn")]
+    assert part_groups(("masks",), 2) == [("masks",)]
+    assert main(["--jobs", "1", "--parts", "masks", "float64"]) == 0
+    assert "float64: ready" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_runs_a_masked_module_eagerly(training):
+    """torch.compile has no op with masks: the module runs eagerly behind a graph break, with
+    the same draws as outside compile."""
+    torch.manual_seed(0)
+    module = fastrnn.LSTM(4, 6, recurrent_dropout=0.3, zoneout=0.2).train(training)
+    x = torch.randn(5, 2, 4)
+    compiled = torch.compile(module)
+    torch.manual_seed(1)
+    eager = module(x)[0]
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamo's note on the cached eager wrapper
+        assert torch.equal(compiled(x)[0], eager)
