@@ -37,17 +37,24 @@ from .kernels.cpu.cells import (
 from .recurrence_cpu import NUMPY_DTYPES, empty_array, numpy_view
 
 
-def check_cell_weights(W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> None:
-    """The kernels index the GEMMs' outputs and b_hh by W_hh's hidden size: a weight replaced
-    by one of another shape raises here instead of reading out of bounds."""
-    hidden = W_hh.shape[1]
+def check_cell(x: Tensor, h: Tensor, c, W_ih: Tensor, W_hh: Tensor, b_ih, b_hh, gates: int) -> None:
+    """The shapes the kernels index by without bounds checks (x (B, I), h and c (B, H), W_ih
+    (G*H, I), W_hh (G*H, H), biases (G*H,)): a mismatch, such as a weight replaced by one of
+    another shape, raises here instead of reading out of bounds."""
+    batch, hidden = x.shape[0], W_hh.shape[1]
     rows = gates * hidden
-    shapes = [W_ih.shape, W_hh.shape]
-    expected = [(rows, W_ih.shape[1]), (rows, hidden)]
+    shapes = [W_ih.shape, W_hh.shape, h.shape]
+    expected = [(rows, x.shape[1]), (rows, hidden), (batch, hidden)]
+    names = ("weight_ih", "weight_hh", "hx[0]")
+    if c is not None:
+        shapes.append(c.shape)
+        expected.append((batch, hidden))
+        names += ("hx[1]",)
     if b_ih is not None:
         shapes += [b_ih.shape, b_hh.shape]
         expected += [(rows,), (rows,)]
-    check_shapes(("weight_ih", "weight_hh", "bias_ih", "bias_hh"), shapes, expected)
+        names += ("bias_ih", "bias_hh")
+    check_shapes(names, shapes, expected)
 
 
 def _product(rows: Tensor, W: Tensor, bias: Tensor | None) -> Tensor:
@@ -165,7 +172,7 @@ class CellFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cell, x, h, c, W_ih, W_hh, b_ih, b_hh):
-        check_cell_weights(W_ih, W_hh, b_ih, b_hh, SPECS[cell].gates)
+        check_cell(x, h, c, W_ih, W_hh, b_ih, b_hh, SPECS[cell].gates)
         # `kept`: the output a backward reads (LSTM c', RNN h'); a graph-recording call
         # returns a copy of it, which the caller may change in place, as torch's cells allow
         if cell == "lstm":

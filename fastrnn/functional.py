@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -28,24 +29,10 @@ from .autograd import (
     LayerFunction,
     apply_layer,
     check_batch_sizes,
-    check_shapes,
 )
 from .cell_functions import CellFunction
+from .cells import SPECS
 from .ops import layer as layer_op
-
-# One layer, all directions: (x (N, I), batch_sizes, states (D, B, *), weights stacked over the
-# directions, or one direction's as they are) -> (y (N, D * P), new states (D, B, *))
-LayerRunner = Callable[
-    [Tensor, np.ndarray, tuple[Tensor, ...], Sequence[Tensor | None]],
-    tuple[Tensor, tuple[Tensor, ...]],
-]
-# One layer of a one-step sequence, all directions: (x (B, I), states (D, B, *), per direction
-# [W_ih, W_hh, b_ih, b_hh, W_hr]) -> (y (B, D * H), new states (D, B, *))
-StepRunner = Callable[
-    [Tensor, tuple[Tensor, ...], list[list[Tensor | None]]],
-    tuple[Tensor, tuple[Tensor, ...]],
-]
-
 
 _TRANSFORM_REASON = (
     "fastrnn's kernels don't run under torch.func transforms (grad, vmap, jvp, ...) or "
@@ -105,7 +92,9 @@ def warn_fallback(who: str, reason: str, instead: str, stacklevel: int = 3) -> N
         warnings.warn(f"{key}; running {instead} instead.", UserWarning, stacklevel=stacklevel)
 
 
-def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) -> bool:
+def _torch_runs(
+    name: str, input: Tensor, weights: Sequence[Tensor | None], hx, stacklevel: int = 4
+) -> bool:
     """Whether `name` (lstm, gru_cell, ...) hands this call to torch._VF's function of that
     name, warning once: under a function transform (`transform_reason`), or for a CPU input
     of a dtype without CPU kernels (float16, bfloat16; torch reports the ones it rejects)."""
@@ -119,8 +108,8 @@ def _torch_runs(name: str, input: Tensor, weights: Sequence[Tensor | None], hx) 
         reason = f"fastrnn has no CPU kernel for {input.dtype}"
     if reason is None:
         return False
-    # frames: warn_fallback, this, `_torch_sequence` / `_torch_cell`, the API function
-    warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", 5)
+    # stacklevel: the frames warn_fallback, this, ..., the API function, its caller
+    warn_fallback(f"fastrnn.functional.{name}", reason, f"torch._VF.{name}", stacklevel)
     return True
 
 
@@ -136,7 +125,7 @@ def _torch_sequence(
     """torch._VF's `name` (lstm, gru, rnn_tanh, rnn_relu) on the same arguments where fastrnn
     hands the call over (`_torch_runs`), else None; flags: (has_biases, num_layers, dropout,
     train, bidirectional)."""
-    if not _torch_runs(name, input, weights, hx):
+    if not _torch_runs(name, input, weights, hx, 6):
         return None
     function = getattr(_VF, name)
     if batch_sizes is None:
@@ -167,15 +156,16 @@ def _dense_batch_sizes(steps: int, batch: int) -> np.ndarray:
 
 
 def _layer_weights(
-    weights: Sequence[Tensor], has_biases: bool, layer_dir: int, has_proj: bool
+    weights: Sequence[Tensor | None], has_biases: bool, layer_dir: int, has_proj: bool
 ) -> list[Tensor | None]:
     """[W_ih, W_hh, b_ih, b_hh, W_hr] of one layer-direction (None where absent)."""
-    per = 2 + 2 * int(has_biases) + int(has_proj)
-    chunk = list(weights[layer_dir * per : (layer_dir + 1) * per])
-    W_ih, W_hh = chunk[0], chunk[1]
-    b_ih, b_hh = (chunk[2], chunk[3]) if has_biases else (None, None)
-    W_hr = chunk[-1] if has_proj else None
-    return [W_ih, W_hh, b_ih, b_hh, W_hr]
+    per = 2 + 2 * has_biases + has_proj
+    first = layer_dir * per
+    if has_biases:
+        W_hr = weights[first + 4] if has_proj else None
+        return [weights[first], weights[first + 1], weights[first + 2], weights[first + 3], W_hr]
+    W_hr = weights[first + 2] if has_proj else None
+    return [weights[first], weights[first + 1], None, None, W_hr]
 
 
 def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
@@ -214,55 +204,95 @@ def type_name(t: Tensor) -> str:
     return _TYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 
-def _stacked(
-    run_layer: LayerRunner,
-    run_step: StepRunner,
+class SequenceCall(NamedTuple):
+    """One sequence call, validated and normalised once (by a module or by `sequence_call`):
+    what `run_sequence` executes. rows (N, I) in packed time-major order, sizes (T,) int64
+    batch sizes, states (L * D, B, P)[, LSTM c (L * D, B, H)], weights torch's flat list;
+    dropout between layers (0.0 outside training); dense: the output is (T, B, D * P)
+    (batch-first if asked) rather than rows."""
+
+    kind: str
+    rows: Tensor
+    sizes: np.ndarray
+    states: tuple[Tensor, ...]
+    weights: Sequence[Tensor | None]
+    has_biases: bool
+    has_proj: bool
+    num_layers: int
+    bidirectional: bool
+    dropout: float
+    dense: bool
+    batch_first: bool
+
+
+def sequence_call(
+    kind: str,
     input: Tensor,
     batch_sizes: Tensor | None,
     states: tuple[Tensor, ...],
-    weights: Sequence[Tensor],
+    weights: Sequence[Tensor | None],
     has_biases: bool,
-    has_proj: bool,
     num_layers: int,
     dropout: float,
     train: bool,
     bidirectional: bool,
     batch_first: bool,
-) -> tuple[Tensor, ...]:
-    """Run every layer and direction; returns (output, *final states). A sequence of one
-    step (without a projection, on the CPU) runs as a cell per direction (`run_step`): the
-    layer kernels would pack every weight for a single product (see `_one_step`)."""
+) -> SequenceCall:
+    """The `SequenceCall` of a call torch's own argument checks have passed (a module's, or
+    `_VF`'s signature in the functional API), after the checks that torch's kernels make:
+    the weight count, an empty sequence and the states' dtype and device."""
+    if kind == "lstm" and len(states) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    # torch's rule: a projection makes h narrower than c (proj_size < hidden_size)
+    has_proj = kind == "lstm" and states[0].shape[-1] != states[1].shape[-1]
     directions = 2 if bidirectional else 1
     _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
-    layer_input, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
+    rows, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
     _check_state_dtype(input, states)
-    one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(input)
-    finals: list[list[Tensor]] = [[] for _ in states]
+    if batch_sizes is not None and sizes.shape[0] == 1:  # the layer Function checks longer ones
+        check_batch_sizes(sizes, rows)
+    return SequenceCall(
+        kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional,
+        dropout if train else 0.0, batch_sizes is None, batch_first,
+    )  # fmt: skip
+
+
+def run_sequence(call: SequenceCall) -> tuple[Tensor, ...]:
+    """Run every layer and direction of a call: -> (output, *final states). A sequence of one
+    step (without a projection, on the CPU) runs as a cell per direction (`_one_step`): the
+    layer kernels would pack every weight for a single product."""
+    kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional = call[:9]
+    directions = 2 if bidirectional else 1
+    one_step = sizes.shape[0] == 1 and not has_proj and _cell_kernels(rows)
+    layers = []  # each layer's new states (D, B, *)
     for layer in range(num_layers):
         first = layer * directions
-        per_direction = [
-            _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
-        ]
-        layer_states = (
-            states if num_layers == 1 else tuple(s[first : first + directions] for s in states)
-        )
-        if one_step:
-            _check_one_step(layer_input, sizes, layer_states, per_direction)
-            layer_input, new_states = run_step(layer_input, layer_states, per_direction)
+        groups = [_layer_weights(weights, has_biases, first, has_proj)]
+        if directions == 2:
+            groups.append(_layer_weights(weights, has_biases, first + 1, has_proj))
+        if num_layers > 1:
+            layer_states = tuple(s[first : first + directions] for s in states)
         else:
-            if directions == 1:  # the layer Functions take one direction's weights as they are
-                stacked = per_direction[0]
+            layer_states = states
+        c0 = layer_states[1] if kind == "lstm" else None
+        if one_step:
+            rows, new_states = _one_step(kind, rows, layer_states[0], c0, groups)
+        else:
+            if directions == 1:  # the layer Function takes one direction's weights as they are
+                stacked = groups[0]
             else:
-                stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
-            layer_input, new_states = run_layer(layer_input, sizes, layer_states, stacked)
-        for final, new in zip(finals, new_states, strict=True):
-            final.append(new)
-        if dropout > 0 and train and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)
-    output = _sequence_output(
-        layer_input, sizes, directions == 1 and not one_step, batch_sizes is None, batch_first
-    )
-    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
+                stacked = [_stack_directions([w[i] for w in groups]) for i in range(5)]
+            rows, *new_states = apply_layer(
+                LayerFunction, kind, rows, sizes, layer_states[0], c0, *stacked
+            )
+        layers.append(new_states)
+        if call.dropout > 0 and layer < num_layers - 1:
+            rows = F.dropout(rows, call.dropout, training=True)
+    saved = directions == 1 and not one_step
+    output = _sequence_output(rows, sizes, saved, call.dense, call.batch_first)
+    if num_layers == 1:
+        return (output, *layers[0])
+    return (output, *(torch.cat(states) for states in zip(*layers, strict=True)))
 
 
 def compiling() -> bool:
@@ -370,67 +400,86 @@ def _stack_directions(tensors: list[Tensor | None]) -> Tensor | None:
     return torch.stack(tensors)  # type: ignore[arg-type]
 
 
-def _check_one_step(
-    x: Tensor, sizes: np.ndarray, states: tuple[Tensor, ...], weights: list[list[Tensor | None]]
-) -> None:
-    """The layer path's checks (`autograd._check_layer`) where a one-step layer runs as cells,
-    whose kernels index by these shapes without bounds checks."""
-    check_batch_sizes(sizes, x)
-    hidden = weights[0][1].shape[1]  # W_hh (G * H, H)
-    for W_ih, W_hh, *_ in weights:
-        rows = W_hh.shape[0]
-        check_shapes(
-            ("weight_ih", "weight_hh"),
-            [W_ih.shape, W_hh.shape],
-            [(rows, x.shape[1]), (rows, hidden)],
-        )
-    check_shapes(
-        ("hx[0]", "hx[1]"),
-        [state.shape for state in states],
-        [(len(weights), x.shape[0], hidden)] * len(states),
+def _one_step(
+    kind: str, x: Tensor, h0: Tensor, c0: Tensor | None, groups: list[list[Tensor | None]]
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One step of a layer as its directions' cells (the cell Function): x (B, I), h0
+    (D, B, H), c0 like it or None, groups [W_ih, W_hh, b_ih, b_hh, W_hr] per direction ->
+    (y (B, D * H), new states (D, B, H)), y not sharing h_n's memory (as torch's results
+    don't)."""
+    steps = []
+    for d, (W_ih, W_hh, b_ih, b_hh, _) in enumerate(groups):
+        if c0 is None:
+            steps.append((apply_layer(CellFunction, kind, x, h0[d], None, W_ih, W_hh, b_ih, b_hh),))
+        else:
+            steps.append(apply_layer(CellFunction, kind, x, h0[d], c0[d], W_ih, W_hh, b_ih, b_hh))
+    if len(steps) == 1:
+        step = steps[0]
+        return step[0], tuple([state[None].clone() for state in step])
+    y = torch.cat([step[0] for step in steps], 1)
+    return y, tuple([torch.stack(states) for states in zip(*steps, strict=True)])
+
+
+def checked_sequence(
+    kind: str,
+    input: Tensor,
+    batch_sizes: Tensor | None,
+    states: tuple[Tensor, ...],
+    weights: Sequence[Tensor | None],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[Tensor, ...]:
+    """(output, *final states) of a call that torch's argument checks have passed and that
+    runs on fastrnn's kernels (the caller decided): `ops.layer` per layer under
+    torch.compile, the layer Functions otherwise."""
+    if compiling():
+        return compiled_sequence(
+            kind, input, states, weights, has_biases, num_layers, dropout, train, bidirectional,
+            batch_first, batch_sizes,
+        )  # fmt: skip
+    return run_sequence(
+        sequence_call(
+            kind,
+            input,
+            batch_sizes,
+            states,
+            weights,
+            has_biases,
+            num_layers,
+            dropout,
+            train,
+            bidirectional,
+            batch_first,
+        )  # fmt: skip
     )
 
 
-def _one_step(outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Each direction's h' (B, H) -> (y (B, D * H), h_n (D, B, H)), y not sharing h_n's memory
-    (as torch's results don't). One step as cells: LSTM T1 B1 forward 1.8x, B16 1.4x faster
-    than the layer kernels, GRU 1.6x, RNN 1.8-2.3x; fwd+bwd 1.25-1.5x (same process)."""
-    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
-    return y, torch.stack(outputs)
-
-
-@functools.cache
-def _step_runner(kind: str) -> StepRunner:
-    """The `StepRunner` of a cell kind: its cell Function per direction (`plain_cell_step`)."""
-
-    def run(x, states, weights):
-        h0 = states[0]
-        if kind == "lstm":
-            c0 = states[1]
-            results = [
-                apply_layer(CellFunction, kind, x, h0[d], c0[d], *w[:4])
-                for d, w in enumerate(weights)
-            ]
-            y, h_n = _one_step([h for h, _ in results])
-            return y, (h_n, torch.stack([c for _, c in results]))
-        y, h_n = _one_step(
-            [apply_layer(CellFunction, kind, x, h0[d], None, *w[:4]) for d, w in enumerate(weights)]
-        )
-        return y, (h_n,)
-
-    return run
-
-
-@functools.cache
-def _layer_runner(kind: str) -> LayerRunner:
-    """The `LayerRunner` of a cell kind: its layer Function on the layer's states."""
-
-    def run(x, sizes, states, w):
-        c0 = states[1] if len(states) == 2 else None
-        y, *new_states = apply_layer(LayerFunction, kind, x, sizes, states[0], c0, *w)
-        return y, tuple(new_states)
-
-    return run
+def _sequence(
+    kind: str,
+    input: Tensor,
+    hx,
+    states: tuple[Tensor, ...],
+    weights: Sequence[Tensor],
+    flags: tuple[bool, int, float, bool, bool],
+    batch_first: bool,
+    batch_sizes: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """The functional API's sequence call: torch._VF's where fastrnn hands it over
+    (`_torch_runs`), else `checked_sequence`. flags: (has_biases, num_layers, dropout, train,
+    bidirectional)."""
+    if not compiling():
+        by_torch = _torch_sequence(kind, input, hx, weights, flags, batch_first, batch_sizes)
+        if by_torch is not None:
+            return by_torch
+    has_biases, num_layers, dropout, train, bidirectional = flags
+    return checked_sequence(
+        kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, train,
+        bidirectional, batch_first,
+    )  # fmt: skip
 
 
 def lstm(
@@ -451,33 +500,10 @@ def lstm(
     """
     if len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
-    if compiling():
-        output, h_n, c_n = compiled_sequence(
-            "lstm", input, (hx[0], hx[1]), weights, has_biases, num_layers, dropout, train,
-            bidirectional, batch_first, batch_sizes,
-        )  # fmt: skip
-        return output, h_n, c_n
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    by_torch = _torch_sequence("lstm", input, hx, weights, flags, batch_first, batch_sizes)
-    if by_torch is not None:
-        output, h_n, c_n = by_torch
-        return output, h_n, c_n
-    # torch's rule: a projection makes h narrower than c (proj_size < hidden_size)
-    has_proj = hx[0].shape[-1] != hx[1].shape[-1]
-    output, h_n, c_n = _stacked(
-        _layer_runner("lstm"),
-        _step_runner("lstm"),
-        input,
-        batch_sizes,
-        (hx[0], hx[1]),
-        weights,
-        has_biases,
-        has_proj,
-        num_layers,
-        dropout,
-        train,
-        bidirectional,
-        batch_first,
+    states = (hx[0], hx[1])
+    output, h_n, c_n = _sequence(
+        "lstm", input, hx, states, weights, flags, batch_first, batch_sizes
     )
     return output, h_n, c_n
 
@@ -495,32 +521,8 @@ def gru(
     batch_sizes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
-    if compiling():
-        output, h_n = compiled_sequence(
-            "gru", input, (hx,), weights, has_biases, num_layers, dropout, train,
-            bidirectional, batch_first, batch_sizes,
-        )  # fmt: skip
-        return output, h_n
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    by_torch = _torch_sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
-    if by_torch is not None:
-        output, h_n = by_torch
-        return output, h_n
-    output, h_n = _stacked(
-        _layer_runner("gru"),
-        _step_runner("gru"),
-        input,
-        batch_sizes,
-        (hx,),
-        weights,
-        has_biases,
-        False,
-        num_layers,
-        dropout,
-        train,
-        bidirectional,
-        batch_first,
-    )
+    output, h_n = _sequence("gru", input, hx, (hx,), weights, flags, batch_first, batch_sizes)
     return output, h_n
 
 
@@ -538,114 +540,61 @@ def rnn(
     nonlinearity: str = "tanh",
 ) -> tuple[Tensor, Tensor]:
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
-    relu = nonlinearity == "relu"
-    name = "rnn_relu" if relu else "rnn_tanh"
-    if compiling():
-        output, h_n = compiled_sequence(
-            name, input, (hx,), weights, has_biases, num_layers, dropout, train,
-            bidirectional, batch_first, batch_sizes,
-        )  # fmt: skip
-        return output, h_n
+    kind = "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    by_torch = _torch_sequence(name, input, hx, weights, flags, batch_first, batch_sizes)
-    if by_torch is not None:
-        output, h_n = by_torch
-        return output, h_n
-    output, h_n = _stacked(
-        _layer_runner(name),
-        _step_runner(name),
-        input,
-        batch_sizes,
-        (hx,),
-        weights,
-        has_biases,
-        False,
-        num_layers,
-        dropout,
-        train,
-        bidirectional,
-        batch_first,
-    )
+    output, h_n = _sequence(kind, input, hx, (hx,), weights, flags, batch_first, batch_sizes)
     return output, h_n
 
 
-def _well_formed_cell(
+def _fits(
     input: Tensor,
     states: Sequence[Tensor],
+    batch_shape: tuple[int, ...],
     W_ih: Tensor,
     W_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     gates: int,
 ) -> bool:
-    """Whether a cell call is what the cell kernels take: input (B, I), states (B, H), W_ih
-    (G*H, I), W_hh (G*H, H), both biases (G*H,) or neither, one dtype and device throughout.
-    Anything else goes to torch._VF's cell (`_torch_cell`), which raises torch's own error
-    or, where torch accepts it (a broadcastable bias, an LSTM c of another dtype), computes
-    torch's result."""
-    tensors = (input, *states, W_ih, W_hh)
-    if (b_ih is None) != (b_hh is None):
+    """Whether a call is shaped as the kernels take it, in one cheap pass: states of shape
+    (*batch_shape, H), W_ih (G * H, I) for the input's I features, W_hh (G * H, H), both
+    biases (G * H,) or neither, all of the input's dtype and device."""
+    if not isinstance(input, Tensor) or input.dim() != len(batch_shape) + 1:
         return False
-    biases = () if b_ih is None else (b_ih, b_hh)
-    if not all(isinstance(t, Tensor) for t in (*tensors, *biases)):
+    if (b_ih is None) != (b_hh is None) or not isinstance(W_hh, Tensor):
         return False
-    if input.dim() != 2 or W_ih.dim() != 2 or W_hh.dim() != 2:
-        return False
-    batch, inputs = input.shape
-    hidden = W_hh.shape[1]
+    dtype, cpu = input.dtype, input.is_cpu
+    hidden = W_hh.shape[-1]
     rows = gates * hidden
-    if W_ih.shape != (rows, inputs) or W_hh.shape[0] != rows:
+    state_shape = (*batch_shape, hidden)
+    for state in states:
+        if not isinstance(state, Tensor) or state.shape != state_shape or state.dtype != dtype:
+            return False
+        if (not state.is_cpu) if cpu else (state.device != input.device):
+            return False
+    for t in (W_ih, W_hh) if b_ih is None else (W_ih, W_hh, b_ih, b_hh):
+        if not isinstance(t, Tensor) or t.dtype != dtype:
+            return False
+        if (not t.is_cpu) if cpu else (t.device != input.device):
+            return False
+    if W_ih.shape != (rows, input.shape[-1]) or W_hh.shape != (rows, hidden):
         return False
-    if any(state.shape != (batch, hidden) for state in states):
-        return False
-    if any(bias.shape != (rows,) for bias in biases):
-        return False
-    dtype, device = W_ih.dtype, input.device
-    return all(t.dtype == dtype and t.device == device for t in (*tensors, *biases))
+    return b_ih is None or (b_ih.shape == (rows,) and b_hh.shape == (rows,))  # type: ignore[union-attr]
 
 
-def _plain_arguments(
-    input: Tensor,
-    inputs: int,
-    states: Sequence[Tensor],
-    state_shape: tuple[int, ...],
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    gates: int,
-) -> bool:
-    """The checks `plain_cell_call` and `plain_sequence_call` share: a plain CPU float32 /
-    float64 input, states of `state_shape` and the input's dtype, weights of their exact
-    shapes (`inputs` features, G * H rows) and dtype, and nothing active that hands calls to
-    torch (a torch.func transform, forward-mode AD, torch.export, tracing, torch.compile, CPU
-    autocast, the tests' CUDA hook)."""
-    if type(input) is not Tensor or not input.is_cpu:
-        return False
-    dtype = input.dtype
-    if dtype not in KERNEL_DTYPES["cpu"] or fastrnn_autograd.CUDA_KERNELS_ON_CPU:
+def _plain(input: Tensor, states: Sequence[Tensor]) -> bool:
+    """Whether a call may skip the full checks: a plain CPU float32 / float64 input and states
+    (no subclass), and nothing active that hands calls to torch (a torch.func transform,
+    forward-mode AD, torch.export, tracing, torch.compile, CPU autocast, the tests' CUDA
+    hook)."""
+    if type(input) is not Tensor or not input.is_cpu or input.dtype not in KERNEL_DTYPES["cpu"]:
         return False
     for state in states:
-        if type(state) is not Tensor or state.dtype != dtype or not state.is_cpu:
-            return False
-        if state.shape != state_shape:
-            return False
-    hidden = state_shape[-1]
-    rows = gates * hidden
-    for weight, shape in ((W_ih, (rows, inputs)), (W_hh, (rows, hidden))):
-        if not isinstance(weight, Tensor) or weight.dtype != dtype or not weight.is_cpu:
-            return False
-        if weight.shape != shape:
-            return False
-    if (b_ih is None) != (b_hh is None):
-        return False
-    for bias in () if b_ih is None else (b_ih, b_hh):
-        if not isinstance(bias, Tensor) or bias.dtype != dtype or not bias.is_cpu:
-            return False
-        if bias.shape != (rows,):
+        if type(state) is not Tensor:
             return False
     return not (
-        torch._C._are_functorch_transforms_active()
+        fastrnn_autograd.CUDA_KERNELS_ON_CPU
+        or torch._C._are_functorch_transforms_active()
         or forward_ad._current_level >= 0
         or torch.jit.is_tracing()
         or torch.compiler.is_compiling()
@@ -654,93 +603,89 @@ def _plain_arguments(
     )
 
 
-def plain_cell_call(
-    input: Tensor,
-    states: Sequence[Tensor],
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    gates: int,
-) -> bool:
-    """Whether a cell call is the plain case the cell kernels take as it is, checked in one
-    cheap pass (`_plain_arguments`): input (B, I), states (B, H). The cells then skip the full
-    checks (`_torch_cell`, the modules' fallback checks), which cost a one-row call ~20-40 us
-    of the ~70 it took; anything else takes the full path and gets its errors, fallbacks and
-    warnings there."""
-    if type(input) is not Tensor or input.dim() != 2 or not isinstance(W_hh, Tensor):
-        return False
-    batch, inputs = input.shape
-    state_shape = (batch, W_hh.shape[-1])
-    return _plain_arguments(input, inputs, states, state_shape, W_ih, W_hh, b_ih, b_hh, gates)
-
-
 def plain_sequence_call(
-    input: Tensor,
-    batch_first: bool,
-    states: Sequence[Tensor],
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    gates: int,
-) -> bool:
-    """Whether a call of a one-layer, one-direction module without projection is the plain
-    case (`_plain_arguments`): dense input (T, B, I), or (B, T, I) batch-first, with T and B
-    >= 1, states (1, B, H). The module then skips its full checks and fallbacks
-    (`plain_sequence`): a one-step call (streaming inference) spent ~80 us of its ~120-160
-    there."""
-    if type(input) is not Tensor or input.dim() != 3 or not isinstance(W_hh, Tensor):
-        return False
-    steps, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
-    if steps == 0 or batch == 0:
-        return False
-    state_shape = (1, batch, W_hh.shape[-1])
-    inputs = input.shape[2]
-    return _plain_arguments(input, inputs, states, state_shape, W_ih, W_hh, b_ih, b_hh, gates)
-
-
-def plain_sequence(
     kind: str,
     input: Tensor,
     batch_first: bool,
     states: tuple[Tensor, ...],
-    weights: Sequence[Tensor | None],
-) -> tuple[Tensor, ...]:
-    """(output, *final states) of a call `plain_sequence_call` accepted, for the cell `kind`
-    (lstm, gru, rnn_tanh, rnn_relu): what `_stacked` computes for one layer and direction."""
-    layer_input, sizes = _time_major_rows(input, None, batch_first)
-    one_step = sizes.shape[0] == 1
-    layer_weights = [*weights, None]
-    run_layer, run_step = _layer_runner(kind), _step_runner(kind)
-    if one_step:
-        output, new_states = run_step(layer_input, states, [layer_weights])
-    else:
-        output, new_states = run_layer(layer_input, sizes, states, layer_weights)
-    return (_sequence_output(output, sizes, not one_step, True, batch_first), *new_states)
-
-
-def plain_cell_step(
-    kind: str, input: Tensor, states: Sequence[Tensor], weights: Sequence[Tensor | None]
-) -> tuple[Tensor, ...]:
-    """One step of the cell `kind` (lstm, gru, rnn_tanh, rnn_relu) on the cell kernels, for a
-    call `plain_cell_call` accepted: the new state(s) as a tuple."""
-    if kind == "lstm":
-        return apply_layer(CellFunction, kind, input, states[0], states[1], *weights)
-    return (apply_layer(CellFunction, kind, input, states[0], None, *weights),)
-
-
-def _torch_cell(name: str, input: Tensor, hx, states: Sequence[Tensor], weights: tuple, gates: int):
-    """torch._VF's `name` cell on a call fastrnn hands over, else None: under a function
-    transform or for a dtype without CPU kernels (`_torch_runs`), and any call the cell
-    kernels don't take as it is (`_well_formed_cell`), which gets torch's error or, where
-    torch accepts the call, its result, with a warning once."""
-    cell = getattr(_VF, name)
-    if _torch_runs(name, input, weights, hx):
-        return cell(input, hx, *weights)
-    if _well_formed_cell(input, states, *weights, gates):
+    weights: Sequence[Tensor],
+    has_biases: bool,
+) -> SequenceCall | None:
+    """The `SequenceCall` of a one-layer, one-direction module call without projection on
+    dense input that the kernels take as it is (`_plain`, `_fits`): input (T, B, I), or
+    (B, T, I) batch-first, with T and B >= 1, states (1, B, H), torch's flat weights of one
+    layer. None for anything else, which the module then checks in full (its errors,
+    fallbacks and warnings): a one-step call (streaming inference) spent ~80 us of its
+    ~120-160 there."""
+    if not _plain(input, states) or input.dim() != 3:
         return None
-    result = cell(input, hx, *weights)
+    steps, batch = (input.shape[1], input.shape[0]) if batch_first else input.shape[:2]
+    if steps == 0 or batch == 0:
+        return None
+    biases = (weights[2], weights[3]) if has_biases else (None, None)
+    if not _fits(input, states, (1, batch), weights[0], weights[1], *biases, SPECS[kind].gates):
+        return None
+    rows, sizes = _time_major_rows(input, None, batch_first)
+    return SequenceCall(
+        kind, rows, sizes, states, weights, has_biases, False, 1, False, 0.0, True, batch_first
+    )
+
+
+def plain_cell_call(
+    kind: str,
+    input: Tensor,
+    states: Sequence[Tensor],
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> bool:
+    """Whether a batched cell call is what the cell kernels take as it is (`_plain`, `_fits`):
+    input (B, I), states (B, H). The module then skips its full checks, which cost a one-row
+    call ~20-40 us of the ~70 it took; anything else gets its errors, fallbacks and warnings
+    from the full path."""
+    if not _plain(input, states) or input.dim() != 2:
+        return False
+    return _fits(input, states, (input.shape[0],), W_ih, W_hh, b_ih, b_hh, SPECS[kind].gates)
+
+
+def cell_step(
+    kind: str,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor | None,
+    W_ih: Tensor,
+    W_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, ...]:
+    """One step of the cell `kind` on the kernels for x's device: x (B, I), h (B, H), c (B, H)
+    (LSTM) or None -> (h',) or (h', c'). The CPU runs the cell Function (torch GEMMs and fused
+    gate math); CUDA tensors (and the tests' simulated GPU path) a one-step layer."""
+    if _cell_kernels(x):
+        result = apply_layer(CellFunction, kind, x, h, c, W_ih, W_hh, b_ih, b_hh)
+        return result if kind == "lstm" else (result,)
+    sizes = _dense_batch_sizes(1, x.shape[0])
+    c0 = None if c is None else c[None]
+    _, *states = apply_layer(
+        LayerFunction, kind, x, sizes, h[None], c0, W_ih, W_hh, b_ih, b_hh, None
+    )
+    return tuple(state[0] for state in states)
+
+
+def checked_cell(
+    kind: str, input: Tensor, hx, states: Sequence[Tensor], weights: Sequence[Tensor | None]
+) -> tuple[Tensor, ...]:
+    """One step of a batched cell call that runs on fastrnn's kernels (the caller decided):
+    `cell_step` on a call shaped as the kernels take it (`_fits`), else torch._VF's cell,
+    which raises torch's own error or, where torch accepts the call (a broadcastable bias, an
+    LSTM c of another dtype), computes torch's result, with a warning once. hx: the states as
+    the caller gave them; weights [W_ih, W_hh, b_ih, b_hh]."""
+    batch = input.shape[:1] if isinstance(input, Tensor) else ()
+    if _fits(input, states, batch, *weights, SPECS[kind].gates):
+        return cell_step(kind, input, states[0], states[1] if kind == "lstm" else None, *weights)
+    name = f"{kind}_cell"
+    result = getattr(_VF, name)(input, hx, *weights)
     warn_fallback(
         f"fastrnn.functional.{name}",
         "fastrnn's cell kernels take (B, I) input, (B, H) states, weights and biases of "
@@ -748,13 +693,24 @@ def _torch_cell(name: str, input: Tensor, hx, states: Sequence[Tensor], weights:
         f"torch._VF.{name}",
         4,
     )
-    return result
+    return result if kind == "lstm" else (result,)
 
 
 def _cell_kernels(input: Tensor) -> bool:
     """One step on the CPU runs the cell kernels (torch GEMMs + fused gate math); CUDA tensors
     (and the tests' simulated CUDA path) run the one-step layer path."""
     return input.is_cpu and not fastrnn_autograd.CUDA_KERNELS_ON_CPU
+
+
+def check_lstm_cell_states(hx) -> None:
+    """torch's errors for an LSTM cell's hx that isn't a pair of states."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(
+            "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+            f"not {type(hx).__name__}"
+        )
+    if len(hx) != 2:
+        raise RuntimeError("lstm_cell expects two hidden states")
 
 
 def lstm_cell(
@@ -766,34 +722,12 @@ def lstm_cell(
     b_hh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM step: input (B, I), hx ((B, H), (B, H)) -> (h', c'), each (B, H)."""
-    if not isinstance(hx, (tuple, list)):
-        raise TypeError(
-            "lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
-            f"not {type(hx).__name__}"
-        )
-    if len(hx) != 2:
-        raise RuntimeError("lstm_cell expects two hidden states")
-    by_torch = _torch_cell("lstm_cell", input, hx, hx, (W_ih, W_hh, b_ih, b_hh), 4)
-    if by_torch is not None:
-        h, c = by_torch
-        return h, c
-    if _cell_kernels(input):
-        return apply_layer(CellFunction, "lstm", input, hx[0], hx[1], W_ih, W_hh, b_ih, b_hh)
-    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n, c_n = apply_layer(
-        LayerFunction,
-        "lstm",
-        input,
-        sizes,
-        hx[0].unsqueeze(0),
-        hx[1].unsqueeze(0),
-        W_ih,
-        W_hh,
-        b_ih,
-        b_hh,
-        None,
-    )
-    return h_n[0], c_n[0]
+    check_lstm_cell_states(hx)
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs("lstm_cell", input, weights, hx):
+        return _VF.lstm_cell(input, hx, *weights)
+    h, c = checked_cell("lstm", input, hx, hx, weights)
+    return h, c
 
 
 def gru_cell(
@@ -805,15 +739,10 @@ def gru_cell(
     b_hh: Tensor | None = None,
 ) -> Tensor:
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
-    by_torch = _torch_cell("gru_cell", input, hx, (hx,), (W_ih, W_hh, b_ih, b_hh), 3)
-    if by_torch is not None:
-        return by_torch
-    if _cell_kernels(input):
-        return apply_layer(CellFunction, "gru", input, hx, None, W_ih, W_hh, b_ih, b_hh)
-    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    h0 = hx.unsqueeze(0)
-    _, h_n = apply_layer(LayerFunction, "gru", input, sizes, h0, None, W_ih, W_hh, b_ih, b_hh, None)
-    return h_n[0]
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs("gru_cell", input, weights, hx):
+        return _VF.gru_cell(input, hx, *weights)
+    return checked_cell("gru", input, hx, (hx,), weights)[0]
 
 
 def rnn_cell(
@@ -826,15 +755,8 @@ def rnn_cell(
     nonlinearity: str = "tanh",
 ) -> Tensor:
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
-    relu = nonlinearity == "relu"
-    name = "rnn_relu_cell" if relu else "rnn_tanh_cell"
-    by_torch = _torch_cell(name, input, hx, (hx,), (W_ih, W_hh, b_ih, b_hh), 1)
-    if by_torch is not None:
-        return by_torch
-    if _cell_kernels(input):
-        return apply_layer(CellFunction, name[:-5], input, hx, None, W_ih, W_hh, b_ih, b_hh)
-    sizes = np.ones(1, dtype=np.int64) * input.shape[0]
-    _, h_n = apply_layer(
-        LayerFunction, name[:-5], input, sizes, hx.unsqueeze(0), None, W_ih, W_hh, b_ih, b_hh, None
-    )
-    return h_n[0]
+    kind = "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
+    weights = (W_ih, W_hh, b_ih, b_hh)
+    if _torch_runs(f"{kind}_cell", input, weights, hx):
+        return getattr(_VF, f"{kind}_cell")(input, hx, *weights)
+    return checked_cell(kind, input, hx, (hx,), weights)[0]

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import dynamo, functional, recurrent_masks
-from .cells import SPECS
 from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
@@ -28,6 +27,9 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
 _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
+
+
+_RNN_KINDS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 def _rnn_kind(nonlinearity: str) -> str | None:
@@ -108,9 +110,10 @@ def _fallback_needed(module: nn.Module, input: Tensor | PackedSequence, hx) -> b
 
 @functools.cache
 def _run_eagerly():
-    """`_SequenceForward._eager_forward` as a `torch.compiler.disable`d function, made on first
+    """`_SequenceForward.forward` as a `torch.compiler.disable`d function (which runs it
+    eagerly: `functional.compiling()` is False inside), made on first
     use (making it imports torch._dynamo, which a process that compiles has imported already)."""
-    return torch.compiler.disable(_SequenceForward._eager_forward)
+    return torch.compiler.disable(_SequenceForward.forward)
 
 
 def _compiled_kernels(input, weights) -> bool:
@@ -204,7 +207,17 @@ class _SequenceForward:
         raise NotImplementedError
 
     def _run(self, input, states, batch_sizes):
-        raise NotImplementedError
+        """(output, final states) of checked arguments: time-major or batch-first dense
+        input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
+        sizes (None for dense input)."""
+        rates = self._mask_rates()
+        if rates is not None:
+            return self._masked_run(self._kernel_kind(), input, states, batch_sizes, rates)
+        output, *final = functional.checked_sequence(
+            self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
+            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+        )  # fmt: skip
+        return output, tuple(final)
 
     def _states_tuple(self, hx) -> tuple[Tensor, ...]:
         return (hx,)
@@ -240,27 +253,30 @@ class _SequenceForward:
             # eagerly (a graph break): torch's checks of it read batch_sizes' values.
             if isinstance(input, PackedSequence):
                 return _run_eagerly()(self, input, hx)
-            if _compiled_kernels(input, self._flat_weights):
-                return self._sequence_forward(input, hx)
+            if self._kernel_kind() and _compiled_kernels(input, self._flat_weights):
+                return self._checked_forward(input, hx)
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._eager_forward(input, hx)
-
-    def _eager_forward(self, input, hx):
-        if self._mask_rates() is not None:  # torch.nn has no masks: `recurrent_masks` falls back
-            return self._sequence_forward(input, hx)
-        plain = self._plain_forward(input, hx)
-        if plain is not None:
-            return plain
-        if _fallback_needed(self, input, hx):
+        if self._mask_rates() is not None and self._kernel_kind() is not None:
+            # torch.nn has no masks: `recurrent_masks` runs the reference where no kernel can
+            return self._checked_forward(input, hx)
+        # Validation once: a plain call (`_plain_call`) or the full checks make one normalised
+        # call (`functional.SequenceCall`), which one path runs.
+        call = self._plain_call(input, hx)
+        if call is not None:
+            output, *final = functional.run_sequence(call)
+            return output, self._states_result(tuple(final))
+        if self._kernel_kind() is None or _fallback_needed(self, input, hx):
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._sequence_forward(input, hx)
+        return self._checked_forward(input, hx)
 
     def _kernel_kind(self) -> str | None:
-        """The kernels' name for this cell (`functional.plain_sequence`)."""
+        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
         raise NotImplementedError
 
-    def _plain_forward(self, input, hx):
-        """The result of a plain call (see `forward`), or None for the full path."""
+    def _plain_call(self, input, hx) -> functional.SequenceCall | None:
+        """The normalised call of a plain one (one layer and direction, no projection, dense
+        CPU input the kernels take as it is: `functional.plain_sequence_call`), checked in one
+        cheap pass; None for the full checks."""
         if self.num_layers != 1 or self.bidirectional or getattr(self, "proj_size", 0):
             return None
         if type(input) is not Tensor or input.dim() != 3:
@@ -269,8 +285,6 @@ class _SequenceForward:
         weights = _registered_weights(self, self._flat_weights_names)
         if kind is None or weights is None:
             return None
-        if not self.bias:
-            weights = [*weights, None, None]
         if hx is None:
             batch = input.shape[0] if self.batch_first else input.shape[1]
             zeros = torch.zeros(1, batch, self.hidden_size, dtype=input.dtype)
@@ -281,11 +295,9 @@ class _SequenceForward:
             states = (hx[0], hx[1])
         else:
             return None
-        gates = SPECS[kind].gates
-        if not functional.plain_sequence_call(input, self.batch_first, states, *weights, gates):
-            return None
-        output, *final = functional.plain_sequence(kind, input, self.batch_first, states, weights)
-        return output, self._states_result(tuple(final))
+        return functional.plain_sequence_call(
+            kind, input, self.batch_first, states, weights, self.bias
+        )
 
     def _update_flat_weights(self) -> None:
         """torch's `_update_flat_weights` (re-read the weights if one was replaced, as weight
@@ -301,7 +313,8 @@ class _SequenceForward:
                 self._init_flat_weights()
                 return
 
-    def _sequence_forward(self, input, hx):
+    def _checked_forward(self, input, hx):
+        """torch's argument handling and checks, then the kernels (`_run`)."""
         self._update_flat_weights()
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -371,7 +384,8 @@ class LSTM(_SequenceForward, _TorchLSTM):
             # hx[1], so a tensor with fewer than two rows raises torch's own IndexError, here
             # too, and an int its TypeError.
             _ = (hx[0], hx[1])
-        # All of them: functional.lstm rejects a number other than two, as torch does.
+        # All of them: `functional.sequence_call` rejects a number other than two, as torch
+        # does.
         return tuple(hx)
 
     def _check(self, input, states, batch_sizes):
@@ -404,24 +418,6 @@ class LSTM(_SequenceForward, _TorchLSTM):
                 f"({states[0].dim()}-D, {states[1].dim()}-D) tensors"
             )
 
-    def _run(self, input, states, batch_sizes):
-        rates = self._mask_rates()
-        if rates is not None:
-            return self._masked_run("lstm", input, states, batch_sizes, rates)
-        output, h_n, c_n = functional.lstm(
-            input,
-            states,
-            self._flat_weights,
-            self.bias,
-            self.num_layers,
-            self.dropout,
-            self.training,
-            self.bidirectional,
-            self.batch_first,
-            batch_sizes,
-        )
-        return output, (h_n, c_n)
-
 
 class GRU(_SequenceForward, _TorchGRU):
     """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels. Opt-in:
@@ -437,24 +433,6 @@ class GRU(_SequenceForward, _TorchGRU):
         shape = (self.num_layers * directions, batch, self.hidden_size)
         return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
 
-    def _run(self, input, states, batch_sizes):
-        rates = self._mask_rates()
-        if rates is not None:
-            return self._masked_run("gru", input, states, batch_sizes, rates)
-        output, h_n = functional.gru(
-            input,
-            states[0],
-            self._flat_weights,
-            self.bias,
-            self.num_layers,
-            self.dropout,
-            self.training,
-            self.bidirectional,
-            self.batch_first,
-            batch_sizes,
-        )
-        return output, (h_n,)
-
 
 class RNN(_SequenceForward, _TorchRNN):
     """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels. Opt-in: `recurrent_dropout`,
@@ -464,31 +442,10 @@ class RNN(_SequenceForward, _TorchRNN):
     _dims_error_noun = " tensor"
 
     def _kernel_kind(self) -> str | None:
-        return _rnn_kind(self.nonlinearity)
+        # torch's forward goes by the mode set at construction, not `nonlinearity`
+        return _RNN_KINDS.get(self.mode)
 
     _zero_states = GRU._zero_states
-
-    def _run(self, input, states, batch_sizes):
-        rates = self._mask_rates()
-        if rates is not None:
-            kind = _rnn_kind(self.nonlinearity)
-            if kind is None:
-                raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'")
-            return self._masked_run(kind, input, states, batch_sizes, rates)
-        output, h_n = functional.rnn(
-            input,
-            states[0],
-            self._flat_weights,
-            self.bias,
-            self.num_layers,
-            self.dropout,
-            self.training,
-            self.bidirectional,
-            self.batch_first,
-            batch_sizes,
-            self.nonlinearity,
-        )
-        return output, (h_n,)
 
 
 class _CellForward:
@@ -506,19 +463,20 @@ class _CellForward:
         call the kernels take as it is, `functional.plain_cell_call`) goes straight to them."""
         weights = self._weights()
         kind = self._kernel_kind()
-        if kind is not None and isinstance(input, Tensor) and input.dim() == 2:
+        if kind is None:
+            return super().forward(input, hx)  # type: ignore[misc]
+        if type(input) is Tensor and input.dim() == 2:
             states = self._plain_states(input, hx)
-            if states is not None and functional.plain_cell_call(
-                input, states, *weights, SPECS[kind].gates
-            ):
-                result = functional.plain_cell_step(kind, input, states, weights)
+            if states is not None and functional.plain_cell_call(kind, input, states, *weights):
+                c = states[1] if self._state_count == 2 else None
+                result = functional.cell_step(kind, input, states[0], c, *weights)
                 return result if self._state_count == 2 else result[0]
         if self._cell_fallback_needed(input, hx, weights):
             return super().forward(input, hx)  # type: ignore[misc]
-        return self._cell_forward(input, hx, weights)
+        return self._cell_forward(kind, input, hx, weights)
 
     def _kernel_kind(self) -> str | None:
-        """The cell kernels' name for this cell (`functional.plain_cell_step`)."""
+        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
         raise NotImplementedError
 
     def _plain_states(self, input: Tensor, hx) -> tuple[Tensor, ...] | None:
@@ -540,12 +498,8 @@ class _CellForward:
         weights = _registered_weights(self, _CELL_WEIGHTS)
         return weights if weights is not None else [getattr(self, n) for n in _CELL_WEIGHTS]
 
-    def _step(self, x, states, weights) -> tuple[Tensor, ...]:
-        """One step on the kernels: x (B, I), states, [W_ih, W_hh, b_ih, b_hh] -> the new
-        state(s) as a tuple."""
-        raise NotImplementedError
-
-    def _cell_forward(self, input, hx, weights):
+    def _cell_forward(self, kind, input, hx, weights):
+        """torch's argument handling and checks, then the kernels (`functional.checked_cell`)."""
         if input.dim() not in (1, 2):
             raise ValueError(
                 f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead"
@@ -565,14 +519,16 @@ class _CellForward:
             zeros = torch.zeros(
                 input.size(0), self.hidden_size, dtype=input.dtype, device=input.device
             )
-            states = (zeros, zeros) if self._state_count == 2 else zeros
-        elif batched:
-            states = hx
+            hx = (zeros, zeros) if self._state_count == 2 else zeros
         elif self._state_count == 2:
-            states = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        else:
-            states = hx.unsqueeze(0)
-        result = self._step(input, states, weights)
+            if batched:
+                functional.check_lstm_cell_states(hx)
+            else:  # torch takes hx's first two rows, a tensor's too
+                hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        elif not batched:
+            hx = hx.unsqueeze(0)
+        states = hx if self._state_count == 2 else (hx,)
+        result = functional.checked_cell(kind, input, hx, states, weights)
         if not batched:
             result = tuple(r.squeeze(0) for r in result)
         return result if self._state_count == 2 else result[0]
@@ -601,9 +557,6 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
     def _kernel_kind(self) -> str | None:
         return "lstm"
 
-    def _step(self, x, states, weights):
-        return functional.lstm_cell(x, states, *weights)
-
 
 class GRUCell(_CellForward, _TorchGRUCell):
     """`torch.nn.GRUCell` ("reset after") on fastrnn's kernels: h = cell(x, h)."""
@@ -613,9 +566,6 @@ class GRUCell(_CellForward, _TorchGRUCell):
     def _kernel_kind(self) -> str | None:
         return "gru"
 
-    def _step(self, x, states, weights):
-        return (functional.gru_cell(x, states, *weights),)
-
 
 class RNNCell(_CellForward, _TorchRNNCell):
     """`torch.nn.RNNCell` (tanh or relu) on fastrnn's kernels: h = cell(x, h)."""
@@ -624,11 +574,6 @@ class RNNCell(_CellForward, _TorchRNNCell):
 
     def _kernel_kind(self) -> str | None:
         return _rnn_kind(self.nonlinearity)
-
-    def _step(self, x, states, weights):
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        return (functional.rnn_cell(x, states, *weights, self.nonlinearity),)
 
 
 _REPLACEMENTS: dict[type, type] = {

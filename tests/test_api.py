@@ -488,12 +488,12 @@ def test_patched_torch_names_do_not_matter(monkeypatch):
     compare_modules(cref, cfast, _x(2, 3))
 
 
-def test_fallback_for_half_precision_warns_and_matches_torch():
-    """float16/bfloat16 have no kernel: torch's implementation runs, with one UserWarning.
+def test_fallback_for_half_precision_warns_and_matches_torch(monkeypatch):
+    """float16/bfloat16 have no kernel: torch's implementation runs, with one UserWarning
+    (once per process: the record of warnings issued starts empty here)."""
+    from fastrnn import functional
 
-    This is the only test of the suite that triggers the fallback, so the warning (if it is
-    issued once per process) has not been issued before.
-    """
+    monkeypatch.setattr(functional, "_warned", set())
     ref, fast = make_pair("LSTM", 3, 4, num_layers=2, bidirectional=True, dtype=torch.float16)
     x = _x(5, 2, 3).to(torch.float16)
     with warnings.catch_warnings(record=True) as w:

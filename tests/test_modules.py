@@ -267,7 +267,7 @@ def test_cell_parity_on_both_product_paths(cell, bias):
 def test_sequence_plain_path_is_the_full_path(
     mode, bias, hx_given, batch_first, steps, monkeypatch
 ):
-    """A one-layer, one-direction call on dense CPU input goes straight to the kernels
+    """A one-layer, one-direction call on dense CPU input is normalised in one cheap pass
     (`functional.plain_sequence_call`), skipping the modules' full checks: it must give the
     full path's outputs, states and gradients bitwise (one step through the cell kernels,
     more through the layer kernels), and be what runs."""
@@ -298,7 +298,7 @@ def test_sequence_plain_path_is_the_full_path(
     )
     plain = run()
     assert not full_checks, "the plain call went through the full checks"
-    monkeypatch.setattr(modules._SequenceForward, "_plain_forward", lambda self, i, h: None)
+    monkeypatch.setattr(modules._SequenceForward, "_plain_call", lambda self, i, h: None)
     full = run()
     assert full_checks, "the full path didn't run"
     for a, b in zip(plain, full, strict=True):
@@ -331,11 +331,13 @@ def test_cell_plain_path_is_the_full_path(cell, bias, hx_given, monkeypatch):
         return [o.detach() for o in outs] + [x.grad] + [p.grad for p in fast.parameters()]
 
     full_checks = []
-    original = functional._torch_cell
-    monkeypatch.setattr(functional, "_torch_cell", lambda *a: full_checks.append(1) or original(*a))
+    original = functional.checked_cell
+    monkeypatch.setattr(
+        functional, "checked_cell", lambda *a: full_checks.append(1) or original(*a)
+    )
     plain = run()
     assert not full_checks, "the plain call went through the full checks"
-    monkeypatch.setattr(type(fast), "_kernel_kind", lambda self: None)
+    monkeypatch.setattr(functional, "plain_cell_call", lambda *a: False)
     full = run()
     assert full_checks, "the full path didn't run"
     for a, b in zip(plain, full, strict=True):
@@ -641,7 +643,7 @@ def test_shared_products_at_any_batch(mode, hidden, batch, packed, monkeypatch, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Sequences of one step: each layer and direction runs as a cell (`functional._stacked`)
+# Sequences of one step: each layer and direction runs as a cell (`functional.run_sequence`)
 # ---------------------------------------------------------------------------------------------
 ONE_STEP = [
     ("LSTM", dict()),
@@ -670,7 +672,7 @@ def test_one_step_sequences(mode, c, monkeypatch):
 
     steps = []
     one_step = functional._one_step
-    monkeypatch.setattr(functional, "_one_step", lambda outs: steps.append(1) or one_step(outs))
+    monkeypatch.setattr(functional, "_one_step", lambda *a: steps.append(1) or one_step(*a))
     ref, fast, x, hx = make_case(mode, c, T=1, B=3, I=4, H=5)
     lengths = c.get("lengths")
     extra = {"lengths": lengths, "enforce_sorted": False} if lengths else {}
