@@ -96,7 +96,12 @@ def _reference_recompute(ctx):
     arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr]
     if ctx.has_norms:
         arguments.append(norms)
-    return arguments, reference.layer(*arguments)
+    masks = getattr(ctx, "masks", None)
+    if masks is None:
+        return arguments, reference.layer(*arguments)
+    if not ctx.has_norms:
+        arguments.append(None)
+    return [*arguments, *masks], reference.layer(*arguments, *masks)
 
 
 class _InferenceContext:
@@ -346,7 +351,7 @@ def _states_like(*tensors: Tensor) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
-def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr):
+def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, masks=None):
     """LSTM: the input projection goes into the gate cache (or into the kernel's products),
     which keeps the activated gates, and the cell cache the cells, for a backward."""
     directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
@@ -367,13 +372,17 @@ def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_h
     cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    if masks is not None:
+        inputs["masks"] = masks
     recurrence.lstm_forward(
         batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
     )
     return y, (h_n, c_n), gate_cache, cell_cache
 
 
-def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before):
+def _gru_forward(
+    ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before, masks=None
+):
     """GRU: the input side's projection (with b_ih) stays apart from the recurrent side (with
     b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward (r, z,
     n and r * h for the "reset before" cell)."""
@@ -391,13 +400,15 @@ def _gru_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, re
     inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
     if reset_before:
         inputs["reset_before"] = True
+    if masks is not None:
+        inputs["masks"] = masks
     recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
     return y, (h_n,), gate_cache, None
 
 
-def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu):
+def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, masks=None):
     """Elman RNN: the input projection goes into y, which the kernel turns into the states
-    (all a backward needs)."""
+    (all a backward needs; with zoneout a gate cache keeps the states before zoneout)."""
     _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
     y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
     (h_n,) = _states_like(h0)
@@ -405,8 +416,27 @@ def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu):
     if not fused:
         _input_projection(x, W_ih, bias, y)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
+    gate_cache = None
+    if masks is not None:
+        inputs["masks"] = masks
+        if masks[1] is not None:  # zoneout: act' needs the states before it
+            shape = (W_hh.shape[0], _cache_rows(ctx, x), W_hh.shape[1])
+            gate_cache = inputs["gate_cache"] = _buffer(ctx, "gates", shape, x)
     recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
-    return y, (h_n,), None, None
+    return y, (h_n,), gate_cache, None
+
+
+def _masked_previous_states(ctx, directions: int, x: Tensor, width: int) -> Tensor:
+    """`_previous_states`, always with every row where recurrent dropout masks them (the
+    kernels then write h_mask * h there, the states W_hh read)."""
+    if ctx.masks is not None and ctx.masks[0] is not None:
+        return scratch("h_prev", (directions, x.shape[0], width), x)
+    return _previous_states(directions, x, ctx.batch_sizes, width)
+
+
+def _mask_arguments(ctx) -> dict:
+    """The masks keyword of a backward kernel call (none for a Function without masks)."""
+    return {} if ctx.masks is None else {"masks": ctx.masks}
 
 
 def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
@@ -416,14 +446,14 @@ def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
     projected = W_hr is not None
     # dead once backward returns: reused buffers (see `scratch`)
     d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, proj)
+    h_prev = _masked_previous_states(ctx, directions, x, proj)
     extra_rows = rows if projected else 0
     dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
     h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
     dh0, dc0 = _states_like(h0, c0)
     recurrence.lstm_backward(
         ctx.batch_sizes, W_hh, W_hr, h0, c0, y, ctx.gate_cache, ctx.cell_cache,
-        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0,
+        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0, **_mask_arguments(ctx),
     )  # fmt: skip
     dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
     return d_gates, d_gates, h_prev, dh0, dc0, dW_hr
@@ -447,11 +477,12 @@ def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     # a kernel may write only the recurrent side's n block (the rest equals d_input's)
     recurrent_width = hidden if recurrence.GRU_RECURRENT_N_ONLY else 3 * hidden
     d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    h_prev = _masked_previous_states(ctx, directions, x, hidden)
     (dh0,) = _states_like(h0)
     recurrence.gru_backward(
-        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0
-    )
+        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
+        **_mask_arguments(ctx),
+    )  # fmt: skip
     return d_input, d_recurrent, h_prev, dh0, None, None
 
 
@@ -459,11 +490,15 @@ def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
     directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
     # dead once backward returns: reused buffers (see `scratch`)
     d_pre = scratch("d_gates", (directions, rows, hidden), x)
-    h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
+    h_prev = _masked_previous_states(ctx, directions, x, hidden)
     (dh0,) = _states_like(h0)
+    masks = _mask_arguments(ctx)
+    if masks and ctx.gate_cache is not None:
+        masks["gate_cache"] = ctx.gate_cache
     recurrence.rnn_backward(
-        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0
-    )
+        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0,
+        **masks,
+    )  # fmt: skip
     return d_pre, d_pre, h_prev, dh0, None, None
 
 
@@ -561,36 +596,62 @@ def _layernorm_lstm_backward(ctx, recurrence, x, h0, c0, W_ih, W_hh, norms, y, d
     return dx, dh0, dc0, dW_ih, dW_hh, d_bias, d_bias.clone(), d_norms
 
 
+def _layer_masks(x: Tensor, h_mask, zone_h, zone_c) -> tuple | None:
+    """The masks as the kernels take them (`recurrence_cpu`, `recurrence_cuda`), None when all
+    are off. The CUDA kernels take float32 / float64 (the functional API runs the reference
+    for 16-bit data)."""
+    if h_mask is None and zone_h is None and zone_c is None:
+        return None
+    if _recurrence(x) is recurrence_cuda and x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError("fastrnn: recurrent dropout and zoneout run float32 / float64 only")
+    return tuple(None if m is None else m.detach().contiguous() for m in (h_mask, zone_h, zone_c))
+
+
+def _padded(ctx, *gradients: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The gradients, one per argument the Function was given: None for the trailing ones that
+    take none (norms of another cell, masks)."""
+    return (*gradients, *(None,) * (len(ctx.needs_input_grad) - len(gradients)))
+
+
 class LayerFunction(torch.autograd.Function):
     """(cell, x (N, I), batch_sizes, h0 (D, B, P), c0 (D, B, H) or None, W_ih, W_hh, b_ih,
-    b_hh, W_hr[, norms]) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H) for the LSTMs]. cell:
-    lstm, gru, gru_reset_before, rnn_tanh or rnn_relu (`cells.SPECS`), the arguments of
-    `reference.layer` and `ops.layer`; or layernorm_lstm, which also takes norms (D, 18H), its
-    norms' gains and biases (`cells.layernorm_widths`), and W_hr None (no projection)."""
+    b_hh, W_hr[, norms, h_mask, zone_h, zone_c]) -> y (N, D * P), h_n (D, B, P)[, c_n (D, B, H)
+    for the LSTMs]. cell: lstm, gru, gru_reset_before, rnn_tanh or rnn_relu (`cells.SPECS`),
+    the arguments of `reference.layer` and `ops.layer`; or layernorm_lstm, which also takes
+    norms (D, 18H), its norms' gains and biases (`cells.layernorm_widths`), and W_hr None (no
+    projection). The masks, None when off (the defaults): recurrent dropout h_mask (D, B, P),
+    zoneout zone_h (D, N, P), zone_c (D, N, H) (`reference.layer`); they take no gradient."""
 
     @staticmethod
-    def forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, norms=None):
+    def forward(
+        ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, norms=None, h_mask=None,
+        zone_h=None, zone_c=None,
+    ):  # fmt: skip
         given, biases = (W_ih, W_hh, W_hr), (b_ih, b_hh)
         W_ih, W_hh, b_ih, b_hh, W_hr, stacked_norms = _direction_axis(
             ctx, W_ih, W_hh, b_ih, b_hh, W_hr, norms
         )
         recurrence = _recurrence(x)
+        masks = _layer_masks(x, h_mask, zone_h, zone_c)
+        extra = {} if masks is None else {"masks": masks}
         if cell == "layernorm_lstm":
             run = _layernorm_lstm_forward(
                 ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, stacked_norms
             )
         elif cell == "lstm":
             bias = _summed_bias(b_ih, b_hh)
-            run = _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr)
+            run = _lstm_forward(
+                ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, **extra
+            )
         elif cell in ("gru", "gru_reset_before"):
             reset_before = cell == "gru_reset_before"
             run = _gru_forward(
-                ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before
+                ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before, **extra
             )
         else:
             bias = _summed_bias(b_ih, b_hh)
             relu = cell == "rnn_relu"
-            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu)
+            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, **extra)
         y, states, gate_cache, cell_cache = run
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, *given, y, *biases, norms)
@@ -598,6 +659,7 @@ class LayerFunction(torch.autograd.Function):
             ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
             ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
             ctx.has_norms = norms is not None
+            ctx.masks = masks
         return (_features_side_by_side(y), *states)
 
     @staticmethod
@@ -613,7 +675,7 @@ class LayerFunction(torch.autograd.Function):
                 ctx, recurrence, x, h0, c0, W_ih, W_hh, norms, y, dy, dh_n, dc_n
             )
             weight_grads = _gradients_as_given(ctx, dW_ih, dW_hh, db_ih, db_hh, None, d_norms)
-            return None, dx, None, dh0, dc0, *weight_grads
+            return _padded(ctx, None, dx, None, dh0, dc0, *weight_grads)
         if ctx.cell == "lstm":
             run = _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
         elif ctx.cell in ("gru", "gru_reset_before"):
@@ -628,7 +690,7 @@ class LayerFunction(torch.autograd.Function):
             ctx, d_input, d_recurrent, x, h_prev, W_ih, y, h0, gated=gated
         )
         weight_grads = _gradients_as_given(ctx, *weight_grads, dW_hr)
-        return None, dx, None, dh0, dc0, *weight_grads
+        return _padded(ctx, None, dx, None, dh0, dc0, *weight_grads)
 
 
 class _RecordingContext:
@@ -707,6 +769,7 @@ def layer_backward(
     ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
     ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
     ctx.has_norms = False
+    ctx.masks = None
     grads = (dy, dh_n, dc_n) if cell == "lstm" else (dy, dh_n)
     with torch.no_grad():
         _, dx, _, dh0, dc0, *weight_grads = _first_order_backward()(ctx, *grads)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # (x_t (B, I), states ((B, P)[, (B, H)]), W_ih (G*H, I), W_hh (G*H, P), b_ih, b_hh (G*H,) or
-# None, W_hr (P, H) or None) -> (output (B, P), new states)
+# None, W_hr (P, H) or None, product_h=None) -> (output (B, P), new states); product_h (B, P):
+# the h that W_hh multiplies, if not h itself (recurrent dropout: the masked h)
 ReferenceStep = Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
 
 
@@ -31,10 +32,10 @@ class CellSpec:
     step: ReferenceStep
 
 
-def lstm_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+def lstm_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr, product_h=None):
     """LSTM, gates i, f, g, o: c' = σ(f) c + σ(i) tanh(g), h' = σ(o) tanh(c') (@ W_hr^T)."""
     h, c = states
-    gates = x @ W_ih.T + h @ W_hh.T
+    gates = x @ W_ih.T + (h if product_h is None else product_h) @ W_hh.T
     if b_ih is not None:
         gates = gates + b_ih + b_hh
     i, f, g, o = gates.chunk(4, dim=1)
@@ -45,12 +46,12 @@ def lstm_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
     return h, (h, c)
 
 
-def gru_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+def gru_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr, product_h=None):
     """GRU, gates r, z, n, "reset after" (torch/cuDNN): n = tanh(W_in x + b_in + r (W_hn h +
-    b_hn)), h' = (1 - z) n + z h."""
+    b_hn)), h' = (1 - z) n + z h (with product_h, W_h* multiply it, and z still h)."""
     (h,) = states
     xi = x @ W_ih.T
-    hh = h @ W_hh.T
+    hh = (h if product_h is None else product_h) @ W_hh.T
     if b_ih is not None:
         xi = xi + b_ih
         hh = hh + b_hh
@@ -86,10 +87,10 @@ def gru_reset_before_step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
 
 
 def _elman_step(activation: Callable[[Tensor], Tensor]) -> ReferenceStep:
-    def step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr):
+    def step(x, states, W_ih, W_hh, b_ih, b_hh, W_hr, product_h=None):
         """Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh)."""
         (h,) = states
-        pre = x @ W_ih.T + h @ W_hh.T
+        pre = x @ W_ih.T + (h if product_h is None else product_h) @ W_hh.T
         if b_ih is not None:
             pre = pre + b_ih + b_hh
         h = activation(pre)
@@ -146,3 +147,23 @@ SPECS: dict[str, CellSpec] = {
         "layernorm_lstm", gates=4, states=2, projects=False, step=layernorm_lstm_step
     ),
 }
+
+
+def masked_step(
+    step: ReferenceStep,
+    x: Tensor,
+    states: tuple[Tensor, ...],
+    weights,
+    h_mask: Tensor | None,
+    zone: tuple[Tensor | None, ...],
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """`step` with recurrent dropout and zoneout (both optional, None when off):
+    h_mask (B, P), W_hh reads h_mask * h (Gal & Ghahramani 2016; the mask already scaled by
+    1 / (1 - p)); zone: per state (B, P)[, (B, H)] the zoneout probabilities d of this step,
+    state' = d * state + (1 - d) * new_state (Krueger et al. 2016). The output is h'."""
+    product_h = None if h_mask is None else states[0] * h_mask
+    _, new = step(x, states, *weights, product_h=product_h)
+    new = tuple(
+        n if d is None else d * s + (1 - d) * n for n, s, d in zip(new, states, zone, strict=True)
+    )
+    return new[0], new

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import dynamo, functional
+from . import dynamo, functional, recurrent_masks
 from .recurrence_cuda import get_cuda_strategy, unavailable_reason
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
@@ -142,6 +142,44 @@ class _SequenceForward:
     _name = ""
     _state_count = 1
     _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
+    # Opt-in recurrent dropout and zoneout (`recurrent_masks`), set by the constructor; class
+    # defaults for modules made by `convert` or unpickled from before they existed.
+    recurrent_dropout: float = 0.0
+    zoneout: float | tuple[float, float] = 0.0
+    _zoneout_pair = False  # the LSTM takes an (h, c) pair
+
+    def __init__(self, *args, recurrent_dropout: float = 0.0, zoneout=0.0, **kwargs) -> None:
+        """torch's constructor, plus `recurrent_dropout` (p of Gal & Ghahramani's mask on the
+        h that feeds W_hh, one per sequence; training only) and `zoneout` (the probability of
+        a unit keeping its previous state at a step; the LSTM's may be an (h, c) pair), both
+        in [0, 1), 0 by default: off, the module then is torch.nn's (`recurrent_masks`)."""
+        dropout, zone = recurrent_masks.check_rates(recurrent_dropout, zoneout, self._zoneout_pair)
+        super().__init__(*args, **kwargs)
+        self.recurrent_dropout, self.zoneout = dropout, zone
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        if self.recurrent_dropout:
+            text += f", recurrent_dropout={self.recurrent_dropout}"
+        if self.zoneout:
+            text += f", zoneout={self.zoneout}"
+        return text
+
+    def _mask_rates(self) -> recurrent_masks.Rates | None:
+        """The recurrent dropout and zoneout rates this call applies, None for none (the
+        default: torch.nn's computation, on the plain kernels)."""
+        if not (self.recurrent_dropout or self.zoneout):
+            return None
+        return recurrent_masks.rates_in_effect(self.recurrent_dropout, self.zoneout, self.training)
+
+    def _masked_run(self, kind: str, input, states, batch_sizes, rates):
+        """`_run` with recurrent dropout and/or zoneout (`recurrent_masks.sequence`)."""
+        output, *final = recurrent_masks.sequence(
+            type(self).__name__, kind, input, states, self._flat_weights, self.bias,
+            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+            batch_sizes, rates,
+        )  # fmt: skip
+        return output, tuple(final)
 
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         raise NotImplementedError
@@ -150,6 +188,9 @@ class _SequenceForward:
         """(output, final states) of checked arguments: time-major or batch-first dense
         input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
         sizes (None for dense input); reference: on the plain-torch reference."""
+        rates = self._mask_rates()
+        if rates is not None:
+            return self._masked_run(self._kernel_kind(), input, states, batch_sizes, rates)
         output, *final = functional.checked_sequence(
             self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
@@ -184,6 +225,8 @@ class _SequenceForward:
         direction, dense CPU input the kernels take as it is, `functional.plain_sequence_call`)
         goes straight to them."""
         if functional.compiling():
+            if self._mask_rates() is not None:  # no op with masks: eager (a graph break)
+                return _run_eagerly()(self, input, hx)
             # torch.compile records each layer as one `fastrnn::layer` op (`functional`);
             # inputs without a kernel trace torch's implementation instead. Packed input runs
             # eagerly (a graph break): torch's checks of it read batch_sizes' values.
@@ -195,6 +238,9 @@ class _SequenceForward:
             if kernels:
                 return self._checked_forward(input, hx)
             return super().forward(input, hx)  # type: ignore[misc]
+        if self._mask_rates() is not None and self._kernel_kind() is not None:
+            # torch.nn has no masks: `recurrent_masks` runs the reference where no kernel can
+            return self._checked_forward(input, hx)
         # Validation once: a plain call (`_plain_call`) or the full checks make one normalised
         # call (`functional.SequenceCall`), which one path runs.
         call = self._plain_call(input, hx)
@@ -297,10 +343,12 @@ class _SequenceForward:
 
 
 class LSTM(_SequenceForward, _TorchLSTM):
-    """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results."""
+    """`torch.nn.LSTM` on fastrnn's fused kernels; same arguments, weights and results.
+    Opt-in: `recurrent_dropout`, `zoneout` (a rate, or an (h, c) pair; `recurrent_masks`)."""
 
     _name = "LSTM"
     _state_count = 2
+    _zoneout_pair = True
 
     def _kernel_kind(self) -> str | None:
         return "lstm"
@@ -378,6 +426,11 @@ class _ResetOption:
             raise ValueError(f"reset must be 'after' or 'before', got {reset!r}")
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         if reset != "after":
+            if getattr(self, "recurrent_dropout", 0) or getattr(self, "zoneout", 0):
+                raise ValueError(
+                    "recurrent_dropout and zoneout take reset='after' (the reset-before GRU "
+                    "has no masked kernels yet)"
+                )
             self.reset = reset
 
     def extra_repr(self) -> str:
@@ -390,7 +443,8 @@ class _ResetOption:
 
 class GRU(_ResetOption, _SequenceForward, _TorchGRU):
     """`torch.nn.GRU` ("reset after", gates r, z, n) on fastrnn's fused kernels;
-    `reset="before"` for the other published form (`_ResetOption`)."""
+    `reset="before"` for the other published form (`_ResetOption`). Opt-in:
+    `recurrent_dropout`, `zoneout` (`recurrent_masks`), with reset="after"."""
 
     _name = "GRU"
 
@@ -401,7 +455,8 @@ class GRU(_ResetOption, _SequenceForward, _TorchGRU):
 
 
 class RNN(_SequenceForward, _TorchRNN):
-    """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels."""
+    """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels. Opt-in: `recurrent_dropout`,
+    `zoneout` (`recurrent_masks`)."""
 
     _name = "RNN"
     _dims_error_noun = " tensor"
@@ -571,6 +626,11 @@ def _prepared_for_scripting(module: nn.Module) -> nn.Module:
     target = _TORCH_CLASSES.get(type(module))
     if target is None:
         return module
+    if getattr(module, "recurrent_dropout", 0) or getattr(module, "zoneout", 0):
+        raise RuntimeError(
+            f"{type(module).__name__}: torch.jit.script can't compile fastrnn's kernels, and "
+            "torch's module in their place has no recurrent dropout or zoneout"
+        )
     kind = module._kernel_kind()
     if kind is not None and kind not in functional.TORCH_KINDS:
         raise RuntimeError(

@@ -16,8 +16,8 @@ would otherwise compile them on first use.
 On the CPU the parts (lstm, gru, rnn, cells) compile in `--jobs` processes at once, by default
 one per usable CPU: Numba compiles on one thread, and its on-disk cache takes several writers.
 LSTM, GRU and RNN fwd+bwd, float32, cold on 2 Zen 3 cores: 49 s in one process, 37 s in two
-(`part_groups`). `--parts lstm,gru` compiles only those; opt-in cell variants compile only
-when named (`--parts gru_reset_before`).
+(`part_groups`). `--parts lstm,gru` compiles only those; opt-in variants compile only when
+named: `--parts gru_reset_before`, or `masks` (the kernels of recurrent dropout and zoneout).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ from .recurrence_cuda import get_cuda_strategy, set_cuda_strategy
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
 
 
-# What can compile on its own: each sequence module's kernels, and the cells'.
+# What can compile on its own: each sequence module's kernels, and the cells'; and, only when
+# named (`--parts masks`), the kernels of recurrent dropout and zoneout (`recurrent_masks`).
 PARTS = ("lstm", "gru", "rnn", "cells")
 # Opt-in variants, compiled only when named: their layer and (on the CPU) cell kernels.
-OPTIONAL_PARTS = ("gru_reset_before",)
+OPTIONAL_PARTS = ("gru_reset_before", "masks")
 _MODULES = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 _VARIANTS = {"gru_reset_before": functools.partial(GRU, reset="before")}
 _VARIANT_CELLS = {"gru_reset_before": functools.partial(GRUCell, reset="before")}
@@ -63,6 +64,13 @@ def _run_cells(dtype: torch.dtype, device: str, parts: tuple[str, ...] = PARTS) 
             if device == "cpu":
                 cell = _VARIANT_CELLS[part](2, 3).to(dtype=dtype)
                 cell(torch.randn(2, 2, dtype=dtype, requires_grad=True)).sum().backward()
+    if "masks" in parts:
+        for module_class in _MODULES.values():
+            module = module_class(2, 3, recurrent_dropout=0.1, zoneout=0.1)
+            module = module.to(device=device, dtype=dtype)
+            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
+            output, _ = module(x)
+            output.float().sum().backward()
     if device != "cpu" or "cells" not in parts:
         return  # CUDA cells run the layer path compiled above
     for cell in (LSTMCell(2, 3), GRUCell(2, 3), RNNCell(2, 3)):
@@ -148,12 +156,13 @@ def part_groups(parts: tuple[str, ...], jobs: int) -> list[tuple[str, ...]]:
     grouping = _GROUPINGS.get(max(1, jobs), tuple((part,) for part in PARTS))
     groups = [tuple(part for part in group if part in parts) for group in grouping]
     groups = [group for group in groups if group]
-    for part in OPTIONAL_PARTS:
-        if part in parts:
-            if groups and len(groups) >= max(1, jobs):
-                groups[-1] = (*groups[-1], part)
-            else:
-                groups.append((part,))
+    extra = tuple(part for part in OPTIONAL_PARTS if part in parts)
+    if extra:  # with the smallest group (the masked kernels compile about as long as a cell's)
+        if groups:
+            smallest = min(range(len(groups)), key=lambda i: len(groups[i]))
+            groups[smallest] += extra
+        else:
+            groups = [extra]
     return groups
 
 
@@ -180,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         "--parts",
         type=_parts,
         default=PARTS,
-        help=f"some of {','.join(PARTS)} (all of them), or {','.join(OPTIONAL_PARTS)}",
+        help=f"some of {','.join(PARTS + OPTIONAL_PARTS)} ({','.join(PARTS)})",
     )
     parser.add_argument(
         "--jobs", type=int, default=None, help="CPU: processes at once (the usable CPUs)"

@@ -21,22 +21,31 @@ import torch
 from torch import Tensor
 
 from .kernels.cpu import gru as _gru_kernels
+from .kernels.cpu import gru_masked as _gru_masked_kernels
 from .kernels.cpu import gru_reset_before as _gru_reset_before_kernels
 from .kernels.cpu import layernorm_lstm as _layernorm_lstm_kernels
 from .kernels.cpu import lstm as _lstm_kernels
+from .kernels.cpu import lstm_masked as _lstm_masked_kernels
 from .kernels.cpu import rnn as _rnn_kernels
+from .kernels.cpu import rnn_masked as _rnn_masked_kernels
 from .kernels.cpu.common import WIDE_ROWS
 from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
+from .kernels.cpu.gru_masked import gru_masked_backward as _gru_masked_backward
+from .kernels.cpu.gru_masked import gru_masked_forward as _gru_masked_forward
 from .kernels.cpu.gru_reset_before import gru_reset_before_backward as _gru_reset_before_backward
 from .kernels.cpu.gru_reset_before import gru_reset_before_forward as _gru_reset_before_forward
 from .kernels.cpu.layernorm_lstm import layernorm_lstm_backward as _layernorm_lstm_backward
 from .kernels.cpu.layernorm_lstm import layernorm_lstm_forward as _layernorm_lstm_forward
 from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
+from .kernels.cpu.lstm_masked import lstm_masked_backward as _lstm_masked_backward
+from .kernels.cpu.lstm_masked import lstm_masked_forward as _lstm_masked_forward
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
 from .kernels.cpu.rnn import rnn_forward as _rnn_forward
+from .kernels.cpu.rnn_masked import rnn_masked_backward as _rnn_masked_backward
+from .kernels.cpu.rnn_masked import rnn_masked_forward as _rnn_masked_forward
 from .kernels.cpu.runtime import prefer_openmp_threading_layer, prefer_workqueue_threading_layer
 
 prefer_openmp_threading_layer()
@@ -73,6 +82,9 @@ def _kernel_set(serial: bool) -> dict:
         (_gru_reset_before_kernels, "gru_reset_before"),
         (_rnn_kernels, "rnn"),
         (_layernorm_lstm_kernels, "layernorm_lstm"),
+        (_lstm_masked_kernels, "lstm_masked"),
+        (_gru_masked_kernels, "gru_masked"),
+        (_rnn_masked_kernels, "rnn_masked"),
     )
     for module, cell in cells:
         for part in ("forward", "backward"):
@@ -222,6 +234,18 @@ def _nothing(directions: int, like: Tensor, width: int = 0) -> np.ndarray:
     return empty_array((directions, 0, width), NUMPY_DTYPES[like.dtype])
 
 
+def _mask_arrays(masks, directions: int, width: int, hidden: int, like: Tensor) -> tuple:
+    """(h_mask, zone_h, zone_c) as the masked kernels take them (`kernels/cpu/recurrence`):
+    numpy views, or arrays with no rows for those that are None (off)."""
+    h_mask, zone_h, zone_c = masks
+    dtype = NUMPY_DTYPES[like.dtype]
+    return (
+        numpy_view(h_mask) if h_mask is not None else empty_array((directions, 0, width), dtype),
+        numpy_view(zone_h) if zone_h is not None else empty_array((directions, 0, width), dtype),
+        numpy_view(zone_c) if zone_c is not None else empty_array((directions, 0, hidden), dtype),
+    )
+
+
 def lstm_forward(
     batch_sizes,
     W_hh,
@@ -236,12 +260,18 @@ def lstm_forward(
     x=None,
     W_ih=None,
     bias=None,
+    masks=None,
 ) -> None:
     """As `recurrence_cuda.lstm_forward`; given x (N, I), W_ih (D, 4H, I) and bias (D, 4H) or
-    None, the kernel computes the input projection itself and gate_cache isn't read."""
+    None, the kernel computes the input projection itself and gate_cache isn't read. masks:
+    (h_mask, zone_h, zone_c), each a tensor or None (`kernels/cpu/lstm_masked`), or None."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
     gates = gate_cache.numpy()
-    _lstm_forward(
+    kernel, extra = _lstm_forward, ()
+    if masks is not None:
+        kernel = _lstm_masked_forward
+        extra = (_mask_arrays(masks, directions, h0.shape[2], hidden, h0),)
+    kernel(
         batch_sizes,
         False,
         *_fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype]),
@@ -257,6 +287,7 @@ def lstm_forward(
         gates,
         cell_cache.numpy(),
         _threads(),
+        *extra,
     )
 
 
@@ -278,9 +309,14 @@ def lstm_backward(
     h_raw,
     dh0,
     dc0,
+    masks=None,
 ) -> None:
     directions, hidden = W_hh.shape[0], c0.shape[2]
-    _lstm_backward(
+    kernel, extra = _lstm_backward, ()
+    if masks is not None:
+        kernel = _lstm_masked_backward
+        extra = (_mask_arrays(masks, directions, h0.shape[2], hidden, h0),)
+    kernel(
         batch_sizes,
         False,
         numpy_view(W_hh),
@@ -301,17 +337,18 @@ def lstm_backward(
         dh0.numpy(),
         dc0.numpy(),
         _threads(),
+        *extra,
     )
 
 
 def gru_forward(
     batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None,
-    reset_before=False,
+    reset_before=False, masks=None,
 ) -> None:  # fmt: skip
     """As `recurrence_cuda.gru_forward`; given x (N, I), W_ih (D, 3H, I) and bias = b_ih (D, 3H)
     or None, the kernel computes the input projection step by step and `projected` isn't read.
     reset_before: the "reset before" cell (`kernels.cpu.gru_reset_before`; gate_cache keeps
-    r * h in its last block)."""
+    r * h in its last block). masks: as `lstm_forward`'s (zone_c None)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     dtype = NUMPY_DTYPES[h0.dtype]
     if b_hh is not None:
@@ -319,7 +356,10 @@ def gru_forward(
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
     no_cell = _nothing(directions, h0)
-    kernel = _gru_reset_before_forward if reset_before else _gru_forward
+    kernel, extra = _gru_reset_before_forward if reset_before else _gru_forward, ()
+    if masks is not None:
+        kernel = _gru_masked_forward
+        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
     kernel(
         batch_sizes,
         False,
@@ -336,18 +376,23 @@ def gru_forward(
         gate_cache.numpy(),
         no_cell,
         _threads(),
+        *extra,
     )
 
 
 def gru_backward(
     batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
-    reset_before=False,
+    reset_before=False, masks=None,
 ) -> None:  # fmt: skip
     """As `recurrence_cuda.gru_backward`; reset_before: the "reset before" cell, whose
-    d_recurrent (D, 0, H) isn't written (`kernels.cpu.gru_reset_before`)."""
+    d_recurrent (D, 0, H) isn't written (`kernels.cpu.gru_reset_before`); masks: as
+    `lstm_forward`'s (zone_c None)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
-    kernel = _gru_reset_before_backward if reset_before else _gru_backward
+    kernel, extra = _gru_reset_before_backward if reset_before else _gru_backward, ()
+    if masks is not None:
+        kernel = _gru_masked_backward
+        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
     kernel(
         batch_sizes,
         False,
@@ -369,17 +414,28 @@ def gru_backward(
         dh0.numpy(),
         no_cell,
         _threads(),
+        *extra,
     )
 
 
-def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
+def rnn_forward(
+    batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None, masks=None, gate_cache=None
+) -> None:
     """As `recurrence_cuda.rnn_forward`; given x (N, I), W_ih (D, H, I) and bias (D, H) or None,
-    the kernel computes the input projection itself and y's input isn't read."""
+    the kernel computes the input projection itself and y's input isn't read. masks: as
+    `lstm_forward`'s (zone_c None); with zoneout, gate_cache (D, N, H) keeps each row's state
+    before zoneout for a backward (`kernels/cpu/rnn_masked`; None or no rows: not kept)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     inputs = _fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype])
     no_cell = _nothing(directions, h0)
     out = y.numpy()
-    _rnn_forward(
+    kernel, extra, cache = _rnn_forward, (), no_cell
+    if masks is not None:
+        kernel = _rnn_masked_forward
+        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
+        if gate_cache is not None:
+            cache = gate_cache.numpy()
+    kernel(
         batch_sizes,
         relu,
         *inputs,
@@ -392,16 +448,26 @@ def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=Non
         out,
         h_n.numpy(),
         no_cell,
-        no_cell,
+        cache,
         no_cell,
         _threads(),
+        *extra,
     )
 
 
-def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:
+def rnn_backward(
+    batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, masks=None, gate_cache=None
+) -> None:
+    """As `recurrence_cuda.rnn_backward`; masks and gate_cache as `rnn_forward`'s."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
-    _rnn_backward(
+    kernel, extra, cache = _rnn_backward, (), no_cell
+    if masks is not None:
+        kernel = _rnn_masked_backward
+        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
+        if gate_cache is not None:
+            cache = gate_cache.numpy()
+    kernel(
         batch_sizes,
         relu,
         numpy_view(W_hh),
@@ -409,7 +475,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -
         numpy_view(h0),
         no_cell,
         numpy_view(y),
-        no_cell,
+        cache,
         no_cell,
         numpy_view(dy),
         numpy_view(dh_n),
@@ -422,6 +488,7 @@ def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -
         dh0.numpy(),
         no_cell,
         _threads(),
+        *extra,
     )
 
 

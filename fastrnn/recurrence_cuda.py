@@ -740,6 +740,160 @@ def recurrence_backward(
         dc0.copy_(dc_state)
 
 
+def _mask_rows(h_mask: Tensor, batch_sizes: np.ndarray) -> Tensor:
+    """h_mask (D, B, P) -> (D, N, P): each packed row's sequence's mask."""
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
+    step_of_row = np.repeat(np.arange(len(batch_sizes)), batch_sizes)
+    row_in_step = torch.from_numpy(np.arange(int(batch_sizes.sum())) - offsets[step_of_row])
+    return h_mask.index_select(1, row_in_step.to(h_mask.device))
+
+
+def masked_forward(
+    cell: int,
+    relu: bool,
+    batch_sizes: np.ndarray,
+    W_hh: Tensor,
+    W_hr: Tensor | None,
+    b_hh: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    inputs: Tensor,
+    gate_cache: Tensor,
+    cell_cache: Tensor | None,
+    y: Tensor,
+    h_n: Tensor,
+    c_n: Tensor | None,
+    masks: tuple,
+    h_cache: Tensor | None = None,
+) -> None:
+    """`recurrence_forward` with recurrent dropout and zoneout (`kernels/cuda/masked.py`),
+    always stepwise: masks (h_mask (D, B, P), zone_h (D, N, P), zone_c (D, N, H), each None
+    when off); h_cache (D, N, H) the RNN's states before zoneout for a backward, or None.
+    float32 / float64 data."""
+    _cuda_modules()  # numba-cuda imported (or its simulator) before the kernels' module
+    from .kernels.cuda import masked
+
+    launch, gates, hidden, _, _, threads = _setup(cell, W_hh, W_hr, h0)
+    directions, batch = h0.shape[0], h0.shape[1]
+    if batch == 0:
+        return
+    h_mask, zone_h, zone_c = masks
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    projected = W_hr is not None
+    h_n.copy_(h0)
+    if c_n is not None:
+        c_n.copy_(c0)
+    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
+    h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    args = [
+        hidden, sizes, offsets, projected, launch.array(rec), launch.array(inputs),
+        launch.array(gate_cache), launch.array(cell_cache), launch.array(c_n),
+        launch.array(b_hh, ndim=2), launch.array(h_n), launch.array(h_raw), launch.array(y),
+        launch.array(zone_h), launch.array(zone_c), launch.array(h_cache),
+        zone_h is not None, zone_c is not None, h_cache is not None, launch.one,
+    ]  # fmt: skip
+    blocks = _grid(directions * batch * hidden, threads)
+    for k in range(len(batch_sizes)):
+        for d in range(directions):
+            count = int(rows[d, k])
+            read = h_n[d, :count] if h_mask is None else h_n[d, :count] * h_mask[d, :count]
+            torch.mm(read, W_hh[d].t(), out=rec[d, :count])
+        launch.run(masked.step_forward_masked, blocks, threads, 0, cell, relu, k, *args)
+        if projected:
+            for d in range(directions):
+                count, first = int(rows[d, k]), int(firsts[d, k])
+                new = h_raw[d, :count] @ W_hr[d].t()
+                if zone_h is not None:
+                    keep = zone_h[d, first : first + count]
+                    new = keep * h_n[d, :count] + (1 - keep) * new
+                h_n[d, :count] = new
+                y[d, first : first + count].copy_(new)
+
+
+def masked_backward(
+    cell: int,
+    relu: bool,
+    batch_sizes: np.ndarray,
+    W_hh: Tensor,
+    W_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    y: Tensor,
+    gate_cache: Tensor,
+    cell_cache: Tensor | None,
+    dy: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor | None,
+    d_input: Tensor,
+    d_recurrent: Tensor,
+    dh_total: Tensor | None,
+    dh0: Tensor,
+    dc0: Tensor | None,
+    masks: tuple,
+    h_cache: Tensor | None = None,
+) -> None:
+    """Backward of `masked_forward` (the arguments of `recurrence_backward`, plus its masks
+    and h_cache): dL/dh_prev = h_mask * (d_recurrent @ W_hh) + the kernel's direct part
+    (+ zone_h dL/dh' with a projection, taken here before dL/dh' meets W_hr)."""
+    stepwise = _cuda_modules()[4]
+    from .kernels.cuda import masked
+
+    launch, gates, hidden, _, _, threads = _setup(cell, W_hh, W_hr, h0)
+    directions, batch = h0.shape[0], h0.shape[1]
+    if batch == 0:
+        return
+    h_mask, zone_h, zone_c = masks
+    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    if dc0 is not None:
+        dc0.copy_(dc_n)
+    projected = W_hr is not None
+    width = h0.shape[2]
+    dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    dh_rec = torch.empty((directions, batch, width), dtype=h0.dtype, device=h0.device)
+    dh_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
+    skip = torch.zeros((directions, batch, width), dtype=h0.dtype, device=h0.device)
+    cell_args = [
+        hidden, sizes, offsets, projected, launch.array(dy), launch.array(dh_n),
+        launch.array(dh_rec), launch.array(dh_raw), launch.array(h0), launch.array(c0),
+        launch.array(y), launch.array(gate_cache), launch.array(cell_cache), launch.array(dc0),
+        launch.array(d_input), launch.array(d_recurrent), launch.array(dh_direct),
+        launch.array(dh0), launch.array(zone_h), launch.array(zone_c), launch.array(h_cache),
+        zone_h is not None, zone_c is not None, h_cache is not None, launch.one,
+    ]  # fmt: skip
+    if projected:
+        hidden_args = [
+            sizes, offsets, launch.array(dy), launch.array(dh_n), launch.array(dh_rec),
+            launch.array(dh_total), launch.array(dh0), launch.one,
+        ]  # fmt: skip
+    cell_blocks = _grid(directions * batch * hidden, threads)
+    hidden_blocks = _grid(directions * batch * width, threads)
+    for k in range(len(batch_sizes) - 1, -2, -1):
+        if projected:
+            launch.run(stepwise.hidden_grad_step, hidden_blocks, threads, 0, k, *hidden_args)
+            if k < 0:
+                break
+            for d in range(directions):
+                count, first = int(rows[d, k]), int(firsts[d, k])
+                total = dh_total[d, first : first + count]
+                if zone_h is not None:  # zoneout's share skips the cell; the rest is dL/dh_new
+                    keep = zone_h[d, first : first + count]
+                    skip[d, :count] = keep * total
+                    total.mul_(1 - keep)
+                torch.mm(total, W_hr[d], out=dh_raw[d, :count])
+        launch.run(masked.step_backward_masked, cell_blocks, threads, 0, cell, relu, k, *cell_args)
+        if k < 0:
+            break
+        for d in range(directions):
+            count, first = int(rows[d, k]), int(firsts[d, k])
+            through = d_recurrent[d, first : first + count] @ W_hh[d]
+            if h_mask is not None:
+                through = through * h_mask[d, :count]
+            if projected:
+                dh_rec[d, :count] = through + skip[d, :count]
+            else:
+                dh_rec[d, :count] = through + dh_direct[d, :count]
+
+
 def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
     """h_prev (D, N, P): the hidden state each packed row consumed (the previous processed
     step's output of that row, or h0), gathered on the device for dW_hh = d^T h_prev."""
@@ -788,10 +942,12 @@ def lstm_forward(
     x=None,
     W_ih=None,
     bias=None,
+    masks=None,
 ) -> None:
     """`recurrence_cpu.lstm_forward`'s arguments; x, W_ih and bias (a fused input projection)
-    never come here (`fuses_input_projection` is False)."""
-    recurrence_forward(
+    never come here (`fuses_input_projection` is False). masks: `masked_forward`'s."""
+    run = recurrence_forward if masks is None else functools.partial(masked_forward, masks=masks)
+    run(
         _LSTM, False, batch_sizes, W_hh, W_hr, None, h0, c0, gate_cache, gate_cache,
         cell_cache, y, h_n, c_n,
     )  # fmt: skip
@@ -815,21 +971,29 @@ def lstm_backward(
     h_raw,
     dh0,
     dc0,
+    masks=None,
 ) -> None:
     projected = W_hr is not None
-    recurrence_backward(
+    run = recurrence_backward if masks is None else functools.partial(masked_backward, masks=masks)
+    run(
         _LSTM, False, batch_sizes, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n,
         dc_n, d_gates, d_gates, dh_total if projected else None, dh0, dc0,
     )  # fmt: skip
     hidden = c0.shape[2]
-    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+    _previous_states(h_prev, batch_sizes, y, h0, masks)
     if projected:
-        torch.mul(gate_cache[:, :, 3 * hidden :], torch.tanh(cell_cache), out=h_raw)
+        cells = cell_cache
+        if masks is not None and masks[2] is not None:  # the cache holds c'; tanh reads c_new
+            gates = gate_cache
+            c_prev = previous_hidden(batch_sizes, cell_cache, c0)
+            i, f, g = (gates[:, :, q * hidden : (q + 1) * hidden] for q in range(3))
+            cells = f * c_prev + i * g
+        torch.mul(gate_cache[:, :, 3 * hidden :], torch.tanh(cells), out=h_raw)
 
 
 def gru_forward(
     batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, x=None, W_ih=None, bias=None,
-    reset_before=False,
+    reset_before=False, masks=None,
 ) -> None:  # fmt: skip
     """`recurrence_cpu.gru_forward`'s arguments; reset_before: the "reset before" cell
     (`_gated_forward`)."""
@@ -838,7 +1002,8 @@ def gru_forward(
     if reset_before:
         _gated_forward(batch_sizes, W_hh, b_hh, h0, projected, gate_cache, y, h_n)
         return
-    recurrence_forward(
+    run = recurrence_forward if masks is None else functools.partial(masked_forward, masks=masks)
+    run(
         _GRU, False, batch_sizes, W_hh, None, b_hh, h0, None, projected, gate_cache, None, y,
         h_n, None,
     )  # fmt: skip
@@ -846,7 +1011,7 @@ def gru_forward(
 
 def gru_backward(
     batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
-    reset_before=False,
+    reset_before=False, masks=None,
 ) -> None:  # fmt: skip
     """`recurrence_cpu.gru_backward`'s arguments; reset_before: the "reset before" cell, whose
     d_recurrent isn't written (`_gated_backward`)."""
@@ -855,11 +1020,12 @@ def gru_backward(
         if h_prev.shape[1] > 0:
             h_prev.copy_(previous_hidden(batch_sizes, y, h0))
         return
-    recurrence_backward(
+    run = recurrence_backward if masks is None else functools.partial(masked_backward, masks=masks)
+    run(
         _GRU, False, batch_sizes, W_hh, None, h0, None, y, gate_cache, None, dy, dh_n, None,
         d_input, d_recurrent, None, dh0, None,
     )  # fmt: skip
-    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
+    _previous_states(h_prev, batch_sizes, y, h0, masks)
 
 
 def _gated_forward(batch_sizes, W_hh, b_hh, h0, inputs, gate_cache, y, h_n) -> None:
@@ -933,18 +1099,20 @@ def _gated_backward(batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, d_input, dh0
             _product(grads, weights[d, : 2 * hidden], dh_rec[d, :count], dh_direct[d, :count])
 
 
-def rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None) -> None:
+def rnn_forward(
+    batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None, masks=None, gate_cache=None
+) -> None:
+    """masks and gate_cache: as `recurrence_cpu.rnn_forward`'s (`masked_forward`)."""
+    if masks is not None:
+        cache = gate_cache if gate_cache is not None and gate_cache.shape[1] > 0 else None
+        masked_forward(
+            _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None,
+            masks, cache,
+        )  # fmt: skip
+        return
     recurrence_forward(
         _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None
     )
-
-
-def rnn_backward(batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0) -> None:
-    recurrence_backward(
-        _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre, d_pre,
-        None, dh0, None,
-    )  # fmt: skip
-    h_prev.copy_(previous_hidden(batch_sizes, y, h0))
 
 
 @functools.cache
@@ -1057,3 +1225,28 @@ def _layernorm_eps() -> float:
     from .cells import LAYERNORM_EPS
 
     return LAYERNORM_EPS
+
+
+def rnn_backward(
+    batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, masks=None, gate_cache=None
+) -> None:
+    if masks is not None:
+        masked_backward(
+            _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre,
+            d_pre, None, dh0, None, masks, gate_cache,
+        )  # fmt: skip
+    else:
+        recurrence_backward(
+            _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre,
+            d_pre, None, dh0, None,
+        )  # fmt: skip
+    _previous_states(h_prev, batch_sizes, y, h0, masks)
+
+
+def _previous_states(h_prev: Tensor, batch_sizes, y: Tensor, h0: Tensor, masks) -> None:
+    """h_prev = the states each row consumed (`previous_hidden`), as W_hh read them: times
+    the recurrent dropout mask when there is one."""
+    states = previous_hidden(batch_sizes, y, h0)
+    if masks is not None and masks[0] is not None:
+        states = states * _mask_rows(masks[0], batch_sizes)
+    h_prev.copy_(states)

@@ -18,13 +18,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .cells import SPECS, ReferenceStep
+from .cells import SPECS, ReferenceStep, masked_step
 
 
 def _direction(
-    x: Tensor, batch_sizes, reverse: bool, states: tuple[Tensor, ...], step: ReferenceStep, weights
+    x: Tensor,
+    batch_sizes,
+    reverse: bool,
+    states: tuple[Tensor, ...],
+    step: ReferenceStep,
+    weights,
+    h_mask: Tensor | None = None,
+    zones: tuple[Tensor | None, ...] = (),
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One direction: y (N, P) and its final states."""
+    """One direction: y (N, P) and its final states; masks as `layer`'s, one direction's."""
     sizes = [int(b) for b in batch_sizes]
     offsets = [0]
     for size in sizes:
@@ -35,7 +42,13 @@ def _direction(
     for t in order:
         rows = sizes[t]
         x_t = x[offsets[t] : offsets[t] + rows]
-        out, new = step(x_t, tuple(s[:rows] for s in current), *weights)
+        alive = tuple(s[:rows] for s in current)
+        if h_mask is None and not any(z is not None for z in zones):
+            out, new = step(x_t, alive, *weights)
+        else:
+            mask = None if h_mask is None else h_mask[:rows]
+            zone = tuple(None if z is None else z[offsets[t] : offsets[t] + rows] for z in zones)
+            out, new = masked_step(step, x_t, alive, weights, mask, zone)
         outputs[t] = out
         current = [torch.cat([n, s[rows:]]) for n, s in zip(new, current, strict=True)]
     return torch.cat(outputs), tuple(current)  # type: ignore[arg-type]
@@ -53,12 +66,19 @@ def layer(
     b_hh: Tensor | None,
     W_hr: Tensor | None,
     norms: Tensor | None = None,
+    h_mask: Tensor | None = None,
+    zone_h: Tensor | None = None,
+    zone_c: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
-    """One layer, all directions: cell lstm / gru / rnn_tanh / rnn_relu / layernorm_lstm;
-    x (N, I); batch_sizes (T,) (any sequence of ints); h0 (D, B, P), c0 (D, B, H) (LSTMs, else
-    None); weights stacked (D, ...) or one direction's without the D axis; norms (D, 18H) the
-    layer-norm LSTM's gains and biases (`cells.layernorm_widths`), else None. Returns
-    y (N, D * P), h_n (D, B, P) and, for the LSTMs, c_n (D, B, H)."""
+    """One layer, all directions: cell lstm / gru / gru_reset_before / rnn_tanh / rnn_relu /
+    layernorm_lstm; x (N, I); batch_sizes (T,) (any sequence of ints); h0 (D, B, P), c0
+    (D, B, H) (LSTMs, else None); weights stacked (D, ...) or one direction's without the D
+    axis; norms (D, 18H) the layer-norm LSTM's gains and biases (`cells.layernorm_widths`),
+    else None. Returns y (N, D * P), h_n (D, B, P) and, for the LSTMs, c_n (D, B, H).
+
+    Masks, None when off (`cells.masked_step`): h_mask (D, B, P), recurrent dropout, the
+    scaled mask W_hh reads h through at every step; zone_h (D, N, P) and zone_c (D, N, H)
+    (LSTM), zoneout, each row's probabilities of keeping the previous h and c."""
     spec = SPECS[cell]
     one = W_hh.dim() == 2
     directions = 1 if one else W_hh.shape[0]
@@ -67,7 +87,9 @@ def layer(
         given = (W_ih, W_hh, b_ih, b_hh, W_hr) + (() if norms is None else (norms,))
         weights = [w if w is None or one else w[d] for w in given]
         states = (h0[d], c0[d]) if spec.states == 2 else (h0[d],)
-        y, final = _direction(x, batch_sizes, d == 1, states, spec.step, weights)
+        mask = None if h_mask is None else h_mask[d]
+        zones = tuple(None if z is None else z[d] for z in (zone_h, zone_c)[: spec.states])
+        y, final = _direction(x, batch_sizes, d == 1, states, spec.step, weights, mask, zones)
         outputs.append(y)
         finals.append(final)
     y = torch.cat(outputs, 1)

@@ -17,6 +17,8 @@ bookkeeping. A cell is a module (`lstm`, `gru`, `rnn`) that contributes only:
     SEPARATE_RECURRENT_GRADIENT
                    True: the gradient rows that go through W_hh differ from d_input (the
                    GRU's r-scaled n block), and dL/dh keeps a part that skips W_hh;
+    MASKED         optional, False when absent: the kernels take `masks` (see below), and
+                   the cell's hooks apply its own share of them (the LSTM's zoneout of c);
     forward_rows(a, off, first, end, unit, end_unit, fused, variant)
                    one step's gate math for rows first..end-1 (units unit..end_unit-1) from
                    the products in the direction's arrays `a` (`Forward`): the new states, y
@@ -56,6 +58,15 @@ Numba's cache checks only the file that holds a function's code, here this one; 
 qualified names carry a hash of this file and the cell's (`_source_tag`), so that an edit to a
 cell's gate math compiles afresh too, as when each kernel sat in its cell's file.
 
+Masks (a cell with MASKED; `layer_forward` / `layer_backward` take them as one trailing
+argument, a tuple (h_mask, zone_h, zone_c), and the cells without it never see one): the
+skeleton applies the two that concern h. h_mask (D, B, P), recurrent dropout: the product
+W_hh h of every step reads h_mask * h (the scaled Bernoulli mask m / (1 - p), one per sequence
+row for the whole sequence); y and the states stay unmasked. zone_h (D, N, P), zoneout: after
+each step's gate math (and projection), h' = zone_h * h + (1 - zone_h) * h_new, per row and
+unit (0/1 draws in training, the rate itself in eval). zone_c (D, N, H), the LSTM's zoneout of
+c, is its hook's. A mask with no rows is off.
+
 Arrays keep a leading direction axis D (direction 1 runs in reverse); rows are in the packed
 time-major layout of `common` (N = sum(batch_sizes), B = batch_sizes[0]); H hidden units, P
 the state width (H, or the LSTM's proj_size), I inputs, G = GATES. Arguments a cell has no use
@@ -89,6 +100,7 @@ from .common import (
     fill_joint_rows,
     next_chunk,
     previous_step_rows,
+    scalar,
     splits_units,
     step_offsets,
     step_span,
@@ -110,9 +122,11 @@ from .shared_product import (
     work_plan,
 )
 
-# The cell module a specialised copy runs (see `instantiate`); the unspecialised functions below
-# are templates and are never compiled themselves.
+# The cell module a specialised copy runs, and whether it takes masks (`cell.MASKED`, False
+# where the cell doesn't say; see `instantiate`); the unspecialised functions below are templates
+# and are never compiled themselves.
 cell = None
+MASKED = False
 
 # The optional traits (see the module docstring), as a cell without them has them: no second
 # product. `instantiate` takes a cell's own where it defines them.
@@ -139,23 +153,89 @@ _OPTIONAL_TRAITS = ("GATED_GATES", "forward_gated_rows", "backward_gated_rows")
 # projection), joint_rows (B, I + P) ([x | h] of a joint product), h_state (2, B, P) (a unit
 # split's states); the panels and the direction's counters. A GATED_GATES cell's second
 # product: gated (B, P) in, gated_product (B, G2*H) out, gated_panels (W_hh's last G2*H rows);
-# no rows and no panels for other cells.
+# no rows and no panels for other cells. With masks (MASKED cells; else stand-ins never read):
+# h_mask (B, P), zone_h (N, P), zone_c (N, H) (see the module docstring), scratch h_keep (B, P)
+# and c_keep (B, H) (the states before the step, for zoneout) and masked_rows (B, P) (h_mask * h
+# for a product that reads h as it is).
 Forward = namedtuple(
     "Forward",
     "x pre b_ih b_hh y h_n c_n gate_cache cell_cache recurrent x_side h_raw joint_rows h_state "
-    "hh_panels ih_panels hr_panels sync gated gated_product gated_panels",
+    "hh_panels ih_panels hr_panels sync gated gated_product gated_panels h_mask zone_h zone_c "
+    "h_keep c_keep masked_rows",
 )
 # One direction's arrays in the backward: the forward's h0, c0, y and caches, dy (N, P); out
 # d_input (N, G*H), dn_recurrent (N, H) (the GRU's recurrent-side n block), h_prev (N, P),
 # dh_total (N, P) and h_raw (N, H) (with a projection), dh0 (B, P), dc0 (B, H); scratch dh_raw
 # (B, H) (dL/dh_raw, with a projection), rec_grads (B, G*H) and through (B, P) (a separate
 # recurrent gradient and its product with W_hh); the panels and the counters. A GATED_GATES
-# cell's second product: gated_grads (B, G2*H) in, gated_through (B, P) out, gated_panels.
+# cell's second product: gated_grads (B, G2*H) in, gated_through (B, P) out, gated_panels. With
+# masks: h_mask, zone_h, zone_c as in `Forward`; scratch h_skip (B, P) (zone_h * dL/dh', the
+# part of dL/dh that zoneout passes straight through), c_new (B, H) and c_skip (B, H) (the LSTM
+# hook's).
 Backward = namedtuple(
     "Backward",
     "h0 c0 y gate_cache cell_cache dy d_input dn_recurrent h_prev dh_total h_raw dh0 dc0 dh_raw "
-    "rec_grads through hh_panels hr_panels sync gated_grads gated_through gated_panels",
+    "rec_grads through hh_panels hr_panels sync gated_grads gated_through gated_panels h_mask "
+    "zone_h zone_c h_skip c_new c_skip",
 )
+
+
+@njit(**JIT_OPTIONS)
+def _mask_columns(rows, mask, first, end, start, first_unit, end_unit):
+    """rows[r, start + j] *= mask[r, j] for rows first..end-1 and units j of
+    first_unit..end_unit-1: recurrent dropout where h enters a product ([x | h] rows: start =
+    I), or on dL/dh after the product with W_hh (start = 0)."""
+    for r in range(first, end):
+        row = rows[r]
+        m = mask[r]
+        for j in range(first_unit, end_unit):
+            row[start + j] *= m[j]
+
+
+@njit(**JIT_OPTIONS)
+def _masked_copy(out, h, mask, first, end):
+    """out[r] = h[r] * mask[r], rows first..end-1: the rows of a product that reads h."""
+    for r in range(first, end):
+        o, row, m = out[r], h[r], mask[r]
+        for j in range(row.shape[0]):
+            o[j] = row[j] * m[j]
+
+
+@njit(**JIT_OPTIONS)
+def _copy_columns(out, values, first, end, first_unit, end_unit):
+    """out[r, j] = values[r, j], rows first..end-1, units first_unit..end_unit-1."""
+    for r in range(first, end):
+        for j in range(first_unit, end_unit):
+            out[r, j] = values[r, j]
+
+
+@njit(**JIT_OPTIONS)
+def _zone_out(h, kept, zone, off, first, end, first_unit, end_unit, one):
+    """Zoneout: h[r] = zone[off + r] * kept[r] + (1 - zone[off + r]) * h[r] (the new state
+    in, the step's state out), rows first..end-1, units first_unit..end_unit-1."""
+    for r in range(first, end):
+        row, old, z = h[r], kept[r], zone[off + r]
+        for j in range(first_unit, end_unit):
+            row[j] = z[j] * old[j] + (one - z[j]) * row[j]
+
+
+@njit(**JIT_OPTIONS)
+def _zone_out_gradient(dh, skip, zone, off, first, end, first_unit, end_unit, one):
+    """Backward of `_zone_out`: dh (dL/dh') in, dL/dh_new out; skip[r] = zone * dL/dh', the
+    part of dL/dh that skips the cell."""
+    for r in range(first, end):
+        row, s, z = dh[r], skip[r], zone[off + r]
+        for j in range(first_unit, end_unit):
+            s[j] = z[j] * row[j]
+            row[j] = (one - z[j]) * row[j]
+
+
+@njit(**JIT_OPTIONS)
+def _add_columns(out, values, first, end, first_unit, end_unit):
+    """out[r, j] += values[r, j], rows first..end-1, units first_unit..end_unit-1."""
+    for r in range(first, end):
+        for j in range(first_unit, end_unit):
+            out[r, j] += values[r, j]
 
 
 @njit(**STEP_JIT_OPTIONS)
@@ -219,6 +299,11 @@ def _forward_task(
     units = cell.SPLITS_UNITS
     buffered = units and workers > 1
     rows_task = units or role != HELPER
+    width = a.h_n.shape[1]
+    dropout = MASKED and a.h_mask.shape[0] > 0
+    zoneout = MASKED and a.zone_h.shape[0] > 0
+    one = scalar(a.y, 1)
+    h_unit, h_end = 0, width
     start = first_step(a.sync, index, workers, np.int64(0)) if units else np.int64(0)
     if start == NO_STEPS:
         return
@@ -236,6 +321,11 @@ def _forward_task(
         h_prev = a.h_state[k % 2] if buffered else a.h_n
         if joint and rows_task:
             fill_joint_rows(a.joint_rows, a.x, h_prev, off, first, end, inputs)
+            if dropout:
+                _mask_columns(a.joint_rows, a.h_mask, first, end, inputs, 0, width)
+        if zoneout and rows_task:
+            h_unit, h_end = (unit, end_unit) if units else (0, width)
+            _copy_columns(a.h_keep, a.h_n, first, end, h_unit, h_end)
         if apart:
             xs = a.x[off + first : off + end]
             if not _product(xs, a.ih_panels, a.x_side[first:end], a.sync, product, units, crew):
@@ -244,12 +334,22 @@ def _forward_task(
             if rows_task:
                 for r in range(first, end):
                     add_row(a.x_side[r], a.b_ih)
-        rows = a.joint_rows[first:end] if joint else h_prev[first:end]
+        if joint:
+            rows = a.joint_rows[first:end]
+        elif dropout:
+            if rows_task:
+                _masked_copy(a.masked_rows, h_prev, a.h_mask, first, end)
+            rows = a.masked_rows[first:end]
+        else:
+            rows = h_prev[first:end]
         if not _product(rows, a.hh_panels, a.recurrent[first:end], a.sync, product, units, crew):
             return
         product += 1
         if rows_task:
             cell.forward_rows(a, off, first, end, unit, end_unit, fused, variant)
+            if zoneout and not has_proj:
+                _zone_out(a.h_n, a.h_keep, a.zone_h, off, first, end, h_unit, h_end, one)
+                _copy_columns(a.y[off:], a.h_n, first, end, h_unit, h_end)
             if buffered:
                 h_next = a.h_state[(k + 1) % 2]
                 for r in range(first, end):
@@ -270,6 +370,8 @@ def _forward_task(
                 return
             product += 1
             if rows_task:
+                if zoneout:
+                    _zone_out(a.h_n, a.h_keep, a.zone_h, off, first, end, 0, width, one)
                 copy_rows(a.y[off + first : off + end], a.h_n[first:end])
         if split:
             exchanges += 1
@@ -280,7 +382,7 @@ def _forward_task(
 
 def layer_forward(
     batch_sizes, variant, x, W_ih, b_ih, W_hh, b_hh, W_hr, h0, c0, pre, y, h_n, c_n, gate_cache,
-    cell_cache, threads,
+    cell_cache, threads, masks=None,
 ):  # fmt: skip
     """Run the recurrence of one layer: fills y, h_n, c_n and the cell's caches (none when
     they have no rows: inference).
@@ -291,7 +393,8 @@ def layer_forward(
     products, with b_ih (D, G*H) (b_ih + b_hh for a JOINT_INPUT cell, or zeros), and pre is
     not read; W_ih (D, 0, 0): pre (D, N, G*H) holds x @ W_ih^T + biases (those the cell takes
     on the input side), and x and b_ih go unused. b_hh (D, G*H) for cells that add it apart,
-    else (D, 0). The cell's forward_rows says which of pre, gate_cache and cell_cache it writes."""
+    else (D, 0). The cell's forward_rows says which of pre, gate_cache and cell_cache it writes.
+    masks: (h_mask, zone_h, zone_c) for a MASKED cell (see the module docstring), else left out."""
     offsets = step_offsets(batch_sizes)
     directions, batch, width = h0.shape
     hidden = W_hh.shape[1] // cell.GATES
@@ -334,13 +437,23 @@ def layer_forward(
         (directions, per_direction if split else 1, batch, x.shape[1] + width if joint else 0),
         dtype=y.dtype,
     )
+    if masks is None:  # a cell without masks: x_side and joint_rows stand in, never read
+        h_mask = zone_h = zone_c = h_keep = c_keep = x_side
+        masked_rows = joint_rows
+    else:
+        h_mask, zone_h, zone_c = masks
+        h_keep = np.empty((directions, batch, width), dtype=y.dtype)
+        c_keep = np.empty((directions, batch, c0.shape[2]), dtype=y.dtype)
+        tasks = per_direction if split else 1
+        masked_rows = np.empty((directions, tasks, batch, 0 if joint else width), dtype=y.dtype)
     for task in prange(n_tasks):
         d, chunk, role, index, workers = _task_place(task, n_chunks, per_direction)
         a = Forward(
             x, pre[d], b_ih[d], b_hh[d], y[d], h_n[d], c_n[d], gate_cache[d], cell_cache[d],
             recurrent[d], x_side[d], h_raw[d], joint_rows[d, index if split else 0], h_state[d],
             hh_panels[d], ih_panels[d], hr_panels[d], sync[d], gated[d], gated_product[d],
-            gated_panels[d],
+            gated_panels[d], h_mask[d], zone_h[d], zone_c[d], h_keep[d], c_keep[d],
+            masked_rows[d, index if split else 0],
         )  # fmt: skip
         while chunk < n_chunks:
             _forward_task(
@@ -362,6 +475,10 @@ def _backward_task(a, batch_sizes, offsets, reverse, variant, first, last, role,
     buffered = units and workers > 1
     lead = index == 0  # the owner, or task 0 of a unit split
     rows_task = units or role != HELPER
+    width = a.dh0.shape[1]
+    dropout = MASKED and a.h_mask.shape[0] > 0
+    zoneout = MASKED and a.zone_h.shape[0] > 0
+    one = scalar(a.y, 1)
     start = np.int64(batch_sizes.shape[0] - 1)
     start = first_step(a.sync, index, workers, start) if units else start
     if start == NO_STEPS:
@@ -382,9 +499,14 @@ def _backward_task(a, batch_sizes, offsets, reverse, variant, first, last, role,
         if lead:
             count = end - first
             copy_previous_hidden(a.y, a.h0, offsets, t, prev, prev_rows, first, count, a.h_prev)
+            if dropout and a.h_prev.shape[0] > 0:  # dW_hh takes the states the product read
+                _mask_columns(a.h_prev[off:], a.h_mask, first, end, 0, 0, width)
         if rows_task:
             for r in range(first, end):
                 add_row(a.dh0[r, unit:end_unit], a.dy[off + r, unit:end_unit])
+        h_unit, h_end = (unit, end_unit) if units else (0, width)
+        if zoneout and rows_task:
+            _zone_out_gradient(a.dh0, a.h_skip, a.zone_h, off, first, end, h_unit, h_end, one)
         if has_proj:
             if rows_task:
                 copy_rows(a.dh_total[off + first : off + end], a.dh0[first:end])
@@ -416,15 +538,19 @@ def _backward_task(a, batch_sizes, offsets, reverse, variant, first, last, role,
         if not _product(rows, a.hh_panels, into, a.sync, product, units, crew):
             return
         product += 1
+        if dropout and rows_task:  # W_hh read h_mask * h: dL/dh = h_mask * (the product)
+            _mask_columns(a.through if separate else a.dh0, a.h_mask, first, end, 0, h_unit, h_end)
         if separate and rows_task:
             add_rows(a.dh0[first:end], a.through[first:end])
+        if zoneout and rows_task:
+            _add_columns(a.dh0, a.h_skip, first, end, h_unit, h_end)
     if buffered and not split:
         close_split(a.sync)
 
 
 def layer_backward(
     batch_sizes, variant, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_input,
-    dn_recurrent, h_prev, dh_total, h_raw, dh0, dc0, threads,
+    dn_recurrent, h_prev, dh_total, h_raw, dh0, dc0, threads, masks=None,
 ):  # fmt: skip
     """Backward of `layer_forward`, per step; the caller does the GEMMs over all rows.
 
@@ -435,7 +561,8 @@ def layer_backward(
     (D, N, H) for a SEPARATE_RECURRENT_GRADIENT cell (its recurrent side's n block), else
     (D, 0, H); h_prev (D, N, P), the state each row consumed (or (D, 0, P): not written); with
     a projection dh_total (D, N, P) = dL/dh and h_raw (D, N, H) (else both (D, 0, *));
-    dh0 (D, B, P), dc0 (D, B, H) (or (D, B, 0))."""
+    dh0 (D, B, P), dc0 (D, B, H) (or (D, B, 0)). masks: as `layer_forward`'s (then h_prev
+    holds the states as the product read them, h_mask * h, for dW_hh)."""
     offsets = step_offsets(batch_sizes)
     directions, batch, width = h0.shape
     hidden = W_hh.shape[1] // cell.GATES
@@ -458,6 +585,13 @@ def layer_backward(
     gated_rows = batch if GATED_GATES else 0
     gated_grads = np.empty((directions, gated_rows, gated_columns), dtype=y.dtype)
     gated_through = np.empty((directions, gated_rows, width), dtype=y.dtype)
+    if masks is None:  # a cell without masks: rec_grads stands in, never read
+        h_mask = zone_h = zone_c = h_skip = c_new = c_skip = rec_grads
+    else:
+        h_mask, zone_h, zone_c = masks
+        h_skip = np.empty((directions, batch, width), dtype=y.dtype)
+        c_new = np.empty((directions, batch, c0.shape[2]), dtype=y.dtype)
+        c_skip = np.empty((directions, batch, c0.shape[2]), dtype=y.dtype)
     weights = W_hh.shape[1] * W_hh.shape[2]
     products = batch_sizes.shape[0] * (1 + has_proj + (GATED_GATES > 0))
     n_tasks, n_chunks, per_direction, bounds, sync, claims = _plan(
@@ -469,7 +603,7 @@ def layer_backward(
             h0[d], c0[d], y[d], gate_cache[d], cell_cache[d], dy[d], d_input[d], dn_recurrent[d],
             h_prev[d], dh_total[d], h_raw[d], dh0[d], dc0[d], dh_raw[d], rec_grads[d],
             through[d], hh_panels[d], hr_panels[d], sync[d], gated_grads[d], gated_through[d],
-            gated_panels[d],
+            gated_panels[d], h_mask[d], zone_h[d], zone_c[d], h_skip[d], c_new[d], c_skip[d],
         )  # fmt: skip
         while chunk < n_chunks:
             _backward_task(
@@ -510,10 +644,12 @@ def _source_tag(*modules) -> str:
 def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
     """The kernels of a cell, by name: `<cell>_forward`, `<cell>_backward` (parallel) and their
     `_serial` twins (`runtime.serial_twin`), for the cell module `cell_module` named
-    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists. The module
-    must be importable by that name: a cache entry's environment is rebuilt from it."""
+    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists (and BASES,
+    optional: modules whose source the cell's kernels also depend on). The module must be
+    importable by that name: a cache entry's environment is rebuilt from it."""
     prefix = cell_module.__name__.rsplit(".", 1)[-1]
-    tag = _source_tag(sys.modules[__name__], cell_module)
+    # a cell built on another's gate math (BASES: those modules) compiles afresh when they change
+    tag = _source_tag(sys.modules[__name__], cell_module, *getattr(cell_module, "BASES", ()))
     namespace = dict(globals())
     namespace["cell"] = cell_module
     for trait in _OPTIONAL_TRAITS:
@@ -527,6 +663,7 @@ def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
             f"{cell_module.__name__}: a GATED_GATES cell needs SPLITS_UNITS and JOINT_INPUT "
             "False and SEPARATE_RECURRENT_GRADIENT True"
         )
+    namespace["MASKED"] = getattr(cell_module, "MASKED", False)
     for task in _TASKS:
         copy = _copy(task, namespace, f"{prefix}{task.__name__}", cell_module.__name__)
         copy.__qualname__ += tag
