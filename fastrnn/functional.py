@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -261,6 +261,9 @@ class SequenceCall(NamedTuple):
     dropout: float
     dense: bool
     batch_first: bool
+    # (layer, its input rows) -> the layer Function's trailing arguments after W_hr (a variant's
+    # norms, masks), or None: then one-step calls may run as cells
+    extras: Callable[[int, Tensor], tuple] | None = None
 
 
 def sequence_call(
@@ -302,7 +305,11 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
     weight for a single product."""
     kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional = call[:9]
     directions = 2 if bidirectional else 1
-    one_step = sizes.shape[0] == 1 and not has_proj and not reference and _cell_kernels(rows)
+    extras = call.extras
+    one_step = (
+        sizes.shape[0] == 1 and not has_proj and not reference and extras is None
+        and _cell_kernels(rows)
+    )  # fmt: skip
     layers = []  # each layer's new states (D, B, *)
     for layer in range(num_layers):
         first = layer * directions
@@ -313,7 +320,7 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
             layer_states = tuple(s[first : first + directions] for s in states)
         else:
             layer_states = states
-        c0 = layer_states[1] if kind == "lstm" else None
+        c0 = layer_states[1] if len(layer_states) == 2 else None
         if one_step:
             rows, new_states = _one_step(kind, rows, layer_states[0], c0, groups)
         else:
@@ -321,11 +328,13 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
                 stacked = groups[0]
             else:
                 stacked = [_stack_directions([w[i] for w in groups]) for i in range(5)]
-            h0 = layer_states[0]
+            arguments = (kind, rows, sizes, layer_states[0], c0, *stacked)
+            if extras is not None:
+                arguments += extras(layer, rows)
             if reference:
-                rows, *new_states = reference_layer(kind, rows, sizes, h0, c0, *stacked)
+                rows, *new_states = reference_layer(*arguments)
             else:
-                rows, *new_states = apply_layer(LayerFunction, kind, rows, sizes, h0, c0, *stacked)
+                rows, *new_states = apply_layer(LayerFunction, *arguments)
         layers.append(new_states)
         if call.dropout > 0 and layer < num_layers - 1:
             rows = F.dropout(rows, call.dropout, training=True)
@@ -384,7 +393,7 @@ def compiled_sequence(
         layer_states = [s[first : first + directions].contiguous() for s in states]
         tensors = [rows, *layer_states, *(w for w in stacked if w is not None)]
         training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        c0 = layer_states[1] if kind == "lstm" else None
+        c0 = layer_states[1] if len(layer_states) == 2 else None
         y, h_n, c_n, _, _ = layer_op(kind, rows, sizes, layer_states[0], c0, *stacked, training)
         finals[0].append(h_n)
         if kind == "lstm":

@@ -20,11 +20,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import autograd, reference
+from . import autograd, functional
 from .cells import layernorm_lstm_step, layernorm_widths
 from .functional import kernel_reason, warn_fallback
 
@@ -125,22 +124,14 @@ class LayerNormLSTM(nn.RNNBase):
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
 
-    def _layer_tensors(self, layer: int) -> list[Tensor | None]:
-        """(W_ih, W_hh, b_ih, b_hh, norms) of a layer: one direction's as they are (norms the
-        concatenation of its six norm parameters, 18H), two directions' stacked."""
-        per_direction = []
-        for suffix in self._suffixes():
-            names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
-            if self.bias:
-                names += [f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
-            weights = [getattr(self, name) for name in names]
-            if not self.bias:
-                weights += [None, None]
-            norms = torch.cat([getattr(self, f"{n}_l{layer}{suffix}") for n in _NORM_NAMES])
-            per_direction.append([*weights, norms])
-        if len(per_direction) == 1:
-            return per_direction[0]
-        return [None if t[0] is None else torch.stack(t) for t in zip(*per_direction, strict=True)]
+    def _layer_norms(self, layer: int, rows: Tensor) -> tuple[Tensor]:
+        """(norms,) of a layer, the layer Function's argument after W_hr: one direction's six
+        norm parameters concatenated (18H), two directions' stacked (2, 18H)."""
+        per_direction = [
+            torch.cat([getattr(self, f"{name}_l{layer}{suffix}") for name in _NORM_NAMES])
+            for suffix in self._suffixes()
+        ]
+        return (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction),)
 
     def forward(self, input, hx=None):
         packed = isinstance(input, PackedSequence)
@@ -205,29 +196,18 @@ class LayerNormLSTM(nn.RNNBase):
 
     def _layers(self, x: Tensor, batch_sizes: np.ndarray, hx) -> tuple[Tensor, Tensor, Tensor]:
         """Every layer over the packed time-major rows x (N, I): -> (output (N, D * H), h_n,
-        c_n (num_layers * D, B, H)), with dropout on each layer's output but the last."""
-        directions = 2 if self.bidirectional else 1
-        h0, c0 = hx
+        c_n (num_layers * D, B, H)), with dropout on each layer's output but the last
+        (`functional.run_sequence`, each layer's norms its extra argument)."""
         reason = kernel_reason(x, list(self.parameters()), hx)
         if reason is not None:
             warn_fallback("fastrnn.LayerNormLSTM", reason, "its plain-torch formulas")
-        finals_h, finals_c = [], []
-        for layer in range(self.num_layers):
-            W_ih, W_hh, b_ih, b_hh, norms = self._layer_tensors(layer)
-            rows = slice(layer * directions, (layer + 1) * directions)
-            arguments = [
-                "layernorm_lstm", x, batch_sizes, h0[rows], c0[rows], W_ih, W_hh, b_ih, b_hh,
-                None, norms,
-            ]  # fmt: skip
-            if reason is None:
-                x, h_n, c_n = autograd.apply_layer(autograd.LayerFunction, *arguments)
-            else:
-                x, h_n, c_n = reference.layer(*arguments)
-            finals_h.append(h_n)
-            finals_c.append(c_n)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        return x, torch.cat(finals_h), torch.cat(finals_c)
+        call = functional.SequenceCall(
+            "layernorm_lstm", x, batch_sizes, tuple(hx), self._flat_weights, self.bias, False,
+            self.num_layers, self.bidirectional, self.dropout if self.training else 0.0, False,
+            False, self._layer_norms,
+        )  # fmt: skip
+        output, h_n, c_n = functional.run_sequence(call, reason is not None)
+        return output, h_n, c_n
 
 
 class LayerNormLSTMCell(nn.RNNCellBase):

@@ -25,11 +25,9 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import functional, recurrence_cuda, reference
-from .autograd import LayerFunction, apply_layer
+from . import functional, recurrence_cuda
 
 # (recurrent dropout p, zoneout rate of h, zoneout rate of c (LSTM; 0 for the others))
 Rates = tuple[float, float, float]
@@ -142,38 +140,20 @@ def sequence(
     of `rates` drawn per layer (`layer_masks`): (output, *final states), shapes as there.
     Every step count runs as a layer (no one-step cell path). `who` names the module in the
     warning when the reference runs instead of the kernels."""
-    directions = 2 if bidirectional else 1
-    has_proj = kind == "lstm" and states[0].shape[-1] != states[1].shape[-1]
-    functional._check_weight_count(weights, has_biases, has_proj, num_layers * directions)
-    rows, sizes = functional._time_major_rows(input, batch_sizes, batch_first)
-    functional._check_state_dtype(input, states)
+    call = functional.sequence_call(
+        kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, training,
+        bidirectional, batch_first,
+    )  # fmt: skip
     reason = _kernel_reason(input, weights, states)
     if reason is not None:
         functional.warn_fallback(who, reason, "fastrnn's plain-torch reference", 4)
-    width, hidden = states[0].shape[-1], states[-1].shape[-1]
-    batch = int(sizes[0])
-    finals: list[list[Tensor]] = [[] for _ in states]
-    for layer in range(num_layers):
-        first = layer * directions
-        per_direction = [
-            functional._layer_weights(weights, has_biases, first + d, has_proj)
-            for d in range(directions)
-        ]
-        stacked = [functional._stack_directions([w[i] for w in per_direction]) for i in range(5)]
-        layer_states = [s[first : first + directions] for s in states]
-        c0 = layer_states[1] if kind == "lstm" else None
-        masks = layer_masks(
+    directions = 2 if bidirectional else 1
+    width, hidden, batch = states[0].shape[-1], states[-1].shape[-1], int(call.sizes[0])
+
+    def masks(layer: int, rows: Tensor) -> tuple:
+        drawn = layer_masks(
             kind, rows.shape[0], batch, directions, width, hidden, rates, training, rows
         )
-        arguments = (kind, rows, sizes, layer_states[0], c0, *stacked, None, *masks)
-        if reason is None:
-            rows, *new_states = apply_layer(LayerFunction, *arguments)
-        else:
-            rows, *new_states = reference.layer(*arguments)
-        for final, new in zip(finals, new_states, strict=True):
-            final.append(new)
-        if dropout > 0 and training and layer < num_layers - 1:
-            rows = F.dropout(rows, dropout, training=True)
-    saved = directions == 1 and reason is None  # the layer Function's own output (see there)
-    output = functional._sequence_output(rows, sizes, saved, batch_sizes is None, batch_first)
-    return (output, *(torch.cat(final) for final in finals))
+        return (None, *drawn)  # no norms
+
+    return functional.run_sequence(call._replace(extras=masks), reason is not None)

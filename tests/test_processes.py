@@ -139,6 +139,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str, kind: str) -> No
     }
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     if world > 1:
+        # every rank done before teardown: gloo aborts a rank whose peer left first
+        # ("terminate called without an active exception", seen on a loaded machine)
+        dist.barrier()
         dist.destroy_process_group()
 
 
