@@ -303,9 +303,11 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
     (reference) on the plain-torch reference. A sequence of one step (without a projection,
     on the CPU) runs as a cell per direction (`_one_step`): the layer kernels would pack every
     weight for a single product."""
-    kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional = call[:9]
+    (
+        kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional,
+        dropout, dense, batch_first, extras,
+    ) = call  # fmt: skip
     directions = 2 if bidirectional else 1
-    extras = call.extras
     one_step = (
         sizes.shape[0] == 1 and not has_proj and not reference and extras is None
         and _cell_kernels(rows)
@@ -336,10 +338,10 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
             else:
                 rows, *new_states = apply_layer(LayerFunction, *arguments)
         layers.append(new_states)
-        if call.dropout > 0 and layer < num_layers - 1:
-            rows = F.dropout(rows, call.dropout, training=True)
+        if dropout > 0 and layer < num_layers - 1:
+            rows = F.dropout(rows, dropout, training=True)
     saved = directions == 1 and not one_step and not reference
-    output = _sequence_output(rows, sizes, saved, call.dense, call.batch_first)
+    output = _sequence_output(rows, sizes, saved, dense, batch_first)
     if num_layers == 1:
         return (output, *layers[0])
     return (output, *(torch.cat(states) for states in zip(*layers, strict=True)))
@@ -463,9 +465,11 @@ def _one_step(
             steps.append((apply_layer(CellFunction, kind, x, h0[d], None, W_ih, W_hh, b_ih, b_hh),))
         else:
             steps.append(apply_layer(CellFunction, kind, x, h0[d], c0[d], W_ih, W_hh, b_ih, b_hh))
-    if len(steps) == 1:
+    if len(steps) == 1:  # torch.stack of one: the cheapest copy with a leading axis
         step = steps[0]
-        return step[0], tuple([state[None].clone() for state in step])
+        if len(step) == 1:
+            return step[0], (torch.stack(step),)
+        return step[0], (torch.stack([step[0]]), torch.stack([step[1]]))
     y = torch.cat([step[0] for step in steps], 1)
     return y, tuple([torch.stack(states) for states in zip(*steps, strict=True)])
 
