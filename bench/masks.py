@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fastrnn
+from bench.report import cpu_microarchitecture
 from fastrnn.recurrent_masks import layer_masks
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -159,12 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoneout", type=float, default=0.1, help="h and c rate (0.1)")
     parser.add_argument("--calls", type=int, default=5, help="calls per timed block (5)")
     parser.add_argument("--reps", type=int, default=5, help="timed blocks per side (5)")
-    parser.add_argument("--save", action="store_true", help="write bench/results/<date>-masks.txt")
+    parser.add_argument(
+        "--save", action="store_true", help="write bench/results/<cpu>-masks.txt (replaced)"
+    )
     args = parser.parse_args(argv)
     rates = (args.recurrent_dropout, args.zoneout, args.zoneout)
 
     lines = [
-        f"# python -m bench.masks, {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+        f"# python -m bench.masks, {datetime.date.today().isoformat()}, {cpu_microarchitecture()}, "
+        f"torch {torch.__version__}, "
         f"threads {torch.get_num_threads()}, recurrent_dropout {rates[0]}, zoneout {rates[1]}",
         "# ms per call (training mode), median of interleaved blocks; speed-up = loop / fastrnn",
         f"{'cell':5s} {'T':>4s} {'B':>4s} {'I':>4s} {'H':>5s} {'loop fwd':>9s} {'fast fwd':>9s} "
@@ -191,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(line)
             print(line, flush=True)
     if args.save:
-        path = RESULTS / f"{datetime.date.today().isoformat()}-masks.txt"
+        # one current file per CPU kind: "AMD EPYC, Zen 5" -> zen5
+        kind = (cpu_microarchitecture() or "cpu").split(",")[-1].strip().lower().replace(" ", "")
+        path = RESULTS / f"{kind}-masks.txt"
         path.write_text("\n".join(lines) + "\n")
         print(f"wrote {path}")
     return status
