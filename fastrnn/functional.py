@@ -729,17 +729,19 @@ def cell_step(
     W_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    *extras: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """One step of the cell `kind` on the kernels for x's device: x (B, I), h (B, H), c (B, H)
-    (LSTM) or None -> (h',) or (h', c'). The CPU runs the cell Function (torch GEMMs and fused
-    gate math); CUDA tensors (and the tests' simulated GPU path) a one-step layer."""
-    if _cell_kernels(x):
+    (LSTMs) or None -> (h',) or (h', c'). The CPU runs the cell Function (torch GEMMs and fused
+    gate math); CUDA tensors (and the tests' simulated GPU path), and a cell with extra layer
+    arguments (`SequenceCall.extras`: the layer-norm LSTM's norms), a one-step layer."""
+    if _cell_kernels(x) and not extras:
         result = apply_layer(CellFunction, kind, x, h, c, W_ih, W_hh, b_ih, b_hh)
         return result if kind == "lstm" else (result,)
     sizes = _dense_batch_sizes(1, x.shape[0])
     c0 = None if c is None else c[None]
     _, *states = apply_layer(
-        LayerFunction, kind, x, sizes, h[None], c0, W_ih, W_hh, b_ih, b_hh, None
+        LayerFunction, kind, x, sizes, h[None], c0, W_ih, W_hh, b_ih, b_hh, None, *extras
     )
     return tuple(state[0] for state in states)
 

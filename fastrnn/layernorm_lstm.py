@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import autograd, functional
+from . import functional
 from .cells import layernorm_lstm_step, layernorm_widths
 from .functional import kernel_reason, warn_fallback
 
@@ -277,12 +277,7 @@ class LayerNormLSTMCell(nn.RNNCellBase):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         reason = kernel_reason(input, list(self.parameters()), hx)
         if reason is None:
-            batch_sizes = np.array([input.shape[0]], dtype=np.int64)
-            _, h, c = autograd.apply_layer(
-                autograd.LayerFunction, "layernorm_lstm", input, batch_sizes,
-                hx[0].unsqueeze(0), hx[1].unsqueeze(0), *weights, None, norms,
-            )  # fmt: skip
-            h, c = h[0], c[0]
+            h, c = functional.cell_step("layernorm_lstm", input, hx[0], hx[1], *weights, norms)
         else:
             warn_fallback("fastrnn.LayerNormLSTMCell", reason, "its plain-torch formulas")
             h, (h, c) = layernorm_lstm_step(input, hx, *weights, None, norms)
