@@ -27,7 +27,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import functional, recurrence_cuda
+from . import functional
 
 # (recurrent dropout p, zoneout rate of h, zoneout rate of c (LSTM; 0 for the others))
 Rates = tuple[float, float, float]
@@ -99,26 +99,13 @@ def layer_masks(
 
 
 def _kernel_reason(input: Tensor, weights, hx) -> str | None:
-    """Why the masked kernels can't take this call (they exist for CPU float32 / float64,
-    outside torch.func transforms and torch.export), None if they can."""
-    reason = functional.transform_reason(input, weights, hx)
-    if reason is not None:
-        return reason
-    if input.is_cuda:
-        unavailable = recurrence_cuda.unavailable_reason()
-        if unavailable is not None:
-            return f"fastrnn can't run its CUDA kernels: {unavailable}"
-        device = "CUDA"
-    elif input.is_cpu:
-        device = "CPU"
-    else:
-        return f"fastrnn's recurrent dropout and zoneout have no kernel for device '{input.device}'"
-    autocast = torch.is_autocast_enabled(input.device.type)
-    if input.dtype not in (torch.float32, torch.float64) or autocast:
-        return f"fastrnn's recurrent dropout and zoneout have no {device} kernel for {input.dtype}"
-    if any(w.dtype != input.dtype or w.device != input.device for w in weights):
-        return "fastrnn has no kernel for parameters of another dtype or device"
-    return None
+    """Why the masked kernels can't take this call, None if they can: `functional.kernel_reason`,
+    and on CUDA float32 / float64 only, outside autocast (no 16-bit masked kernels)."""
+    reason = functional.kernel_reason(input, weights, hx)
+    if reason is None and input.is_cuda:
+        if input.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cuda"):
+            reason = f"fastrnn has no CUDA recurrent dropout / zoneout kernel for {input.dtype}"
+    return reason
 
 
 def sequence(
