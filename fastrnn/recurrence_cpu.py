@@ -153,7 +153,13 @@ def _numba_threads() -> int:
         return reader()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         prefer_workqueue_threading_layer()  # the pool starts below: see the function
-    return numba.get_num_threads()
+    wanted = torch.get_num_threads()
+    threads = numba.get_num_threads()
+    # Starting Numba's OpenMP pool sets the process's OpenMP thread count, which is torch's
+    # setting too (numba issue 9387): a user's torch.set_num_threads(1) became 2.
+    if torch.get_num_threads() != wanted:
+        torch.set_num_threads(wanted)
+    return threads
 
 
 def _threads() -> int:

@@ -57,6 +57,36 @@ def test_kernel_threads_follow_torch_and_numba_settings():
         numba.set_num_threads(numba_before)
 
 
+_KEEPS_TORCH_THREADS = """
+import torch, fastrnn
+torch.set_num_threads(1)
+fastrnn.LSTM(4, 4)(torch.randn(3, 2, 4))
+print(torch.get_num_threads())
+"""
+
+
+def test_first_kernel_call_keeps_torch_thread_setting():
+    """Starting Numba's OpenMP pool (the process's first kernel call) resets the OpenMP thread
+    count that torch shares; a user's torch.set_num_threads(1) must survive it. A fresh process,
+    since the pool starts once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _KEEPS_TORCH_THREADS],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "1"
+
+
 def test_serial_kernels_run_the_twins_on_one_thread():
     """`recurrence_cpu.serial_kernels` (what a forked child runs, and what precompile --forked
     compiles): the serial twins, one thread, torch's results; the parallel kernels after."""
