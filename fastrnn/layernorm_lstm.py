@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -26,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional
 from .cells import layernorm_lstm_step, layernorm_widths
 from .functional import kernel_reason, warn_fallback
+from .modules import LSTM, _SequenceForward
 
 __all__ = ["LayerNormLSTM", "LayerNormLSTMCell"]
 
@@ -40,7 +40,7 @@ _NORM_NAMES = (
 )
 
 
-class LayerNormLSTM(nn.RNNBase):
+class LayerNormLSTM(_SequenceForward, nn.RNNBase):
     """Multi-layer layer-norm LSTM (formulas in the module docstring) with torch.nn.LSTM's
     constructor (no proj_size), parameters, initialisation and forward.
 
@@ -119,12 +119,17 @@ class LayerNormLSTM(nn.RNNBase):
         if hasattr(self, f"{_NORM_NAMES[0]}_l0"):  # not during nn.RNNBase's __init__
             self._reset_norms()
 
-    # torch.nn.LSTM's checks of hx and its permutation for packed input
+    # torch.nn.LSTM's checks of hx and its permutation for packed input; `_SequenceForward`
+    # (torch's forward-argument handling) as for fastrnn's LSTM
+    _name, _state_count = "LayerNormLSTM", 2
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+    _states_tuple = LSTM._states_tuple
+    _states_result = LSTM._states_result
+    _check_state_dims = LSTM._check_state_dims
 
-    def _layer_norms(self, layer: int, rows: Tensor) -> tuple[Tensor]:
+    def _layer_extras(self, layer: int, rows: Tensor) -> tuple[Tensor]:
         """(norms,) of a layer, the layer Function's argument after W_hr: one direction's six
         norm parameters concatenated (18H), two directions' stacked (2, 18H)."""
         per_direction = [
@@ -133,81 +138,19 @@ class LayerNormLSTM(nn.RNNBase):
         ]
         return (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction),)
 
-    def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        directions = 2 if self.bidirectional else 1
-        unsorted_indices = None
-        if packed:
-            data, batch_sizes_t, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes_t[0])
-            batch_sizes = batch_sizes_t.numpy().astype(np.int64)
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"LayerNormLSTM: Expected input to be 2D or 3D, got {input.dim()}D instead"
-                )
-            batched = input.dim() == 3
-            if not batched:
-                input = input.unsqueeze(0 if self.batch_first else 1)
-            batch_sizes_t, sorted_indices = None, None
-        if hx is None:
-            rows = batch if packed else input.size(0 if self.batch_first else 1)
-            like = data if packed else input
-            zeros = torch.zeros(
-                self.num_layers * directions,
-                rows,
-                self.hidden_size,
-                dtype=like.dtype,
-                device=like.device,
-            )
-            hx = (zeros, zeros)
-        elif not packed:
-            dims = (hx[0].dim(), hx[1].dim())
-            if batched and dims != (3, 3):
-                raise RuntimeError(
-                    "For batched 3-D input, hx and cx should also be 3-D but got "
-                    f"({dims[0]}-D, {dims[1]}-D) tensors"
-                )
-            if not batched:
-                if dims != (2, 2):
-                    raise RuntimeError(
-                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
-                        f"({dims[0]}-D, {dims[1]}-D) tensors"
-                    )
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        if packed:
-            hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(data if packed else input, hx, batch_sizes_t)
-        if not packed:
-            time_major = input.transpose(0, 1) if self.batch_first else input
-            steps, batch = time_major.shape[0], time_major.shape[1]
-            data = time_major.reshape(steps * batch, time_major.shape[2])
-            batch_sizes = np.full(steps, batch, dtype=np.int64)
-        output, h_n, c_n = self._layers(data, batch_sizes, hx)
-        if packed:
-            result = PackedSequence(output, batch_sizes_t, sorted_indices, unsorted_indices)
-            return result, self.permute_hidden((h_n, c_n), unsorted_indices)
-        output = output.reshape(steps, batch, output.shape[1])
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not batched:
-            return output.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
+    def _kernel_kind(self) -> str:
+        return "layernorm_lstm"
 
-    def _layers(self, x: Tensor, batch_sizes: np.ndarray, hx) -> tuple[Tensor, Tensor, Tensor]:
-        """Every layer over the packed time-major rows x (N, I): -> (output (N, D * H), h_n,
-        c_n (num_layers * D, B, H)), with dropout on each layer's output but the last
-        (`functional.run_sequence`, each layer's norms its extra argument)."""
-        reason = kernel_reason(x, list(self.parameters()), hx)
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        """Why the kernels can't run this call (warned once), or None; the norms count among
+        the weights."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor):
+            return None  # let the argument checks report it
+        reason = kernel_reason(data, list(self.parameters()), hx)
         if reason is not None:
-            warn_fallback("fastrnn.LayerNormLSTM", reason, "its plain-torch formulas")
-        call = functional.SequenceCall(
-            "layernorm_lstm", x, batch_sizes, tuple(hx), self._flat_weights, self.bias, False,
-            self.num_layers, self.bidirectional, self.dropout if self.training else 0.0, False,
-            False, self._layer_norms,
-        )  # fmt: skip
-        output, h_n, c_n = functional.run_sequence(call, reason is not None)
-        return output, h_n, c_n
+            warn_fallback("fastrnn.LayerNormLSTM", reason, "its plain-torch formulas", 4)
+        return reason
 
 
 class LayerNormLSTMCell(nn.RNNCellBase):

@@ -78,12 +78,9 @@ def _fallback_reason(module: nn.Module, input, weights: list, hx) -> str | None:
     else:
         reason = functional.kernel_reason(data, weights, hx)
     if reason is not None:
-        instead = None if torch_kind else _REFERENCE
+        instead = None if torch_kind else functional.REFERENCE
         _warn_fallback(type(module).__name__, reason, instead)
     return reason
-
-
-_REFERENCE = "fastrnn's plain-torch reference (torch has no such cell)"
 
 
 @functools.cache
@@ -182,7 +179,13 @@ class _SequenceForward:
         return output, tuple(final)
 
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
-        raise NotImplementedError
+        """hx=None: zero states (L * D, B, P)[, c (L * D, B, H)] like the input."""
+        shape = (self.num_layers * (2 if self.bidirectional else 1), batch)
+        options = {"dtype": like.dtype, "device": like.device}
+        h = torch.zeros(*shape, self.proj_size or self.hidden_size, **options)
+        if self._state_count == 1:
+            return (h,)
+        return (h, torch.zeros(*shape, self.hidden_size, **options))
 
     def _run(self, input, states, batch_sizes, reference: bool):
         """(output, final states) of checked arguments: time-major or batch-first dense
@@ -194,9 +197,13 @@ class _SequenceForward:
         output, *final = functional.checked_sequence(
             self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            reference,
+            reference, self._layer_extras,
         )  # fmt: skip
         return output, tuple(final)
+
+    # (layer, its input rows) -> the layer Function's arguments after W_hr, for a variant
+    # (`functional.SequenceCall.extras`); None for torch's cells
+    _layer_extras = None
 
     def _states_tuple(self, hx) -> tuple[Tensor, ...]:
         return (hx,)
@@ -353,21 +360,6 @@ class LSTM(_SequenceForward, _TorchLSTM):
     def _kernel_kind(self) -> str | None:
         return "lstm"
 
-    def _zero_states(self, batch, like):
-        directions = 2 if self.bidirectional else 1
-        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(
-            self.num_layers * directions, batch, real_hidden, dtype=like.dtype, device=like.device
-        )
-        c = torch.zeros(
-            self.num_layers * directions,
-            batch,
-            self.hidden_size,
-            dtype=like.dtype,
-            device=like.device,
-        )
-        return (h, c)
-
     def _states_tuple(self, hx):
         if not isinstance(hx, (tuple, list)):
             # A tensor (or anything else) where (h, c) belongs: torch's checks index hx[0] and
@@ -448,11 +440,6 @@ class GRU(_ResetOption, _SequenceForward, _TorchGRU):
 
     _name = "GRU"
 
-    def _zero_states(self, batch, like):
-        directions = 2 if self.bidirectional else 1
-        shape = (self.num_layers * directions, batch, self.hidden_size)
-        return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
-
 
 class RNN(_SequenceForward, _TorchRNN):
     """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels. Opt-in: `recurrent_dropout`,
@@ -464,8 +451,6 @@ class RNN(_SequenceForward, _TorchRNN):
     def _kernel_kind(self) -> str | None:
         # torch's forward goes by the mode set at construction, not `nonlinearity`
         return _RNN_KINDS.get(self.mode)
-
-    _zero_states = GRU._zero_states
 
 
 class _CellForward:
