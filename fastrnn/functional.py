@@ -206,25 +206,9 @@ def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
             )
 
 
-# torch's scalar type names, as its dtype errors print them
-_TYPE_NAMES = {
-    torch.float32: "Float",
-    torch.float64: "Double",
-    torch.float16: "Half",
-    torch.bfloat16: "BFloat16",
-    torch.int64: "Long",
-    torch.int32: "Int",
-    torch.int16: "Short",
-    torch.int8: "Char",
-    torch.uint8: "Byte",
-    torch.bool: "Bool",
-    torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble",
-}
-
-
 def type_name(t: Tensor) -> str:
-    return _TYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+    """torch's name of t's scalar type, as its dtype errors print it (Float, Double, Long, ...)."""
+    return t.type().rsplit(".", 1)[-1].removesuffix("Tensor")
 
 
 class SequenceCall(NamedTuple):

@@ -121,7 +121,7 @@ class LayerNormLSTM(_SequenceForward, nn.RNNBase):
 
     # torch.nn.LSTM's checks of hx and its permutation for packed input; `_SequenceForward`
     # (torch's forward-argument handling) as for fastrnn's LSTM
-    _name, _state_count = "LayerNormLSTM", 2
+    _name, _state_count, _kind = "LayerNormLSTM", 2, "layernorm_lstm"
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
@@ -137,9 +137,6 @@ class LayerNormLSTM(_SequenceForward, nn.RNNBase):
             for suffix in self._suffixes()
         ]
         return (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction),)
-
-    def _kernel_kind(self) -> str:
-        return "layernorm_lstm"
 
     def _fallback_reason(self, input, weights, hx) -> str | None:
         """Why the kernels can't run this call (warned once), or None; the norms count among

@@ -13,6 +13,7 @@ a warning issued once per reason.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -128,7 +129,26 @@ def _check_onednn_state_dtypes(
         raise RuntimeError(_ONEDNN_PRIMITIVE_ERROR)
 
 
-class _SequenceForward:
+class _KernelForward:
+    """What the sequence modules and the cells share: the kernel kind, the fallback check and
+    what torch.jit.script compiles in their place."""
+
+    _name = ""  # used in torch's error messages
+    _state_count = 1
+    _kind: str | None = None
+
+    def _kernel_kind(self) -> str | None:
+        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
+        return self._kind
+
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        return _fallback_reason(self, input, weights, hx)
+
+    def __prepare_scriptable__(self):
+        return _prepared_for_scripting(self)
+
+
+class _SequenceForward(_KernelForward):
     """torch's forward-argument handling for the three sequence modules, on fastrnn kernels.
 
     Subclasses set `_name` (used in torch's error messages) and implement `_run`, which gets
@@ -136,8 +156,6 @@ class _SequenceForward:
     (L * D, B, *) tensors and the batch sizes (None for dense input).
     """
 
-    _name = ""
-    _state_count = 1
     _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
     # Opt-in recurrent dropout and zoneout (`recurrent_masks`), set by the constructor; class
     # defaults for modules made by `convert` or unpickled from before they existed.
@@ -169,15 +187,6 @@ class _SequenceForward:
             return None
         return recurrent_masks.rates_in_effect(self.recurrent_dropout, self.zoneout, self.training)
 
-    def _masked_run(self, kind: str, input, states, batch_sizes, rates):
-        """`_run` with recurrent dropout and/or zoneout (`recurrent_masks.sequence`)."""
-        output, *final = recurrent_masks.sequence(
-            type(self).__name__, kind, input, states, self._flat_weights, self.bias,
-            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            batch_sizes, rates,
-        )  # fmt: skip
-        return output, tuple(final)
-
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
         """hx=None: zero states (L * D, B, P)[, c (L * D, B, H)] like the input."""
         shape = (self.num_layers * (2 if self.bidirectional else 1), batch)
@@ -192,13 +201,18 @@ class _SequenceForward:
         input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
         sizes (None for dense input); reference: on the plain-torch reference."""
         rates = self._mask_rates()
-        if rates is not None:
-            return self._masked_run(self._kernel_kind(), input, states, batch_sizes, rates)
-        output, *final = functional.checked_sequence(
-            self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
-            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            reference, self._layer_extras,
-        )  # fmt: skip
+        if rates is not None:  # recurrent dropout and/or zoneout
+            output, *final = recurrent_masks.sequence(
+                type(self).__name__, self._kernel_kind(), input, states, self._flat_weights,
+                self.bias, self.num_layers, self.dropout, self.training, self.bidirectional,
+                self.batch_first, batch_sizes, rates,
+            )  # fmt: skip
+        else:
+            output, *final = functional.checked_sequence(
+                self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
+                self.num_layers, self.dropout, self.training, self.bidirectional,
+                self.batch_first, reference, self._layer_extras,
+            )  # fmt: skip
         return output, tuple(final)
 
     # (layer, its input rows) -> the layer Function's arguments after W_hr, for a variant
@@ -222,9 +236,6 @@ class _SequenceForward:
 
     def _check(self, input, states, batch_sizes) -> None:
         self.check_forward_args(input, self._states_result(states), batch_sizes)
-
-    def __prepare_scriptable__(self):
-        return _prepared_for_scripting(self)
 
     def forward(self, input, hx=None):
         """torch's forward semantics on fastrnn's kernels (torch's own code where there's no
@@ -262,13 +273,6 @@ class _SequenceForward:
         if kind in functional.TORCH_KINDS:
             return super().forward(input, hx)  # type: ignore[misc]
         return self._checked_forward(input, hx, reference=True)
-
-    def _fallback_reason(self, input, weights, hx) -> str | None:
-        return _fallback_reason(self, input, weights, hx)
-
-    def _kernel_kind(self) -> str | None:
-        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
-        raise NotImplementedError
 
     def _plain_call(self, input, hx) -> functional.SequenceCall | None:
         """The normalised call of a plain one (one layer and direction, no projection, dense
@@ -356,9 +360,7 @@ class LSTM(_SequenceForward, _TorchLSTM):
     _name = "LSTM"
     _state_count = 2
     _zoneout_pair = True
-
-    def _kernel_kind(self) -> str | None:
-        return "lstm"
+    _kind = "lstm"
 
     def _states_tuple(self, hx):
         if not isinstance(hx, (tuple, list)):
@@ -453,14 +455,8 @@ class RNN(_SequenceForward, _TorchRNN):
         return _RNN_KINDS.get(self.mode)
 
 
-class _CellForward:
+class _CellForward(_KernelForward):
     """torch's argument handling of the cells (1-D unbatched or 2-D input, hx=None)."""
-
-    _name = ""
-    _state_count = 1
-
-    def __prepare_scriptable__(self):
-        return _prepared_for_scripting(self)
 
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
@@ -483,13 +479,6 @@ class _CellForward:
         if kind in functional.TORCH_KINDS:
             return super().forward(input, hx)  # type: ignore[misc]
         return self._cell_forward(kind, input, hx, weights, reference=True)
-
-    def _fallback_reason(self, input, weights, hx) -> str | None:
-        return _fallback_reason(self, input, weights, hx)
-
-    def _kernel_kind(self) -> str | None:
-        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
-        raise NotImplementedError
 
     def _plain_states(self, input: Tensor, hx) -> tuple[Tensor, ...] | None:
         """The states of a batched call as the cell kernels take them (zeros for hx=None), or
@@ -554,9 +543,7 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
 
     _name = "LSTMCell"
     _state_count = 2
-
-    def _kernel_kind(self) -> str | None:
-        return "lstm"
+    _kind = "lstm"
 
 
 class GRUCell(_ResetOption, _CellForward, _TorchGRUCell):
@@ -597,9 +584,24 @@ def _as_class(module: nn.Module, target: type) -> nn.Module:
     return new
 
 
-def _converted(module: nn.Module) -> nn.Module:
-    target = _REPLACEMENTS.get(type(module))
-    return module if target is None else _as_class(module, target)
+def swap_classes(
+    model: nn.Module, target: Callable[[nn.Module], type | None], swapped: dict | None = None
+) -> nn.Module:
+    """Replace, in place, each module of `model` (the model itself included) for which
+    `target` names a class by an instance of that class sharing its state (`_as_class`);
+    records each new module's id with (it, its old class) in `swapped`. Returns the (possibly
+    new) model."""
+    for name, child in list(model.named_children()):
+        new_child = swap_classes(child, target, swapped)
+        if new_child is not child:
+            setattr(model, name, new_child)
+    cls = target(model)
+    if cls is None:
+        return model
+    new = _as_class(model, cls)
+    if swapped is not None:
+        swapped[id(new)] = (new, type(model))  # held, so no other module reuses the id
+    return new
 
 
 def _prepared_for_scripting(module: nn.Module) -> nn.Module:
@@ -640,8 +642,4 @@ def convert(module: nn.Module) -> nn.Module:
     Only exact torch classes are swapped; user subclasses (which may override forward) are left
     alone. Submodules are replaced in place; the (possibly new) top-level module is returned.
     """
-    for name, child in list(module.named_children()):
-        new_child = convert(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return _converted(module)
+    return swap_classes(module, lambda m: _REPLACEMENTS.get(type(m)))
