@@ -151,6 +151,21 @@ def _torch_runs(
     return True
 
 
+def _reference_runs(
+    name: str, kind: str, input: Tensor, weights: Sequence[Tensor | None], hx, eager: bool = True
+) -> bool | None:
+    """Where the functional API's `name` (lstm, gru_cell, ...) runs this call: None for
+    torch._VF's function of that name (`_torch_runs`, eager only), else whether the plain-torch
+    reference runs: for a cell torch doesn't have, where the kernels can't (`kernel_reason`),
+    warning once."""
+    if kind in TORCH_KINDS:
+        return None if eager and _torch_runs(name, input, weights, hx, 6) else False
+    reason = kernel_reason(input, weights, hx)
+    if reason is not None:
+        warn_fallback(f"fastrnn.functional.{name}", reason, REFERENCE, 5)
+    return reason is not None
+
+
 def _time_major_rows(
     input: Tensor, batch_sizes: Tensor | None, batch_first: bool, compiled: bool = False
 ) -> tuple[Tensor, np.ndarray | Tensor]:
@@ -437,13 +452,8 @@ def _sequence(
     num_layers, dropout, train, bidirectional)."""
     if kind == "lstm" and len(hx) != 2:
         raise RuntimeError("lstm expects two hidden states")
-    reference = False
-    if kind not in TORCH_KINDS:
-        reason = kernel_reason(input, weights, hx)
-        if reason is not None:
-            warn_fallback(f"fastrnn.functional.{kind}", reason, REFERENCE, 4)
-        reference = reason is not None
-    elif not compiling() and _torch_runs(kind, input, weights, hx, 5):
+    reference = _reference_runs(kind, kind, input, weights, hx, not compiling())
+    if reference is None:
         function = getattr(_VF, kind)
         if batch_sizes is None:
             return tuple(function(input, hx, weights, *flags, batch_first))
@@ -685,15 +695,10 @@ def _cell(kind: str, input: Tensor, hx, weights: tuple) -> Tensor | tuple[Tensor
     for a cell torch doesn't have the reference step where the kernels can't run
     (`kernel_reason`, warning once), else `checked_cell`. -> h', or (h', c') for the LSTM."""
     name = f"{kind}_cell"
-    reference = False
     if kind == "lstm":
         check_lstm_cell_states(hx)
-    if kind not in TORCH_KINDS:
-        reason = kernel_reason(input, weights, hx)
-        if reason is not None:
-            warn_fallback(f"fastrnn.functional.{name}", reason, REFERENCE, 4)
-        reference = reason is not None
-    elif _torch_runs(name, input, weights, hx, 5):
+    reference = _reference_runs(name, kind, input, weights, hx)
+    if reference is None:
         return getattr(_VF, name)(input, hx, *weights)
     result = checked_cell(kind, input, hx, hx if kind == "lstm" else (hx,), weights, reference)
     return (result[0], result[1]) if kind == "lstm" else result[0]

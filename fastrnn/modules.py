@@ -200,19 +200,15 @@ class _SequenceForward(_KernelForward):
         """(output, final states) of checked arguments: time-major or batch-first dense
         input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
         sizes (None for dense input); reference: on the plain-torch reference."""
+        arguments = (
+            self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
+            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+        )  # fmt: skip
         rates = self._mask_rates()
         if rates is not None:  # recurrent dropout and/or zoneout
-            output, *final = recurrent_masks.sequence(
-                type(self).__name__, self._kernel_kind(), input, states, self._flat_weights,
-                self.bias, self.num_layers, self.dropout, self.training, self.bidirectional,
-                self.batch_first, batch_sizes, rates,
-            )  # fmt: skip
+            output, *final = recurrent_masks.sequence(type(self).__name__, rates, *arguments)
         else:
-            output, *final = functional.checked_sequence(
-                self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
-                self.num_layers, self.dropout, self.training, self.bidirectional,
-                self.batch_first, reference, self._layer_extras,
-            )  # fmt: skip
+            output, *final = functional.checked_sequence(*arguments, reference, self._layer_extras)
         return output, tuple(final)
 
     # (layer, its input rows) -> the layer Function's arguments after W_hr, for a variant
