@@ -40,7 +40,42 @@ _NORM_NAMES = (
 )
 
 
-class LayerNormLSTM(_SequenceForward, nn.RNNBase):
+class _Norms:
+    """The norms' gains (init 1) and biases (init 0), registered after torch's weights, whose
+    initialisation (torch's draws, uniform ±1/sqrt(H)) stays torch's."""
+
+    _weight_names: tuple[str, ...] = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def _norm_suffixes(self) -> list[str]:
+        return [""]
+
+    def _add_norms(self, device, dtype) -> None:
+        widths = layernorm_widths(self.hidden_size)
+        for suffix in self._norm_suffixes():
+            for name, width in zip(_NORM_NAMES, widths, strict=True):
+                value = torch.empty(width, device=device, dtype=dtype)
+                self.register_parameter(name + suffix, nn.Parameter(value))
+        self._reset_norms()
+
+    def _reset_norms(self) -> None:
+        with torch.no_grad():
+            for suffix in self._norm_suffixes():
+                for name in _NORM_NAMES:
+                    getattr(self, name + suffix).fill_(1.0 if name.endswith("weight") else 0.0)
+
+    def reset_parameters(self) -> None:
+        """torch's draws for its weights and biases, then the norms' gains to 1 and biases
+        to 0 (not during torch's __init__, which runs before they exist)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        for name in self._weight_names:
+            weight = getattr(self, name, None)
+            if weight is not None:
+                nn.init.uniform_(weight, -bound, bound)
+        if hasattr(self, _NORM_NAMES[0] + self._norm_suffixes()[0]):
+            self._reset_norms()
+
+
+class LayerNormLSTM(_Norms, _SequenceForward, nn.RNNBase):
     """Multi-layer layer-norm LSTM (formulas in the module docstring) with torch.nn.LSTM's
     constructor (no proj_size), parameters, initialisation and forward.
 
@@ -68,56 +103,23 @@ class LayerNormLSTM(_SequenceForward, nn.RNNBase):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__(
-            "LSTM",
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=dropout,
-            bidirectional=bidirectional,
-            device=device,
-            dtype=dtype,
-        )
-        widths = layernorm_widths(hidden_size)
-        for layer in range(num_layers):
-            for suffix in self._suffixes():
-                for name, width in zip(_NORM_NAMES, widths, strict=True):
-                    value = torch.empty(width, device=device, dtype=dtype)
-                    self.register_parameter(f"{name}_l{layer}{suffix}", nn.Parameter(value))
-        self._reset_norms()
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, device=device, dtype=dtype,
+        )  # fmt: skip
+        self._add_norms(device, dtype)
 
-    def _suffixes(self) -> tuple[str, ...]:
-        return ("", "_reverse") if self.bidirectional else ("",)
+    @property
+    def _weight_names(self) -> list[str]:  # type: ignore[override]
+        return self._flat_weights_names
 
-    def _reset_norms(self) -> None:
-        for layer in range(self.num_layers):
-            for suffix in self._suffixes():
-                for name in _NORM_NAMES:
-                    parameter = getattr(self, f"{name}_l{layer}{suffix}")
-                    with torch.no_grad():
-                        parameter.fill_(1.0 if name.endswith("weight") else 0.0)
-
-    def reset_parameters(self) -> None:
-        """torch.nn.LSTM's draws for its weights and biases (uniform ±1/sqrt(H)), then the
-        norms' gains to 1 and biases to 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for name in self._flat_weights_names:
-            nn.init.uniform_(getattr(self, name), -bound, bound)
-        if hasattr(self, f"{_NORM_NAMES[0]}_l0"):  # not during nn.RNNBase's __init__
-            self._reset_norms()
+    def _norm_suffixes(self) -> list[str]:
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        return [f"_l{layer}{suffix}" for layer in range(self.num_layers) for suffix in directions]
 
     # torch.nn.LSTM's checks of hx and its permutation for packed input; `_SequenceForward`
     # (torch's forward-argument handling) as for fastrnn's LSTM
@@ -132,9 +134,10 @@ class LayerNormLSTM(_SequenceForward, nn.RNNBase):
     def _layer_extras(self, layer: int, rows: Tensor) -> tuple[Tensor]:
         """(norms,) of a layer, the layer Function's argument after W_hr: one direction's six
         norm parameters concatenated (18H), two directions' stacked (2, 18H)."""
+        directions = ("", "_reverse") if self.bidirectional else ("",)
         per_direction = [
             torch.cat([getattr(self, f"{name}_l{layer}{suffix}") for name in _NORM_NAMES])
-            for suffix in self._suffixes()
+            for suffix in directions
         ]
         return (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction),)
 
@@ -150,7 +153,7 @@ class LayerNormLSTM(_SequenceForward, nn.RNNBase):
         return reason
 
 
-class LayerNormLSTMCell(nn.RNNCellBase):
+class LayerNormLSTMCell(_Norms, nn.RNNCellBase):
     """One step of the layer-norm LSTM (`LayerNormLSTM`'s formulas) with torch.nn.LSTMCell's
     constructor, parameters (weight_ih, weight_hh, bias_ih, bias_hh: the same draws) and
     forward: input (B, I) or (I,), hx None or (h, c) (B, H) or (H,) -> (h', c'). Plus the norms'
@@ -163,26 +166,7 @@ class LayerNormLSTMCell(nn.RNNCellBase):
         self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
-        for name, width in zip(_NORM_NAMES, layernorm_widths(hidden_size), strict=True):
-            value = torch.empty(width, device=device, dtype=dtype)
-            self.register_parameter(name, nn.Parameter(value))
-        self._reset_norms()
-
-    def _reset_norms(self) -> None:
-        for name in _NORM_NAMES:
-            with torch.no_grad():
-                getattr(self, name).fill_(1.0 if name.endswith("weight") else 0.0)
-
-    def reset_parameters(self) -> None:
-        """torch.nn.LSTMCell's draws for its weights and biases, then the norms' gains to 1
-        and biases to 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            weight = getattr(self, name, None)
-            if weight is not None:
-                nn.init.uniform_(weight, -bound, bound)
-        if hasattr(self, _NORM_NAMES[0]):  # not during nn.RNNCellBase's __init__
-            self._reset_norms()
+        self._add_norms(device, dtype)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if input.dim() not in (1, 2):
