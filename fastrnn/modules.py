@@ -30,9 +30,6 @@ _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
 
 
-_RNN_KINDS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-
-
 def _rnn_kind(nonlinearity: str) -> str | None:
     """The kernel kind of an Elman RNN or cell, None for a nonlinearity torch would reject."""
     return f"rnn_{nonlinearity}" if nonlinearity in ("tanh", "relu") else None
@@ -447,8 +444,9 @@ class RNN(_SequenceForward, _TorchRNN):
     _dims_error_noun = " tensor"
 
     def _kernel_kind(self) -> str | None:
-        # torch's forward goes by the mode set at construction, not `nonlinearity`
-        return _RNN_KINDS.get(self.mode)
+        # torch's forward goes by the mode set at construction (RNN_TANH, RNN_RELU), not
+        # `nonlinearity`
+        return _rnn_kind(self.mode.removeprefix("RNN_").lower())
 
 
 class _CellForward(_KernelForward):
