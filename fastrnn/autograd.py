@@ -217,20 +217,6 @@ def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) ->
     return scratch(slot, shape, like, dtype)
 
 
-def _cache_rows(ctx, x: Tensor) -> int:
-    """Rows of a cache that only a backward reads (LSTM's cell cache, GRU's gate cache): all of
-    x's, or none in inference where the kernels can skip writing them (the CPU's: GRU B16
-    forward kernel 4.97 -> 4.77 ms)."""
-    if any(ctx.needs_input_grad) or not _recurrence(x).SKIPS_INFERENCE_CACHES:
-        return x.shape[0]
-    return 0
-
-
-def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """b_ih + b_hh, outside autograd (forward runs under no_grad, or nothing requires grad)."""
-    return None if b_ih is None else b_ih + b_hh
-
-
 def _features_side_by_side(y: Tensor) -> Tensor:
     """(D, N, P) -> contiguous (N, D * P) (a view for D = 1). With P = 1, `reshape` returned a
     strided view, and dropout draws its mask in memory order: the next layer's mask then
@@ -361,14 +347,18 @@ def _forward(ctx, recurrence, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_
     _check_layer(x, batch_sizes, states, (width, hidden)[: spec.states], W_ih, W_hh, spec.gates)
     if W_hr is not None and tuple(W_hr.shape) != (directions, width, hidden):
         raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
-    bias = b_ih if spec.gates == 3 else _summed_bias(b_ih, b_hh)
+    # outside autograd (forward runs under no_grad, or nothing requires grad)
+    bias = b_ih if spec.gates == 3 or b_ih is None else b_ih + b_hh
     fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
     y = x.new_empty((directions, rows, width))
     finals = _states_like(*states)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
     if masks is not None:
         inputs["masks"] = masks
-    cache_rows = _cache_rows(ctx, x)
+    # rows of the caches only a backward reads (LSTM's cells, GRU's gates): none in inference
+    # where the kernels can skip writing them (the CPU's: GRU B16 forward 4.97 -> 4.77 ms)
+    training = any(ctx.needs_input_grad) or not recurrence.SKIPS_INFERENCE_CACHES
+    cache_rows = rows if training else 0
     if cell == "lstm":
         # fused, the kernel only writes the activated gates, for a backward
         gates = _buffer(ctx, "gates", (directions, cache_rows if fused else rows, 4 * hidden), x)
@@ -398,14 +388,6 @@ def _forward(ctx, recurrence, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_
     return y, finals, gates, None
 
 
-def _masked_previous_states(ctx, directions: int, x: Tensor, width: int) -> Tensor:
-    """`_previous_states`, always with every row where recurrent dropout masks them (the
-    kernels then write h_mask * h there, the states W_hh read)."""
-    if ctx.masks is not None and ctx.masks[0] is not None:
-        return scratch("h_prev", (directions, x.shape[0], width), x)
-    return _previous_states(directions, x, ctx.batch_sizes, width)
-
-
 def _backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
     """-> (d_input, d_recurrent, h_prev, dh0, dc0, dW_hr) of an LSTM, GRU or RNN layer: the
     gate gradients on the input and on the recurrent side (one tensor where they are the
@@ -415,7 +397,11 @@ def _backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
     hidden = W_hh.shape[1] // gates
     # dead once backward returns: reused buffers (see `scratch`)
     d_input = d_recurrent = scratch("d_gates", (directions, rows, gates * hidden), x)
-    h_prev = _masked_previous_states(ctx, directions, x, width)
+    if ctx.masks is not None and ctx.masks[0] is not None:
+        # recurrent dropout: the kernels write h_mask * h, the states W_hh read, on every row
+        h_prev = scratch("h_prev", (directions, rows, width), x)
+    else:
+        h_prev = _previous_states(directions, x, sizes, width)
     dh0, *dc0 = _states_like(h0) if c0 is None else _states_like(h0, c0)
     masks = {} if ctx.masks is None else {"masks": ctx.masks}
     dW_hr = None

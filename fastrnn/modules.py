@@ -146,12 +146,8 @@ class _KernelForward:
 
 
 class _SequenceForward(_KernelForward):
-    """torch's forward-argument handling for the three sequence modules, on fastrnn kernels.
-
-    Subclasses set `_name` (used in torch's error messages) and implement `_run`, which gets
-    time-major or batch-first dense input / packed data, the states as a tuple of
-    (L * D, B, *) tensors and the batch sizes (None for dense input).
-    """
+    """torch's forward-argument handling for the sequence modules, on fastrnn kernels;
+    subclasses set `_name`, `_kind` (or `_kernel_kind`) and `_state_count`."""
 
     _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
     # Opt-in recurrent dropout and zoneout (`recurrent_masks`), set by the constructor; class
