@@ -34,7 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import recurrence_cpu, recurrence_cuda, reference
-from .cells import LAYERNORM_EPS, layernorm_widths
+from .cells import LAYERNORM_EPS, SPECS, layernorm_widths
 from .kernels.cpu.common import batch_sizes_problem
 from .scratch import scratch
 
@@ -93,15 +93,9 @@ def double_backward_through(recompute):
 def _reference_recompute(ctx):
     """(the layer Function's arguments, its outputs recomputed by `reference.layer`)."""
     x, h0, c0, W_ih, W_hh, W_hr, _, b_ih, b_hh, norms = ctx.saved_tensors
-    arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr]
-    if ctx.has_norms:
-        arguments.append(norms)
-    masks = getattr(ctx, "masks", None)
-    if masks is None:
-        return arguments, reference.layer(*arguments)
-    if not ctx.has_norms:
-        arguments.append(None)
-    return [*arguments, *masks], reference.layer(*arguments, *masks)
+    arguments = [ctx.cell, x, ctx.batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, norms]
+    arguments += ctx.masks or (None, None, None)
+    return arguments[: len(ctx.needs_input_grad)], reference.layer(*arguments)
 
 
 class _InferenceContext:
@@ -223,20 +217,6 @@ def _buffer(ctx, slot: str, shape: tuple[int, ...], like: Tensor, dtype=None) ->
     return scratch(slot, shape, like, dtype)
 
 
-def _cache_rows(ctx, x: Tensor) -> int:
-    """Rows of a cache that only a backward reads (LSTM's cell cache, GRU's gate cache): all of
-    x's, or none in inference where the kernels can skip writing them (the CPU's: GRU B16
-    forward kernel 4.97 -> 4.77 ms)."""
-    if any(ctx.needs_input_grad) or not _recurrence(x).SKIPS_INFERENCE_CACHES:
-        return x.shape[0]
-    return 0
-
-
-def _summed_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    """b_ih + b_hh, outside autograd (forward runs under no_grad, or nothing requires grad)."""
-    return None if b_ih is None else b_ih + b_hh
-
-
 def _features_side_by_side(y: Tensor) -> Tensor:
     """(D, N, P) -> contiguous (N, D * P) (a view for D = 1). With P = 1, `reshape` returned a
     strided view, and dropout draws its mask in memory order: the next layer's mask then
@@ -300,17 +280,17 @@ def _weight_grads(
     summed; GRU's differ in the n block). h_prev: the states the rows consumed, or empty with
     y and h0 given (`_recurrent_weight_grad`). gated (D, N, G2*H): what W_hh's last G2*H rows
     multiplied instead of those states (the "reset before" GRU's r * h), or None."""
-    need = ctx.needs_input_grad
+    need = ctx.needs_input_grad  # (cell, x, batch_sizes, h0, c0, W_ih, W_hh, ...)
     shared = d_recurrent is d_input
-    dx = _input_grad(d_input, W_ih) if need[1] else None  # need[0]: the cell kind
-    dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[ctx.W_ih_index] else None
+    dx = _input_grad(d_input, W_ih) if need[1] else None
+    dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[5] else None
     db_ih = d_input.sum(1) if ctx.has_bias else None
     if d_recurrent.shape[2] < d_input.shape[2]:
         # only the last block given (the GRU's n block, `kernels.cpu.gru.gru_backward`): the
         # rest is d_input's, which nothing reads any more, so it becomes the recurrent side
         d_input[:, :, d_input.shape[2] - d_recurrent.shape[2] :] = d_recurrent
         d_recurrent = d_input
-    if need[ctx.W_ih_index + 1] and gated is not None:
+    if need[6] and gated is not None:
         lead = d_recurrent.shape[2] - gated.shape[2]
         dW_hh = torch.cat(
             [
@@ -319,7 +299,7 @@ def _weight_grads(
             ],
             1,
         )
-    elif need[ctx.W_ih_index + 1]:
+    elif need[6]:
         dW_hh = _recurrent_weight_grad(d_recurrent, h_prev, y, h0)
     else:
         dW_hh = None
@@ -351,155 +331,109 @@ def _states_like(*tensors: Tensor) -> list[Tensor]:
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
 
 
-def _lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, masks=None):
-    """LSTM: the input projection goes into the gate cache (or into the kernel's products),
-    which keeps the activated gates, and the cell cache the cells, for a backward."""
-    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // 4
-    proj = W_hr.shape[1] if W_hr is not None else hidden
-    _check_layer(x, batch_sizes, (h0, c0), (proj, hidden), W_ih, W_hh, 4)
-    if W_hr is not None and tuple(W_hr.shape) != (directions, proj, hidden):
+def _forward(ctx, recurrence, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, masks):
+    """The layer of an LSTM, GRU (either form) or RNN on its kernels (`cells.SPECS[cell]`):
+    -> (y (D, N, P), final states, gate cache, cell cache). The input projection of every step
+    (with both biases summed; the GRU's b_hh stays apart for its n gate) goes where the kernel
+    reads it: LSTM into the gate cache, which then keeps the activated gates, GRU into a
+    buffer of its own (its cache keeps r, z, n and W_hn h + b_hn, or r * h reset before), RNN
+    into y, which the kernel turns into the states (with zoneout a gate cache keeps the states
+    before it). A kernel that fuses the projection (`fuses_input_projection`) gets x, W_ih and
+    that bias instead."""
+    spec = SPECS[cell]
+    directions, rows, hidden = W_hh.shape[0], x.shape[0], W_hh.shape[1] // spec.gates
+    width = W_hr.shape[1] if W_hr is not None else hidden
+    states = (h0, c0)[: spec.states]
+    _check_layer(x, batch_sizes, states, (width, hidden)[: spec.states], W_ih, W_hh, spec.gates)
+    if W_hr is not None and tuple(W_hr.shape) != (directions, width, hidden):
         raise RuntimeError(f"fastrnn: weight_hr has shape {list(W_hr.shape)}")
-    cache_rows = _cache_rows(ctx, x)
+    # outside autograd (forward runs under no_grad, or nothing requires grad)
+    bias = b_ih if spec.gates == 3 or b_ih is None else b_ih + b_hh
     fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
-    # fused, the kernel only writes the activated gates, for a backward
-    gate_rows = cache_rows if fused else rows
-    gate_cache = _buffer(ctx, "gates", (directions, gate_rows, W_hh.shape[1]), x)
-    if not fused:
-        _input_projection(x, W_ih, bias, gate_cache)
-    y = x.new_empty((directions, rows, h0.shape[2]))
-    h_n, c_n = _states_like(h0, c0)
-    # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
-    cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    cell_cache = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
+    y = x.new_empty((directions, rows, width))
+    finals = _states_like(*states)
     inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
     if masks is not None:
         inputs["masks"] = masks
-    recurrence.lstm_forward(
-        batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, **inputs
-    )
-    return y, (h_n, c_n), gate_cache, cell_cache
-
-
-def _gru_forward(
-    ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before, masks=None
-):
-    """GRU: the input side's projection (with b_ih) stays apart from the recurrent side (with
-    b_hh) for the n gate; the gate cache keeps r, z, n and W_hn h + b_hn for a backward (r, z,
-    n and r * h for the "reset before" cell)."""
-    _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1] // 3,), W_ih, W_hh, 3)
-    directions, hidden = W_hh.shape[0], W_hh.shape[2]
-    fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
-    rows = 0 if fused else x.shape[0]
-    projected = _buffer(ctx, "projected", (directions, rows, 3 * hidden), x)
-    if not fused:
-        _input_projection(x, W_ih, b_ih, projected)
-    y = x.new_empty((directions, x.shape[0], hidden))
-    (h_n,) = _states_like(h0)
-    gate_cache = _buffer(ctx, "gates", (directions, _cache_rows(ctx, x), 4 * hidden), x)
-    b_hh = None if b_hh is None else b_hh.detach()
-    inputs = {"x": x, "W_ih": W_ih, "bias": b_ih} if fused else {}
-    if reset_before:
-        inputs["reset_before"] = True
-    if masks is not None:
-        inputs["masks"] = masks
-    recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, h_n, gate_cache, **inputs)
-    return y, (h_n,), gate_cache, None
-
-
-def _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, masks=None):
-    """Elman RNN: the input projection goes into y, which the kernel turns into the states
-    (all a backward needs; with zoneout a gate cache keeps the states before zoneout)."""
-    _check_layer(x, batch_sizes, (h0,), (W_hh.shape[1],), W_ih, W_hh, 1)
-    y = x.new_empty((W_ih.shape[0], x.shape[0], W_ih.shape[1]))
-    (h_n,) = _states_like(h0)
-    fused = recurrence.fuses_input_projection(batch_sizes, x, W_hh, h0)
+    # rows of the caches only a backward reads (LSTM's cells, GRU's gates): none in inference
+    # where the kernels can skip writing them (the CPU's: GRU B16 forward 4.97 -> 4.77 ms)
+    training = any(ctx.needs_input_grad) or not recurrence.SKIPS_INFERENCE_CACHES
+    cache_rows = rows if training else 0
+    if cell == "lstm":
+        # fused, the kernel only writes the activated gates, for a backward
+        gates = _buffer(ctx, "gates", (directions, cache_rows if fused else rows, 4 * hidden), x)
+        # 16-bit storage keeps LSTM's cell state in float32 (GPU path only)
+        cell_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        cells = _buffer(ctx, "cells", (directions, cache_rows, hidden), x, cell_dtype)
+        if not fused:
+            _input_projection(x, W_ih, bias, gates)
+        recurrence.lstm_forward(batch_sizes, W_hh, W_hr, h0, c0, y, *finals, gates, cells, **inputs)
+        return y, finals, gates, cells
+    if spec.gates == 3:
+        projected = _buffer(ctx, "projected", (directions, 0 if fused else rows, 3 * hidden), x)
+        if not fused:
+            _input_projection(x, W_ih, bias, projected)
+        gates = _buffer(ctx, "gates", (directions, cache_rows, 4 * hidden), x)
+        if cell == "gru_reset_before":
+            inputs["reset_before"] = True
+        b_hh = None if b_hh is None else b_hh.detach()
+        recurrence.gru_forward(batch_sizes, W_hh, b_hh, h0, projected, y, *finals, gates, **inputs)
+        return y, finals, gates, None
     if not fused:
         _input_projection(x, W_ih, bias, y)
-    inputs = {"x": x, "W_ih": W_ih, "bias": bias} if fused else {}
-    gate_cache = None
-    if masks is not None:
-        inputs["masks"] = masks
-        if masks[1] is not None:  # zoneout: act' needs the states before it
-            shape = (W_hh.shape[0], _cache_rows(ctx, x), W_hh.shape[1])
-            gate_cache = inputs["gate_cache"] = _buffer(ctx, "gates", shape, x)
-    recurrence.rnn_forward(batch_sizes, relu, W_hh, h0, y, h_n, **inputs)
-    return y, (h_n,), gate_cache, None
+    gates = None
+    if masks is not None and masks[1] is not None:  # zoneout: act' needs the states before it
+        gates = inputs["gate_cache"] = _buffer(ctx, "gates", (directions, cache_rows, hidden), x)
+    recurrence.rnn_forward(batch_sizes, cell == "rnn_relu", W_hh, h0, y, *finals, **inputs)
+    return y, finals, gates, None
 
 
-def _masked_previous_states(ctx, directions: int, x: Tensor, width: int) -> Tensor:
-    """`_previous_states`, always with every row where recurrent dropout masks them (the
-    kernels then write h_mask * h there, the states W_hh read)."""
+def _backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
+    """-> (d_input, d_recurrent, h_prev, dh0, dc0, dW_hr) of an LSTM, GRU or RNN layer: the
+    gate gradients on the input and on the recurrent side (one tensor where they are the
+    same), the states each row consumed, the initial states' gradients and the projection's."""
+    cell, sizes, gates = ctx.cell, ctx.batch_sizes, SPECS[ctx.cell].gates
+    directions, rows, width = W_hh.shape[0], x.shape[0], h0.shape[2]
+    hidden = W_hh.shape[1] // gates
+    # dead once backward returns: reused buffers (see `scratch`)
+    d_input = d_recurrent = scratch("d_gates", (directions, rows, gates * hidden), x)
     if ctx.masks is not None and ctx.masks[0] is not None:
-        return scratch("h_prev", (directions, x.shape[0], width), x)
-    return _previous_states(directions, x, ctx.batch_sizes, width)
-
-
-def _mask_arguments(ctx) -> dict:
-    """The masks keyword of a backward kernel call (none for a Function without masks)."""
-    return {} if ctx.masks is None else {"masks": ctx.masks}
-
-
-def _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
-    """-> (d_input, d_recurrent, h_prev, dh0, dc0, dW_hr): the LSTM's gate gradients (one
-    tensor for both sides), and its projection's gradient."""
-    directions, rows, hidden, proj = W_hh.shape[0], x.shape[0], c0.shape[2], h0.shape[2]
-    projected = W_hr is not None
-    # dead once backward returns: reused buffers (see `scratch`)
-    d_gates = scratch("d_gates", (directions, rows, 4 * hidden), x)
-    h_prev = _masked_previous_states(ctx, directions, x, proj)
-    extra_rows = rows if projected else 0
-    dh_total = scratch("dh_total", (directions, extra_rows, proj), x)
-    h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
-    dh0, dc0 = _states_like(h0, c0)
-    recurrence.lstm_backward(
-        ctx.batch_sizes, W_hh, W_hr, h0, c0, y, ctx.gate_cache, ctx.cell_cache,
-        dy, dh_n, dc_n, d_gates, h_prev, dh_total, h_raw, dh0, dc0, **_mask_arguments(ctx),
-    )  # fmt: skip
-    dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw) if projected else None
-    return d_gates, d_gates, h_prev, dh0, dc0, dW_hr
-
-
-def _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
-    directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-    if ctx.cell == "gru_reset_before":
-        # both sides' pre-activation gradients are the same (see `_weight_grads`' gated)
-        d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
-        h_prev = _previous_states(directions, x, ctx.batch_sizes, hidden)
-        (dh0,) = _states_like(h0)
-        no_rows = scratch("d_recurrent", (directions, 0, hidden), x)
-        recurrence.gru_backward(
-            ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, no_rows,
-            dh0, reset_before=True,
+        # recurrent dropout: the kernels write h_mask * h, the states W_hh read, on every row
+        h_prev = scratch("h_prev", (directions, rows, width), x)
+    else:
+        h_prev = _previous_states(directions, x, sizes, width)
+    dh0, *dc0 = _states_like(h0) if c0 is None else _states_like(h0, c0)
+    masks = {} if ctx.masks is None else {"masks": ctx.masks}
+    dW_hr = None
+    if cell == "lstm":
+        extra_rows = rows if W_hr is not None else 0
+        dh_total = scratch("dh_total", (directions, extra_rows, width), x)
+        h_raw = scratch("h_raw", (directions, extra_rows, hidden), x)
+        recurrence.lstm_backward(
+            sizes, W_hh, W_hr, h0, c0, y, ctx.gate_cache, ctx.cell_cache, dy, dh_n, dc_n,
+            d_input, h_prev, dh_total, h_raw, dh0, *dc0, **masks,
         )  # fmt: skip
-        return d_input, d_input, h_prev, dh0, None, None
-    # dead once backward returns: reused buffers (see `scratch`)
-    d_input = scratch("d_gates", (directions, rows, 3 * hidden), x)
-    # a kernel may write only the recurrent side's n block (the rest equals d_input's)
-    recurrent_width = hidden if recurrence.GRU_RECURRENT_N_ONLY else 3 * hidden
-    d_recurrent = scratch("d_recurrent", (directions, rows, recurrent_width), x)
-    h_prev = _masked_previous_states(ctx, directions, x, hidden)
-    (dh0,) = _states_like(h0)
-    recurrence.gru_backward(
-        ctx.batch_sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, d_recurrent, dh0,
-        **_mask_arguments(ctx),
-    )  # fmt: skip
-    return d_input, d_recurrent, h_prev, dh0, None, None
-
-
-def _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n):
-    directions, rows, hidden = W_hh.shape[0], x.shape[0], h0.shape[2]
-    # dead once backward returns: reused buffers (see `scratch`)
-    d_pre = scratch("d_gates", (directions, rows, hidden), x)
-    h_prev = _masked_previous_states(ctx, directions, x, hidden)
-    (dh0,) = _states_like(h0)
-    masks = _mask_arguments(ctx)
-    if masks and ctx.gate_cache is not None:
-        masks["gate_cache"] = ctx.gate_cache
-    recurrence.rnn_backward(
-        ctx.batch_sizes, ctx.cell == "rnn_relu", W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0,
-        **masks,
-    )  # fmt: skip
-    return d_pre, d_pre, h_prev, dh0, None, None
+        if W_hr is not None:
+            dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw)
+    elif gates == 3:
+        # a kernel may write only the recurrent side's n block (the rest equals d_input's);
+        # reset before, both sides' are the same (see `_weight_grads`' gated)
+        before = cell == "gru_reset_before"
+        narrow = before or recurrence.GRU_RECURRENT_N_ONLY
+        shape = (directions, 0 if before else rows, hidden if narrow else 3 * hidden)
+        recurrent = scratch("d_recurrent", shape, x)
+        if before:
+            masks["reset_before"] = True
+        recurrence.gru_backward(
+            sizes, W_hh, h0, y, ctx.gate_cache, dy, dh_n, h_prev, d_input, recurrent, dh0, **masks
+        )
+        d_recurrent = d_input if before else recurrent
+    else:
+        if masks and ctx.gate_cache is not None:
+            masks["gate_cache"] = ctx.gate_cache
+        relu = cell == "rnn_relu"
+        recurrence.rnn_backward(sizes, relu, W_hh, h0, y, dy, dh_n, d_input, h_prev, dh0, **masks)
+    return d_input, d_recurrent, h_prev, dh0, dc0[0] if dc0 else None, dW_hr
 
 
 def _layernorm_lstm_forward(ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, norms):
@@ -633,33 +567,18 @@ class LayerFunction(torch.autograd.Function):
         )
         recurrence = _recurrence(x)
         masks = _layer_masks(x, h_mask, zone_h, zone_c)
-        extra = {} if masks is None else {"masks": masks}
         if cell == "layernorm_lstm":
             run = _layernorm_lstm_forward(
                 ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, stacked_norms
             )
-        elif cell == "lstm":
-            bias = _summed_bias(b_ih, b_hh)
-            run = _lstm_forward(
-                ctx, recurrence, x, batch_sizes, h0, c0, W_ih, W_hh, bias, W_hr, **extra
-            )
-        elif cell in ("gru", "gru_reset_before"):
-            reset_before = cell == "gru_reset_before"
-            run = _gru_forward(
-                ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, b_ih, b_hh, reset_before, **extra
-            )
         else:
-            bias = _summed_bias(b_ih, b_hh)
-            relu = cell == "rnn_relu"
-            run = _rnn_forward(ctx, recurrence, x, batch_sizes, h0, W_ih, W_hh, bias, relu, **extra)
+            run = _forward(
+                ctx, recurrence, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, masks
+            )
         y, states, gate_cache, cell_cache = run
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(x, h0, c0, *given, y, *biases, norms)
-            ctx.cell, ctx.batch_sizes = cell, batch_sizes
-            ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
-            ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
-            ctx.has_norms = norms is not None
-            ctx.masks = masks
+            _keep(ctx, cell, batch_sizes, gate_cache, cell_cache, b_ih is not None, masks)
         return (_features_side_by_side(y), *states)
 
     @staticmethod
@@ -676,12 +595,7 @@ class LayerFunction(torch.autograd.Function):
             )
             weight_grads = _gradients_as_given(ctx, dW_ih, dW_hh, db_ih, db_hh, None, d_norms)
             return _padded(ctx, None, dx, None, dh0, dc0, *weight_grads)
-        if ctx.cell == "lstm":
-            run = _lstm_backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
-        elif ctx.cell in ("gru", "gru_reset_before"):
-            run = _gru_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
-        else:
-            run = _rnn_backward(ctx, recurrence, x, h0, W_hh, y, dy, dh_n)
+        run = _backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n)
         d_input, d_recurrent, h_prev, dh0, dc0, dW_hr = run
         gated = None
         if ctx.cell == "gru_reset_before":  # the cache's last block: r * h
@@ -691,6 +605,12 @@ class LayerFunction(torch.autograd.Function):
         )
         weight_grads = _gradients_as_given(ctx, *weight_grads, dW_hr)
         return _padded(ctx, None, dx, None, dh0, dc0, *weight_grads)
+
+
+def _keep(ctx, cell, batch_sizes, gate_cache, cell_cache, has_bias: bool, masks) -> None:
+    """What `LayerFunction.backward` reads besides the saved tensors."""
+    ctx.cell, ctx.batch_sizes, ctx.has_bias, ctx.masks = cell, batch_sizes, has_bias, masks
+    ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
 
 
 class _RecordingContext:
@@ -706,18 +626,9 @@ class _RecordingContext:
 
 
 def layer_forward(
-    cell: str,
-    x: Tensor,
-    batch_sizes: np.ndarray,
-    h0: Tensor,
-    c0: Tensor | None,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    W_hr: Tensor | None,
-    training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cell: str, x: Tensor, batch_sizes: np.ndarray, h0: Tensor, c0: Tensor | None, W_ih: Tensor,
+    W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, W_hr: Tensor | None, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """`LayerFunction`'s forward as a plain function (the first half of the `fastrnn::layer`
     op): -> (y (N, D * P), h_n (D, B, P), c_n (D, B, H) (LSTM; else empty), gate_cache,
     cell_cache). With `training`, the caches are what `layer_backward` needs (LSTM: activated
@@ -726,37 +637,17 @@ def layer_forward(
     ctx = _RecordingContext((training,) * 10)
     outputs = LayerFunction.forward(ctx, cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr)
     empty = x.new_empty(0)
-    c_n = outputs[2] if cell == "lstm" else empty
-    gate_cache = getattr(ctx, "gate_cache", None) if training else None
-    cell_cache = getattr(ctx, "cell_cache", None) if training else None
-    return (
-        outputs[0],
-        outputs[1],
-        c_n,
-        empty.clone() if gate_cache is None else gate_cache,
-        empty.clone() if cell_cache is None else cell_cache,
-    )
+    caches = (getattr(ctx, "gate_cache", None), getattr(ctx, "cell_cache", None))
+    caches = [empty.clone() if c is None or not training else c for c in caches]
+    return (outputs[0], outputs[1], outputs[2] if cell == "lstm" else empty, *caches)
 
 
 def layer_backward(
-    cell: str,
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor | None,
-    x: Tensor,
-    batch_sizes: np.ndarray,
-    h0: Tensor,
-    c0: Tensor | None,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    W_hr: Tensor | None,
-    y: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor,
+    cell: str, dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, x: Tensor, batch_sizes: np.ndarray,
+    h0: Tensor, c0: Tensor | None, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, W_hr: Tensor | None, y: Tensor, gate_cache: Tensor, cell_cache: Tensor,
     needs: Sequence[bool],
-) -> list[Tensor | None]:
+) -> list[Tensor | None]:  # fmt: skip
     """The backward of `layer_forward` from its inputs, its output y (N, D * P) and caches:
     -> [dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent or not wanted;
     needs: whether each of x, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr wants its gradient."""
@@ -765,11 +656,7 @@ def layer_backward(
     need_x, need_h0, need_c0, *need_weights = needs
     ctx = _RecordingContext((False, need_x, False, need_h0, need_c0, *need_weights))
     ctx.save_for_backward(x, h0, c0, W_ih, W_hh, W_hr, y_rows, b_ih, b_hh, None)
-    ctx.cell, ctx.batch_sizes = cell, batch_sizes
-    ctx.gate_cache, ctx.cell_cache = gate_cache, cell_cache
-    ctx.has_bias, ctx.W_ih_index = b_ih is not None, 5
-    ctx.has_norms = False
-    ctx.masks = None
+    _keep(ctx, cell, batch_sizes, gate_cache, cell_cache, b_ih is not None, None)
     grads = (dy, dh_n, dc_n) if cell == "lstm" else (dy, dh_n)
     with torch.no_grad():
         _, dx, _, dh0, dc0, *weight_grads = _first_order_backward()(ctx, *grads)

@@ -105,12 +105,11 @@ def _weight_grads(ctx, d_input: Tensor, d_recurrent: Tensor, x: Tensor, h: Tenso
 
 
 def _reference_recompute(ctx):
-    """(the cell Function's arguments, its outputs recomputed by `reference.layer`, one step)."""
+    """(the cell Function's arguments, its outputs recomputed by `reference.step`)."""
     x, h, c, W_ih, W_hh, _, b_ih, b_hh = ctx.saved_tensors
-    arguments = [ctx.cell, x, h, c, W_ih, W_hh, b_ih, b_hh]
-    c0 = None if c is None else c[None]
-    outputs = reference.layer(ctx.cell, x, [x.shape[0]], h[None], c0, W_ih, W_hh, b_ih, b_hh, None)
-    return arguments, tuple(state[0] for state in outputs[1:])
+    states = (h,) if c is None else (h, c)
+    outputs = reference.step(ctx.cell, x, states, (W_ih, W_hh, b_ih, b_hh))
+    return [ctx.cell, x, h, c, W_ih, W_hh, b_ih, b_hh], outputs
 
 
 def _lstm_forward(x, h, c, W_ih, W_hh, b_ih, b_hh):

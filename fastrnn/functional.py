@@ -151,31 +151,29 @@ def _torch_runs(
     return True
 
 
-def _torch_sequence(
-    name: str,
-    input: Tensor,
-    hx,
-    weights: Sequence[Tensor],
-    flags: tuple,
-    batch_first: bool,
-    batch_sizes: Tensor | None,
-) -> tuple[Tensor, ...] | None:
-    """torch._VF's `name` (lstm, gru, rnn_tanh, rnn_relu) on the same arguments where fastrnn
-    hands the call over (`_torch_runs`), else None; flags: (has_biases, num_layers, dropout,
-    train, bidirectional)."""
-    if not _torch_runs(name, input, weights, hx, 6):
-        return None
-    function = getattr(_VF, name)
-    if batch_sizes is None:
-        return tuple(function(input, hx, weights, *flags, batch_first))
-    return tuple(function(input, batch_sizes, hx, weights, *flags))
+def _reference_runs(
+    name: str, kind: str, input: Tensor, weights: Sequence[Tensor | None], hx, eager: bool = True
+) -> bool | None:
+    """Where the functional API's `name` (lstm, gru_cell, ...) runs this call: None for
+    torch._VF's function of that name (`_torch_runs`, eager only), else whether the plain-torch
+    reference runs: for a cell torch doesn't have, where the kernels can't (`kernel_reason`),
+    warning once."""
+    if kind in TORCH_KINDS:
+        return None if eager and _torch_runs(name, input, weights, hx, 6) else False
+    reason = kernel_reason(input, weights, hx)
+    if reason is not None:
+        warn_fallback(f"fastrnn.functional.{name}", reason, REFERENCE, 5)
+    return reason is not None
 
 
 def _time_major_rows(
-    input: Tensor, batch_sizes: Tensor | None, batch_first: bool
-) -> tuple[Tensor, np.ndarray]:
-    """Input -> (rows (N, I) in packed time-major order, batch_sizes as an int64 numpy array)."""
+    input: Tensor, batch_sizes: Tensor | None, batch_first: bool, compiled: bool = False
+) -> tuple[Tensor, np.ndarray | Tensor]:
+    """Input -> (rows (N, I) in packed time-major order, batch_sizes (T,) int64: a numpy
+    array, or under torch.compile (`compiled`) a tensor, as dynamo records tensor code only)."""
     if batch_sizes is not None:
+        if compiled:
+            return input.contiguous(), batch_sizes
         return input.contiguous(), batch_sizes.detach().cpu().numpy().astype(np.int64)
     if batch_first:
         input = input.transpose(0, 1)
@@ -183,6 +181,8 @@ def _time_major_rows(
     if steps == 0:
         raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
     rows = input.contiguous().reshape(steps * batch, input.shape[2])
+    if compiled:
+        return rows, torch.full((steps,), batch, dtype=torch.int64)
     return rows, _dense_batch_sizes(steps, batch)
 
 
@@ -221,25 +221,9 @@ def _check_state_dtype(input: Tensor, states: Sequence[Tensor]) -> None:
             )
 
 
-# torch's scalar type names, as its dtype errors print them
-_TYPE_NAMES = {
-    torch.float32: "Float",
-    torch.float64: "Double",
-    torch.float16: "Half",
-    torch.bfloat16: "BFloat16",
-    torch.int64: "Long",
-    torch.int32: "Int",
-    torch.int16: "Short",
-    torch.int8: "Char",
-    torch.uint8: "Byte",
-    torch.bool: "Bool",
-    torch.complex64: "ComplexFloat",
-    torch.complex128: "ComplexDouble",
-}
-
-
 def type_name(t: Tensor) -> str:
-    return _TYPE_NAMES.get(t.dtype, str(t.dtype).removeprefix("torch."))
+    """torch's name of t's scalar type, as its dtype errors print it (Float, Double, Long, ...)."""
+    return t.type().rsplit(".", 1)[-1].removesuffix("Tensor")
 
 
 class SequenceCall(NamedTuple):
@@ -264,6 +248,9 @@ class SequenceCall(NamedTuple):
     # (layer, its input rows) -> the layer Function's trailing arguments after W_hr (a variant's
     # norms, masks), or None: then one-step calls may run as cells
     extras: Callable[[int, Tensor], tuple] | None = None
+    # under torch.compile: each layer is one `fastrnn::layer` op (`ops.layer`) and everything
+    # around it tensor code that dynamo records (sizes a tensor, no Functions)
+    compiled: bool = False
 
 
 def sequence_call(
@@ -278,6 +265,7 @@ def sequence_call(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    compiled: bool = False,
 ) -> SequenceCall:
     """The `SequenceCall` of a call torch's own argument checks have passed (a module's, or
     `_VF`'s signature in the functional API), after the checks that torch's kernels make:
@@ -288,13 +276,13 @@ def sequence_call(
     has_proj = kind == "lstm" and states[0].shape[-1] != states[1].shape[-1]
     directions = 2 if bidirectional else 1
     _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
-    rows, sizes = _time_major_rows(input, batch_sizes, batch_first)  # torch: T = 0 first
+    rows, sizes = _time_major_rows(input, batch_sizes, batch_first, compiled)  # T = 0 first
     _check_state_dtype(input, states)
-    if batch_sizes is not None and sizes.shape[0] == 1:  # the layer Function checks longer ones
-        check_batch_sizes(sizes, rows)
+    if batch_sizes is not None and sizes.shape[0] == 1 and not compiled:
+        check_batch_sizes(sizes, rows)  # the layer Function checks longer ones
     return SequenceCall(
         kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional,
-        dropout if train else 0.0, batch_sizes is None, batch_first,
+        dropout if train else 0.0, batch_sizes is None, batch_first, None, compiled,
     )  # fmt: skip
 
 
@@ -305,12 +293,12 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
     weight for a single product."""
     (
         kind, rows, sizes, states, weights, has_biases, has_proj, num_layers, bidirectional,
-        dropout, dense, batch_first, extras,
+        dropout, dense, batch_first, extras, compiled,
     ) = call  # fmt: skip
     directions = 2 if bidirectional else 1
     one_step = (
         sizes.shape[0] == 1 and not has_proj and not reference and extras is None
-        and _cell_kernels(rows)
+        and not compiled and _cell_kernels(rows)
     )  # fmt: skip
     layers = []  # each layer's new states (D, B, *)
     for layer in range(num_layers):
@@ -318,7 +306,9 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
         groups = [_layer_weights(weights, has_biases, first, has_proj)]
         if directions == 2:
             groups.append(_layer_weights(weights, has_biases, first + 1, has_proj))
-        if num_layers > 1:
+        if compiled:
+            layer_states = tuple(s[first : first + directions].contiguous() for s in states)
+        elif num_layers > 1:
             layer_states = tuple(s[first : first + directions] for s in states)
         else:
             layer_states = states
@@ -333,14 +323,19 @@ def run_sequence(call: SequenceCall, reference: bool = False) -> tuple[Tensor, .
             arguments = (kind, rows, sizes, layer_states[0], c0, *stacked)
             if extras is not None:
                 arguments += extras(layer, rows)
-            if reference:
+            if compiled:
+                tensors = [rows, *layer_states, *(w for w in stacked if w is not None)]
+                training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+                rows, h_n, c_n, _, _ = layer_op(*arguments, training)
+                new_states = (h_n, c_n)[: len(layer_states)]
+            elif reference:
                 rows, *new_states = reference_layer(*arguments)
             else:
                 rows, *new_states = apply_layer(LayerFunction, *arguments)
         layers.append(new_states)
         if dropout > 0 and layer < num_layers - 1:
             rows = F.dropout(rows, dropout, training=True)
-    saved = directions == 1 and not one_step and not reference
+    saved = directions == 1 and not one_step and not reference and not compiled
     output = _sequence_output(rows, sizes, saved, dense, batch_first)
     if num_layers == 1:
         return (output, *layers[0])
@@ -351,64 +346,6 @@ def compiling() -> bool:
     """Under torch.compile (not torch.export): the layers run as `ops.layer`, which a compiled
     graph holds as one opaque op."""
     return torch.compiler.is_compiling() and not _exporting()
-
-
-def compiled_sequence(
-    kind: str,
-    input: Tensor,
-    states: tuple[Tensor, ...],
-    weights: Sequence[Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool,
-    batch_sizes: Tensor | None,
-) -> tuple[Tensor, ...]:
-    """`_stacked` as torch.compile traces it: every layer is one `fastrnn::layer` op (kind:
-    lstm, gru, rnn_tanh, rnn_relu), and everything around it is tensor code that dynamo
-    records (no numpy, no Functions). Returns (output, *final states)."""
-    directions = 2 if bidirectional else 1
-    has_proj = kind == "lstm" and states[0].shape[-1] != states[1].shape[-1]
-    _check_weight_count(weights, has_biases, has_proj, num_layers * directions)
-    if batch_sizes is None:
-        steps_first = input.transpose(0, 1) if batch_first else input
-        steps, batch = steps_first.shape[0], steps_first.shape[1]
-        if steps == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        rows = steps_first.reshape(steps * batch, steps_first.shape[2]).contiguous()
-        sizes = torch.full((steps,), batch, dtype=torch.int64)
-    else:
-        rows, sizes = input.contiguous(), batch_sizes
-    _check_state_dtype(input, states)
-    finals: list[list[Tensor]] = [[] for _ in states]
-    for layer in range(num_layers):
-        first = layer * directions
-        per_direction = [
-            _layer_weights(weights, has_biases, first + d, has_proj) for d in range(directions)
-        ]
-        if directions == 1:
-            stacked = per_direction[0]
-        else:
-            stacked = [_stack_directions([w[i] for w in per_direction]) for i in range(5)]
-        layer_states = [s[first : first + directions].contiguous() for s in states]
-        tensors = [rows, *layer_states, *(w for w in stacked if w is not None)]
-        training = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        c0 = layer_states[1] if len(layer_states) == 2 else None
-        y, h_n, c_n, _, _ = layer_op(kind, rows, sizes, layer_states[0], c0, *stacked, training)
-        finals[0].append(h_n)
-        if kind == "lstm":
-            finals[1].append(c_n)
-        rows = y
-        if dropout > 0 and train and layer < num_layers - 1:
-            rows = F.dropout(rows, dropout, training=True)
-    output = rows
-    if batch_sizes is None:
-        output = output.view(steps, batch, output.shape[1])
-        if batch_first:
-            output = output.transpose(0, 1)
-    return (output, *(final[0] if num_layers == 1 else torch.cat(final) for final in finals))
 
 
 def _sequence_output(
@@ -487,134 +424,91 @@ def checked_sequence(
     bidirectional: bool,
     batch_first: bool,
     reference: bool = False,
+    extras: Callable[[int, Tensor], tuple] | None = None,
 ) -> tuple[Tensor, ...]:
     """(output, *final states) of a call that torch's argument checks have passed, on
     fastrnn's kernels (`ops.layer` per layer under torch.compile, the layer Functions
-    otherwise) or, as the caller decided, on the plain-torch reference."""
-    if compiling() and not reference:
-        return compiled_sequence(
-            kind, input, states, weights, has_biases, num_layers, dropout, train, bidirectional,
-            batch_first, batch_sizes,
-        )  # fmt: skip
+    otherwise) or, as the caller decided, on the plain-torch reference. extras: as
+    `SequenceCall`'s (a variant's layers take eagerly)."""
     call = sequence_call(
         kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, train,
-        bidirectional, batch_first,
+        bidirectional, batch_first, not reference and extras is None and compiling(),
     )  # fmt: skip
-    return run_sequence(call, reference)
+    return run_sequence(call if extras is None else call._replace(extras=extras), reference)
 
 
 def _sequence(
     kind: str,
     input: Tensor,
     hx,
-    states: tuple[Tensor, ...],
     weights: Sequence[Tensor],
     flags: tuple[bool, int, float, bool, bool],
     batch_first: bool,
     batch_sizes: Tensor | None,
 ) -> tuple[Tensor, ...]:
     """The functional API's sequence call: torch._VF's where fastrnn hands it over
-    (`_torch_runs`), else `checked_sequence`. flags: (has_biases, num_layers, dropout, train,
-    bidirectional)."""
-    if not compiling():
-        by_torch = _torch_sequence(kind, input, hx, weights, flags, batch_first, batch_sizes)
-        if by_torch is not None:
-            return by_torch
-    has_biases, num_layers, dropout, train, bidirectional = flags
+    (`_torch_runs`), for a cell torch doesn't have the plain-torch reference where the kernels
+    can't run (`kernel_reason`, warning once), else `checked_sequence`. flags: (has_biases,
+    num_layers, dropout, train, bidirectional)."""
+    if kind == "lstm" and len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    reference = _reference_runs(kind, kind, input, weights, hx, not compiling())
+    if reference is None:
+        function = getattr(_VF, kind)
+        if batch_sizes is None:
+            return tuple(function(input, hx, weights, *flags, batch_first))
+        return tuple(function(input, batch_sizes, hx, weights, *flags))
+    states = (hx[0], hx[1]) if kind == "lstm" else (hx,)
     return checked_sequence(
-        kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, train,
-        bidirectional, batch_first,
-    )  # fmt: skip
+        kind, input, batch_sizes, states, weights, *flags, batch_first, reference
+    )
 
 
 def lstm(
-    input: Tensor,
-    hx: tuple[Tensor, Tensor],
-    weights: Sequence[Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool = False,
+    input: Tensor, hx: tuple[Tensor, Tensor], weights: Sequence[Tensor], has_biases: bool,
+    num_layers: int, dropout: float, train: bool, bidirectional: bool, batch_first: bool = False,
     batch_sizes: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Multi-layer LSTM (gates i, f, g, o); a projection is used when the weights include W_hr.
 
     Returns output, h_n (L * D, B, P), c_n (L * D, B, H). See the module docstring for layouts.
     """
-    if len(hx) != 2:
-        raise RuntimeError("lstm expects two hidden states")
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    states = (hx[0], hx[1])
-    output, h_n, c_n = _sequence(
-        "lstm", input, hx, states, weights, flags, batch_first, batch_sizes
-    )
-    return output, h_n, c_n
+    return _sequence("lstm", input, hx, weights, flags, batch_first, batch_sizes)
 
 
 def gru(
-    input: Tensor,
-    hx: Tensor,
-    weights: Sequence[Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool = False,
+    input: Tensor, hx: Tensor, weights: Sequence[Tensor], has_biases: bool, num_layers: int,
+    dropout: float, train: bool, bidirectional: bool, batch_first: bool = False,
     batch_sizes: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Multi-layer GRU, PyTorch's "reset after" form, gates r, z, n. Returns output, h_n."""
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    output, h_n = _sequence("gru", input, hx, (hx,), weights, flags, batch_first, batch_sizes)
-    return output, h_n
+    return _sequence("gru", input, hx, weights, flags, batch_first, batch_sizes)
 
 
 def rnn(
-    input: Tensor,
-    hx: Tensor,
-    weights: Sequence[Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool = False,
-    batch_sizes: Tensor | None = None,
-    nonlinearity: str = "tanh",
-) -> tuple[Tensor, Tensor]:
+    input: Tensor, hx: Tensor, weights: Sequence[Tensor], has_biases: bool, num_layers: int,
+    dropout: float, train: bool, bidirectional: bool, batch_first: bool = False,
+    batch_sizes: Tensor | None = None, nonlinearity: str = "tanh",
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Multi-layer Elman RNN with tanh or relu. Returns output, h_n."""
     kind = "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
     flags = (has_biases, num_layers, dropout, train, bidirectional)
-    output, h_n = _sequence(kind, input, hx, (hx,), weights, flags, batch_first, batch_sizes)
-    return output, h_n
+    return _sequence(kind, input, hx, weights, flags, batch_first, batch_sizes)
 
 
 def gru_reset_before(
-    input: Tensor,
-    hx: Tensor,
-    weights: Sequence[Tensor],
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    train: bool,
-    bidirectional: bool,
-    batch_first: bool = False,
+    input: Tensor, hx: Tensor, weights: Sequence[Tensor], has_biases: bool, num_layers: int,
+    dropout: float, train: bool, bidirectional: bool, batch_first: bool = False,
     batch_sizes: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Multi-layer GRU in the "reset before" form (gates r, z, n; n = tanh(W_in x + b_in +
     W_hn (r h) + b_hn)), arguments and layouts as `gru`'s (torch's weights). Returns output,
     h_n. Where the kernels can't run (`kernel_reason`), the plain-torch reference runs,
     warning once."""
-    reason = kernel_reason(input, weights, hx)
-    if reason is not None:
-        warn_fallback("fastrnn.functional.gru_reset_before", reason, REFERENCE, 3)
-    output, h_n = checked_sequence(
-        "gru_reset_before", input, batch_sizes, (hx,), weights, has_biases, num_layers,
-        dropout, train, bidirectional, batch_first, reason is not None,
-    )  # fmt: skip
-    return output, h_n
+    flags = (has_biases, num_layers, dropout, train, bidirectional)
+    return _sequence("gru_reset_before", input, hx, weights, flags, batch_first, batch_sizes)
 
 
 def _fits(
@@ -796,67 +690,49 @@ def check_lstm_cell_states(hx) -> None:
         raise RuntimeError("lstm_cell expects two hidden states")
 
 
+def _cell(kind: str, input: Tensor, hx, weights: tuple) -> Tensor | tuple[Tensor, Tensor]:
+    """The functional API's cell call: torch._VF's where fastrnn hands it over (`_torch_runs`),
+    for a cell torch doesn't have the reference step where the kernels can't run
+    (`kernel_reason`, warning once), else `checked_cell`. -> h', or (h', c') for the LSTM."""
+    name = f"{kind}_cell"
+    if kind == "lstm":
+        check_lstm_cell_states(hx)
+    reference = _reference_runs(name, kind, input, weights, hx)
+    if reference is None:
+        return getattr(_VF, name)(input, hx, *weights)
+    result = checked_cell(kind, input, hx, hx if kind == "lstm" else (hx,), weights, reference)
+    return (result[0], result[1]) if kind == "lstm" else result[0]
+
+
 def lstm_cell(
-    input: Tensor,
-    hx: tuple[Tensor, Tensor],
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+    input: Tensor, hx: tuple[Tensor, Tensor], W_ih: Tensor, W_hh: Tensor,
+    b_ih: Tensor | None = None, b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One LSTM step: input (B, I), hx ((B, H), (B, H)) -> (h', c'), each (B, H)."""
-    check_lstm_cell_states(hx)
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs("lstm_cell", input, weights, hx):
-        return _VF.lstm_cell(input, hx, *weights)
-    h, c = checked_cell("lstm", input, hx, hx, weights)
-    return h, c
+    return _cell("lstm", input, hx, (W_ih, W_hh, b_ih, b_hh))
 
 
 def gru_cell(
-    input: Tensor,
-    hx: Tensor,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None = None,
+    input: Tensor, hx: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """One GRU step: input (B, I), hx (B, H) -> h' (B, H)."""
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs("gru_cell", input, weights, hx):
-        return _VF.gru_cell(input, hx, *weights)
-    return checked_cell("gru", input, hx, (hx,), weights)[0]
+    return _cell("gru", input, hx, (W_ih, W_hh, b_ih, b_hh))
 
 
 def rnn_cell(
-    input: Tensor,
-    hx: Tensor,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None = None,
-    b_hh: Tensor | None = None,
-    nonlinearity: str = "tanh",
-) -> Tensor:
+    input: Tensor, hx: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None, nonlinearity: str = "tanh",
+) -> Tensor:  # fmt: skip
     """One Elman RNN step with tanh or relu: input (B, I), hx (B, H) -> h' (B, H)."""
     kind = "rnn_relu" if nonlinearity == "relu" else "rnn_tanh"
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    if _torch_runs(f"{kind}_cell", input, weights, hx):
-        return getattr(_VF, f"{kind}_cell")(input, hx, *weights)
-    return checked_cell(kind, input, hx, (hx,), weights)[0]
+    return _cell(kind, input, hx, (W_ih, W_hh, b_ih, b_hh))
 
 
 def gru_reset_before_cell(
-    input: Tensor,
-    hx: Tensor,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None = None,
+    input: Tensor, hx: Tensor, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
-) -> Tensor:
+) -> Tensor:  # fmt: skip
     """One step of the "reset before" GRU (see `gru_reset_before`): input (B, I), hx (B, H)
     -> h' (B, H); the plain-torch reference step where the kernels can't run, warning once."""
-    weights = (W_ih, W_hh, b_ih, b_hh)
-    reason = kernel_reason(input, weights, hx)
-    if reason is not None:
-        warn_fallback("fastrnn.functional.gru_reset_before_cell", reason, REFERENCE, 3)
-    return checked_cell("gru_reset_before", input, hx, (hx,), weights, reason is not None)[0]
+    return _cell("gru_reset_before", input, hx, (W_ih, W_hh, b_ih, b_hh))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -26,6 +25,7 @@ from torch.nn.utils.rnn import PackedSequence
 from . import functional
 from .cells import layernorm_lstm_step, layernorm_widths
 from .functional import kernel_reason, warn_fallback
+from .modules import LSTM, _SequenceForward
 
 __all__ = ["LayerNormLSTM", "LayerNormLSTMCell"]
 
@@ -40,7 +40,42 @@ _NORM_NAMES = (
 )
 
 
-class LayerNormLSTM(nn.RNNBase):
+class _Norms:
+    """The norms' gains (init 1) and biases (init 0), registered after torch's weights, whose
+    initialisation (torch's draws, uniform ±1/sqrt(H)) stays torch's."""
+
+    _weight_names: tuple[str, ...] = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def _norm_suffixes(self) -> list[str]:
+        return [""]
+
+    def _add_norms(self, device, dtype) -> None:
+        widths = layernorm_widths(self.hidden_size)
+        for suffix in self._norm_suffixes():
+            for name, width in zip(_NORM_NAMES, widths, strict=True):
+                value = torch.empty(width, device=device, dtype=dtype)
+                self.register_parameter(name + suffix, nn.Parameter(value))
+        self._reset_norms()
+
+    def _reset_norms(self) -> None:
+        with torch.no_grad():
+            for suffix in self._norm_suffixes():
+                for name in _NORM_NAMES:
+                    getattr(self, name + suffix).fill_(1.0 if name.endswith("weight") else 0.0)
+
+    def reset_parameters(self) -> None:
+        """torch's draws for its weights and biases, then the norms' gains to 1 and biases
+        to 0 (not during torch's __init__, which runs before they exist)."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        for name in self._weight_names:
+            weight = getattr(self, name, None)
+            if weight is not None:
+                nn.init.uniform_(weight, -bound, bound)
+        if hasattr(self, _NORM_NAMES[0] + self._norm_suffixes()[0]):
+            self._reset_norms()
+
+
+class LayerNormLSTM(_Norms, _SequenceForward, nn.RNNBase):
     """Multi-layer layer-norm LSTM (formulas in the module docstring) with torch.nn.LSTM's
     constructor (no proj_size), parameters, initialisation and forward.
 
@@ -68,149 +103,57 @@ class LayerNormLSTM(nn.RNNBase):
     """
 
     def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        num_layers: int = 1,
-        bias: bool = True,
-        batch_first: bool = False,
-        dropout: float = 0.0,
-        bidirectional: bool = False,
-        device=None,
-        dtype=None,
-    ) -> None:
+        self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+        batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+        device=None, dtype=None,
+    ) -> None:  # fmt: skip
         super().__init__(
-            "LSTM",
-            input_size,
-            hidden_size,
-            num_layers=num_layers,
-            bias=bias,
-            batch_first=batch_first,
-            dropout=dropout,
-            bidirectional=bidirectional,
-            device=device,
-            dtype=dtype,
-        )
-        widths = layernorm_widths(hidden_size)
-        for layer in range(num_layers):
-            for suffix in self._suffixes():
-                for name, width in zip(_NORM_NAMES, widths, strict=True):
-                    value = torch.empty(width, device=device, dtype=dtype)
-                    self.register_parameter(f"{name}_l{layer}{suffix}", nn.Parameter(value))
-        self._reset_norms()
+            "LSTM", input_size, hidden_size, num_layers, bias, batch_first, dropout,
+            bidirectional, device=device, dtype=dtype,
+        )  # fmt: skip
+        self._add_norms(device, dtype)
 
-    def _suffixes(self) -> tuple[str, ...]:
-        return ("", "_reverse") if self.bidirectional else ("",)
+    @property
+    def _weight_names(self) -> list[str]:  # type: ignore[override]
+        return self._flat_weights_names
 
-    def _reset_norms(self) -> None:
-        for layer in range(self.num_layers):
-            for suffix in self._suffixes():
-                for name in _NORM_NAMES:
-                    parameter = getattr(self, f"{name}_l{layer}{suffix}")
-                    with torch.no_grad():
-                        parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+    def _norm_suffixes(self) -> list[str]:
+        directions = ("", "_reverse") if self.bidirectional else ("",)
+        return [f"_l{layer}{suffix}" for layer in range(self.num_layers) for suffix in directions]
 
-    def reset_parameters(self) -> None:
-        """torch.nn.LSTM's draws for its weights and biases (uniform ±1/sqrt(H)), then the
-        norms' gains to 1 and biases to 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for name in self._flat_weights_names:
-            nn.init.uniform_(getattr(self, name), -bound, bound)
-        if hasattr(self, f"{_NORM_NAMES[0]}_l0"):  # not during nn.RNNBase's __init__
-            self._reset_norms()
-
-    # torch.nn.LSTM's checks of hx and its permutation for packed input
+    # torch.nn.LSTM's checks of hx and its permutation for packed input; `_SequenceForward`
+    # (torch's forward-argument handling) as for fastrnn's LSTM
+    _name, _state_count, _kind = "LayerNormLSTM", 2, "layernorm_lstm"
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden
+    _states_tuple = LSTM._states_tuple
+    _states_result = LSTM._states_result
+    _check_state_dims = LSTM._check_state_dims
 
-    def _layer_norms(self, layer: int, rows: Tensor) -> tuple[Tensor]:
+    def _layer_extras(self, layer: int, rows: Tensor) -> tuple[Tensor]:
         """(norms,) of a layer, the layer Function's argument after W_hr: one direction's six
         norm parameters concatenated (18H), two directions' stacked (2, 18H)."""
+        directions = ("", "_reverse") if self.bidirectional else ("",)
         per_direction = [
             torch.cat([getattr(self, f"{name}_l{layer}{suffix}") for name in _NORM_NAMES])
-            for suffix in self._suffixes()
+            for suffix in directions
         ]
         return (per_direction[0] if len(per_direction) == 1 else torch.stack(per_direction),)
 
-    def forward(self, input, hx=None):
-        packed = isinstance(input, PackedSequence)
-        directions = 2 if self.bidirectional else 1
-        unsorted_indices = None
-        if packed:
-            data, batch_sizes_t, sorted_indices, unsorted_indices = input
-            batch = int(batch_sizes_t[0])
-            batch_sizes = batch_sizes_t.numpy().astype(np.int64)
-        else:
-            if input.dim() not in (2, 3):
-                raise ValueError(
-                    f"LayerNormLSTM: Expected input to be 2D or 3D, got {input.dim()}D instead"
-                )
-            batched = input.dim() == 3
-            if not batched:
-                input = input.unsqueeze(0 if self.batch_first else 1)
-            batch_sizes_t, sorted_indices = None, None
-        if hx is None:
-            rows = batch if packed else input.size(0 if self.batch_first else 1)
-            like = data if packed else input
-            zeros = torch.zeros(
-                self.num_layers * directions,
-                rows,
-                self.hidden_size,
-                dtype=like.dtype,
-                device=like.device,
-            )
-            hx = (zeros, zeros)
-        elif not packed:
-            dims = (hx[0].dim(), hx[1].dim())
-            if batched and dims != (3, 3):
-                raise RuntimeError(
-                    "For batched 3-D input, hx and cx should also be 3-D but got "
-                    f"({dims[0]}-D, {dims[1]}-D) tensors"
-                )
-            if not batched:
-                if dims != (2, 2):
-                    raise RuntimeError(
-                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
-                        f"({dims[0]}-D, {dims[1]}-D) tensors"
-                    )
-                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        if packed:
-            hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(data if packed else input, hx, batch_sizes_t)
-        if not packed:
-            time_major = input.transpose(0, 1) if self.batch_first else input
-            steps, batch = time_major.shape[0], time_major.shape[1]
-            data = time_major.reshape(steps * batch, time_major.shape[2])
-            batch_sizes = np.full(steps, batch, dtype=np.int64)
-        output, h_n, c_n = self._layers(data, batch_sizes, hx)
-        if packed:
-            result = PackedSequence(output, batch_sizes_t, sorted_indices, unsorted_indices)
-            return result, self.permute_hidden((h_n, c_n), unsorted_indices)
-        output = output.reshape(steps, batch, output.shape[1])
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not batched:
-            return output.squeeze(0 if self.batch_first else 1), (h_n.squeeze(1), c_n.squeeze(1))
-        return output, (h_n, c_n)
-
-    def _layers(self, x: Tensor, batch_sizes: np.ndarray, hx) -> tuple[Tensor, Tensor, Tensor]:
-        """Every layer over the packed time-major rows x (N, I): -> (output (N, D * H), h_n,
-        c_n (num_layers * D, B, H)), with dropout on each layer's output but the last
-        (`functional.run_sequence`, each layer's norms its extra argument)."""
-        reason = kernel_reason(x, list(self.parameters()), hx)
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        """Why the kernels can't run this call (warned once), or None; the norms count among
+        the weights."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor):
+            return None  # let the argument checks report it
+        reason = kernel_reason(data, list(self.parameters()), hx)
         if reason is not None:
-            warn_fallback("fastrnn.LayerNormLSTM", reason, "its plain-torch formulas")
-        call = functional.SequenceCall(
-            "layernorm_lstm", x, batch_sizes, tuple(hx), self._flat_weights, self.bias, False,
-            self.num_layers, self.bidirectional, self.dropout if self.training else 0.0, False,
-            False, self._layer_norms,
-        )  # fmt: skip
-        output, h_n, c_n = functional.run_sequence(call, reason is not None)
-        return output, h_n, c_n
+            warn_fallback("fastrnn.LayerNormLSTM", reason, "its plain-torch formulas", 4)
+        return reason
 
 
-class LayerNormLSTMCell(nn.RNNCellBase):
+class LayerNormLSTMCell(_Norms, nn.RNNCellBase):
     """One step of the layer-norm LSTM (`LayerNormLSTM`'s formulas) with torch.nn.LSTMCell's
     constructor, parameters (weight_ih, weight_hh, bias_ih, bias_hh: the same draws) and
     forward: input (B, I) or (I,), hx None or (h, c) (B, H) or (H,) -> (h', c'). Plus the norms'
@@ -223,26 +166,7 @@ class LayerNormLSTMCell(nn.RNNCellBase):
         self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
-        for name, width in zip(_NORM_NAMES, layernorm_widths(hidden_size), strict=True):
-            value = torch.empty(width, device=device, dtype=dtype)
-            self.register_parameter(name, nn.Parameter(value))
-        self._reset_norms()
-
-    def _reset_norms(self) -> None:
-        for name in _NORM_NAMES:
-            with torch.no_grad():
-                getattr(self, name).fill_(1.0 if name.endswith("weight") else 0.0)
-
-    def reset_parameters(self) -> None:
-        """torch.nn.LSTMCell's draws for its weights and biases, then the norms' gains to 1
-        and biases to 0."""
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            weight = getattr(self, name, None)
-            if weight is not None:
-                nn.init.uniform_(weight, -bound, bound)
-        if hasattr(self, _NORM_NAMES[0]):  # not during nn.RNNCellBase's __init__
-            self._reset_norms()
+        self._add_norms(device, dtype)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if input.dim() not in (1, 2):

@@ -13,6 +13,7 @@ a warning issued once per reason.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +28,6 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert"]
 # The torch classes as they were at import: scripts and tests may later patch torch.nn.LSTM & co.
 _TorchLSTM, _TorchGRU, _TorchRNN = nn.LSTM, nn.GRU, nn.RNN
 _TorchLSTMCell, _TorchGRUCell, _TorchRNNCell = nn.LSTMCell, nn.GRUCell, nn.RNNCell
-
-
-_RNN_KINDS = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
 
 def _rnn_kind(nonlinearity: str) -> str | None:
@@ -78,12 +76,9 @@ def _fallback_reason(module: nn.Module, input, weights: list, hx) -> str | None:
     else:
         reason = functional.kernel_reason(data, weights, hx)
     if reason is not None:
-        instead = None if torch_kind else _REFERENCE
+        instead = None if torch_kind else functional.REFERENCE
         _warn_fallback(type(module).__name__, reason, instead)
     return reason
-
-
-_REFERENCE = "fastrnn's plain-torch reference (torch has no such cell)"
 
 
 @functools.cache
@@ -131,16 +126,29 @@ def _check_onednn_state_dtypes(
         raise RuntimeError(_ONEDNN_PRIMITIVE_ERROR)
 
 
-class _SequenceForward:
-    """torch's forward-argument handling for the three sequence modules, on fastrnn kernels.
+class _KernelForward:
+    """What the sequence modules and the cells share: the kernel kind, the fallback check and
+    what torch.jit.script compiles in their place."""
 
-    Subclasses set `_name` (used in torch's error messages) and implement `_run`, which gets
-    time-major or batch-first dense input / packed data, the states as a tuple of
-    (L * D, B, *) tensors and the batch sizes (None for dense input).
-    """
-
-    _name = ""
+    _name = ""  # used in torch's error messages
     _state_count = 1
+    _kind: str | None = None
+
+    def _kernel_kind(self) -> str | None:
+        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
+        return self._kind
+
+    def _fallback_reason(self, input, weights, hx) -> str | None:
+        return _fallback_reason(self, input, weights, hx)
+
+    def __prepare_scriptable__(self):
+        return _prepared_for_scripting(self)
+
+
+class _SequenceForward(_KernelForward):
+    """torch's forward-argument handling for the sequence modules, on fastrnn kernels;
+    subclasses set `_name`, `_kind` (or `_kernel_kind`) and `_state_count`."""
+
     _dims_error_noun = ""  # torch's RNN says "got 4D tensor instead", LSTM and GRU "got 4D instead"
     # Opt-in recurrent dropout and zoneout (`recurrent_masks`), set by the constructor; class
     # defaults for modules made by `convert` or unpickled from before they existed.
@@ -172,31 +180,33 @@ class _SequenceForward:
             return None
         return recurrent_masks.rates_in_effect(self.recurrent_dropout, self.zoneout, self.training)
 
-    def _masked_run(self, kind: str, input, states, batch_sizes, rates):
-        """`_run` with recurrent dropout and/or zoneout (`recurrent_masks.sequence`)."""
-        output, *final = recurrent_masks.sequence(
-            type(self).__name__, kind, input, states, self._flat_weights, self.bias,
-            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            batch_sizes, rates,
-        )  # fmt: skip
-        return output, tuple(final)
-
     def _zero_states(self, batch: int, like: Tensor) -> tuple[Tensor, ...]:
-        raise NotImplementedError
+        """hx=None: zero states (L * D, B, P)[, c (L * D, B, H)] like the input."""
+        shape = (self.num_layers * (2 if self.bidirectional else 1), batch)
+        options = {"dtype": like.dtype, "device": like.device}
+        h = torch.zeros(*shape, self.proj_size or self.hidden_size, **options)
+        if self._state_count == 1:
+            return (h,)
+        return (h, torch.zeros(*shape, self.hidden_size, **options))
 
     def _run(self, input, states, batch_sizes, reference: bool):
         """(output, final states) of checked arguments: time-major or batch-first dense
         input or packed data, the states as a tuple of (L * D, B, *) tensors and the batch
         sizes (None for dense input); reference: on the plain-torch reference."""
-        rates = self._mask_rates()
-        if rates is not None:
-            return self._masked_run(self._kernel_kind(), input, states, batch_sizes, rates)
-        output, *final = functional.checked_sequence(
+        arguments = (
             self._kernel_kind(), input, batch_sizes, states, self._flat_weights, self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            reference,
         )  # fmt: skip
+        rates = self._mask_rates()
+        if rates is not None:  # recurrent dropout and/or zoneout
+            output, *final = recurrent_masks.sequence(type(self).__name__, rates, *arguments)
+        else:
+            output, *final = functional.checked_sequence(*arguments, reference, self._layer_extras)
         return output, tuple(final)
+
+    # (layer, its input rows) -> the layer Function's arguments after W_hr, for a variant
+    # (`functional.SequenceCall.extras`); None for torch's cells
+    _layer_extras = None
 
     def _states_tuple(self, hx) -> tuple[Tensor, ...]:
         return (hx,)
@@ -215,9 +225,6 @@ class _SequenceForward:
 
     def _check(self, input, states, batch_sizes) -> None:
         self.check_forward_args(input, self._states_result(states), batch_sizes)
-
-    def __prepare_scriptable__(self):
-        return _prepared_for_scripting(self)
 
     def forward(self, input, hx=None):
         """torch's forward semantics on fastrnn's kernels (torch's own code where there's no
@@ -255,13 +262,6 @@ class _SequenceForward:
         if kind in functional.TORCH_KINDS:
             return super().forward(input, hx)  # type: ignore[misc]
         return self._checked_forward(input, hx, reference=True)
-
-    def _fallback_reason(self, input, weights, hx) -> str | None:
-        return _fallback_reason(self, input, weights, hx)
-
-    def _kernel_kind(self) -> str | None:
-        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
-        raise NotImplementedError
 
     def _plain_call(self, input, hx) -> functional.SequenceCall | None:
         """The normalised call of a plain one (one layer and direction, no projection, dense
@@ -349,24 +349,7 @@ class LSTM(_SequenceForward, _TorchLSTM):
     _name = "LSTM"
     _state_count = 2
     _zoneout_pair = True
-
-    def _kernel_kind(self) -> str | None:
-        return "lstm"
-
-    def _zero_states(self, batch, like):
-        directions = 2 if self.bidirectional else 1
-        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(
-            self.num_layers * directions, batch, real_hidden, dtype=like.dtype, device=like.device
-        )
-        c = torch.zeros(
-            self.num_layers * directions,
-            batch,
-            self.hidden_size,
-            dtype=like.dtype,
-            device=like.device,
-        )
-        return (h, c)
+    _kind = "lstm"
 
     def _states_tuple(self, hx):
         if not isinstance(hx, (tuple, list)):
@@ -448,11 +431,6 @@ class GRU(_ResetOption, _SequenceForward, _TorchGRU):
 
     _name = "GRU"
 
-    def _zero_states(self, batch, like):
-        directions = 2 if self.bidirectional else 1
-        shape = (self.num_layers * directions, batch, self.hidden_size)
-        return (torch.zeros(shape, dtype=like.dtype, device=like.device),)
-
 
 class RNN(_SequenceForward, _TorchRNN):
     """`torch.nn.RNN` (tanh or relu) on fastrnn's fused kernels. Opt-in: `recurrent_dropout`,
@@ -462,20 +440,13 @@ class RNN(_SequenceForward, _TorchRNN):
     _dims_error_noun = " tensor"
 
     def _kernel_kind(self) -> str | None:
-        # torch's forward goes by the mode set at construction, not `nonlinearity`
-        return _RNN_KINDS.get(self.mode)
+        # torch's forward goes by the mode set at construction (RNN_TANH, RNN_RELU), not
+        # `nonlinearity`
+        return _rnn_kind(self.mode.removeprefix("RNN_").lower())
 
-    _zero_states = GRU._zero_states
 
-
-class _CellForward:
+class _CellForward(_KernelForward):
     """torch's argument handling of the cells (1-D unbatched or 2-D input, hx=None)."""
-
-    _name = ""
-    _state_count = 1
-
-    def __prepare_scriptable__(self):
-        return _prepared_for_scripting(self)
 
     def forward(self, input, hx=None):
         """torch's cell semantics on fastrnn's kernels (torch's own code where there's no
@@ -498,13 +469,6 @@ class _CellForward:
         if kind in functional.TORCH_KINDS:
             return super().forward(input, hx)  # type: ignore[misc]
         return self._cell_forward(kind, input, hx, weights, reference=True)
-
-    def _fallback_reason(self, input, weights, hx) -> str | None:
-        return _fallback_reason(self, input, weights, hx)
-
-    def _kernel_kind(self) -> str | None:
-        """The cell kind of the kernels (`cells.SPECS`), None where torch would reject it."""
-        raise NotImplementedError
 
     def _plain_states(self, input: Tensor, hx) -> tuple[Tensor, ...] | None:
         """The states of a batched call as the cell kernels take them (zeros for hx=None), or
@@ -569,9 +533,7 @@ class LSTMCell(_CellForward, _TorchLSTMCell):
 
     _name = "LSTMCell"
     _state_count = 2
-
-    def _kernel_kind(self) -> str | None:
-        return "lstm"
+    _kind = "lstm"
 
 
 class GRUCell(_ResetOption, _CellForward, _TorchGRUCell):
@@ -612,9 +574,24 @@ def _as_class(module: nn.Module, target: type) -> nn.Module:
     return new
 
 
-def _converted(module: nn.Module) -> nn.Module:
-    target = _REPLACEMENTS.get(type(module))
-    return module if target is None else _as_class(module, target)
+def swap_classes(
+    model: nn.Module, target: Callable[[nn.Module], type | None], swapped: dict | None = None
+) -> nn.Module:
+    """Replace, in place, each module of `model` (the model itself included) for which
+    `target` names a class by an instance of that class sharing its state (`_as_class`);
+    records each new module's id with (it, its old class) in `swapped`. Returns the (possibly
+    new) model."""
+    for name, child in list(model.named_children()):
+        new_child = swap_classes(child, target, swapped)
+        if new_child is not child:
+            setattr(model, name, new_child)
+    cls = target(model)
+    if cls is None:
+        return model
+    new = _as_class(model, cls)
+    if swapped is not None:
+        swapped[id(new)] = (new, type(model))  # held, so no other module reuses the id
+    return new
 
 
 def _prepared_for_scripting(module: nn.Module) -> nn.Module:
@@ -655,8 +632,4 @@ def convert(module: nn.Module) -> nn.Module:
     Only exact torch classes are swapped; user subclasses (which may override forward) are left
     alone. Submodules are replaced in place; the (possibly new) top-level module is returned.
     """
-    for name, child in list(module.named_children()):
-        new_child = convert(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return _converted(module)
+    return swap_classes(module, lambda m: _REPLACEMENTS.get(type(m)))

@@ -34,31 +34,18 @@ def _sizes(batch_sizes: Tensor) -> np.ndarray:
 
 @torch.library.custom_op("fastrnn::layer", mutates_args=())
 def layer(
-    cell: str,
-    x: Tensor,
-    batch_sizes: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    W_hr: Tensor | None,
-    training: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cell: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None, W_ih: Tensor,
+    W_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, W_hr: Tensor | None, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """One layer, all its directions, on fastrnn's kernels (see the module docstring)."""
     sizes = _sizes(batch_sizes)
     return _layer_forward(cell, x, sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training)
 
 
-def _directions_and_hidden(cell: str, W_hh: Tensor) -> tuple[int, int]:
-    directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
-    return directions, W_hh.shape[-2] // SPECS[cell].gates
-
-
 @layer.register_fake
 def _(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training):
-    directions, hidden = _directions_and_hidden(cell, W_hh)
+    directions = W_hh.shape[0] if W_hh.dim() == 3 else 1
+    hidden = W_hh.shape[-2] // SPECS[cell].gates
     rows = x.shape[0]
     y = x.new_empty((rows, directions * h0.shape[-1]))
     h_n = torch.empty_like(h0, memory_format=torch.contiguous_format)
@@ -76,24 +63,11 @@ def _(cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training):
 
 @torch.library.custom_op("fastrnn::layer_backward", mutates_args=())
 def layer_backward(
-    cell: str,
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor | None,
-    x: Tensor,
-    batch_sizes: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    W_ih: Tensor,
-    W_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    W_hr: Tensor | None,
-    y: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor,
+    cell: str, dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, x: Tensor, batch_sizes: Tensor,
+    h0: Tensor, c0: Tensor | None, W_ih: Tensor, W_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, W_hr: Tensor | None, y: Tensor, gate_cache: Tensor, cell_cache: Tensor,
     needs: list[bool],
-) -> list[Tensor]:
+) -> list[Tensor]:  # fmt: skip
     """The gradients [dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr] of `layer` (an empty
     tensor where absent or not in `needs`, the same eight inputs' flags)."""
     sizes = _sizes(batch_sizes)
@@ -139,16 +113,13 @@ def _backward(ctx, dy, dh_n, dc_n, _gate_cache, _cell_cache):
     if lstm and dc_n is None:
         dc_n = torch.zeros_like(c0)
     # inputs of `layer`: cell, x, batch_sizes, h0, c0, W_ih, W_hh, b_ih, b_hh, W_hr, training
-    need = ctx.needs_input_grad
-    needs = [need[1], need[3], need[4], need[5], need[6], need[7], need[8], need[9]]
+    needs = [ctx.needs_input_grad[i] for i in (1, 3, 4, 5, 6, 7, 8, 9)]
     grads = layer_backward(
         ctx.cell, dy, dh_n, dc_n if lstm else None, x, batch_sizes, h0, c0, W_ih, W_hh,
         b_ih, b_hh, W_hr, y, gate_cache, cell_cache, needs,
     )  # fmt: skip
-    dx, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr = (
-        g if want else None for g, want in zip(grads, needs, strict=True)
-    )
-    return None, dx, None, dh0, dc0, dW_ih, dW_hh, db_ih, db_hh, dW_hr, None
+    dx, *rest = (g if want else None for g, want in zip(grads, needs, strict=True))
+    return None, dx, None, *rest, None
 
 
 layer.register_autograd(_backward, setup_context=_setup_context)
@@ -158,8 +129,4 @@ def _no_double_backward(ctx, *grads):
     raise RuntimeError(_NO_GRADIENT)
 
 
-def _backward_setup(ctx, inputs, output) -> None:
-    pass
-
-
-layer_backward.register_autograd(_no_double_backward, setup_context=_backward_setup)
+layer_backward.register_autograd(_no_double_backward, setup_context=lambda *args: None)

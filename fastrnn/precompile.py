@@ -49,36 +49,30 @@ _VARIANTS = {"gru_reset_before": functools.partial(GRU, reset="before")}
 _VARIANT_CELLS = {"gru_reset_before": functools.partial(GRUCell, reset="before")}
 
 
+def _step(module, device: str, dtype: torch.dtype, shape=(3, 2, 2)) -> None:
+    """A forward and backward of `module` (moved to device and dtype) on random input."""
+    module = module.to(device=device, dtype=dtype)
+    output = module(torch.randn(*shape, dtype=dtype, device=device, requires_grad=True))
+    (output[0] if isinstance(output, tuple) else output).float().sum().backward()
+
+
 def _run_cells(dtype: torch.dtype, device: str, parts: tuple[str, ...] = PARTS) -> None:
     for part in parts:
         if part in _MODULES:
-            module = _MODULES[part](2, 3).to(device=device, dtype=dtype)
-            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
-            output, _ = module(x)
-            output.float().sum().backward()
+            _step(_MODULES[part](2, 3), device, dtype)
     for part in parts:
         if part in _VARIANTS:
-            module = _VARIANTS[part](2, 3).to(device=device, dtype=dtype)
-            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
-            module(x)[0].float().sum().backward()
+            _step(_VARIANTS[part](2, 3), device, dtype)
             if device == "cpu":
-                cell = _VARIANT_CELLS[part](2, 3).to(dtype=dtype)
-                cell(torch.randn(2, 2, dtype=dtype, requires_grad=True)).sum().backward()
+                _step(_VARIANT_CELLS[part](2, 3), device, dtype, (2, 2))
     if "masks" in parts:
         for module_class in _MODULES.values():
-            module = module_class(2, 3, recurrent_dropout=0.1, zoneout=0.1)
-            module = module.to(device=device, dtype=dtype)
-            x = torch.randn(3, 2, 2, dtype=dtype, device=device, requires_grad=True)
-            output, _ = module(x)
-            output.float().sum().backward()
+            _step(module_class(2, 3, recurrent_dropout=0.1, zoneout=0.1), device, dtype)
     if device != "cpu" or "cells" not in parts:
         return  # CUDA cells run the layer path compiled above
     for cell in (LSTMCell(2, 3), GRUCell(2, 3), RNNCell(2, 3)):
-        cell = cell.to(dtype=dtype)
         for batch in (1, SMALL_BATCH + 1):  # both product paths (`kernels.cpu.cells`)
-            x = torch.randn(batch, 2, dtype=dtype, requires_grad=True)
-            output = cell(x)
-            (output[0] if isinstance(output, tuple) else output).sum().backward()
+            _step(cell, device, dtype, (batch, 2))
 
 
 def precompile(

@@ -22,41 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .modules import _TORCH_CLASSES, swap_classes
 
-# Each fastrnn class -> the torch class it subclasses, found through the class hierarchy once at
-# import, so a script that patches `torch.nn.LSTM` to fastrnn's doesn't change the answer.
-_TORCH_BASES = (
-    nn.modules.rnn.LSTM,
-    nn.modules.rnn.GRU,
-    nn.modules.rnn.RNN,
-    nn.modules.rnn.LSTMCell,
-    nn.modules.rnn.GRUCell,
-    nn.modules.rnn.RNNCell,
-)
-TORCH_CLASS: dict[type, type] = {
-    fast: next(base for base in fast.__mro__ if base in _TORCH_BASES)
-    for fast in (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)
-}
+# Each fastrnn class -> the torch class it subclasses (as torch.nn had them at import, so a
+# script that patches `torch.nn.LSTM` to fastrnn's doesn't change the answer).
+TORCH_CLASS: dict[type, type] = _TORCH_CLASSES
 
 
-def _swap_classes(
-    model: nn.Module, classes: dict[type, type], swapped: dict[int, tuple[nn.Module, type]]
-) -> nn.Module:
-    """Replace, in place, each module of `model` whose exact type is a key of `classes` (the model
-    itself included) by an instance of the value class sharing its state (Parameter objects,
-    buffers, hooks); records each new module's id with its old class in `swapped`."""
-    for name, child in list(model.named_children()):
-        new_child = _swap_classes(child, classes, swapped)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    target = classes.get(type(model))
-    if target is None:
-        return model
-    new = target.__new__(target)
-    new.__dict__.update(model.__dict__)
-    swapped[id(new)] = (new, type(model))  # held, so no other module reuses the id
-    return new
+def _torch_class(module: nn.Module) -> type | None:
+    return TORCH_CLASS.get(type(module))
 
 
 def as_torch_modules(model: nn.Module) -> nn.Module:
@@ -66,7 +40,7 @@ def as_torch_modules(model: nn.Module) -> nn.Module:
     Only exact fastrnn classes are turned back; subclasses (which may override `forward`) are
     left alone, as `convert` leaves torch subclasses alone. Returns the (possibly new) model.
     """
-    return _swap_classes(model, TORCH_CLASS, {})
+    return swap_classes(model, _torch_class)
 
 
 def _torch_key(key: Any) -> Any:
@@ -90,7 +64,7 @@ def quantize_dynamic(
     if not inplace:
         model = copy.deepcopy(model)
     was_fastrnn: dict[int, tuple[nn.Module, type]] = {}
-    model = _swap_classes(model, TORCH_CLASS, was_fastrnn)
+    model = swap_classes(model, _torch_class, was_fastrnn)
     if isinstance(qconfig_spec, set):
         qconfig_spec = {_torch_key(key) for key in qconfig_spec}
     elif isinstance(qconfig_spec, dict):
@@ -100,18 +74,10 @@ def quantize_dynamic(
     model = torch.ao.quantization.quantize_dynamic(
         model, qconfig_spec, dtype=dtype, mapping=mapping, inplace=True
     )
+
     # The modules torch left float become fastrnn's again (the same objects torch was given).
-    return _restore(model, was_fastrnn)
+    def fastrnn_class(module: nn.Module) -> type | None:
+        given, fast = was_fastrnn.get(id(module), (None, None))
+        return fast if given is module else None
 
-
-def _restore(model: nn.Module, was_fastrnn: dict[int, tuple[nn.Module, type]]) -> nn.Module:
-    for name, child in list(model.named_children()):
-        new_child = _restore(child, was_fastrnn)
-        if new_child is not child:
-            setattr(model, name, new_child)
-    module, fast = was_fastrnn.get(id(model), (None, None))
-    if module is not model or fast is None:
-        return model
-    new = fast.__new__(fast)
-    new.__dict__.update(model.__dict__)
-    return new
+    return swap_classes(model, fastrnn_class)

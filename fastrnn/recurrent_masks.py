@@ -109,28 +109,16 @@ def _kernel_reason(input: Tensor, weights, hx) -> str | None:
 
 
 def sequence(
-    who: str,
-    kind: str,
-    input: Tensor,
-    states: tuple[Tensor, ...],
-    weights,
-    has_biases: bool,
-    num_layers: int,
-    dropout: float,
-    training: bool,
-    bidirectional: bool,
-    batch_first: bool,
-    batch_sizes: Tensor | None,
-    rates: Rates,
-) -> tuple[Tensor, ...]:
-    """`functional.lstm` / `gru` / `rnn` (kind lstm, gru, rnn_tanh, rnn_relu) with the masks
-    of `rates` drawn per layer (`layer_masks`): (output, *final states), shapes as there.
-    Every step count runs as a layer (no one-step cell path). `who` names the module in the
-    warning when the reference runs instead of the kernels."""
-    call = functional.sequence_call(
-        kind, input, batch_sizes, states, weights, has_biases, num_layers, dropout, training,
-        bidirectional, batch_first,
-    )  # fmt: skip
+    who: str, rates: Rates, kind: str, input: Tensor, batch_sizes: Tensor | None,
+    states: tuple[Tensor, ...], weights, *flags,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """`functional.checked_sequence` (kind lstm, gru, rnn_tanh, rnn_relu; flags: has_biases,
+    num_layers, dropout, train, bidirectional, batch_first) with the masks of `rates` drawn per
+    layer (`layer_masks`): (output, *final states), shapes as there. Every step count runs as a
+    layer (no one-step cell path). `who` names the module in the warning when the reference
+    runs instead of the kernels."""
+    call = functional.sequence_call(kind, input, batch_sizes, states, weights, *flags)
+    training, bidirectional = flags[3], flags[4]
     reason = _kernel_reason(input, weights, states)
     if reason is not None:
         functional.warn_fallback(who, reason, "fastrnn's plain-torch reference", 4)
