@@ -382,6 +382,46 @@ def test_float64_products_use_vector_tiles():
     assert len(re.findall(r"vfmadd\w*pd\s+.*ymm", asm)) >= 8
 
 
+def test_float32_wide_tiles_pair_panels():
+    """float32 products on AVX-512 run 8-row tiles over two panels at once: the compiled code
+    must hold a loop of 16 zmm FMAs (16 accumulators), and every row and column, whichever tile
+    it fell in (pairs, a lone last panel, 4-row and one-row tiles), must get the same k-ordered
+    sum as a plain loop."""
+    import platform
+    import re
+
+    import numba
+
+    from fastrnn.kernels.cpu import panel_matmul
+    from fastrnn.kernels.cpu.common import WIDE_TILE_FITS
+
+    if platform.machine() not in ("x86_64", "AMD64") or not WIDE_TILE_FITS:
+        pytest.skip("the paired wide tiles are for AVX-512")
+    fresh = numba.njit(error_model="numpy", fastmath={"contract"})(
+        panel_matmul.matmul_panels.py_func
+    )
+    rng = np.random.default_rng(0)
+    for rows, columns, depth in ((16, 64, 24), (9, 40, 7), (21, 72, 33), (8, 16, 5)):
+        W = rng.standard_normal((1, columns, depth)).astype(np.float32)
+        a = rng.standard_normal((rows, depth)).astype(np.float32)
+        panels = panel_matmul.packed_panels(W, False, 1)[0]
+        out = np.empty((rows, columns), np.float32)
+        fresh(a, panels, out, 0, panels.shape[0])
+        expected = np.zeros((rows, columns), np.float64)
+        for k in range(depth):  # k in order, as the tiles sum
+            expected += a[:, k, None].astype(np.float64) * W[0][:, k].astype(np.float64)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        # A column's result doesn't depend on the tile it fell in: the same row alone.
+        single = np.empty((1, columns), np.float32)
+        fresh(a[-1:], panels, single, 0, panels.shape[0])
+        assert np.array_equal(single[0], out[-1])
+    asm = "\n".join(fresh.inspect_asm().values())
+    loops = re.split(r"\n\.LBB\d+_\d+:", asm)
+    # Accumulators: the distinct zmm registers a loop's FMAs write (their last operand).
+    written = [set(re.findall(r"vfmadd\w*ps\s+[^\n]*(%zmm\d+)\n", body)) for body in loops]
+    assert max(len(registers) for registers in written) >= 16
+
+
 @njit(**STEP_JIT_OPTIONS)
 def _linear_forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """A cell made only of rows (see test_a_new_cell_is_its_rows): h' = pre + W_hh h, into y

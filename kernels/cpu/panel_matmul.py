@@ -59,6 +59,7 @@ PACK_ROWS = 64
 PACK_GROUP = 8
 _TILE = TILE_ROWS * PANEL
 _WIDE_TILE = WIDE_ROWS * PANEL
+_PAIR_TILE = 2 * _WIDE_TILE
 _ROW_TILE = ROW_PANELS * PANEL
 _NARROW_TILE = max(NARROW_ROWS, NARROW_PANELS) * PANEL
 # Only FMA contraction: the full fastmath set (no-NaN, no-inf assumptions) was no faster here
@@ -215,6 +216,18 @@ def _overload_narrow(rows):
     return lambda rows: narrow
 
 
+def _pairs(rows):
+    """Whether products of `rows`' dtype run their wide tiles over two panels at once (float32
+    with the wide tiles). A constant of each compiled form (see the overload)."""
+    return False
+
+
+@overload(_pairs)
+def _overload_pairs(rows):
+    pairs = rows.dtype.bitwidth == 32 and WIDE_TILE_FITS
+    return lambda rows: pairs
+
+
 @njit(**JIT_OPTIONS)
 def panel_count(columns):
     """How many panels hold `columns` output columns."""
@@ -369,12 +382,61 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
     # (AVX2, `common.wide_tile_fits`); the same sums either way.
     wide = count // WIDE_ROWS * WIDE_ROWS if WIDE_TILE_FITS else 0
     tiled = count if (count - wide) % TILE_ROWS != 1 else count - 1
+    # float32 on AVX-512: the wide tiles take two panels at once, 16 zmm accumulators, so that
+    # a k's 8 broadcasts and 2 panel loads feed 16 FMAs (one panel: 9 loads for 8 FMAs, which
+    # kept the two FMA ports of a Zen 5 core from filling; see bench/decisions.md).
+    paired = first_panel + ((end_panel - first_panel) // 2 * 2 if _pairs(rows) and wide else 0)
+    pair = carray(_stack_buffer(_PAIR_TILE, rows), (_PAIR_TILE,))
+    for p in range(first_panel, paired, 2):
+        left = panels[p]
+        right = panels[p + 1]
+        for first in range(0, wide, WIDE_ROWS):
+            for i in range(_PAIR_TILE):
+                pair[i] = 0
+            for k in range(depth):
+                a0 = rows[first, k]
+                a1 = rows[first + 1, k]
+                a2 = rows[first + 2, k]
+                a3 = rows[first + 3, k]
+                a4 = rows[first + 4, k]
+                a5 = rows[first + 5, k]
+                a6 = rows[first + 6, k]
+                a7 = rows[first + 7, k]
+                for j in range(PANEL):
+                    w = left[k, j]
+                    v = right[k, j]
+                    pair[j] += a0 * w
+                    pair[PANEL + j] += a0 * v
+                    pair[2 * PANEL + j] += a1 * w
+                    pair[3 * PANEL + j] += a1 * v
+                    pair[4 * PANEL + j] += a2 * w
+                    pair[5 * PANEL + j] += a2 * v
+                    pair[6 * PANEL + j] += a3 * w
+                    pair[7 * PANEL + j] += a3 * v
+                    pair[8 * PANEL + j] += a4 * w
+                    pair[9 * PANEL + j] += a4 * v
+                    pair[10 * PANEL + j] += a5 * w
+                    pair[11 * PANEL + j] += a5 * v
+                    pair[12 * PANEL + j] += a6 * w
+                    pair[13 * PANEL + j] += a6 * v
+                    pair[14 * PANEL + j] += a7 * w
+                    pair[15 * PANEL + j] += a7 * v
+            for q in range(2):
+                column = (p + q) * PANEL
+                if columns - column >= PANEL:
+                    for r in range(WIDE_ROWS):
+                        for j in range(PANEL):
+                            out[first + r, column + j] = pair[(2 * r + q) * PANEL + j]
+                else:
+                    for r in range(WIDE_ROWS):
+                        for j in range(columns - column):
+                            out[first + r, column + j] = pair[(2 * r + q) * PANEL + j]
     acc = carray(_stack_buffer(_WIDE_TILE, rows), (_WIDE_TILE,))
     for p in range(first_panel, end_panel):
         panel = panels[p]
         column = p * PANEL
         width = min(PANEL, columns - column)
-        for first in range(0, wide, WIDE_ROWS):
+        for first in range(0 if p >= paired else wide, wide, WIDE_ROWS):
             for i in range(_WIDE_TILE):
                 acc[i] = 0
             for k in range(depth):
