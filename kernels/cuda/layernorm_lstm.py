@@ -33,6 +33,17 @@ def _row(directions, batch):
     return i // batch, i % batch, i < directions * batch
 
 
+@cuda.jit(device=True)
+def _moments(values, d, b, width, total, eps, one):
+    """(mean, 1 / sqrt(variance + eps)) of values[d, b, :width], whose sum is `total`."""
+    mean = total / (width * one)
+    spread = one - one
+    for j in range(width):
+        v = values[d, b, j] - mean
+        spread += v * v
+    return mean, one / math.sqrt(spread / (width * one) + eps)
+
+
 @cuda.jit(**_JIT)
 def layernorm_lstm_step_forward(
     k, hidden, eps, batch_sizes, offsets, rec, pre, consts, gate_cache, cell_cache, c_state,
@@ -48,22 +59,16 @@ def layernorm_lstm_step_forward(
         return
     n = off + b
     width = 4 * hidden
-    zero = one - one
-    total = zero
+    total = one - one
     for j in range(width):
         total += rec[d, b, j]
-    mean = total / (width * one)
-    spread = zero
-    for j in range(width):
-        v = rec[d, b, j] - mean
-        spread += v * v
-    inv = one / math.sqrt(spread / (width * one) + eps)
+    mean, inv = _moments(rec, d, b, width, total, eps, one)
     gate_cache[d, n, 9 * hidden] = inv
     for j in range(width):
         normed = (rec[d, b, j] - mean) * inv
         gate_cache[d, n, width + j] = normed
         gate_cache[d, n, j] = pre[d, n, j] + consts[d, j] * normed
-    total = zero
+    total = one - one
     for j in range(hidden):
         i = sigmoid(gate_cache[d, n, j], one)
         f = sigmoid(gate_cache[d, n, hidden + j], one)
@@ -76,12 +81,7 @@ def layernorm_lstm_step_forward(
         c_state[d, b, j] = c
         cell_cache[d, n, j] = c
         total += c
-    mean = total / (hidden * one)
-    spread = zero
-    for j in range(hidden):
-        v = c_state[d, b, j] - mean
-        spread += v * v
-    inv = one / math.sqrt(spread / (hidden * one) + eps)
+    mean, inv = _moments(c_state, d, b, hidden, total, eps, one)
     gate_cache[d, n, 9 * hidden + 1] = inv
     for j in range(hidden):
         normed = (c_state[d, b, j] - mean) * inv
