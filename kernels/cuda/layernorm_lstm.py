@@ -12,14 +12,15 @@ reduction across threads. Arrays (D directions, N packed rows, B batch rows, H h
     backward: dy (D, N, H), dh_n (D, B, H), dh_rec (D, B, H) (d_recurrent @ W_hh of the next
     processed step), dc_state (D, B, H) (dL/dc, running), d_input, d_recurrent (D, N, 4H),
     d_cell_norm (D, N, H), dh0 (D, B, H).
-Computed in the storage dtype (float32 or float64; `one` is a 1 of it).
+Computed in the storage dtype (float32 or float64; `one` is a 1 of it; a count is
+float32(n) * one, as n * one would be float64 in a compiled kernel).
 """
 
 from __future__ import annotations
 
 import math
 
-from numba import cuda
+from numba import cuda, float32
 
 from .common import sigmoid, step_span
 
@@ -36,12 +37,12 @@ def _row(directions, batch):
 @cuda.jit(device=True)
 def _moments(values, d, b, width, total, eps, one):
     """(mean, 1 / sqrt(variance + eps)) of values[d, b, :width], whose sum is `total`."""
-    mean = total / (width * one)
+    mean = total / (float32(width) * one)
     spread = one - one
     for j in range(width):
         v = values[d, b, j] - mean
         spread += v * v
-    return mean, one / math.sqrt(spread / (width * one) + eps)
+    return mean, one / math.sqrt(spread / (float32(width) * one) + eps)
 
 
 @cuda.jit(**_JIT)
@@ -135,8 +136,8 @@ def layernorm_lstm_step_backward(
         dn = dl * gate_cache[d, consts, width + j]
         sum_dn += dn
         sum_dn_n += dn * normed
-    mean_dn = sum_dn / (hidden * one)
-    mean_dn_n = sum_dn_n / (hidden * one)
+    mean_dn = sum_dn / (float32(hidden) * one)
+    mean_dn_n = sum_dn_n / (float32(hidden) * one)
     for j in range(hidden):
         normed = gate_cache[d, n, 2 * width + j]
         dn = d_cell_norm[d, n, j] * gate_cache[d, consts, width + j]
@@ -155,8 +156,8 @@ def layernorm_lstm_step_backward(
         dn = d_input[d, n, j] * gate_cache[d, consts, j]
         sum_dn += dn
         sum_dn_n += dn * gate_cache[d, n, width + j]
-    mean_dn = sum_dn / (width * one)
-    mean_dn_n = sum_dn_n / (width * one)
+    mean_dn = sum_dn / (float32(width) * one)
+    mean_dn_n = sum_dn_n / (float32(width) * one)
     for j in range(width):
         dn = d_input[d, n, j] * gate_cache[d, consts, j]
         d_recurrent[d, n, j] = inv * (dn - mean_dn - gate_cache[d, n, width + j] * mean_dn_n)
