@@ -152,13 +152,7 @@ def _device_view(pointer: int, shape: tuple, strides: tuple, typestr: str, devic
     """A numba device array over GPU memory, without an owner: it is only a pointer, a shape
     and a dtype, so a cached one stays right for whatever tensor later sits at that address
     (and keeps no tensor alive). Saves rebuilding ~15 of them per layer call."""
-    desc = {
-        "shape": shape,
-        "strides": strides,
-        "typestr": typestr,
-        "data": (pointer, False),
-        "version": 3,
-    }
+    desc = dict(shape=shape, strides=strides, typestr=typestr, data=(pointer, False), version=3)
     cuda = _cuda_modules().cuda
     with cuda.gpus[device]:  # the pointer belongs to that device's context
         return cuda.from_cuda_array_interface(desc, owner=None, sync=False)
@@ -219,14 +213,9 @@ class _Launch:
             t = t.view(torch.int16)
         if self.on_gpu:
             self._keep.append(t)
-            itemsize = t.element_size()
-            return _device_view(
-                t.data_ptr(),
-                tuple(t.shape),
-                tuple(s * itemsize for s in t.stride()),
-                _TYPESTR[t.dtype],
-                t.device.index or 0,
-            )
+            strides = tuple(s * t.element_size() for s in t.stride())
+            index = t.device.index or 0
+            return _device_view(t.data_ptr(), tuple(t.shape), strides, _TYPESTR[t.dtype], index)
         return _simulated_device_array(t.numpy())
 
     def index_array(self, values: np.ndarray):
@@ -253,14 +242,9 @@ class _Launch:
 
 
 def persistent_plan(
-    hidden: int,
-    width: int,
-    gates: int,
-    directions: int,
-    blocks_available: int,
-    shared_bytes: int = _SHARED_BYTES,
-    partial_floats: int = 0,
-) -> tuple[int, int] | None:
+    hidden: int, width: int, gates: int, directions: int, blocks_available: int,
+    shared_bytes: int = _SHARED_BYTES, partial_floats: int = 0,
+) -> tuple[int, int] | None:  # fmt: skip
     """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
     doesn't fit: each block keeps gates * units * width float32 of it in shared memory, beside
     at least two staged rows (backward's, gates * hidden floats each) and `partial_floats`
@@ -532,17 +516,17 @@ class _Steps:
         return lambda k: self.launch.run(kernel, blocks, threads, 0, k, *args)
 
     def products(self, a: Tensor, b: Tensor, out: Tensor, packed=False, a_scale=None, **kwargs):
-        """A stage: out[d, :n] = a_d @ b[d] by `_product` (kwargs: scale, add, each taken
-        [d, :n]) for every direction d with n rows at the step; a_d = a[d]'s rows of the step
-        (its packed rows with `packed`, else the first n), times a_scale[d, :n] if given."""
+        """A stage: out[d, :n] = a_d @ b[d] by `_product` (kwargs: its scale and add, each
+        taken [d, :n]) for every direction d with n rows at the step; a_d = a[d]'s rows of the
+        step (its packed rows with `packed`, else the first n), times a_scale[d, :n] if given."""
+        given = [(key, t) for key, t in kwargs.items() if t is not None]
 
         def run(k: int) -> None:
             for d, n, first in self.spans(k):
                 rows = a[d, first : first + n] if packed else a[d, :n]
                 if a_scale is not None:
                     rows = rows * a_scale[d, :n]
-                extra = {key: t[d, :n] for key, t in kwargs.items() if t is not None}
-                _product(rows, b[d], out[d, :n], **extra)
+                _product(rows, b[d], out[d, :n], **{key: t[d, :n] for key, t in given})
 
         return run
 

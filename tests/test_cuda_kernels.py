@@ -62,23 +62,9 @@ def cuda_path(monkeypatch):
 
 def _case(mode, strategy, *, dtype=F32, layers=1, bidirectional=False, proj=0, lengths=None,
           hx=False, batch_first=False, bias=True, T=3, B=3, I=2, H=3):  # fmt: skip
+    case = dict(locals())  # every argument, by name
     return pytest.param(
-        dict(
-            mode=mode,
-            strategy=strategy,
-            dtype=dtype,
-            layers=layers,
-            bidirectional=bidirectional,
-            proj=proj,
-            lengths=lengths,
-            hx=hx,
-            batch_first=batch_first,
-            bias=bias,
-            T=T,
-            B=B,
-            I=I,
-            H=H,
-        ),  # fmt: skip
+        case,
         id="-".join(
             [mode, strategy, str(dtype).removeprefix("torch."), f"L{layers}"]
             + (["bi"] if bidirectional else [])
