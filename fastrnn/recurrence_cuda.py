@@ -218,11 +218,6 @@ class _Launch:
             return _device_view(t.data_ptr(), tuple(t.shape), strides, _TYPESTR[t.dtype], index)
         return _simulated_device_array(t.numpy())
 
-    def index_array(self, values: np.ndarray):
-        if self.on_gpu:
-            return self.array(_to_device(values, self.device))
-        return _simulated_device_array(values)
-
     def run(self, kernel, blocks, threads, shared, *args):
         """Launch on torch's current stream; the configuration is made once per call (the
         stepwise strategy launches the same one every step)."""
@@ -430,20 +425,19 @@ def _step_arrays(launch: _Launch, batch_sizes: np.ndarray, directions: int):
     offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
     rows = np.stack([batch_sizes, batch_sizes[::-1]][:directions])
     firsts = np.stack([offsets, offsets[::-1]][:directions])
+    values = (batch_sizes.astype(np.int64), offsets)
+    if not launch.on_gpu:
+        return rows, firsts, *map(_simulated_device_array, values)
     dense = batch_sizes.size > 0 and bool((batch_sizes == batch_sizes[0]).all())
-    if not (launch.on_gpu and dense):
-        sizes = launch.index_array(batch_sizes.astype(np.int64))
-        return rows, firsts, sizes, launch.index_array(offsets)
-    key = (len(batch_sizes), int(batch_sizes[0]), launch.device.index, launch.stream_pointer)
-    tensors = _dense_step_arrays.get(key)
+    key = dense and (len(batch_sizes), batch_sizes[0], launch.device.index, launch.stream_pointer)
+    tensors = _dense_step_arrays.get(key) if dense else None
     if tensors is None:
-        if len(_dense_step_arrays) >= 64:
-            _dense_step_arrays.clear()
-        tensors = tuple(
-            _to_device(values, launch.device) for values in (batch_sizes.astype(np.int64), offsets)
-        )
-        _dense_step_arrays[key] = tensors
-    return rows, firsts, launch.array(tensors[0], ndim=1), launch.array(tensors[1], ndim=1)
+        tensors = tuple(_to_device(v, launch.device) for v in values)
+        if dense:
+            if len(_dense_step_arrays) >= 64:
+                _dense_step_arrays.clear()
+            _dense_step_arrays[key] = tensors
+    return rows, firsts, *(launch.array(t, ndim=1) for t in tensors)
 
 
 def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tensor | None:
