@@ -8,7 +8,8 @@ Two strategies (`kernels/cuda/stepwise.py`, `kernels/cuda/persistent.py`):
   hidden size fits (`persistent_plan`).
 - "stepwise": per step, the recurrent product by cuBLAS (torch.mm; float32 sums for 16-bit
   data) and one fused pointwise kernel for all directions. Any dtype the kernels support and
-  proj_size.
+  proj_size. Recurrent dropout and zoneout, the "reset before" GRU and the layer-norm LSTM run
+  this way only, through the same loop (`_Steps`).
 `set_cuda_strategy("auto" | "persistent" | "stepwise" | "torch")` (or FASTRNN_CUDA_STRATEGY)
 picks one; "auto" takes the persistent kernel wherever it applies, "torch" leaves CUDA tensors to
 torch's own implementation (cuDNN).
@@ -29,6 +30,7 @@ import contextlib
 import functools
 import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,9 +45,6 @@ _SIMULATOR_THREADS = 4
 _SIMULATOR_BLOCKS = 3
 _SIMULATOR_LANES = 2
 _GPU_LANES = 32
-_GPU_THREADS = (
-    256  # kernels/cuda/common.py's THREADS_PER_BLOCK (not imported: numba-cuda is optional)
-)
 # Shared memory a block may use without opting in to more (all CUDA devices since sm_20); the
 # persistent kernels opt in to the device's maximum (227 KiB on an H100) where they need more.
 _SHARED_BYTES = 48 * 1024
@@ -102,27 +101,30 @@ def last_cuda_strategy(reset: bool = False) -> str | None:
 
 
 @functools.cache
-def _cuda_modules():
+def _cuda_modules() -> SimpleNamespace:
     """numba.cuda and fastrnn's CUDA kernel modules (imported on first use: numba-cuda is an
     optional dependency)."""
     from numba import config, cuda
 
-    from .kernels.cuda import common, persistent, stepwise
+    from .kernels.cuda import common, layernorm_lstm, persistent, stepwise
 
-    return cuda, bool(config.ENABLE_CUDASIM), common, persistent, stepwise
+    return SimpleNamespace(
+        cuda=cuda, simulated=bool(config.ENABLE_CUDASIM), common=common, persistent=persistent,
+        stepwise=stepwise, layernorm_lstm=layernorm_lstm,
+    )  # fmt: skip
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
     """None when the GPU kernels can run on CUDA tensors here, else why not."""
     try:
-        cuda, simulated, *_ = _cuda_modules()
+        modules = _cuda_modules()
     except ImportError as error:
         return f"numba-cuda is not installed ({error}; pip install 'fastrnn[cuda]')"
-    if simulated:
+    if modules.simulated:
         return "NUMBA_ENABLE_CUDASIM is set, so Numba can't launch on a real GPU"
     try:
-        if not cuda.is_available():
+        if not modules.cuda.is_available():
             return "Numba finds no usable CUDA driver/GPU"
     except Exception as error:  # a broken driver install raises here rather than returning False
         return f"Numba's CUDA initialisation failed: {error}"
@@ -145,25 +147,13 @@ def _simulated_device_array(values: np.ndarray):
     return FakeCUDAArray(values)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels compute in: float64 for float64 data, else float32 (16-bit data
-    widens on load). Recurrent products and the LSTM cell state are kept in it."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @functools.lru_cache(maxsize=256)
 def _device_view(pointer: int, shape: tuple, strides: tuple, typestr: str, device: int):
     """A numba device array over GPU memory, without an owner: it is only a pointer, a shape
     and a dtype, so a cached one stays right for whatever tensor later sits at that address
     (and keeps no tensor alive). Saves rebuilding ~15 of them per layer call."""
-    desc = {
-        "shape": shape,
-        "strides": strides,
-        "typestr": typestr,
-        "data": (pointer, False),
-        "version": 3,
-    }
-    cuda = _cuda_modules()[0]
+    desc = dict(shape=shape, strides=strides, typestr=typestr, data=(pointer, False), version=3)
+    cuda = _cuda_modules().cuda
     with cuda.gpus[device]:  # the pointer belongs to that device's context
         return cuda.from_cuda_array_interface(desc, owner=None, sync=False)
 
@@ -184,20 +174,23 @@ def _no_occupancy_warning():
 
 
 class _Launch:
-    """What every launch of one call shares: the stream, the dtype's `one`, device arrays and
-    launch configurations."""
+    """What every launch of one call shares: the stream, the compute dtype (float64 for float64
+    data, else float32: 16-bit data widens on load, and recurrent products and the LSTM cell
+    state are kept in it) and its `one`, threads per block, device arrays and launch
+    configurations."""
 
     def __init__(self, like: Tensor):
-        cuda = _cuda_modules()[0]
+        modules = _cuda_modules()
         self.device = like.device
         self.on_gpu = like.is_cuda
-        self.compute = compute_dtype(like.dtype)
+        self.compute = torch.float64 if like.dtype == torch.float64 else torch.float32
         self.one = np.ones(1, dtype=np.float64 if self.compute == torch.float64 else np.float32)[0]
+        self.threads = modules.common.THREADS_PER_BLOCK if self.on_gpu else _SIMULATOR_THREADS
         if self.on_gpu:
-            self.context = cuda.gpus[like.device.index or 0]
+            self.context = modules.cuda.gpus[like.device.index or 0]
             self.stream_pointer = torch.cuda.current_stream(like.device).cuda_stream
             with self.context:
-                self.stream = cuda.external_stream(self.stream_pointer)
+                self.stream = modules.cuda.external_stream(self.stream_pointer)
         else:
             self.context = None
             self.stream, self.stream_pointer = 0, 0
@@ -220,20 +213,10 @@ class _Launch:
             t = t.view(torch.int16)
         if self.on_gpu:
             self._keep.append(t)
-            itemsize = t.element_size()
-            return _device_view(
-                t.data_ptr(),
-                tuple(t.shape),
-                tuple(s * itemsize for s in t.stride()),
-                _TYPESTR[t.dtype],
-                t.device.index or 0,
-            )
+            strides = tuple(s * t.element_size() for s in t.stride())
+            index = t.device.index or 0
+            return _device_view(t.data_ptr(), tuple(t.shape), strides, _TYPESTR[t.dtype], index)
         return _simulated_device_array(t.numpy())
-
-    def index_array(self, values: np.ndarray):
-        if self.on_gpu:
-            return self.array(_to_device(values, self.device))
-        return _simulated_device_array(values)
 
     def run(self, kernel, blocks, threads, shared, *args):
         """Launch on torch's current stream; the configuration is made once per call (the
@@ -253,23 +236,10 @@ class _Launch:
             configured(*args)
 
 
-def _steps(batch_sizes: np.ndarray, directions: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, first row) of every direction's k-th processed step, each (D, T) int64."""
-    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
-    rows = np.stack([batch_sizes, batch_sizes[::-1]][:directions])
-    firsts = np.stack([offsets, offsets[::-1]][:directions])
-    return rows, firsts
-
-
 def persistent_plan(
-    hidden: int,
-    width: int,
-    gates: int,
-    directions: int,
-    blocks_available: int,
-    shared_bytes: int = _SHARED_BYTES,
-    partial_floats: int = 0,
-) -> tuple[int, int] | None:
+    hidden: int, width: int, gates: int, directions: int, blocks_available: int,
+    shared_bytes: int = _SHARED_BYTES, partial_floats: int = 0,
+) -> tuple[int, int] | None:  # fmt: skip
     """(units per block, blocks per direction) for the persistent kernels, or None where W_hh
     doesn't fit: each block keeps gates * units * width float32 of it in shared memory, beside
     at least two staged rows (backward's, gates * hidden floats each) and `partial_floats`
@@ -288,7 +258,7 @@ def persistent_plan(
 
 def _partials(threads: int) -> int:
     """Shared-memory floats of the persistent kernels' group sums (the simulator's only)."""
-    return 4 * threads if _cuda_modules()[1] else 0
+    return 4 * threads if _cuda_modules().simulated else 0
 
 
 def _stage_rows(shared_bytes: int, weight_floats: int, row_floats: int, threads: int, batch: int):
@@ -298,17 +268,11 @@ def _stage_rows(shared_bytes: int, weight_floats: int, row_floats: int, threads:
     return max(2, 2 * ((min(batch + 1, free // row_floats)) // 2))
 
 
-def _blocks_available(launch: _Launch) -> int:
-    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with up to the
-    opt-in shared memory always fits an SM). The simulator runs one block at a time."""
-    if not launch.on_gpu:
-        return 1
-    return _multiprocessors(launch.device.index or 0)
-
-
 @functools.cache
 def _multiprocessors(device_index: int) -> int:
-    cuda = _cuda_modules()[0]
+    """Blocks a cooperative grid can always hold: one per SM (a 256-thread block with up to the
+    opt-in shared memory always fits an SM)."""
+    cuda = _cuda_modules().cuda
     with cuda.gpus[device_index]:
         return cuda.get_current_device().MULTIPROCESSOR_COUNT
 
@@ -327,7 +291,7 @@ def _shared_limit(device_index: int) -> int:
 
 @functools.cache
 def _device_shared_limit(device_index: int) -> int:
-    cuda = _cuda_modules()[0]
+    cuda = _cuda_modules().cuda
     try:
         with cuda.gpus[device_index]:
             return int(cuda.get_current_device().MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -362,8 +326,8 @@ def _choose(launch: _Launch, hidden, width, gates, directions, batch, dtype, pro
     plan = None
     if dtype in (torch.float32, torch.float16, torch.bfloat16) and not projected:
         if launch.on_gpu:
-            limit = _shared_limit(launch.device.index or 0)
-            blocks = _blocks_available(launch)
+            index = launch.device.index or 0
+            limit, blocks = _shared_limit(index), _multiprocessors(index)
             plan = persistent_plan(hidden, width, gates, directions, blocks, limit)
         else:  # simulator: up to 3 (virtual) blocks a direction, one launch per direction
             partials = _partials(_SIMULATOR_THREADS)
@@ -436,18 +400,17 @@ def _run_persistent(launch, kernel, plan, threads, backward, W_hh, h0, cell, rel
     return True
 
 
-def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor):
-    """What forward and backward both start from: (launch, gates, hidden, strategy, plan,
-    threads per block)."""
-    common = _cuda_modules()[2]
+def _setup(cell: int, W_hh: Tensor, W_hr: Tensor | None, h0: Tensor, stepwise_only=False):
+    """What forward and backward both start from: (launch, hidden, strategy, plan). A layer
+    that only runs stepwise (`stepwise_only`) still honours a forced "persistent" by raising
+    where the persistent kernel couldn't run it."""
     launch = _Launch(h0)
-    gates = common.GATES[cell]
+    gates = _cuda_modules().common.GATES[cell]
     hidden = W_hh.shape[1] // gates
     strategy, plan = _choose(
         launch, hidden, W_hh.shape[2], gates, h0.shape[0], h0.shape[1], h0.dtype, W_hr is not None
     )
-    threads = common.THREADS_PER_BLOCK if launch.on_gpu else _SIMULATOR_THREADS
-    return launch, gates, hidden, strategy, plan, threads
+    return launch, hidden, "stepwise" if stepwise_only else strategy, plan
 
 
 # A dense batch's step arrays on a GPU, by (steps, batch, device, stream): the same few recur
@@ -457,24 +420,24 @@ _dense_step_arrays: dict = {}
 
 
 def _step_arrays(launch: _Launch, batch_sizes: np.ndarray, directions: int):
-    """(rows, first rows) per direction and step on the host, and the batch sizes and step
-    offsets as kernel arguments."""
-    rows, firsts = _steps(batch_sizes, directions)
+    """(rows, first row) of every direction's k-th processed step on the host, each (D, T)
+    int64, and the batch sizes and step offsets as kernel arguments."""
+    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
+    rows = np.stack([batch_sizes, batch_sizes[::-1]][:directions])
+    firsts = np.stack([offsets, offsets[::-1]][:directions])
+    values = (batch_sizes.astype(np.int64), offsets)
+    if not launch.on_gpu:
+        return rows, firsts, *map(_simulated_device_array, values)
     dense = batch_sizes.size > 0 and bool((batch_sizes == batch_sizes[0]).all())
-    if not (launch.on_gpu and dense):
-        sizes = launch.index_array(batch_sizes.astype(np.int64))
-        return rows, firsts, sizes, launch.index_array(firsts[0].copy())
-    key = (len(batch_sizes), int(batch_sizes[0]), launch.device.index, launch.stream_pointer)
-    tensors = _dense_step_arrays.get(key)
+    key = dense and (len(batch_sizes), batch_sizes[0], launch.device.index, launch.stream_pointer)
+    tensors = _dense_step_arrays.get(key) if dense else None
     if tensors is None:
-        if len(_dense_step_arrays) >= 64:
-            _dense_step_arrays.clear()
-        tensors = tuple(
-            _to_device(values, launch.device)
-            for values in (batch_sizes.astype(np.int64), firsts[0].copy())
-        )
-        _dense_step_arrays[key] = tensors
-    return rows, firsts, launch.array(tensors[0], ndim=1), launch.array(tensors[1], ndim=1)
+        tensors = tuple(_to_device(v, launch.device) for v in values)
+        if dense:
+            if len(_dense_step_arrays) >= 64:
+                _dense_step_arrays.clear()
+            _dense_step_arrays[key] = tensors
+    return rows, firsts, *(launch.array(t, ndim=1) for t in tensors)
 
 
 def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tensor | None:
@@ -483,10 +446,6 @@ def _cell_state_buffer(state: Tensor | None, cell_cache: Tensor | None) -> Tenso
     if state is None or state.dtype == cell_cache.dtype:
         return state
     return torch.empty(state.shape, dtype=cell_cache.dtype, device=state.device)
-
-
-def _grid(total: int, threads: int) -> int:
-    return max(1, math.ceil(total / threads))
 
 
 # torch.mm(..., out_dtype=torch.float32) on CUDA (torch >= 2.8): 16-bit operands, cuBLAS's float32
@@ -502,18 +461,18 @@ def _product_operand(weights: Tensor, compute: torch.dtype) -> Tensor:
     return weights.to(compute)
 
 
-def _product(a: Tensor, b: Tensor, out: Tensor, add: Tensor | None = None) -> None:
-    """out = a @ b (+ add) with `out` in the compute dtype: for 16-bit data the products reach
-    the gate math as cuBLAS's float32 sums, not rounded to 16 bits first."""
+def _product(a: Tensor, b: Tensor, out: Tensor, add=None, scale=None) -> None:
+    """out = a @ b (* scale) (+ add) with `out` in the compute dtype: for 16-bit data the
+    products reach the gate math as cuBLAS's float32 sums, not rounded to 16 bits first."""
     global _mm_out_dtype
-    if a.dtype == b.dtype == out.dtype:
+    if a.dtype == b.dtype == out.dtype and scale is None:
         if add is None:
             torch.mm(a, b, out=out)
         else:
             torch.addmm(add, a, b, out=out)
         return
     done = False
-    if a.dtype == b.dtype and a.is_cuda and _mm_out_dtype:
+    if a.dtype == b.dtype != out.dtype and a.is_cuda and _mm_out_dtype:
         try:
             torch.mm(a, b, out_dtype=out.dtype, out=out)
             done = True
@@ -521,377 +480,208 @@ def _product(a: Tensor, b: Tensor, out: Tensor, add: Tensor | None = None) -> No
             _mm_out_dtype = False
     if not done:
         torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+    if scale is not None:
+        out.mul_(scale)
     if add is not None:
         out += add
 
 
+class _Steps:
+    """The stepwise strategy's loop over one call's processed steps, for every cell and variant:
+    per step, stages in order, each a kernel launch or the step's products by cuBLAS for every
+    direction (or any function of the step k)."""
+
+    def __init__(self, launch: _Launch, batch_sizes: np.ndarray, h0: Tensor):
+        self.launch, self.count = launch, len(batch_sizes)
+        self.directions, self.batch = h0.shape[0], h0.shape[1]
+        self.rows, self.firsts, self.sizes, self.offsets = _step_arrays(
+            launch, batch_sizes, self.directions
+        )
+
+    def spans(self, k: int) -> list[tuple[int, int, int]]:
+        """(direction, rows, first packed row) of every direction's k-th processed step."""
+        return [(d, int(self.rows[d, k]), int(self.firsts[d, k])) for d in range(self.directions)]
+
+    def kernel(self, kernel, width: int, *args):
+        """A stage: `kernel` launched with (k, *args), a thread per (direction, row, unit <
+        width)."""
+        threads = self.launch.threads
+        blocks = max(1, math.ceil(self.directions * self.batch * width / threads))
+        return lambda k: self.launch.run(kernel, blocks, threads, 0, k, *args)
+
+    def products(self, a: Tensor, b: Tensor, out: Tensor, packed=False, a_scale=None, **kwargs):
+        """A stage: out[d, :n] = a_d @ b[d] by `_product` (kwargs: its scale and add, each
+        taken [d, :n]) for every direction d with n rows at the step; a_d = a[d]'s rows of the
+        step (its packed rows with `packed`, else the first n), times a_scale[d, :n] if given."""
+        given = [(key, t) for key, t in kwargs.items() if t is not None]
+
+        def run(k: int) -> None:
+            for d, n, first in self.spans(k):
+                rows = a[d, first : first + n] if packed else a[d, :n]
+                if a_scale is not None:
+                    rows = rows * a_scale[d, :n]
+                _product(rows, b[d], out[d, :n], **{key: t[d, :n] for key, t in given})
+
+        return run
+
+    def run(self, stages: list, backward: bool = False) -> None:
+        """Forward: every stage at steps 0..T-1. Backward: at steps T-1..0, then the first stage
+        alone at k = -1 (it hands the gradients carried out of the first processed step to
+        dh0)."""
+        for k in range(self.count - 1, -1, -1) if backward else range(self.count):
+            for stage in stages:
+                stage(k)
+        if backward:
+            stages[0](-1)
+
+
+def _masked_args(launch: _Launch, masks: tuple, h_cache: Tensor | None) -> list:
+    """The masked kernels' zone_h, zone_c and h_cache (stand-ins where None) and their flags."""
+    tensors = (masks[1], masks[2], h_cache)
+    return [*map(launch.array, tensors), *(t is not None for t in tensors)]
+
+
 def recurrence_forward(
-    cell: int,
-    relu: bool,
-    batch_sizes: np.ndarray,
-    W_hh: Tensor,
-    W_hr: Tensor | None,
-    b_hh: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    inputs: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor | None,
-    y: Tensor,
-    h_n: Tensor,
-    c_n: Tensor | None,
-) -> str:
+    cell: int, relu: bool, batch_sizes: np.ndarray, W_hh: Tensor, W_hr: Tensor | None,
+    b_hh: Tensor | None, h0: Tensor, c0: Tensor | None, inputs: Tensor, gate_cache: Tensor,
+    cell_cache: Tensor | None, y: Tensor, h_n: Tensor, c_n: Tensor | None,
+    masks: tuple | None = None, h_cache: Tensor | None = None,
+) -> str:  # fmt: skip
     """Run the forward recurrence of any cell (layouts in `kernels/cuda/cells.py`); returns the
-    strategy that ran."""
+    strategy that ran. masks: recurrent dropout and zoneout, (h_mask (D, B, P), zone_h
+    (D, N, P), zone_c (D, N, H)), each None when off: always stepwise, float32 / float64 data;
+    h_cache (D, N, H): the RNN's states before zoneout, for a backward, or None."""
     global _last_strategy
-    _, _, _, persistent, stepwise = _cuda_modules()
-    launch, gates, hidden, strategy, plan, threads = _setup(cell, W_hh, W_hr, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
+    kernels = _cuda_modules()
+    launch, hidden, strategy, plan = _setup(cell, W_hh, W_hr, h0, masks is not None)
     _last_strategy = strategy
-    if batch == 0:  # an empty batch: nothing to launch (and no memory to hand to a kernel)
+    if h0.shape[1] == 0:  # an empty batch: nothing to launch (and no memory to hand to a kernel)
         return strategy
+    steps = _Steps(launch, batch_sizes, h0)
     c_state = _cell_state_buffer(c_n, cell_cache)
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    arr = launch.array
+    caches = [arr(gate_cache), arr(cell_cache, compute=True), arr(c_state, compute=True)]
     if strategy == "persistent":
-        args = [
-            sizes,
-            offsets,
-            launch.array(W_hh),
-            launch.array(b_hh, ndim=2),
-            launch.array(h0),
-            launch.array(c0),
-            launch.array(inputs),
-            launch.array(gate_cache),
-            launch.array(cell_cache, compute=True),
-            launch.array(c_state, compute=True),
-            launch.array(y),
-            launch.array(h_n),
-            launch.one,
-        ]
-        if _run_persistent(
-            launch, persistent.persistent_forward, plan, threads, False, W_hh, h0, cell, relu,
-            args,
-        ):  # fmt: skip
+        args = [steps.sizes, steps.offsets, arr(W_hh), arr(b_hh, ndim=2), arr(h0), arr(c0)]
+        args += [arr(inputs), *caches, arr(y), arr(h_n), launch.one]
+        kernel = kernels.persistent.persistent_forward
+        if _run_persistent(launch, kernel, plan, launch.threads, False, W_hh, h0, cell, relu, args):
             if c_state is not c_n:
                 c_n.copy_(c_state)
             return strategy
         strategy = _last_strategy = "stepwise"
 
-    projected = W_hr is not None
     h_n.copy_(h0)
     if c_n is not None:
         c_state.copy_(c0)
+    h_mask, zone_h, _ = masks or (None, None, None)
+    shape = (steps.directions, steps.batch)
     # the recurrent products in the compute dtype (float32 for 16-bit data)
-    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
-    h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-    weights = _product_operand(W_hh, launch.compute)
-    args = [
-        hidden,
-        sizes,
-        offsets,
-        projected,
-        launch.array(rec),
-        launch.array(inputs),
-        launch.array(gate_cache),
-        launch.array(cell_cache, compute=True),
-        launch.array(c_state, compute=True),
-        launch.array(b_hh, ndim=2),
-        launch.array(h_n),
-        launch.array(h_raw),
-        launch.array(y),
-        launch.one,
+    rec = torch.empty((*shape, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
+    h_raw = torch.empty((*shape, hidden), dtype=h0.dtype, device=h0.device)
+    args = [cell, relu, hidden, steps.sizes, steps.offsets, W_hr is not None, arr(rec)]
+    args += [arr(inputs), *caches, arr(b_hh, ndim=2), arr(h_n), arr(h_raw), arr(y), launch.one]
+    kernel = kernels.stepwise.step_forward
+    if masks is not None:
+        kernel = kernels.stepwise.step_forward_masked
+        args += _masked_args(launch, masks, h_cache)
+
+    def project(k: int) -> None:  # h' = h_raw @ W_hr^T (zoned out with zone_h) into h_n and y
+        for d, n, first in steps.spans(k):
+            h = h_n[d, :n]
+            if zone_h is None:
+                torch.mm(h_raw[d, :n], W_hr[d].t(), out=h)
+            else:
+                keep = zone_h[d, first : first + n]
+                h.copy_(keep * h + (1 - keep) * (h_raw[d, :n] @ W_hr[d].t()))
+            y[d, first : first + n].copy_(h)
+
+    weights = _product_operand(W_hh, launch.compute).transpose(1, 2)
+    stages = [
+        steps.products(h_n, weights, rec, a_scale=h_mask),
+        steps.kernel(kernel, hidden, *args),
     ]
-    blocks = _grid(directions * batch * hidden, threads)
-    for k in range(len(batch_sizes)):
-        for d in range(directions):
-            count = int(rows[d, k])
-            _product(h_n[d, :count], weights[d].t(), rec[d, :count])
-        launch.run(stepwise.step_forward, blocks, threads, 0, cell, relu, k, *args)
-        if projected:
-            for d in range(directions):
-                count, first = int(rows[d, k]), int(firsts[d, k])
-                torch.mm(h_raw[d, :count], W_hr[d].t(), out=h_n[d, :count])
-                y[d, first : first + count].copy_(h_n[d, :count])
+    steps.run(stages + ([project] if W_hr is not None else []))
     if c_state is not c_n:
         c_n.copy_(c_state)
     return strategy
 
 
 def recurrence_backward(
-    cell: int,
-    relu: bool,
-    batch_sizes: np.ndarray,
-    W_hh: Tensor,
-    W_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    y: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor | None,
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor | None,
-    d_input: Tensor,
-    d_recurrent: Tensor,
-    dh_total: Tensor | None,
-    dh0: Tensor,
-    dc0: Tensor | None,
-) -> None:
+    cell: int, relu: bool, batch_sizes: np.ndarray, W_hh: Tensor, W_hr: Tensor | None,
+    h0: Tensor, c0: Tensor | None, y: Tensor, gate_cache: Tensor, cell_cache: Tensor | None,
+    dy: Tensor, dh_n: Tensor, dc_n: Tensor | None, d_input: Tensor, d_recurrent: Tensor,
+    dh_total: Tensor | None, dh0: Tensor, dc0: Tensor | None, masks: tuple | None = None,
+    h_cache: Tensor | None = None,
+) -> None:  # fmt: skip
     """Backward of `recurrence_forward`: the gate pre-activation gradients d_input (and for GRU
     d_recurrent; the same tensor otherwise), dh0, dc0, and with a projection dh_total (D, N, P),
-    dL/dh of every row."""
-    _, _, _, persistent, stepwise = _cuda_modules()
-    launch, gates, hidden, strategy, plan, threads = _setup(cell, W_hh, W_hr, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
-    if batch == 0:
+    dL/dh of every row. With masks: dL/dh_prev = h_mask * (d_recurrent @ W_hh) + the kernel's
+    direct part (+ zone_h dL/dh' with a projection, taken here before dL/dh' meets W_hr)."""
+    kernels = _cuda_modules()
+    launch, hidden, strategy, plan = _setup(cell, W_hh, W_hr, h0, masks is not None)
+    if h0.shape[1] == 0:
         return
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    steps = _Steps(launch, batch_sizes, h0)
     dc_state = _cell_state_buffer(dc0, cell_cache)  # dc runs from dc_n to dc0
     if dc_state is not None:
         dc_state.copy_(dc_n)
+    shape = (steps.directions, steps.batch)
     # dL/dh_prev's parts in the compute dtype (float32 for 16-bit data), as the forward's products
-    dh_direct = torch.zeros((directions, batch, hidden), dtype=launch.compute, device=h0.device)
+    dh_direct = torch.zeros((*shape, hidden), dtype=launch.compute, device=h0.device)
+    arr = launch.array
+    grads = [arr(gate_cache), arr(cell_cache, compute=True), arr(dc_state, compute=True)]
+    grads += [*map(arr, (d_input, d_recurrent, dh_direct, dh0)), launch.one]
     if strategy == "persistent":
-        args = [
-            sizes,
-            offsets,
-            launch.array(W_hh),
-            launch.array(h0),
-            launch.array(c0),
-            launch.array(dy),
-            launch.array(dh_n),
-            launch.array(y),
-            launch.array(gate_cache),
-            launch.array(cell_cache, compute=True),
-            launch.array(dc_state, compute=True),
-            launch.array(d_input),
-            launch.array(d_recurrent),
-            launch.array(dh_direct),
-            launch.array(dh0),
-            launch.one,
-        ]
-        if _run_persistent(
-            launch, persistent.persistent_backward, plan, threads, True, W_hh, h0, cell, relu,
-            args,
-        ):  # fmt: skip
+        args = [steps.sizes, steps.offsets, *map(arr, (W_hh, h0, c0, dy, dh_n, y)), *grads]
+        kernel = kernels.persistent.persistent_backward
+        if _run_persistent(launch, kernel, plan, launch.threads, True, W_hh, h0, cell, relu, args):
             if dc_state is not dc0:
                 dc0.copy_(dc_state)
             return
 
-    projected = W_hr is not None
+    h_mask, zone_h, _ = masks or (None, None, None)
     width = h0.shape[2]
-    dh_rec = torch.empty((directions, batch, width), dtype=launch.compute, device=h0.device)
-    dh_raw = torch.empty((directions, batch, hidden), dtype=launch.compute, device=h0.device)
+    dh_rec = torch.empty((*shape, width), dtype=launch.compute, device=h0.device)
+    dh_raw = torch.empty((*shape, hidden), dtype=launch.compute, device=h0.device)
+    args = [cell, relu, hidden, steps.sizes, steps.offsets, W_hr is not None]
+    args += [*map(arr, (dy, dh_n, dh_rec, dh_raw, h0, c0, y)), *grads]
+    kernel = kernels.stepwise.step_backward
+    if masks is not None:
+        kernel = kernels.stepwise.step_backward_masked
+        args += _masked_args(launch, masks, h_cache)
+    # what dL/dh_prev has besides d_recurrent @ W_hh (the GRU's z * dh, zoneout's share)
+    add = dh_direct if cell == _GRU or zone_h is not None else None
+    stages = []
+    if W_hr is not None:
+        hidden_args = [steps.sizes, steps.offsets, *map(arr, (dy, dh_n, dh_rec, dh_total, dh0))]
+        hidden_args.append(launch.one)
+        projection = _product_operand(W_hr, launch.compute)
+        add = None if zone_h is None else torch.zeros_like(dh_rec)
+
+        def project(k: int) -> None:  # dh_raw = dL/dh' @ W_hr; zoneout's share set apart first
+            for d, n, first in steps.spans(k):
+                total = dh_total[d, first : first + n]
+                if zone_h is not None:
+                    keep = zone_h[d, first : first + n]
+                    add[d, :n] = keep * total
+                    total.mul_(1 - keep)
+                _product(total, projection[d], dh_raw[d, :n])
+
+        stages = [steps.kernel(kernels.stepwise.hidden_grad_step, width, *hidden_args), project]
     weights = _product_operand(W_hh, launch.compute)
-    projection = _product_operand(W_hr, launch.compute) if projected else None
-    cell_args = [
-        hidden,
-        sizes,
-        offsets,
-        projected,
-        launch.array(dy),
-        launch.array(dh_n),
-        launch.array(dh_rec),
-        launch.array(dh_raw),
-        launch.array(h0),
-        launch.array(c0),
-        launch.array(y),
-        launch.array(gate_cache),
-        launch.array(cell_cache, compute=True),
-        launch.array(dc_state, compute=True),
-        launch.array(d_input),
-        launch.array(d_recurrent),
-        launch.array(dh_direct),
-        launch.array(dh0),
-        launch.one,
-    ]
-    if projected:
-        hidden_args = [
-            sizes,
-            offsets,
-            launch.array(dy),
-            launch.array(dh_n),
-            launch.array(dh_rec),
-            launch.array(dh_total),
-            launch.array(dh0),
-            launch.one,
-        ]
-    cell_blocks = _grid(directions * batch * hidden, threads)
-    hidden_blocks = _grid(directions * batch * width, threads)
-    # k = -1 hands the gradients carried out of the first processed step to dh0.
-    for k in range(len(batch_sizes) - 1, -2, -1):
-        if projected:
-            launch.run(stepwise.hidden_grad_step, hidden_blocks, threads, 0, k, *hidden_args)
-            if k < 0:
-                break
-            for d in range(directions):
-                count, first = int(rows[d, k]), int(firsts[d, k])
-                _product(dh_total[d, first : first + count], projection[d], dh_raw[d, :count])
-        launch.run(stepwise.step_backward, cell_blocks, threads, 0, cell, relu, k, *cell_args)
-        if k < 0:
-            break
-        for d in range(directions):
-            count, first = int(rows[d, k]), int(firsts[d, k])
-            grads = d_recurrent[d, first : first + count]
-            # GRU: dL/dh_prev = d_recurrent @ W_hh + z * dh, which skips W_hh
-            direct = dh_direct[d, :count] if cell == _GRU else None
-            _product(grads, weights[d], dh_rec[d, :count], direct)
+    stages.append(steps.kernel(kernel, hidden, *args))
+    stages.append(steps.products(d_recurrent, weights, dh_rec, packed=True, scale=h_mask, add=add))
+    steps.run(stages, backward=True)
     if dc_state is not dc0:
         dc0.copy_(dc_state)
 
 
-def _mask_rows(h_mask: Tensor, batch_sizes: np.ndarray) -> Tensor:
-    """h_mask (D, B, P) -> (D, N, P): each packed row's sequence's mask."""
+def _row_in_step(batch_sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first row of every step, step of every packed row, its row within the step)."""
     offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
     step_of_row = np.repeat(np.arange(len(batch_sizes)), batch_sizes)
-    row_in_step = torch.from_numpy(np.arange(int(batch_sizes.sum())) - offsets[step_of_row])
-    return h_mask.index_select(1, row_in_step.to(h_mask.device))
-
-
-def masked_forward(
-    cell: int,
-    relu: bool,
-    batch_sizes: np.ndarray,
-    W_hh: Tensor,
-    W_hr: Tensor | None,
-    b_hh: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    inputs: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor | None,
-    y: Tensor,
-    h_n: Tensor,
-    c_n: Tensor | None,
-    masks: tuple,
-    h_cache: Tensor | None = None,
-) -> None:
-    """`recurrence_forward` with recurrent dropout and zoneout (`kernels/cuda/masked.py`),
-    always stepwise: masks (h_mask (D, B, P), zone_h (D, N, P), zone_c (D, N, H), each None
-    when off); h_cache (D, N, H) the RNN's states before zoneout for a backward, or None.
-    float32 / float64 data."""
-    _cuda_modules()  # numba-cuda imported (or its simulator) before the kernels' module
-    from .kernels.cuda import masked
-
-    launch, gates, hidden, _, _, threads = _setup(cell, W_hh, W_hr, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
-    if batch == 0:
-        return
-    h_mask, zone_h, zone_c = masks
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
-    projected = W_hr is not None
-    h_n.copy_(h0)
-    if c_n is not None:
-        c_n.copy_(c0)
-    rec = torch.empty((directions, batch, W_hh.shape[1]), dtype=launch.compute, device=h0.device)
-    h_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-    args = [
-        hidden, sizes, offsets, projected, launch.array(rec), launch.array(inputs),
-        launch.array(gate_cache), launch.array(cell_cache), launch.array(c_n),
-        launch.array(b_hh, ndim=2), launch.array(h_n), launch.array(h_raw), launch.array(y),
-        launch.array(zone_h), launch.array(zone_c), launch.array(h_cache),
-        zone_h is not None, zone_c is not None, h_cache is not None, launch.one,
-    ]  # fmt: skip
-    blocks = _grid(directions * batch * hidden, threads)
-    for k in range(len(batch_sizes)):
-        for d in range(directions):
-            count = int(rows[d, k])
-            read = h_n[d, :count] if h_mask is None else h_n[d, :count] * h_mask[d, :count]
-            torch.mm(read, W_hh[d].t(), out=rec[d, :count])
-        launch.run(masked.step_forward_masked, blocks, threads, 0, cell, relu, k, *args)
-        if projected:
-            for d in range(directions):
-                count, first = int(rows[d, k]), int(firsts[d, k])
-                new = h_raw[d, :count] @ W_hr[d].t()
-                if zone_h is not None:
-                    keep = zone_h[d, first : first + count]
-                    new = keep * h_n[d, :count] + (1 - keep) * new
-                h_n[d, :count] = new
-                y[d, first : first + count].copy_(new)
-
-
-def masked_backward(
-    cell: int,
-    relu: bool,
-    batch_sizes: np.ndarray,
-    W_hh: Tensor,
-    W_hr: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    y: Tensor,
-    gate_cache: Tensor,
-    cell_cache: Tensor | None,
-    dy: Tensor,
-    dh_n: Tensor,
-    dc_n: Tensor | None,
-    d_input: Tensor,
-    d_recurrent: Tensor,
-    dh_total: Tensor | None,
-    dh0: Tensor,
-    dc0: Tensor | None,
-    masks: tuple,
-    h_cache: Tensor | None = None,
-) -> None:
-    """Backward of `masked_forward` (the arguments of `recurrence_backward`, plus its masks
-    and h_cache): dL/dh_prev = h_mask * (d_recurrent @ W_hh) + the kernel's direct part
-    (+ zone_h dL/dh' with a projection, taken here before dL/dh' meets W_hr)."""
-    stepwise = _cuda_modules()[4]
-    from .kernels.cuda import masked
-
-    launch, gates, hidden, _, _, threads = _setup(cell, W_hh, W_hr, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
-    if batch == 0:
-        return
-    h_mask, zone_h, zone_c = masks
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
-    if dc0 is not None:
-        dc0.copy_(dc_n)
-    projected = W_hr is not None
-    width = h0.shape[2]
-    dh_direct = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-    dh_rec = torch.empty((directions, batch, width), dtype=h0.dtype, device=h0.device)
-    dh_raw = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-    skip = torch.zeros((directions, batch, width), dtype=h0.dtype, device=h0.device)
-    cell_args = [
-        hidden, sizes, offsets, projected, launch.array(dy), launch.array(dh_n),
-        launch.array(dh_rec), launch.array(dh_raw), launch.array(h0), launch.array(c0),
-        launch.array(y), launch.array(gate_cache), launch.array(cell_cache), launch.array(dc0),
-        launch.array(d_input), launch.array(d_recurrent), launch.array(dh_direct),
-        launch.array(dh0), launch.array(zone_h), launch.array(zone_c), launch.array(h_cache),
-        zone_h is not None, zone_c is not None, h_cache is not None, launch.one,
-    ]  # fmt: skip
-    if projected:
-        hidden_args = [
-            sizes, offsets, launch.array(dy), launch.array(dh_n), launch.array(dh_rec),
-            launch.array(dh_total), launch.array(dh0), launch.one,
-        ]  # fmt: skip
-    cell_blocks = _grid(directions * batch * hidden, threads)
-    hidden_blocks = _grid(directions * batch * width, threads)
-    for k in range(len(batch_sizes) - 1, -2, -1):
-        if projected:
-            launch.run(stepwise.hidden_grad_step, hidden_blocks, threads, 0, k, *hidden_args)
-            if k < 0:
-                break
-            for d in range(directions):
-                count, first = int(rows[d, k]), int(firsts[d, k])
-                total = dh_total[d, first : first + count]
-                if zone_h is not None:  # zoneout's share skips the cell; the rest is dL/dh_new
-                    keep = zone_h[d, first : first + count]
-                    skip[d, :count] = keep * total
-                    total.mul_(1 - keep)
-                torch.mm(total, W_hr[d], out=dh_raw[d, :count])
-        launch.run(masked.step_backward_masked, cell_blocks, threads, 0, cell, relu, k, *cell_args)
-        if k < 0:
-            break
-        for d in range(directions):
-            count, first = int(rows[d, k]), int(firsts[d, k])
-            through = d_recurrent[d, first : first + count] @ W_hh[d]
-            if h_mask is not None:
-                through = through * h_mask[d, :count]
-            if projected:
-                dh_rec[d, :count] = through + skip[d, :count]
-            else:
-                dh_rec[d, :count] = through + dh_direct[d, :count]
+    return offsets, step_of_row, np.arange(int(batch_sizes.sum())) - offsets[step_of_row]
 
 
 def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
@@ -905,9 +695,7 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
         if directions == 1:
             return forward.unsqueeze(0)
         return torch.stack([forward, torch.cat([y[1, batch:], h0[1]])])
-    offsets = np.concatenate(([0], np.cumsum(batch_sizes)[:-1])).astype(np.int64)
-    step_of_row = np.repeat(np.arange(steps), batch_sizes)
-    row_in_step = np.arange(rows_total) - offsets[step_of_row]
+    offsets, step_of_row, row_in_step = _row_in_step(batch_sizes)
     index = np.empty((directions, rows_total), dtype=np.int64)
     # direction 0 consumed step t - 1's output, direction 1 step t + 1's; h0's rows follow y's
     for d, shift in ((0, -1), (1, 1))[:directions]:
@@ -920,6 +708,16 @@ def previous_hidden(batch_sizes: np.ndarray, y: Tensor, h0: Tensor) -> Tensor:
     return torch.stack([both[d].index_select(0, index_t[d]) for d in range(directions)])
 
 
+def _previous_states(h_prev: Tensor, batch_sizes, y: Tensor, h0: Tensor, masks) -> None:
+    """h_prev = the states each row consumed (`previous_hidden`), as W_hh read them: times
+    the recurrent dropout mask (D, B, P) of each row's sequence when there is one."""
+    states = previous_hidden(batch_sizes, y, h0)
+    if masks is not None and masks[0] is not None:
+        row_in_step = torch.from_numpy(_row_in_step(batch_sizes)[2])
+        states = states * masks[0].index_select(1, row_in_step.to(masks[0].device))
+    h_prev.copy_(states)
+
+
 # The per-cell entry points, with the same arguments as `recurrence_cpu`'s.
 
 
@@ -929,55 +727,25 @@ def fuses_input_projection(batch_sizes, x: Tensor, W_hh: Tensor, h0: Tensor) -> 
 
 
 def lstm_forward(
-    batch_sizes,
-    W_hh,
-    W_hr,
-    h0,
-    c0,
-    y,
-    h_n,
-    c_n,
-    gate_cache,
-    cell_cache,
-    x=None,
-    W_ih=None,
-    bias=None,
-    masks=None,
-) -> None:
+    batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, x=None, W_ih=None,
+    bias=None, masks=None,
+) -> None:  # fmt: skip
     """`recurrence_cpu.lstm_forward`'s arguments; x, W_ih and bias (a fused input projection)
-    never come here (`fuses_input_projection` is False). masks: `masked_forward`'s."""
-    run = recurrence_forward if masks is None else functools.partial(masked_forward, masks=masks)
-    run(
+    never come here (`fuses_input_projection` is False). masks: `recurrence_forward`'s."""
+    recurrence_forward(
         _LSTM, False, batch_sizes, W_hh, W_hr, None, h0, c0, gate_cache, gate_cache,
-        cell_cache, y, h_n, c_n,
+        cell_cache, y, h_n, c_n, masks,
     )  # fmt: skip
 
 
 def lstm_backward(
-    batch_sizes,
-    W_hh,
-    W_hr,
-    h0,
-    c0,
-    y,
-    gate_cache,
-    cell_cache,
-    dy,
-    dh_n,
-    dc_n,
-    d_gates,
-    h_prev,
-    dh_total,
-    h_raw,
-    dh0,
-    dc0,
-    masks=None,
-) -> None:
+    batch_sizes, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_gates, h_prev,
+    dh_total, h_raw, dh0, dc0, masks=None,
+) -> None:  # fmt: skip
     projected = W_hr is not None
-    run = recurrence_backward if masks is None else functools.partial(masked_backward, masks=masks)
-    run(
+    recurrence_backward(
         _LSTM, False, batch_sizes, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n,
-        dc_n, d_gates, d_gates, dh_total if projected else None, dh0, dc0,
+        dc_n, d_gates, d_gates, dh_total if projected else None, dh0, dc0, masks,
     )  # fmt: skip
     hidden = c0.shape[2]
     _previous_states(h_prev, batch_sizes, y, h0, masks)
@@ -1002,10 +770,9 @@ def gru_forward(
     if reset_before:
         _gated_forward(batch_sizes, W_hh, b_hh, h0, projected, gate_cache, y, h_n)
         return
-    run = recurrence_forward if masks is None else functools.partial(masked_forward, masks=masks)
-    run(
+    recurrence_forward(
         _GRU, False, batch_sizes, W_hh, None, b_hh, h0, None, projected, gate_cache, None, y,
-        h_n, None,
+        h_n, None, masks,
     )  # fmt: skip
 
 
@@ -1020,10 +787,9 @@ def gru_backward(
         if h_prev.shape[1] > 0:
             h_prev.copy_(previous_hidden(batch_sizes, y, h0))
         return
-    run = recurrence_backward if masks is None else functools.partial(masked_backward, masks=masks)
-    run(
+    recurrence_backward(
         _GRU, False, batch_sizes, W_hh, None, h0, None, y, gate_cache, None, dy, dh_n, None,
-        d_input, d_recurrent, None, dh0, None,
+        d_input, d_recurrent, None, dh0, None, masks,
     )  # fmt: skip
     _previous_states(h_prev, batch_sizes, y, h0, masks)
 
@@ -1033,93 +799,81 @@ def _gated_forward(batch_sizes, W_hh, b_hh, h0, inputs, gate_cache, y, h_n) -> N
     stepwise: W_hn multiplies r * h, which needs this step's r, so each step has two products
     (no persistent kernel for it yet). Layouts as `recurrence_forward`'s for the GRU; gate_cache
     (D, N, 4H) out: r, z, n, r * h."""
-    stepwise = _cuda_modules()[4]
-    launch, _, hidden, _, _, threads = _setup(_GRU, W_hh, None, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
-    if batch == 0:
+    stepwise = _cuda_modules().stepwise
+    launch, hidden, _, _ = _setup(_GRU, W_hh, None, h0, stepwise_only=True)
+    if h0.shape[1] == 0:
         return
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
+    steps = _Steps(launch, batch_sizes, h0)
     h_n.copy_(h0)
-    rec = torch.empty((directions, batch, 2 * hidden), dtype=launch.compute, device=h0.device)
-    product = torch.empty((directions, batch, hidden), dtype=launch.compute, device=h0.device)
-    gated = torch.empty((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-    weights = _product_operand(W_hh, launch.compute)
-    first_args = [hidden, sizes, offsets, launch.array(rec), launch.array(inputs)]
-    cache, biases, state = launch.array(gate_cache), launch.array(b_hh, ndim=2), launch.array(h_n)
-    first_args += [cache, biases, state, launch.array(gated), launch.one]
-    second_args = [hidden, sizes, offsets, launch.array(product), launch.array(inputs), cache]
-    second_args += [biases, state, launch.array(y), launch.one]
-    blocks = _grid(directions * batch * hidden, threads)
-    for k in range(len(batch_sizes)):
-        for d in range(directions):
-            count = int(rows[d, k])
-            _product(h_n[d, :count], weights[d, : 2 * hidden].t(), rec[d, :count])
-        launch.run(stepwise.gated_step_gates, blocks, threads, 0, k, *first_args)
-        for d in range(directions):
-            count = int(rows[d, k])
-            _product(gated[d, :count], weights[d, 2 * hidden :].t(), product[d, :count])
-        launch.run(stepwise.gated_step_output, blocks, threads, 0, k, *second_args)
+    shape, compute = (steps.directions, steps.batch), launch.compute
+    rec = torch.empty((*shape, 2 * hidden), dtype=compute, device=h0.device)
+    product = torch.empty((*shape, hidden), dtype=compute, device=h0.device)
+    gated = torch.empty((*shape, hidden), dtype=h0.dtype, device=h0.device)
+    weights = _product_operand(W_hh, compute).transpose(1, 2)
+    arr = launch.array
+    common = [hidden, steps.sizes, steps.offsets]
+    shared = [arr(inputs), arr(gate_cache), arr(b_hh, ndim=2), arr(h_n)]
+    steps.run([
+        steps.products(h_n, weights[:, :, : 2 * hidden], rec),
+        steps.kernel(stepwise.gated_step_gates, hidden, *common, arr(rec), *shared, arr(gated),
+                     launch.one),
+        steps.products(gated, weights[:, :, 2 * hidden :], product),
+        steps.kernel(stepwise.gated_step_output, hidden, *common, arr(product), *shared, arr(y),
+                     launch.one),
+    ])  # fmt: skip
 
 
 def _gated_backward(batch_sizes, W_hh, h0, y, gate_cache, dy, dh_n, d_input, dh0) -> None:
     """Backward of `_gated_forward`: d_input (D, N, 3H), the pre-activation gradients of both
     sides, and dh0."""
-    stepwise = _cuda_modules()[4]
-    launch, _, hidden, _, _, threads = _setup(_GRU, W_hh, None, h0)
-    directions, batch = h0.shape[0], h0.shape[1]
-    if batch == 0:
+    stepwise = _cuda_modules().stepwise
+    launch, hidden, _, _ = _setup(_GRU, W_hh, None, h0, stepwise_only=True)
+    if h0.shape[1] == 0:
         return
-    rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
-    compute, device = launch.compute, h0.device
-    dh_rec = torch.empty((directions, batch, hidden), dtype=compute, device=device)
-    dh_direct = torch.zeros((directions, batch, hidden), dtype=compute, device=device)
-    gated_grads = torch.empty((directions, batch, hidden), dtype=compute, device=device)
-    through = torch.empty((directions, batch, hidden), dtype=compute, device=device)
-    weights = _product_operand(W_hh, compute)
-    cache, inputs_grad, direct = (
-        launch.array(gate_cache), launch.array(d_input), launch.array(dh_direct)
-    )  # fmt: skip
-    first_args = [hidden, sizes, offsets, launch.array(dy), launch.array(dh_n)]
-    first_args += [launch.array(dh_rec), launch.array(h0), launch.array(y), cache, inputs_grad]
-    first_args += [launch.array(gated_grads), direct, launch.array(dh0), launch.one]
-    second_args = [hidden, sizes, offsets, launch.array(through), cache, inputs_grad, direct]
-    second_args.append(launch.one)
-    blocks = _grid(directions * batch * hidden, threads)
-    for k in range(len(batch_sizes) - 1, -2, -1):
-        launch.run(stepwise.gated_step_backward_output, blocks, threads, 0, k, *first_args)
-        if k < 0:
-            break
-        for d in range(directions):
-            count = int(rows[d, k])
-            _product(gated_grads[d, :count], weights[d, 2 * hidden :], through[d, :count])
-        launch.run(stepwise.gated_step_backward_gates, blocks, threads, 0, k, *second_args)
-        for d in range(directions):
-            count, first = int(rows[d, k]), int(firsts[d, k])
-            grads = d_input[d, first : first + count, : 2 * hidden]
-            _product(grads, weights[d, : 2 * hidden], dh_rec[d, :count], dh_direct[d, :count])
+    steps = _Steps(launch, batch_sizes, h0)
+    shape = (steps.directions, steps.batch, hidden)
+    dh_rec, gated_grads, through = (
+        torch.empty(shape, dtype=launch.compute, device=h0.device) for _ in range(3)
+    )
+    dh_direct = torch.zeros(shape, dtype=launch.compute, device=h0.device)
+    weights = _product_operand(W_hh, launch.compute)
+    arr = launch.array
+    common = [hidden, steps.sizes, steps.offsets]
+    cache, inputs_grad, direct = arr(gate_cache), arr(d_input), arr(dh_direct)
+    steps.run([
+        steps.kernel(
+            stepwise.gated_step_backward_output, hidden, *common,
+            *map(arr, (dy, dh_n, dh_rec, h0, y)), cache, inputs_grad, arr(gated_grads), direct,
+            arr(dh0), launch.one,
+        ),
+        steps.products(gated_grads, weights[:, 2 * hidden :], through),
+        steps.kernel(stepwise.gated_step_backward_gates, hidden, *common, arr(through), cache,
+                     inputs_grad, direct, launch.one),
+        steps.products(d_input[:, :, : 2 * hidden], weights[:, : 2 * hidden], dh_rec, packed=True,
+                       add=dh_direct),
+    ], backward=True)  # fmt: skip
 
 
 def rnn_forward(
     batch_sizes, relu, W_hh, h0, y, h_n, x=None, W_ih=None, bias=None, masks=None, gate_cache=None
 ) -> None:
-    """masks and gate_cache: as `recurrence_cpu.rnn_forward`'s (`masked_forward`)."""
-    if masks is not None:
-        cache = gate_cache if gate_cache is not None and gate_cache.shape[1] > 0 else None
-        masked_forward(
-            _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None,
-            masks, cache,
-        )  # fmt: skip
-        return
+    """masks and gate_cache: as `recurrence_cpu.rnn_forward`'s (`recurrence_forward`'s masks
+    and h_cache)."""
+    cache = gate_cache if gate_cache is not None and gate_cache.shape[1] > 0 else None
     recurrence_forward(
-        _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None
-    )
+        _RNN, relu, batch_sizes, W_hh, None, None, h0, None, y, y, None, y, h_n, None, masks,
+        cache,
+    )  # fmt: skip
 
 
-@functools.cache
-def _layernorm_kernels():
-    from .kernels.cuda import layernorm_lstm
-
-    return layernorm_lstm
+def rnn_backward(
+    batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, masks=None, gate_cache=None
+) -> None:
+    recurrence_backward(
+        _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre, d_pre,
+        None, dh0, None, masks, gate_cache,
+    )  # fmt: skip
+    _previous_states(h_prev, batch_sizes, y, h0, masks)
 
 
 def layernorm_lstm_forward(
@@ -1130,123 +884,41 @@ def layernorm_lstm_forward(
     recurrent products by cuBLAS, then one kernel with a thread per row
     (`kernels/cuda/layernorm_lstm`)."""
     global _last_strategy
-    kernels = _layernorm_kernels()
+    from .cells import LAYERNORM_EPS
+
     launch = _Launch(h0)
-    directions, batch, hidden = h0.shape[0], h0.shape[1], h0.shape[2]
     _last_strategy = "stepwise"
     h_n.copy_(h0)
     c_n.copy_(c0)
-    if batch == 0:
+    if h0.shape[1] == 0:
         return
-    rows, _, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
-    rec = torch.empty((directions, batch, 4 * hidden), dtype=h0.dtype, device=h0.device)
-    threads = _GPU_THREADS if launch.on_gpu else _SIMULATOR_THREADS
-    blocks = _grid(directions * batch, threads)
-    args = [
-        hidden,
-        launch.one.dtype.type(_layernorm_eps()),
-        sizes,
-        offsets,
-        launch.array(rec),
-        launch.array(pre),
-        launch.array(consts, ndim=2),
-        launch.array(gate_cache),
-        launch.array(cell_cache),
-        launch.array(c_n),
-        launch.array(h_n),
-        launch.array(y),
-        launch.one,
-    ]
-    for k in range(len(batch_sizes)):
-        for d in range(directions):
-            count = int(rows[d, k])
-            torch.mm(h_n[d, :count], W_hh[d].t(), out=rec[d, :count])
-        launch.run(kernels.layernorm_lstm_step_forward, blocks, threads, 0, k, *args)
+    steps = _Steps(launch, batch_sizes, h0)
+    hidden = h0.shape[2]
+    rec = torch.empty((steps.directions, steps.batch, 4 * hidden), dtype=h0.dtype, device=h0.device)
+    arr = launch.array
+    args = [hidden, launch.one.dtype.type(LAYERNORM_EPS), steps.sizes, steps.offsets, arr(rec)]
+    args += [arr(pre), arr(consts, ndim=2), *map(arr, (gate_cache, cell_cache, c_n, h_n, y))]
+    kernel = _cuda_modules().layernorm_lstm.layernorm_lstm_step_forward
+    steps.run(
+        [steps.products(h_n, W_hh.transpose(1, 2), rec), steps.kernel(kernel, 1, *args, launch.one)]
+    )
 
 
 def layernorm_lstm_backward(
-    batch_sizes,
-    W_hh,
-    h0,
-    c0,
-    y,
-    gate_cache,
-    cell_cache,
-    dy,
-    dh_n,
-    dc_n,
-    d_input,
-    d_recurrent,
-    h_prev,
-    d_cell_norm,
-    dh0,
-    dc0,
-) -> None:
+    batch_sizes, W_hh, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_input, d_recurrent,
+    h_prev, d_cell_norm, dh0, dc0,
+) -> None:  # fmt: skip
     """`recurrence_cpu.layernorm_lstm_backward`'s arguments; per step (in reverse) one kernel
     launch, then dL/dh of the previous step = d_recurrent @ W_hh by cuBLAS."""
-    kernels = _layernorm_kernels()
     launch = _Launch(h0)
-    directions, batch, hidden = h0.shape[0], h0.shape[1], h0.shape[2]
     dc0.copy_(dc_n)  # dc runs from dc_n to dc0
-    if batch > 0:
-        rows, firsts, sizes, offsets = _step_arrays(launch, batch_sizes, directions)
-        dh_rec = torch.zeros((directions, batch, hidden), dtype=h0.dtype, device=h0.device)
-        threads = _GPU_THREADS if launch.on_gpu else _SIMULATOR_THREADS
-        blocks = _grid(directions * batch, threads)
-        args = [
-            hidden,
-            sizes,
-            offsets,
-            launch.array(dy),
-            launch.array(dh_n),
-            launch.array(dh_rec),
-            launch.array(c0),
-            launch.array(gate_cache),
-            launch.array(cell_cache),
-            launch.array(dc0),
-            launch.array(d_input),
-            launch.array(d_recurrent),
-            launch.array(d_cell_norm),
-            launch.array(dh0),
-            launch.one,
-        ]
-        # k = -1 hands the gradients carried out of the first processed step to dh0.
-        for k in range(len(batch_sizes) - 1, -2, -1):
-            launch.run(kernels.layernorm_lstm_step_backward, blocks, threads, 0, k, *args)
-            if k < 0:
-                break
-            for d in range(directions):
-                count, first = int(rows[d, k]), int(firsts[d, k])
-                torch.mm(d_recurrent[d, first : first + count], W_hh[d], out=dh_rec[d, :count])
+    if h0.shape[1] > 0:
+        steps = _Steps(launch, batch_sizes, h0)
+        dh_rec = torch.zeros(h0.shape, dtype=h0.dtype, device=h0.device)
+        arr = launch.array
+        tensors = (dy, dh_n, dh_rec, c0, gate_cache, cell_cache, dc0, d_input, d_recurrent)
+        args = [h0.shape[2], steps.sizes, steps.offsets, *map(arr, (*tensors, d_cell_norm, dh0))]
+        kernel = _cuda_modules().layernorm_lstm.layernorm_lstm_step_backward
+        stages = [steps.kernel(kernel, 1, *args, launch.one)]
+        steps.run(stages + [steps.products(d_recurrent, W_hh, dh_rec, packed=True)], backward=True)
     h_prev.copy_(previous_hidden(batch_sizes, y, h0))
-
-
-def _layernorm_eps() -> float:
-    from .cells import LAYERNORM_EPS
-
-    return LAYERNORM_EPS
-
-
-def rnn_backward(
-    batch_sizes, relu, W_hh, h0, y, dy, dh_n, d_pre, h_prev, dh0, masks=None, gate_cache=None
-) -> None:
-    if masks is not None:
-        masked_backward(
-            _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre,
-            d_pre, None, dh0, None, masks, gate_cache,
-        )  # fmt: skip
-    else:
-        recurrence_backward(
-            _RNN, relu, batch_sizes, W_hh, None, h0, None, y, y, None, dy, dh_n, None, d_pre,
-            d_pre, None, dh0, None,
-        )  # fmt: skip
-    _previous_states(h_prev, batch_sizes, y, h0, masks)
-
-
-def _previous_states(h_prev: Tensor, batch_sizes, y: Tensor, h0: Tensor, masks) -> None:
-    """h_prev = the states each row consumed (`previous_hidden`), as W_hh read them: times
-    the recurrent dropout mask when there is one."""
-    states = previous_hidden(batch_sizes, y, h0)
-    if masks is not None and masks[0] is not None:
-        states = states * _mask_rows(masks[0], batch_sizes)
-    h_prev.copy_(states)

@@ -62,23 +62,9 @@ def cuda_path(monkeypatch):
 
 def _case(mode, strategy, *, dtype=F32, layers=1, bidirectional=False, proj=0, lengths=None,
           hx=False, batch_first=False, bias=True, T=3, B=3, I=2, H=3):  # fmt: skip
+    case = dict(locals())  # every argument, by name
     return pytest.param(
-        dict(
-            mode=mode,
-            strategy=strategy,
-            dtype=dtype,
-            layers=layers,
-            bidirectional=bidirectional,
-            proj=proj,
-            lengths=lengths,
-            hx=hx,
-            batch_first=batch_first,
-            bias=bias,
-            T=T,
-            B=B,
-            I=I,
-            H=H,
-        ),  # fmt: skip
+        case,
         id="-".join(
             [mode, strategy, str(dtype).removeprefix("torch."), f"L{layers}"]
             + (["bi"] if bidirectional else [])
@@ -444,11 +430,29 @@ import sys, types as pytypes
 from numba import cuda, types
 from bench.gpu_check import launcher_signatures
 
+import torch
+import fastrnn
+from bench.gpu_check import _recorded_launches
+
 # Every launch the launcher makes (LSTM with and without proj_size, GRU, RNN tanh/relu; every
 # dtype; both strategies; forward and backward), recorded with its argument types.
 launches = launcher_signatures()
 for kernel, signatures in sorted(launches.items(), key=lambda kv: kv[0].py_func.__name__):
     print("signatures", kernel.py_func.__name__, len(signatures))
+# ... and the stepwise-only variants' (recurrent dropout and zoneout, the "reset before" GRU,
+# the layer-norm LSTM; float32 and float64), forward and backward.
+with _recorded_launches() as variants:
+    for dtype in (torch.float32, torch.float64):
+        for module in (
+            fastrnn.LSTM(2, 3, proj_size=2, recurrent_dropout=0.25, zoneout=(0.1, 0.05)),
+            fastrnn.RNN(2, 3, zoneout=0.1),
+            fastrnn.GRU(2, 3, reset="before"),
+            fastrnn.LayerNormLSTM(2, 3),
+        ):
+            module.to(dtype).train()(torch.randn(4, 2, 2, dtype=dtype))[0].sum().backward()
+for kernel, signatures in variants.items():
+    print("variant", kernel.py_func.__name__, len(signatures))
+    launches.setdefault(kernel, set()).update(signatures)
 try:
     import numba.cuda.dispatcher as dispatcher
     # Device functions ask the current device for its compute capability; there is none here.
@@ -481,7 +485,8 @@ for kernel, signatures in launches.items():
 @pytest.mark.cudasim
 def test_kernels_compile_to_ptx_with_numba_typing():
     """Every kernel compiles for sm_90 with the argument types the launcher passes (recorded
-    from the launcher itself, for every cell, dtype and strategy); all cells share one
+    from the launcher itself, for every cell, dtype and strategy, and the stepwise-only
+    variants: masks, the "reset before" GRU, the layer-norm LSTM); all cells share one
     compiled kernel per dtype; the persistent ones are cooperative launches whose warp sums are
     shuffles; no kernel uses local memory; kernels of 32- and 16-bit data contain no float64
     arithmetic. The signatures are checked everywhere; the compilation needs NVVM/NVRTC
@@ -509,9 +514,20 @@ def test_kernels_compile_to_ptx_with_numba_typing():
         "persistent_forward": "3",
         "persistent_backward": "3",
     }, done.stdout
+    variants = {line.split()[1] for line in done.stdout.splitlines() if line.startswith("variant")}
+    assert variants == {
+        f"{prefix}_{name}"
+        for prefix, names in [
+            ("step", ("forward_masked", "backward_masked")),
+            ("gated_step", ("gates", "output", "backward_output", "backward_gates")),
+            ("layernorm_lstm_step", ("forward", "backward")),
+        ]
+        for name in names
+    } | {"hidden_grad_step"}, done.stdout
     if "NVVM-UNAVAILABLE" in done.stdout:
         pytest.skip(done.stdout.strip().splitlines()[-1][:300])
-    assert done.stdout.count("compiled") == 18, done.stdout
+    # 18 of the plain modules' signatures, 2 dtypes of each of the variants' 8 other kernels
+    assert done.stdout.count("compiled") == 18 + 16, done.stdout
 
 
 # ---------------------------------------------------------------------------------------------

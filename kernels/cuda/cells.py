@@ -27,25 +27,9 @@ from .common import GRU, LSTM, activation, activation_grad, put, sigmoid, wide
 
 @cuda.jit(device=True)
 def unit_forward(
-    cell,
-    relu,
-    d,
-    n,
-    b,
-    j,
-    hidden,
-    rec0,
-    rec1,
-    rec2,
-    rec3,
-    h_prev,
-    inputs,
-    gate_cache,
-    cell_cache,
-    c_state,
-    b_hh,
-    one,
-):
+    cell, relu, d, n, b, j, hidden, rec0, rec1, rec2, rec3, h_prev, inputs, gate_cache,
+    cell_cache, c_state, b_hh, one,
+):  # fmt: skip
     """New hidden value of unit j (for LSTM before the projection), given the recurrent products
     rec0..rec3 = (W_hh h)[g * H + j] of gates g = 0..G-1 and the unit's own previous h."""
     if cell == LSTM:
@@ -78,32 +62,18 @@ def unit_forward(
 
 @cuda.jit(device=True)
 def unit_backward(
-    cell,
-    relu,
-    d,
-    n,
-    b,
-    j,
-    hidden,
-    dh,
-    rows_prev,
-    off_prev,
-    h0,
-    c0,
-    y,
-    gate_cache,
-    cell_cache,
-    dc_state,
-    d_input,
-    d_recurrent,
-    one,
-):
+    cell, relu, d, n, b, j, hidden, dh, rows_prev, off_prev, h0, c0, y, gate_cache, cell_cache,
+    dc_state, d_input, d_recurrent, zone_c, zoned_c, one,
+):  # fmt: skip
     """Gradients of unit j's gate pre-activations from dh = dL/dh of this row and step (for LSTM
     after the projection's backward). Writes d_input (D, N, G*H) (and for GRU d_recurrent, which
     differs in the n block; LSTM and RNN pass the same array twice); LSTM carries dc in dc_state
     (D, B, H). Returns the part of dL/dh_prev that doesn't go through W_hh (GRU's z * dh).
     The row's previous h and c are the previous processed step's (rows_prev rows from
-    off_prev), or h0 / c0 (D, B, *) for a row that starts at this step."""
+    off_prev), or h0 / c0 (D, B, *) for a row that starts at this step. With zoned_c (the
+    LSTM's zoneout, `stepwise`), cell_cache and dc_state hold c' = keep c + (1 - keep) c_new
+    and dL/dc' (keep = zone_c (D, N, H)): c_new is recomputed from the gates, and dL/dc'
+    reaches c_new times 1 - keep and c times keep."""
     zero = one - one
     if cell == LSTM:
         if b < rows_prev:
@@ -114,13 +84,20 @@ def unit_backward(
         f = wide(gate_cache[d, n, hidden + j], one)
         g = wide(gate_cache[d, n, 2 * hidden + j], one)
         o = wide(gate_cache[d, n, 3 * hidden + j], one)
-        tc = math.tanh(wide(cell_cache[d, n, j], one))
-        dc = wide(dc_state[d, b, j], one) + dh * o * (one - tc * tc)
+        carried = wide(dc_state[d, b, j], one)
+        keep = zero
+        if zoned_c:
+            keep = wide(zone_c[d, n, j], one)
+            tc = math.tanh(f * c_prev + i * g)
+            dc = (one - keep) * carried + dh * o * (one - tc * tc)
+        else:
+            tc = math.tanh(wide(cell_cache[d, n, j], one))
+            dc = carried + dh * o * (one - tc * tc)
         put(d_input, d, n, j, dc * g * i * (one - i))
         put(d_input, d, n, hidden + j, dc * c_prev * f * (one - f))
         put(d_input, d, n, 2 * hidden + j, dc * i * (one - g * g))
         put(d_input, d, n, 3 * hidden + j, dh * tc * o * (one - o))
-        put(dc_state, d, b, j, dc * f)
+        put(dc_state, d, b, j, dc * f + keep * carried if zoned_c else dc * f)
         return zero
     if cell == GRU:
         h_prev = wide(y[d, off_prev + b, j] if b < rows_prev else h0[d, b, j], one)
@@ -140,54 +117,3 @@ def unit_backward(
         return dh * z
     put(d_input, d, n, j, dh * activation_grad(wide(y[d, n, j], one), relu, one))
     return zero
-
-
-# The "reset before" GRU (gates r, z, n; n = tanh(W_in x + b_in + W_hn (r h) + b_hn)): W_hn
-# multiplies r * h, so each step has two products and the unit's math runs in two halves around
-# the second (`stepwise.gated_*`). Layouts as GRU's, but gate_cache (D, N, 4H) holds r, z, n and
-# r * h; d_input (D, N, 3H) is both sides' pre-activation gradient.
-
-
-@cuda.jit(device=True)
-def gated_unit_gates(d, n, j, hidden, rec0, rec1, h_prev, inputs, b_hh, gate_cache, one):
-    """First half: r and z of unit j from rec0, rec1 = (W_hr h)[j], (W_hz h)[j], cached with
-    r * h, which it returns (the second product's input)."""
-    r = sigmoid(wide(inputs[d, n, j], one) + rec0 + wide(b_hh[d, j], one), one)
-    z = sigmoid(wide(inputs[d, n, hidden + j], one) + rec1 + wide(b_hh[d, hidden + j], one), one)
-    gated = r * h_prev
-    put(gate_cache, d, n, j, r)
-    put(gate_cache, d, n, hidden + j, z)
-    put(gate_cache, d, n, 3 * hidden + j, gated)
-    return gated
-
-
-@cuda.jit(device=True)
-def gated_unit_output(d, n, j, hidden, product, h_prev, inputs, b_hh, gate_cache, one):
-    """Second half: the new h of unit j from product = (W_hn (r h))[j]; caches n."""
-    z = wide(gate_cache[d, n, hidden + j], one)
-    b_n = wide(b_hh[d, 2 * hidden + j], one)
-    new = math.tanh(wide(inputs[d, n, 2 * hidden + j], one) + (product + b_n))
-    put(gate_cache, d, n, 2 * hidden + j, new)
-    return (one - z) * new + z * h_prev
-
-
-@cuda.jit(device=True)
-def gated_unit_backward_output(d, n, j, hidden, dh, h_prev, gate_cache, d_input, one):
-    """Backward of `gated_unit_output` from dh = dL/dh': writes dz and dn into d_input and
-    returns (dn, z * dh): the second product's input and the part of dL/dh that skips both
-    products."""
-    z = wide(gate_cache[d, n, hidden + j], one)
-    new = wide(gate_cache[d, n, 2 * hidden + j], one)
-    d_new = dh * (one - z) * (one - new * new)
-    put(d_input, d, n, hidden + j, dh * (h_prev - new) * z * (one - z))
-    put(d_input, d, n, 2 * hidden + j, d_new)
-    return d_new, dh * z
-
-
-@cuda.jit(device=True)
-def gated_unit_backward_gates(d, n, j, hidden, through, gate_cache, d_input, one):
-    """Backward of `gated_unit_gates` from through = (W_hn^T dn)[j], dL/d(r h): writes dr into
-    d_input and returns through * r, the part of dL/dh through r * h."""
-    r = wide(gate_cache[d, n, j], one)
-    put(d_input, d, n, j, through * wide(gate_cache[d, n, 3 * hidden + j], one) * (one - r))
-    return through * r

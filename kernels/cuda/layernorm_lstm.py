@@ -12,14 +12,15 @@ reduction across threads. Arrays (D directions, N packed rows, B batch rows, H h
     backward: dy (D, N, H), dh_n (D, B, H), dh_rec (D, B, H) (d_recurrent @ W_hh of the next
     processed step), dc_state (D, B, H) (dL/dc, running), d_input, d_recurrent (D, N, 4H),
     d_cell_norm (D, N, H), dh0 (D, B, H).
-Computed in the storage dtype (float32 or float64; `one` is a 1 of it).
+Computed in the storage dtype (float32 or float64; `one` is a 1 of it; a count is
+float32(n) * one, as n * one would be float64 in a compiled kernel).
 """
 
 from __future__ import annotations
 
 import math
 
-from numba import cuda
+from numba import cuda, float32
 
 from .common import sigmoid, step_span
 
@@ -31,6 +32,17 @@ def _row(directions, batch):
     """(d, b, in range) of this thread over (D, B) rows."""
     i = cuda.grid(1)
     return i // batch, i % batch, i < directions * batch
+
+
+@cuda.jit(device=True)
+def _moments(values, d, b, width, total, eps, one):
+    """(mean, 1 / sqrt(variance + eps)) of values[d, b, :width], whose sum is `total`."""
+    mean = total / (float32(width) * one)
+    spread = one - one
+    for j in range(width):
+        v = values[d, b, j] - mean
+        spread += v * v
+    return mean, one / math.sqrt(spread / (float32(width) * one) + eps)
 
 
 @cuda.jit(**_JIT)
@@ -48,22 +60,16 @@ def layernorm_lstm_step_forward(
         return
     n = off + b
     width = 4 * hidden
-    zero = one - one
-    total = zero
+    total = one - one
     for j in range(width):
         total += rec[d, b, j]
-    mean = total / (width * one)
-    spread = zero
-    for j in range(width):
-        v = rec[d, b, j] - mean
-        spread += v * v
-    inv = one / math.sqrt(spread / (width * one) + eps)
+    mean, inv = _moments(rec, d, b, width, total, eps, one)
     gate_cache[d, n, 9 * hidden] = inv
     for j in range(width):
         normed = (rec[d, b, j] - mean) * inv
         gate_cache[d, n, width + j] = normed
         gate_cache[d, n, j] = pre[d, n, j] + consts[d, j] * normed
-    total = zero
+    total = one - one
     for j in range(hidden):
         i = sigmoid(gate_cache[d, n, j], one)
         f = sigmoid(gate_cache[d, n, hidden + j], one)
@@ -76,12 +82,7 @@ def layernorm_lstm_step_forward(
         c_state[d, b, j] = c
         cell_cache[d, n, j] = c
         total += c
-    mean = total / (hidden * one)
-    spread = zero
-    for j in range(hidden):
-        v = c_state[d, b, j] - mean
-        spread += v * v
-    inv = one / math.sqrt(spread / (hidden * one) + eps)
+    mean, inv = _moments(c_state, d, b, hidden, total, eps, one)
     gate_cache[d, n, 9 * hidden + 1] = inv
     for j in range(hidden):
         normed = (c_state[d, b, j] - mean) * inv
@@ -135,8 +136,8 @@ def layernorm_lstm_step_backward(
         dn = dl * gate_cache[d, consts, width + j]
         sum_dn += dn
         sum_dn_n += dn * normed
-    mean_dn = sum_dn / (hidden * one)
-    mean_dn_n = sum_dn_n / (hidden * one)
+    mean_dn = sum_dn / (float32(hidden) * one)
+    mean_dn_n = sum_dn_n / (float32(hidden) * one)
     for j in range(hidden):
         normed = gate_cache[d, n, 2 * width + j]
         dn = d_cell_norm[d, n, j] * gate_cache[d, consts, width + j]
@@ -155,8 +156,8 @@ def layernorm_lstm_step_backward(
         dn = d_input[d, n, j] * gate_cache[d, consts, j]
         sum_dn += dn
         sum_dn_n += dn * gate_cache[d, n, width + j]
-    mean_dn = sum_dn / (width * one)
-    mean_dn_n = sum_dn_n / (width * one)
+    mean_dn = sum_dn / (float32(width) * one)
+    mean_dn_n = sum_dn_n / (float32(width) * one)
     for j in range(width):
         dn = d_input[d, n, j] * gate_cache[d, consts, j]
         d_recurrent[d, n, j] = inv * (dn - mean_dn - gate_cache[d, n, width + j] * mean_dn_n)

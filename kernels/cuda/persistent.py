@@ -8,7 +8,7 @@ the only point where one block needs another's results (the previous step's h, o
 the next step's gate gradients). Everything a block writes per step is either its own units'
 state or a new row of the packed outputs, so no two blocks ever write the same element.
 
-Shared memory of a block (float32 slots, `shared_floats`):
+Shared memory of a block (float32 slots, `_block_layout`):
   weights   forward  W_hh[d, g*H + u0 + u, p] at (u*G + g)*W + p  (G*U*W floats)
             backward W_hh[d, q, u0 + u]       at u*G*H + q        (the same count)
   stage     `stage_rows` rows of the step's operand, copied from global memory once a step:
@@ -44,38 +44,28 @@ from .common import LSTM, gate_count, put, step_span, wide
 _JIT = {"cache": True}
 # Shared-memory floats per thread for the group sums: only the simulator needs them.
 PARTIALS_PER_THREAD = 4 if config.ENABLE_CUDASIM else 0
-# Threads per item group on a GPU: a warp, whose lanes sum by shuffles.
-GPU_LANES = 32
 _FULL_MASK = 0xFFFFFFFF
 
 
 @cuda.jit(device=True)
-def _block_layout(virtual_blocks, units_per_block, hidden, block_floats):
-    """(first unit, units owned, thread index, threads, first shared-memory slot) of this
-    block. On a GPU a block's shared memory is its own (its slots start at 0). With
-    virtual_blocks = V > 0 (the simulator's tests), the one real block of a launch stands in
-    for V blocks of blockDim.x / V threads each, with their own `block_floats` slices of shared
-    memory, so that the multi-block split and its barrier run where blocks can't run at once."""
+def _block_layout(virtual_blocks, units_per_block, hidden, weight_floats, row_floats, stage_rows):
+    """(first unit, units owned, thread index, threads, then the first shared-memory slots of
+    the weights, the stage and the partials) of this thread's block. On a GPU a block's shared
+    memory is its own (its slots start at 0). With virtual_blocks = V > 0 (the simulator's
+    tests), the one real block of a launch stands in for V blocks of blockDim.x / V threads
+    each, with their own slices of shared memory, so that the multi-block split and its barrier
+    run where blocks can't run at once."""
     block, tid, threads = cuda.blockIdx.x, cuda.threadIdx.x, cuda.blockDim.x
-    slot = 0
+    stage_floats = stage_rows * row_floats
+    base = 0
     if virtual_blocks > 0:
         threads = cuda.blockDim.x // virtual_blocks
         block = cuda.threadIdx.x // threads
         tid = cuda.threadIdx.x % threads
-        slot = block * block_floats
-    first = block * units_per_block
-    return first, min(units_per_block, hidden - first), tid, threads, slot
-
-
-def shared_floats(weight_floats: int, stage_floats: int, threads: int) -> int:
-    """Floats of shared memory one block uses (host side, to size the launch)."""
-    return weight_floats + stage_floats + PARTIALS_PER_THREAD * threads
-
-
-@cuda.jit(device=True)
-def shared_floats_device(weight_floats, stage_floats, threads):
-    """`shared_floats`, in a kernel."""
-    return weight_floats + stage_floats + PARTIALS_PER_THREAD * threads
+        base = block * (weight_floats + stage_floats + PARTIALS_PER_THREAD * threads)
+    first, stage = block * units_per_block, base + weight_floats
+    units = min(units_per_block, hidden - first)
+    return first, units, tid, threads, base, stage, stage + stage_floats
 
 
 if config.ENABLE_CUDASIM:
@@ -132,27 +122,9 @@ def _forward_row(
 
 @cuda.jit(**_JIT)
 def persistent_forward(
-    cell,
-    relu,
-    direction_offset,
-    virtual_blocks,
-    units_per_block,
-    lanes,
-    stage_rows,
-    batch_sizes,
-    offsets,
-    W_hh,
-    b_hh,
-    h0,
-    c0,
-    inputs,
-    gate_cache,
-    cell_cache,
-    c_state,
-    y,
-    h_n,
-    one,
-):
+    cell, relu, direction_offset, virtual_blocks, units_per_block, lanes, stage_rows, batch_sizes,
+    offsets, W_hh, b_hh, h0, c0, inputs, gate_cache, cell_cache, c_state, y, h_n, one,
+):  # fmt: skip
     """Forward of directions direction_offset + blockIdx.y: fills y (D, N, H), h_n, c_state
     (= c_n) and the caches. W_hh (D, G*H, H); h0, c0 (D, B, H). `lanes` threads per item (32 on
     a GPU), `stage_rows` rows of h_{t-1} staged in shared memory at once."""
@@ -163,13 +135,9 @@ def persistent_forward(
     width = W_hh.shape[2]
     row_floats = gates * width  # one unit's weights
     weight_floats = units_per_block * row_floats
-    threads_per_block = cuda.blockDim.x // max(virtual_blocks, 1)
-    block_floats = shared_floats_device(weight_floats, stage_rows * width, threads_per_block)
-    u0, units, tid, threads, base = _block_layout(
-        virtual_blocks, units_per_block, hidden, block_floats
+    u0, units, tid, threads, base, stage, partials = _block_layout(
+        virtual_blocks, units_per_block, hidden, weight_floats, width, stage_rows
     )
-    stage = base + weight_floats
-    partials = stage + stage_rows * width
     for idx in range(tid, weight_floats, threads):
         u = idx // row_floats
         if u < units:
@@ -266,7 +234,7 @@ def _backward_row(
         dh += carried if b < rows_next else wide(dh_n[d, b, j], one)
         direct = unit_backward(
             cell, relu, d, off + b, b, j, hidden, dh, rows_prev, off_prev, h0, c0, y,
-            gate_cache, cell_cache, dc_state, d_input, d_recurrent, one,
+            gate_cache, cell_cache, dc_state, d_input, d_recurrent, gate_cache, False, one,
         )  # fmt: skip
         put(dh_direct, d, b, j, direct)
     else:
@@ -275,30 +243,10 @@ def _backward_row(
 
 @cuda.jit(**_JIT)
 def persistent_backward(
-    cell,
-    relu,
-    direction_offset,
-    virtual_blocks,
-    units_per_block,
-    lanes,
-    stage_rows,
-    batch_sizes,
-    offsets,
-    W_hh,
-    h0,
-    c0,
-    dy,
-    dh_n,
-    y,
-    gate_cache,
-    cell_cache,
-    dc_state,
-    d_input,
-    d_recurrent,
-    dh_direct,
-    dh0,
-    one,
-):
+    cell, relu, direction_offset, virtual_blocks, units_per_block, lanes, stage_rows, batch_sizes,
+    offsets, W_hh, h0, c0, dy, dh_n, y, gate_cache, cell_cache, dc_state, d_input, d_recurrent,
+    dh_direct, dh0, one,
+):  # fmt: skip
     """Backward of `persistent_forward` for directions direction_offset + blockIdx.y. dc_state
     must hold dc_n on entry (it ends as dc0). dy (D, N, H); dh_direct (D, B, H) scratch.
     Writes d_input, d_recurrent (the same array for LSTM and RNN) and dh0. `stage_rows` rows of
@@ -309,13 +257,9 @@ def persistent_backward(
     hidden = W_hh.shape[1] // gates
     rows_hh = W_hh.shape[1]
     weight_floats = units_per_block * rows_hh
-    threads_per_block = cuda.blockDim.x // max(virtual_blocks, 1)
-    block_floats = shared_floats_device(weight_floats, stage_rows * rows_hh, threads_per_block)
-    u0, units, tid, threads, base = _block_layout(
-        virtual_blocks, units_per_block, hidden, block_floats
+    u0, units, tid, threads, base, stage, partials = _block_layout(
+        virtual_blocks, units_per_block, hidden, weight_floats, rows_hh, stage_rows
     )
-    stage = base + weight_floats
-    partials = stage + stage_rows * rows_hh
     # W_hh's columns u0.. of each row are contiguous: read row by row (coalesced), stored unit by
     # unit (once per launch: the strided shared-memory stores don't matter)
     for idx in range(tid, weight_floats, threads):
