@@ -16,8 +16,9 @@ layer (per layer: the dropout mask (D, B, P), then zone_h (D, N, P), then the LS
 (D, N, H); `layer_masks`), then `dropout` between layers as torch does; so `torch.manual_seed`
 makes runs reproducible, and `reference.layer` given the same masks gives the same result.
 They run on the CPU kernels' masked twins (`kernels/cpu/*_masked.py`) and the CUDA stepwise
-kernels' (`kernels/cuda/masked.py`, float32 / float64); elsewhere (float16 / bfloat16, other
-devices, torch.func transforms, torch.export) on `reference.layer`, with a warning once.
+`*_masked` kernels (`kernels/cuda/stepwise.py`, float32 / float64); elsewhere (float16 /
+bfloat16, other devices, torch.func transforms, torch.export) on `reference.layer`, with a
+warning once.
 """
 
 from __future__ import annotations

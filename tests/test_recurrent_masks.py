@@ -416,9 +416,9 @@ SIM_CASES = [
 def test_cuda_masked_kernels_match_reference_under_the_simulator(
     cell, proj, layout, directions, masks, monkeypatch
 ):
-    """The CUDA stepwise kernels with masks (`kernels/cuda/masked.py`), run by the simulator
-    on CPU tensors (`autograd.CUDA_KERNELS_ON_CPU`), against the reference with the same
-    masks: outputs, final states, every gradient. float64, tiny sizes."""
+    """The CUDA stepwise kernels with masks (`*_masked` in `kernels/cuda/stepwise.py`), run by
+    the simulator on CPU tensors (`autograd.CUDA_KERNELS_ON_CPU`), against the reference with
+    the same masks: outputs, final states, every gradient. float64, tiny sizes."""
     import fastrnn.autograd
 
     monkeypatch.setattr(fastrnn.autograd, "CUDA_KERNELS_ON_CPU", True)
