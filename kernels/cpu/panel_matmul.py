@@ -81,13 +81,26 @@ def _stack_buffer(typingctx, size, like):
     return types.CPointer(dtype)(size, like), codegen
 
 
+def _no_unrolling(module):
+    """Loop metadata that keeps LLVM from unrolling a tile's k loop: unrolled twice, an 8-row
+    two-panel tile needs 16 accumulators, 16 broadcasts and 4 panel rows, more than the 32 zmm
+    registers, and LLVM spilled them on every k (it did so once the tile sat inlined in a
+    kernel; compiled alone it wasn't unrolled)."""
+    disable = module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")])
+    # A loop ID is a node of its own that refers to itself (the string only keeps the cache of
+    # add_metadata from handing two loops the same node).
+    loop = module.add_metadata([disable, ir.MetaDataString(module, str(len(module.metadata)))])
+    loop.operands = (loop, disable)
+    return loop
+
+
 def _emit_vector_tile(context, builder, dtype, row_pointers, panel_pointers, depth, out):
     """IR of sum over k < depth of row[k] * panel[k, :] for every row pointer (elements at a
     byte stride each, as (pointer, stride)) and panel pointer (PANEL contiguous elements a k),
     in vector accumulators (one FMA each per vector and k, k in order), stored to out (a
     CPointer): row r, panel p at ((r * P + p) * PANEL)."""
     element = context.get_value_type(dtype)
-    lanes = 32 // (dtype.bitwidth // 8)  # one 256-bit register
+    lanes = (64 if WIDE_TILE_FITS else 32) // (dtype.bitwidth // 8)  # one vector register
     vector = ir.VectorType(element, lanes)
     per_panel = PANEL // lanes
     i64 = ir.IntType(64)
@@ -132,7 +145,8 @@ def _emit_vector_tile(context, builder, dtype, row_pointers, panel_pointers, dep
     k.add_incoming(k_next, end)
     for acc, new in zip(accumulators, updated, strict=True):
         acc.add_incoming(new, end)
-    builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
+    back = builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
+    back.set_metadata("llvm.loop", _no_unrolling(builder.module))
     builder.position_at_end(done)
     results = []
     for new in updated:  # every phi first: they must lead the block
@@ -384,43 +398,17 @@ def matmul_panels(rows, panels, out, first_panel, end_panel):
     tiled = count if (count - wide) % TILE_ROWS != 1 else count - 1
     # float32 on AVX-512: the wide tiles take two panels at once, 16 zmm accumulators, so that
     # a k's 8 broadcasts and 2 panel loads feed 16 FMAs (one panel: 9 loads for 8 FMAs, which
-    # kept the two FMA ports of a Zen 5 core from filling; see bench/decisions.md).
+    # kept the two FMA ports of a Zen 5 core from filling; see bench/decisions.md). Written as
+    # vector IR (`_vector_tile`, k loop not unrolled): as a Python loop it was fine compiled
+    # alone, but inlined in a kernel LLVM unrolled it and spilled accumulators every k.
     paired = first_panel + ((end_panel - first_panel) // 2 * 2 if _pairs(rows) and wide else 0)
-    pair = carray(_stack_buffer(_PAIR_TILE, rows), (_PAIR_TILE,))
+    pair_pointer = _stack_buffer(_PAIR_TILE, rows)
+    pair = carray(pair_pointer, (_PAIR_TILE,))
     for p in range(first_panel, paired, 2):
-        left = panels[p]
-        right = panels[p + 1]
         for first in range(0, wide, WIDE_ROWS):
-            for i in range(_PAIR_TILE):
-                pair[i] = 0
-            for k in range(depth):
-                a0 = rows[first, k]
-                a1 = rows[first + 1, k]
-                a2 = rows[first + 2, k]
-                a3 = rows[first + 3, k]
-                a4 = rows[first + 4, k]
-                a5 = rows[first + 5, k]
-                a6 = rows[first + 6, k]
-                a7 = rows[first + 7, k]
-                for j in range(PANEL):
-                    w = left[k, j]
-                    v = right[k, j]
-                    pair[j] += a0 * w
-                    pair[PANEL + j] += a0 * v
-                    pair[2 * PANEL + j] += a1 * w
-                    pair[3 * PANEL + j] += a1 * v
-                    pair[4 * PANEL + j] += a2 * w
-                    pair[5 * PANEL + j] += a2 * v
-                    pair[6 * PANEL + j] += a3 * w
-                    pair[7 * PANEL + j] += a3 * v
-                    pair[8 * PANEL + j] += a4 * w
-                    pair[9 * PANEL + j] += a4 * v
-                    pair[10 * PANEL + j] += a5 * w
-                    pair[11 * PANEL + j] += a5 * v
-                    pair[12 * PANEL + j] += a6 * w
-                    pair[13 * PANEL + j] += a6 * v
-                    pair[14 * PANEL + j] += a7 * w
-                    pair[15 * PANEL + j] += a7 * v
+            r = first
+            tile = (r, r + 1, r + 2, r + 3, r + 4, r + 5, r + 6, r + 7)
+            _vector_tile(rows, tile, panels, (p, p + 1), pair_pointer)
             for q in range(2):
                 column = (p + q) * PANEL
                 if columns - column >= PANEL:
