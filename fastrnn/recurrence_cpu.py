@@ -252,99 +252,48 @@ def _mask_arrays(masks, directions: int, width: int, hidden: int, like: Tensor) 
     )
 
 
+def _launch(kernel, masked, masks, like: Tensor, width: int, hidden: int, *args) -> None:
+    """kernel(*args, threads), or with masks (h_mask, zone_h, zone_c) its masked twin with
+    their arrays (`_mask_arrays`: D from like (D, B, P), width P, hidden H)."""
+    if masks is None:
+        kernel(*args, _threads())
+    else:
+        arrays = _mask_arrays(masks, like.shape[0], width, hidden, like)
+        masked(*args, _threads(), arrays)
+
+
 def lstm_forward(
-    batch_sizes,
-    W_hh,
-    W_hr,
-    h0,
-    c0,
-    y,
-    h_n,
-    c_n,
-    gate_cache,
-    cell_cache,
-    x=None,
-    W_ih=None,
-    bias=None,
-    masks=None,
-) -> None:
+    batch_sizes, W_hh, W_hr, h0, c0, y, h_n, c_n, gate_cache, cell_cache, x=None, W_ih=None,
+    bias=None, masks=None,
+) -> None:  # fmt: skip
     """As `recurrence_cuda.lstm_forward`; given x (N, I), W_ih (D, 4H, I) and bias (D, 4H) or
     None, the kernel computes the input projection itself and gate_cache isn't read. masks:
     (h_mask, zone_h, zone_c), each a tensor or None (`kernels/cpu/lstm_masked`), or None."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
+    dtype = NUMPY_DTYPES[h0.dtype]
     gates = gate_cache.numpy()
-    kernel, extra = _lstm_forward, ()
-    if masks is not None:
-        kernel = _lstm_masked_forward
-        extra = (_mask_arrays(masks, directions, h0.shape[2], hidden, h0),)
-    kernel(
-        batch_sizes,
-        False,
-        *_fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype]),
-        numpy_view(W_hh),
-        empty_array((directions, 0), NUMPY_DTYPES[h0.dtype]),
-        _np_or_empty(W_hr, (directions, 0, hidden), h0),
-        numpy_view(h0),
-        numpy_view(c0),
-        gates,
-        y.numpy(),
-        h_n.numpy(),
-        c_n.numpy(),
-        gates,
+    _launch(
+        _lstm_forward, _lstm_masked_forward, masks, h0, h0.shape[2], hidden,
+        batch_sizes, False, *_fused_inputs(x, W_ih, bias, directions, dtype), numpy_view(W_hh),
+        empty_array((directions, 0), dtype), _np_or_empty(W_hr, (directions, 0, hidden), h0),
+        numpy_view(h0), numpy_view(c0), gates, y.numpy(), h_n.numpy(), c_n.numpy(), gates,
         cell_cache.numpy(),
-        _threads(),
-        *extra,
-    )
+    )  # fmt: skip
 
 
 def lstm_backward(
-    batch_sizes,
-    W_hh,
-    W_hr,
-    h0,
-    c0,
-    y,
-    gate_cache,
-    cell_cache,
-    dy,
-    dh_n,
-    dc_n,
-    d_gates,
-    h_prev,
-    dh_total,
-    h_raw,
-    dh0,
-    dc0,
-    masks=None,
-) -> None:
+    batch_sizes, W_hh, W_hr, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_gates, h_prev,
+    dh_total, h_raw, dh0, dc0, masks=None,
+) -> None:  # fmt: skip
     directions, hidden = W_hh.shape[0], c0.shape[2]
-    kernel, extra = _lstm_backward, ()
-    if masks is not None:
-        kernel = _lstm_masked_backward
-        extra = (_mask_arrays(masks, directions, h0.shape[2], hidden, h0),)
-    kernel(
-        batch_sizes,
-        False,
-        numpy_view(W_hh),
-        _np_or_empty(W_hr, (directions, 0, hidden), h0),
-        numpy_view(h0),
-        numpy_view(c0),
-        numpy_view(y),
-        gate_cache.numpy(),
-        cell_cache.numpy(),
-        numpy_view(dy),
-        numpy_view(dh_n),
-        numpy_view(dc_n),
-        d_gates.numpy(),
-        _nothing(directions, h0, hidden),
-        h_prev.numpy(),
-        dh_total.numpy(),
-        h_raw.numpy(),
-        dh0.numpy(),
-        dc0.numpy(),
-        _threads(),
-        *extra,
-    )
+    _launch(
+        _lstm_backward, _lstm_masked_backward, masks, h0, h0.shape[2], hidden,
+        batch_sizes, False, numpy_view(W_hh), _np_or_empty(W_hr, (directions, 0, hidden), h0),
+        numpy_view(h0), numpy_view(c0), numpy_view(y), gate_cache.numpy(), cell_cache.numpy(),
+        numpy_view(dy), numpy_view(dh_n), numpy_view(dc_n), d_gates.numpy(),
+        _nothing(directions, h0, hidden), h_prev.numpy(), dh_total.numpy(), h_raw.numpy(),
+        dh0.numpy(), dc0.numpy(),
+    )  # fmt: skip
 
 
 def gru_forward(
@@ -362,28 +311,13 @@ def gru_forward(
     else:
         b_hh_np = np.zeros((directions, 3 * hidden), dtype=dtype)
     no_cell = _nothing(directions, h0)
-    kernel, extra = _gru_reset_before_forward if reset_before else _gru_forward, ()
-    if masks is not None:
-        kernel = _gru_masked_forward
-        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
-    kernel(
-        batch_sizes,
-        False,
-        *_fused_inputs(x, W_ih, bias, directions, dtype),
-        numpy_view(W_hh),
-        b_hh_np,
-        _nothing(directions, h0, hidden),
-        numpy_view(h0),
-        no_cell,
-        projected.numpy(),
-        y.numpy(),
-        h_n.numpy(),
-        no_cell,
-        gate_cache.numpy(),
-        no_cell,
-        _threads(),
-        *extra,
-    )
+    _launch(
+        _gru_reset_before_forward if reset_before else _gru_forward, _gru_masked_forward, masks,
+        h0, hidden, 0,
+        batch_sizes, False, *_fused_inputs(x, W_ih, bias, directions, dtype), numpy_view(W_hh),
+        b_hh_np, _nothing(directions, h0, hidden), numpy_view(h0), no_cell, projected.numpy(),
+        y.numpy(), h_n.numpy(), no_cell, gate_cache.numpy(), no_cell,
+    )  # fmt: skip
 
 
 def gru_backward(
@@ -395,33 +329,13 @@ def gru_backward(
     `lstm_forward`'s (zone_c None)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
-    kernel, extra = _gru_reset_before_backward if reset_before else _gru_backward, ()
-    if masks is not None:
-        kernel = _gru_masked_backward
-        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
-    kernel(
-        batch_sizes,
-        False,
-        numpy_view(W_hh),
-        no_proj,
-        numpy_view(h0),
-        no_cell,
-        numpy_view(y),
-        gate_cache.numpy(),
-        no_cell,
-        numpy_view(dy),
-        numpy_view(dh_n),
-        no_cell,
-        d_input.numpy(),
-        d_recurrent.numpy(),
-        h_prev.numpy(),
-        no_proj,
-        no_proj,
-        dh0.numpy(),
-        no_cell,
-        _threads(),
-        *extra,
-    )
+    _launch(
+        _gru_reset_before_backward if reset_before else _gru_backward, _gru_masked_backward,
+        masks, h0, hidden, 0,
+        batch_sizes, False, numpy_view(W_hh), no_proj, numpy_view(h0), no_cell, numpy_view(y),
+        gate_cache.numpy(), no_cell, numpy_view(dy), numpy_view(dh_n), no_cell, d_input.numpy(),
+        d_recurrent.numpy(), h_prev.numpy(), no_proj, no_proj, dh0.numpy(), no_cell,
+    )  # fmt: skip
 
 
 def rnn_forward(
@@ -432,33 +346,16 @@ def rnn_forward(
     `lstm_forward`'s (zone_c None); with zoneout, gate_cache (D, N, H) keeps each row's state
     before zoneout for a backward (`kernels/cpu/rnn_masked`; None or no rows: not kept)."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
-    inputs = _fused_inputs(x, W_ih, bias, directions, NUMPY_DTYPES[h0.dtype])
+    dtype = NUMPY_DTYPES[h0.dtype]
     no_cell = _nothing(directions, h0)
+    cache = gate_cache.numpy() if masks is not None and gate_cache is not None else no_cell
     out = y.numpy()
-    kernel, extra, cache = _rnn_forward, (), no_cell
-    if masks is not None:
-        kernel = _rnn_masked_forward
-        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
-        if gate_cache is not None:
-            cache = gate_cache.numpy()
-    kernel(
-        batch_sizes,
-        relu,
-        *inputs,
-        numpy_view(W_hh),
-        empty_array((directions, 0), NUMPY_DTYPES[h0.dtype]),
-        _nothing(directions, h0, hidden),
-        numpy_view(h0),
-        no_cell,
-        out,
-        out,
-        h_n.numpy(),
-        no_cell,
-        cache,
-        no_cell,
-        _threads(),
-        *extra,
-    )
+    _launch(
+        _rnn_forward, _rnn_masked_forward, masks, h0, hidden, 0,
+        batch_sizes, relu, *_fused_inputs(x, W_ih, bias, directions, dtype), numpy_view(W_hh),
+        empty_array((directions, 0), dtype), _nothing(directions, h0, hidden), numpy_view(h0),
+        no_cell, out, out, h_n.numpy(), no_cell, cache, no_cell,
+    )  # fmt: skip
 
 
 def rnn_backward(
@@ -467,35 +364,13 @@ def rnn_backward(
     """As `recurrence_cuda.rnn_backward`; masks and gate_cache as `rnn_forward`'s."""
     directions, hidden = W_hh.shape[0], W_hh.shape[2]
     no_cell, no_proj = _nothing(directions, h0), _nothing(directions, h0, hidden)
-    kernel, extra, cache = _rnn_backward, (), no_cell
-    if masks is not None:
-        kernel = _rnn_masked_backward
-        extra = (_mask_arrays(masks, directions, hidden, 0, h0),)
-        if gate_cache is not None:
-            cache = gate_cache.numpy()
-    kernel(
-        batch_sizes,
-        relu,
-        numpy_view(W_hh),
-        no_proj,
-        numpy_view(h0),
-        no_cell,
-        numpy_view(y),
-        cache,
-        no_cell,
-        numpy_view(dy),
-        numpy_view(dh_n),
-        no_cell,
-        d_pre.numpy(),
-        no_proj,
-        h_prev.numpy(),
-        no_proj,
-        no_proj,
-        dh0.numpy(),
-        no_cell,
-        _threads(),
-        *extra,
-    )
+    cache = gate_cache.numpy() if masks is not None and gate_cache is not None else no_cell
+    _launch(
+        _rnn_backward, _rnn_masked_backward, masks, h0, hidden, 0,
+        batch_sizes, relu, numpy_view(W_hh), no_proj, numpy_view(h0), no_cell, numpy_view(y),
+        cache, no_cell, numpy_view(dy), numpy_view(dh_n), no_cell, d_pre.numpy(), no_proj,
+        h_prev.numpy(), no_proj, no_proj, dh0.numpy(), no_cell,
+    )  # fmt: skip
 
 
 def layernorm_lstm_forward(
@@ -506,69 +381,26 @@ def layernorm_lstm_forward(
     out y (D, N, H), h_n, c_n (D, B, H), gate_cache (D, N + 1, 9H + 2) (row N: the caller's
     consts) and cell_cache (D, N, H), or both with no rows (inference)."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
-    dtype = NUMPY_DTYPES[h0.dtype]
     _layernorm_lstm_forward(
-        batch_sizes,
-        False,
-        empty_array((0, 0), dtype),
-        empty_array((directions, 0, 0), dtype),
-        empty_array((directions, 0), dtype),
-        numpy_view(W_hh),
-        numpy_view(consts),
-        _nothing(directions, h0, hidden),
-        numpy_view(h0),
-        numpy_view(c0),
-        numpy_view(pre),
-        y.numpy(),
-        h_n.numpy(),
-        c_n.numpy(),
-        gate_cache.numpy(),
-        cell_cache.numpy(),
-        _threads(),
-    )
+        batch_sizes, False, *_fused_inputs(None, None, None, directions, NUMPY_DTYPES[h0.dtype]),
+        numpy_view(W_hh), numpy_view(consts), _nothing(directions, h0, hidden), numpy_view(h0),
+        numpy_view(c0), numpy_view(pre), y.numpy(), h_n.numpy(), c_n.numpy(), gate_cache.numpy(),
+        cell_cache.numpy(), _threads(),
+    )  # fmt: skip
 
 
 def layernorm_lstm_backward(
-    batch_sizes,
-    W_hh,
-    h0,
-    c0,
-    y,
-    gate_cache,
-    cell_cache,
-    dy,
-    dh_n,
-    dc_n,
-    d_input,
-    d_recurrent,
-    h_prev,
-    d_cell_norm,
-    dh0,
-    dc0,
-) -> None:
+    batch_sizes, W_hh, h0, c0, y, gate_cache, cell_cache, dy, dh_n, dc_n, d_input, d_recurrent,
+    h_prev, d_cell_norm, dh0, dc0,
+) -> None:  # fmt: skip
     """Backward of `layernorm_lstm_forward`: out d_input (D, N, 4H) (the gates'
     pre-activations), d_recurrent (D, N, 4H) (W_hh h's, before its norm), h_prev (D, N, H) or
     (D, 0, H), d_cell_norm (D, N, H) (dL/d LN_c(c')), dh0, dc0 (D, B, H)."""
     directions, hidden = W_hh.shape[0], c0.shape[2]
+    no_proj = _nothing(directions, h0, hidden)
     _layernorm_lstm_backward(
-        batch_sizes,
-        False,
-        numpy_view(W_hh),
-        _nothing(directions, h0, hidden),
-        numpy_view(h0),
-        numpy_view(c0),
-        numpy_view(y),
-        gate_cache.numpy(),
-        cell_cache.numpy(),
-        numpy_view(dy),
-        numpy_view(dh_n),
-        numpy_view(dc_n),
-        d_input.numpy(),
-        d_recurrent.numpy(),
-        h_prev.numpy(),
-        d_cell_norm.numpy(),
-        _nothing(directions, h0, hidden),
-        dh0.numpy(),
-        dc0.numpy(),
-        _threads(),
-    )
+        batch_sizes, False, numpy_view(W_hh), no_proj, numpy_view(h0), numpy_view(c0),
+        numpy_view(y), gate_cache.numpy(), cell_cache.numpy(), numpy_view(dy), numpy_view(dh_n),
+        numpy_view(dc_n), d_input.numpy(), d_recurrent.numpy(), h_prev.numpy(),
+        d_cell_norm.numpy(), no_proj, dh0.numpy(), dc0.numpy(), _threads(),
+    )  # fmt: skip
