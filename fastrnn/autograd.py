@@ -235,12 +235,33 @@ def _per_direction(dy: Tensor, directions: int) -> Tensor:
     )
 
 
+def _product(a: Tensor, b: Tensor, more: Tensor | None = None, out: Tensor | None = None):
+    """out (M, N) = a (M, K) @ b (K, N), or with `more` (K2, N) a (M, K + K2) @ [b; more]: a
+    sequence-wide product of the backward, on the kernels' panels where the recurrence says they
+    are faster (`recurrence_cpu.panel_product`), else on torch's GEMM."""
+    if out is None:
+        out = a.new_empty((a.shape[0], b.shape[1]))
+    if not _recurrence(a).panel_product(a, b, more, out):
+        torch.mm(a[:, : b.shape[0]], b, out=out)
+        if more is not None:
+            out.addmm_(a[:, b.shape[0] :], more)
+    return out
+
+
 def _input_grad(d_pre: Tensor, W_ih: Tensor) -> Tensor:
     """dx (N, I) = sum over directions of d_pre[d] (N, G*H) @ W_ih[d] (G*H, I)."""
-    dx = d_pre[0] @ W_ih[0].detach()
+    dx = _product(d_pre[0], W_ih[0].detach())
     for d in range(1, d_pre.shape[0]):
         dx.addmm_(d_pre[d], W_ih[d].detach())
     return dx
+
+
+def _transposed_products(a: Tensor, b: Tensor) -> Tensor:
+    """(D, G, P): a[d]^T (G, N) @ b[d] (N, P) for each direction (b 2-D: the same for all)."""
+    out = a.new_empty((a.shape[0], a.shape[2], b.shape[-1]))
+    for d in range(a.shape[0]):
+        _product(a[d].t(), b[d] if b.dim() == 3 else b, out=out[d])
+    return out
 
 
 def _previous_states(directions: int, x: Tensor, batch_sizes: np.ndarray, width: int) -> Tensor:
@@ -257,17 +278,15 @@ def _recurrent_weight_grad(d_recurrent: Tensor, h_prev: Tensor, y: Tensor, h0: T
     Those states are h_prev, or, when it is empty (dense input, see `_previous_states`), y one
     step back in each direction's processing order and h0 for its first step."""
     if h_prev.shape[1] > 0 or d_recurrent.shape[1] == 0:
-        return torch.bmm(d_recurrent.transpose(1, 2), h_prev)
+        return _transposed_products(d_recurrent, h_prev)
     batch = h0.shape[1]
     y, h0 = y.detach(), h0.detach()
     grads = d_recurrent.new_empty((d_recurrent.shape[0], d_recurrent.shape[2], y.shape[2]))
     for d in range(d_recurrent.shape[0]):
-        if d == 0:  # forward: step t consumed y of step t - 1, the first step h0
-            first, later, consumed = d_recurrent[d, :batch], d_recurrent[d, batch:], y[d, :-batch]
-        else:  # reverse: step t consumed y of step t + 1, the last step h0
-            first, later, consumed = d_recurrent[d, -batch:], d_recurrent[d, :-batch], y[d, batch:]
-        torch.mm(first.t(), h0[d], out=grads[d])
-        grads[d].addmm_(later.t(), consumed)
+        # in row order: forward, h0 then y up to the last step; reverse, y from the second
+        # step then h0 (its first step is the last)
+        consumed = (h0[d], y[d, :-batch]) if d == 0 else (y[d, batch:], h0[d])
+        _product(d_recurrent[d].t(), *consumed, out=grads[d])
     return grads
 
 
@@ -283,7 +302,7 @@ def _weight_grads(
     need = ctx.needs_input_grad  # (cell, x, batch_sizes, h0, c0, W_ih, W_hh, ...)
     shared = d_recurrent is d_input
     dx = _input_grad(d_input, W_ih) if need[1] else None
-    dW_ih = torch.matmul(d_input.transpose(1, 2), x.detach()) if need[5] else None
+    dW_ih = _transposed_products(d_input, x.detach()) if need[5] else None
     db_ih = d_input.sum(1) if ctx.has_bias else None
     if d_recurrent.shape[2] < d_input.shape[2]:
         # only the last block given (the GRU's n block, `kernels.cpu.gru.gru_backward`): the
@@ -295,7 +314,7 @@ def _weight_grads(
         dW_hh = torch.cat(
             [
                 _recurrent_weight_grad(d_recurrent[:, :, :lead], h_prev, y, h0),
-                torch.bmm(d_recurrent[:, :, lead:].transpose(1, 2), gated),
+                _transposed_products(d_recurrent[:, :, lead:], gated),
             ],
             1,
         )
@@ -414,7 +433,7 @@ def _backward(ctx, recurrence, x, h0, c0, W_hh, W_hr, y, dy, dh_n, dc_n):
             d_input, h_prev, dh_total, h_raw, dh0, *dc0, **masks,
         )  # fmt: skip
         if W_hr is not None:
-            dW_hr = torch.bmm(dh_total.transpose(1, 2), h_raw)
+            dW_hr = _transposed_products(dh_total, h_raw)
     elif gates == 3:
         # a kernel may write only the recurrent side's n block (the rest equals d_input's);
         # reset before, both sides' are the same (see `_weight_grads`' gated)

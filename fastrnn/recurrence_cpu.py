@@ -28,7 +28,7 @@ from .kernels.cpu import lstm as _lstm_kernels
 from .kernels.cpu import lstm_masked as _lstm_masked_kernels
 from .kernels.cpu import rnn as _rnn_kernels
 from .kernels.cpu import rnn_masked as _rnn_masked_kernels
-from .kernels.cpu.common import WIDE_ROWS
+from .kernels.cpu.common import PANEL_PRODUCTS, WIDE_ROWS
 from .kernels.cpu.common import fuses_input_projection as _fuses_input_projection
 from .kernels.cpu.gru import gru_backward as _gru_backward
 from .kernels.cpu.gru import gru_forward as _gru_forward
@@ -42,6 +42,7 @@ from .kernels.cpu.lstm import lstm_backward as _lstm_backward
 from .kernels.cpu.lstm import lstm_forward as _lstm_forward
 from .kernels.cpu.lstm_masked import lstm_masked_backward as _lstm_masked_backward
 from .kernels.cpu.lstm_masked import lstm_masked_forward as _lstm_masked_forward
+from .kernels.cpu.panel_matmul import matmul as _matmul
 from .kernels.cpu.rnn import rnn_backward as _rnn_backward
 from .kernels.cpu.rnn import rnn_forward as _rnn_forward
 from .kernels.cpu.rnn_masked import rnn_masked_backward as _rnn_masked_backward
@@ -250,6 +251,18 @@ def _mask_arrays(masks, directions: int, width: int, hidden: int, like: Tensor) 
         numpy_view(zone_h) if zone_h is not None else empty_array((directions, 0, width), dtype),
         numpy_view(zone_c) if zone_c is not None else empty_array((directions, 0, hidden), dtype),
     )
+
+
+def panel_product(a: Tensor, b: Tensor, more: Tensor | None, out: Tensor) -> bool:
+    """out (M, N) = a (M, K) @ b (K, N), or with `more` (K2, N) a (M, K + K2) @ [b; more], on
+    the kernels' panel product, every output one k-ordered sum whatever the thread count; only
+    float32 on the CPUs where it beats torch's GEMM (`kernels.cpu.common.panel_products_fit`).
+    False: not done here (the caller runs torch's GEMM)."""
+    if not (PANEL_PRODUCTS and a.dtype == torch.float32 and a.shape[0] > 0):
+        return False
+    rest = numpy_view(more) if more is not None else empty_array((0, b.shape[1]), np.float32)
+    _matmul(a.numpy(force=True), numpy_view(b), rest, out.numpy(), _threads())
+    return True
 
 
 def _launch(kernel, masked, masks, like: Tensor, width: int, hidden: int, *args) -> None:

@@ -75,6 +75,11 @@ DERIVES_DENSE_STATES = False
 GRU_RECURRENT_N_ONLY = False
 
 
+def panel_product(a: Tensor, b: Tensor, more: Tensor | None, out: Tensor) -> bool:
+    """As `recurrence_cpu.panel_product`: never here (cuBLAS runs these products)."""
+    return False
+
+
 def set_cuda_strategy(name: str) -> None:
     """Choose how CUDA tensors run: "auto" (the default: fastrnn's kernels, persistent where it
     applies), "persistent" or "stepwise" (force one; "persistent" raises where it can't run), or

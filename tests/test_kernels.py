@@ -422,6 +422,53 @@ def test_float32_wide_tiles_pair_panels():
     assert max(len(registers) for registers in written) >= 16
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sequence_wide_products_match_and_ignore_thread_count(dtype):
+    """`panel_matmul.matmul` (the backward's weight gradients and dx where it runs): a (M, K1 +
+    K2) @ [b; more] equals float64's product within float rounding, for a contiguous a and a
+    transposed view, with and without `more`, at sizes that leave short chunks, tiles and
+    panels; and 1, 2 and 3 threads give the same bits (one k-ordered sum per output)."""
+    from fastrnn.kernels.cpu.panel_matmul import matmul
+
+    rng = np.random.default_rng(1)
+    for rows, first, second, columns in ((130, 37, 0, 40), (9, 5, 3, 17), (200, 64, 64, 48)):
+        for transposed in (False, True):
+            shape = (first + second, rows) if transposed else (rows, first + second)
+            a = rng.standard_normal(shape).astype(dtype)
+            a = a.T if transposed else a
+            b = rng.standard_normal((first, columns)).astype(dtype)
+            more = rng.standard_normal((second, columns)).astype(dtype)
+            expected = a.astype(np.float64) @ np.concatenate([b, more]).astype(np.float64)
+            results = []
+            for threads in (1, 2, 3):
+                out = np.full((rows, columns), np.nan, dtype)
+                matmul(a, b, more, out, threads)
+                results.append(out)
+            tolerance = 1e-4 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(results[0], expected, rtol=tolerance, atol=tolerance)
+            assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+def test_kernel_cache_tag_follows_every_kernel_source(tmp_path):
+    """The layer kernels' cache names carry a hash of every CPU kernel source, so that an edit
+    to a callee (the panel product, the gate math) compiles them afresh: Numba's cache checks
+    only the file that holds a function, and a kernel compiles its callees into itself."""
+    import shutil
+    from pathlib import Path
+
+    from fastrnn.kernels.cpu.recurrence import _source_tag
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    copy = tmp_path / "kernels"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    tags = {_source_tag(copy / "cpu")}
+    for edited in ("cpu/panel_matmul.py", "math.py", "cpu/common.py"):
+        with open(copy / edited, "a") as source:
+            source.write("# edited\n")
+        tags.add(_source_tag(copy / "cpu"))
+    assert len(tags) == 4 and "" not in tags
+
+
 @njit(**STEP_JIT_OPTIONS)
 def _linear_forward_rows(a, off, first, end, unit, end_unit, fused, variant):
     """A cell made only of rows (see test_a_new_cell_is_its_rows): h' = pre + W_hh h, into y

@@ -202,6 +202,23 @@ def wide_tile_fits() -> bool:
 
 # Read once at import: a compile-time constant for `panel_matmul.matmul_panels`.
 WIDE_TILE_FITS = wide_tile_fits()
+
+
+def panel_products_fit() -> bool:
+    """Whether the backward's sequence-wide float32 products (weight gradients, dx) should run
+    on `panel_matmul.matmul` rather than torch's GEMM: on AMD CPUs with AVX-512. torch's CPU
+    GEMM is MKL, which runs its AVX2 kernels on CPUs that aren't Intel's: 180-220 GFLOP/s on
+    two Zen 5 cores against 275-490 for the panels at the LSTM's backward shapes
+    (bench/decisions.md). On Intel's AVX-512 CPUs MKL runs its own AVX-512 kernels and stays.
+    The CPU name is the one Numba compiles for, as in `wide_tile_fits`."""
+    from llvmlite import binding as llvm
+    from numba.core import config
+
+    name = config.CPU_NAME or llvm.get_host_cpu_name()
+    return WIDE_TILE_FITS and name.startswith("znver")
+
+
+PANEL_PRODUCTS = panel_products_fit()
 # Rows a run-time chunk of a packed batch keeps at least (`direction_tasks`): the widest register
 # tile this CPU runs, so that splitting the rows finer costs no tile its full height. With only
 # TILE_ROWS tiles (AVX2), the T100 B16 I128 H256 forwards at lengths 50-100, torch-normalised

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 
-from . import gru
 from .gru import (
     GATES,
     JOINT_INPUT,
@@ -28,7 +27,6 @@ __all__ = [
 ]  # fmt: skip
 
 MASKED = True
-BASES = (gru,)
 
 _kernels = instantiate(sys.modules[__name__])
 gru_masked_forward = _kernels["gru_masked_forward"]

@@ -16,7 +16,6 @@ import sys
 from numba import njit
 
 from ..math import tanh
-from . import lstm
 from .common import STEP_JIT_OPTIONS, add_row, consumed_row, copy_row, scalar
 from .lstm import (
     GATES,
@@ -31,7 +30,6 @@ from .recurrence import instantiate
 __all__ = ["GATES", "JOINT_INPUT", "SEPARATE_RECURRENT_GRADIENT", "SPLITS_UNITS"]
 
 MASKED = True
-BASES = (lstm,)
 _STEP = STEP_JIT_OPTIONS
 
 

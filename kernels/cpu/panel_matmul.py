@@ -526,3 +526,53 @@ def packed_joint_panels(W_first, W_second, threads):
     _pack_into(W_first, False, panels, np.int64(0), threads)
     _pack_into(W_second, False, panels, depth, threads)
     return panels
+
+
+# Rows of a per product call in `matmul`: a block of a that stays in L2 while the panels
+# stream past it once.
+CHUNK_ROWS = 64
+
+
+@njit(**JIT_OPTIONS)
+def _matmul_task(a, panels, out, task, tasks):
+    """Task `task` of `tasks`: chunks task, task + tasks, ... of CHUNK_ROWS rows of a. A strided
+    a (a transposed view) is first copied chunk by chunk into a contiguous block, since its
+    rows read straight from the view touch a new page every k."""
+    rows, depth = a.shape
+    chunks = (rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    strided = a.strides[1] != a.itemsize
+    block = np.empty((CHUNK_ROWS if strided else 0, depth), dtype=a.dtype)
+    for c in range(task, chunks, tasks):
+        first = c * CHUNK_ROWS
+        last = min(rows, first + CHUNK_ROWS)
+        if strided:
+            part = block[: last - first]
+            for k in range(depth):  # k outer: each k's row of the view is one cache line
+                for r in range(last - first):
+                    part[r, k] = a[first + r, k]
+        else:
+            part = a[first:last]
+        matmul_panels(part, panels, out[first:last], np.int64(0), panels.shape[0])
+
+
+@njit(**PARALLEL_JIT_OPTIONS)
+def _matmul_tasks(a, panels, out, tasks):
+    for task in prange(tasks):
+        _matmul_task(a, panels, out, task, tasks)
+
+
+@njit(**JIT_OPTIONS)
+def matmul(a, b, more, out, threads):
+    """out (M, N) = a (M, K1 + K2) @ [b (K1, N); more (K2, N)] (more may have no rows), a in
+    any layout (a transposed view too): [b; more] packed into panels, the rows of a split
+    between `threads` threads in CHUNK_ROWS chunks (one thread: no parallel region). Every
+    output is one k-ordered FMA chain, so the bits don't depend on the thread count."""
+    depth = b.shape[0] + more.shape[0]
+    panels = np.empty((1, panel_count(b.shape[1]), depth, PANEL), dtype=b.dtype)
+    _pack_into(np.expand_dims(b, 0), True, panels, np.int64(0), threads)
+    if more.shape[0] > 0:
+        _pack_into(np.expand_dims(more, 0), True, panels, np.int64(b.shape[0]), threads)
+    if threads <= 1:  # no parallel region: a forked process may run none (`runtime`)
+        _matmul_task(a, panels[0], out, 0, 1)
+    else:
+        _matmul_tasks(a, panels[0], out, threads)

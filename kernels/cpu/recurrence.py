@@ -54,9 +54,11 @@ with its own qualified name gets its own cache entry (Numba's cache keys a funct
 source file and qualified name, not by its globals), which a closure made by a factory would
 not, and a cell's functions passed as first-class arguments would put a dispatcher object into
 the signature, which a new process doesn't find in the cache (it compiled afresh every time).
-Numba's cache checks only the file that holds a function's code, here this one; the copies'
-qualified names carry a hash of this file and the cell's (`_source_tag`), so that an edit to a
-cell's gate math compiles afresh too, as when each kernel sat in its cell's file.
+Numba's cache checks only the file that holds a function's code, here this one, while a
+kernel compiles in the code of every function it calls (the gate math, the panel product, the
+work plan); the copies' qualified names carry a hash of every source file of the CPU kernels
+(`_source_tag`), so that an edit to any of them compiles afresh (an edit to the panel product
+alone once left the old product in the cached kernels).
 
 Masks (a cell with MASKED; `layer_forward` / `layer_backward` take them as one trailing
 argument, a tuple (h_mask, zone_h, zone_c), and the cells without it never see one): the
@@ -76,10 +78,9 @@ for are arrays with no rows or columns.
 from __future__ import annotations
 
 import hashlib
-import inspect
-import sys
 import types
 from collections import namedtuple
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -629,27 +630,31 @@ def _copy(function, namespace: dict, name: str, module: str):
     return twin
 
 
-def _source_tag(*modules) -> str:
-    """Eight hex digits of a hash of the modules' source files, or "" if one can't be read."""
+_HERE = Path(__file__).resolve().parent
+
+
+def _source_tag(here: Path = _HERE) -> str:
+    """Eight hex digits of a hash of the CPU kernels' source files (`here`: `kernels/cpu/*.py`,
+    and `kernels/math.py`), or "" if one can't be read."""
     digest = hashlib.sha256()
     try:
-        for module in modules:
-            with open(inspect.getfile(module), "rb") as source:
-                digest.update(source.read())
-    except (OSError, TypeError):
+        for source in [*sorted(here.glob("*.py")), here.parent / "math.py"]:
+            digest.update(source.read_bytes())
+    except OSError:
         return ""
     return "_" + digest.hexdigest()[:8]
+
+
+_SOURCE_TAG = _source_tag()
 
 
 def instantiate(cell_module) -> dict[str, numba.core.registry.CPUDispatcher]:
     """The kernels of a cell, by name: `<cell>_forward`, `<cell>_backward` (parallel) and their
     `_serial` twins (`runtime.serial_twin`), for the cell module `cell_module` named
-    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists (and BASES,
-    optional: modules whose source the cell's kernels also depend on). The module must be
-    importable by that name: a cache entry's environment is rebuilt from it."""
+    `kernels.cpu.<cell>`, whose attributes are those the module docstring lists. The module
+    must be importable by that name: a cache entry's environment is rebuilt from it."""
     prefix = cell_module.__name__.rsplit(".", 1)[-1]
-    # a cell built on another's gate math (BASES: those modules) compiles afresh when they change
-    tag = _source_tag(sys.modules[__name__], cell_module, *getattr(cell_module, "BASES", ()))
+    tag = _SOURCE_TAG
     namespace = dict(globals())
     namespace["cell"] = cell_module
     for trait in _OPTIONAL_TRAITS:

@@ -11,7 +11,6 @@ import sys
 
 from numba import njit
 
-from . import rnn
 from .common import STEP_JIT_OPTIONS, copy_row, scalar
 from .recurrence import instantiate
 from .rnn import (
@@ -26,7 +25,6 @@ from .rnn import (
 __all__ = ["GATES", "JOINT_INPUT", "SEPARATE_RECURRENT_GRADIENT", "SPLITS_UNITS"]
 
 MASKED = True
-BASES = (rnn,)
 _STEP = STEP_JIT_OPTIONS
 
 
