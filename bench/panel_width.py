@@ -2,7 +2,8 @@
 (`kernels/cpu/panel_matmul.matmul_panels`) against an 8-row tile of 32-column panels (two zmm
 registers a row on AVX-512: 16 accumulators), one thread, the same k-ordered sums (the outputs
 must be bitwise equal). An experiment for choosing the panel width per CPU and dtype; the
-kernels don't use the 32-column tile yet.
+kernels keep 16-column panels and take two at a time in float32 on AVX-512 (the same 16
+accumulators), so `matmul_panels` here already runs that form.
 
     python -m bench.panel_width [--dtype float32|float64] [--save]
 """
