@@ -426,12 +426,14 @@ def test_float32_wide_tiles_pair_panels():
 def test_sequence_wide_products_match_and_ignore_thread_count(dtype):
     """`panel_matmul.matmul` (the backward's weight gradients and dx where it runs): a (M, K1 +
     K2) @ [b; more] equals float64's product within float rounding, for a contiguous a and a
-    transposed view, with and without `more`, at sizes that leave short chunks, tiles and
-    panels; and 1, 2 and 3 threads give the same bits (one k-ordered sum per output)."""
+    transposed view, with and without `more`, at sizes that leave short chunks, tiles, panels
+    and K blocks; and 1, 2 and 3 threads give the same bits (every output summed in one
+    order)."""
     from fastrnn.kernels.cpu.panel_matmul import matmul
 
     rng = np.random.default_rng(1)
-    for rows, first, second, columns in ((130, 37, 0, 40), (9, 5, 3, 17), (200, 64, 64, 48)):
+    sizes = ((130, 37, 0, 40), (9, 5, 3, 17), (200, 64, 64, 48), (70, 300, 230, 33))
+    for rows, first, second, columns in sizes:  # the last: K blocks, one split by b / more
         for transposed in (False, True):
             shape = (first + second, rows) if transposed else (rows, first + second)
             a = rng.standard_normal(shape).astype(dtype)
