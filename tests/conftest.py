@@ -271,6 +271,28 @@ def compare_modules(ref, fast, x, hx=None, tol=None, **kwargs) -> tuple[dict, di
     return fast_res, ref_res
 
 
+def assert_same_bits_for_thread_counts(model, x, lengths, monkeypatch, seed=None) -> None:
+    """1, 2 and 4 kernel threads give the same bits: output, final states and every gradient of
+    `model` on x packed to `lengths` (unsorted); `seed` reseeds torch's RNG before each call
+    (modules that draw masks)."""
+    from fastrnn import recurrence_cpu
+
+    results = []
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
+        model.zero_grad()
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        if seed is not None:
+            torch.manual_seed(seed)
+        out, state = model(packed)
+        states = state if isinstance(state, tuple) else (state,)
+        (out.data.sum() + sum(s.square().sum() for s in states)).backward()
+        results.append([out.data, *states, *(p.grad.clone() for p in model.parameters())])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)
+
+
 def capture_exception(fn):
     """Call ``fn`` and return ``(type, message)`` of what it raised, or ``None``."""
     try:

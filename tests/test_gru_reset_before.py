@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compare_modules
+from conftest import assert_same_bits_for_thread_counts, compare_modules
 from parity_grid import F64, make_inputs, module_grid, packed_grid
 
 import fastrnn
@@ -141,23 +141,12 @@ def test_thread_counts_give_bitwise_equal_results(batch, directions, monkeypatch
     """As the other cells (test_kernels.py): row chunks, at batch 1 an owner and helpers sharing
     both per-step products (hidden 190: enough weights for helpers), the fused input product
     from batch 9 with the wide tiles' rule, more chunks than threads at packed batch 33."""
-    import fastrnn.recurrence_cpu as recurrence_cpu
 
     torch.manual_seed(0)
     model = fastrnn.GRU(5, 190, num_layers=2, bidirectional=directions == 2, reset="before")
     lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
     x = torch.randn(6, batch, 5)
-    results = []
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
-        model.zero_grad()
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        out, h_n = model(packed)
-        (out.data.sum() + h_n.square().sum()).backward()
-        results.append([out.data, h_n, *(p.grad.clone() for p in model.parameters())])
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_bits_for_thread_counts(model, x, lengths, monkeypatch)
 
 
 def test_the_option():

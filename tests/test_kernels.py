@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_bits_for_thread_counts
 from numba import njit
 
 from fastrnn import reference
@@ -206,7 +207,6 @@ def test_thread_counts_give_bitwise_equal_results(
     from fastrnn.kernels.cpu.common import HELPER_MIN_WEIGHTS
 
     assert 190 * 190 >= HELPER_MIN_WEIGHTS
-    import fastrnn.recurrence_cpu as recurrence_cpu
 
     torch.manual_seed(0)
     kind, _, variant = cell.partition("-")
@@ -217,18 +217,7 @@ def test_thread_counts_give_bitwise_equal_results(
     model = getattr(fastrnn, kind)(5, hidden, num_layers=2, bidirectional=directions == 2, **kwargs)
     lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
     x = torch.randn(6, batch, 5)
-    results = []
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
-        model.zero_grad()
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        out, state = model(packed)
-        states = state if isinstance(state, tuple) else (state,)
-        (out.data.sum() + sum(s.square().sum() for s in states)).backward()
-        results.append([out.data, *states, *(p.grad.clone() for p in model.parameters())])
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_bits_for_thread_counts(model, x, lengths, monkeypatch)
 
 
 def test_unit_split_starts_when_its_helpers_arrive():

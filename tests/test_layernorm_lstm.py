@@ -16,7 +16,12 @@ import numba
 import numpy as np
 import pytest
 import torch
-from conftest import assert_results_close, capture_exception, run_fwd_bwd
+from conftest import (
+    assert_results_close,
+    assert_same_bits_for_thread_counts,
+    capture_exception,
+    run_fwd_bwd,
+)
 from torch import nn
 
 import fastrnn
@@ -287,24 +292,13 @@ def test_gradcheck_and_gradgradcheck(lengths):
 def test_thread_counts_give_bitwise_equal_results(batch, monkeypatch):
     """1, 2 and 4 kernel threads (row chunks; at batch 1 an owner and a helper sharing each
     step's product) give the same bits: output, states and every gradient."""
-    import fastrnn.recurrence_cpu as recurrence_cpu
 
     torch.manual_seed(0)
     model = fastrnn.LayerNormLSTM(5, 190, num_layers=2, bidirectional=True)
     _randomise_norms(model)
     lengths = torch.tensor([6, 4, 5, 1, 3, 6, 2, 5, 4][:batch])
     x = torch.randn(6, batch, 5)
-    results = []
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
-        model.zero_grad()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        out, (h, c) = model(packed)
-        (out.data.sum() + h.square().sum() + c.square().sum()).backward()
-        results.append([out.data, h, c, *(p.grad.clone() for p in model.parameters())])
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_bits_for_thread_counts(model, x, lengths, monkeypatch)
 
 
 def test_parameters_state_dict_and_initialisation():

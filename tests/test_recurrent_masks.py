@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import pytest
 import torch
-from conftest import assert_results_close, run_fwd_bwd
+from conftest import assert_results_close, assert_same_bits_for_thread_counts, run_fwd_bwd
 from parity_grid import LSTM_PROJ_GRID, LSTM_PROJ_PACKED, make_inputs, module_grid, packed_grid
 
 import fastrnn
@@ -301,7 +301,6 @@ def test_thread_counts_give_bitwise_equal_results_with_masks(
     """The masked kernels under every work split of `test_kernels`' thread test (row chunks,
     batch-1 helpers, the RNN's unit split, more chunks than threads, the fused input
     projection at batch 9 and 33): 1, 2 and 4 threads give the same bits."""
-    import fastrnn.recurrence_cpu as recurrence_cpu
 
     kind, _, variant = cell.partition("-")
     kwargs = {"proj_size": 64} if variant == "proj" else {}
@@ -312,19 +311,7 @@ def test_thread_counts_give_bitwise_equal_results_with_masks(
     )
     lengths = torch.tensor([6, 4, 5] + [1 + (5 * i) % 6 for i in range(batch - 3)])[:batch]
     x = torch.randn(6, batch, 5)
-    results = []
-    for threads in (1, 2, 4):
-        monkeypatch.setattr(recurrence_cpu, "_threads", lambda threads=threads: threads)
-        model.zero_grad()
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
-        torch.manual_seed(5)
-        out, state = model(packed)
-        states = state if isinstance(state, tuple) else (state,)
-        (out.data.sum() + sum(s.square().sum() for s in states)).backward()
-        results.append([out.data, *states, *(p.grad.clone() for p in model.parameters())])
-    for other in results[1:]:
-        for a, b in zip(results[0], other, strict=True):
-            assert torch.equal(a, b)
+    assert_same_bits_for_thread_counts(model, x, lengths, monkeypatch, seed=5)
 
 
 def test_constructor_checks_rates_and_repr_shows_them():
